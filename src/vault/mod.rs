@@ -1,0 +1,500 @@
+//! The Vault/OpenBao HTTP client.
+//!
+//! [`Client`] is a cheap, cloneable handle. It authenticates (a static token or AppRole),
+//! keeps its own token alive (renew-self before it runs out, a fresh login once renewal is
+//! capped by the token's max TTL), retries transient failures with capped, jittered
+//! exponential backoff, and guards Vault with a circuit breaker.
+//!
+//! ```no_run
+//! # async fn demo() -> vaultpool::Result<()> {
+//! use vaultpool::vault::Client;
+//! use secrecy::ExposeSecret;
+//!
+//! let client = Client::from_env()?; // VAULT_ADDR, VAULT_TOKEN or VAULT_ROLE_ID/VAULT_SECRET_ID
+//! let creds = client.database_creds("database", "immune-readwrite").await?;
+//! println!("user {} for {:?}", creds.value.username, creds.lease.duration);
+//! let kv = client.read_kv("secret", "maximus_ai/anthropic").await?;
+//! let _api_key = kv.get("api_key").map(|k| k.expose_secret().len());
+//! # Ok(()) }
+//! ```
+
+mod auth;
+mod breaker;
+mod config;
+mod database;
+mod envelope;
+mod kv;
+mod sys;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::{Method, StatusCode};
+use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+pub use auth::{AuthMethod, TokenInfo};
+pub use breaker::BreakerConfig;
+pub use config::{ClientBuilder, RetryConfig};
+pub use kv::{KvMetadata, KvSecret};
+pub use sys::{Health, HealthState, LeaseInfo};
+
+use crate::error::{Error, ErrorKind, Result};
+use breaker::{Admission, Breaker};
+use envelope::Envelope;
+
+/// A Vault/OpenBao client: cheap to clone, safe to share between tasks.
+///
+/// Build one with [`Client::from_env`] or [`Client::builder`].
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    addr: url::Url,
+    namespace: Option<String>,
+    retry: RetryConfig,
+    breaker: Breaker,
+    auth: auth::TokenManager,
+    kv_cache: kv::Cache,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.inner.addr.as_str())
+            .field("namespace", &self.inner.namespace)
+            .field("auth", &self.inner.auth.method_name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request to Vault, described for sending and for error messages.
+pub(crate) struct Call<'a> {
+    method: Method,
+    path: &'a str,
+    body: Option<&'a Value>,
+    /// Send the client token.
+    authed: bool,
+    /// Send this token instead of the client's (token renew/lookup of the token itself).
+    token: Option<&'a secrecy::SecretString>,
+    /// Treat every HTTP status as an answer to decode (sys/health).
+    any_status: bool,
+    /// Never retry (e.g. a login that carries a one-time secret_id is safe to retry,
+    /// but a health probe should answer at once).
+    no_retry: bool,
+}
+
+impl<'a> Call<'a> {
+    pub(crate) fn new(method: Method, path: &'a str) -> Self {
+        Self {
+            method,
+            path,
+            body: None,
+            authed: true,
+            token: None,
+            any_status: false,
+            no_retry: false,
+        }
+    }
+    pub(crate) fn get(path: &'a str) -> Self {
+        Self::new(Method::GET, path)
+    }
+    pub(crate) fn put(path: &'a str, body: &'a Value) -> Self {
+        Self::new(Method::PUT, path).body(body)
+    }
+    pub(crate) fn body(mut self, body: &'a Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+    pub(crate) fn unauthenticated(mut self) -> Self {
+        self.authed = false;
+        self
+    }
+    pub(crate) fn with_token(mut self, token: &'a secrecy::SecretString) -> Self {
+        self.token = Some(token);
+        self
+    }
+    pub(crate) fn any_status(mut self) -> Self {
+        self.any_status = true;
+        self
+    }
+    pub(crate) fn no_retry(mut self) -> Self {
+        self.no_retry = true;
+        self
+    }
+}
+
+/// A raw answer: status, body and when it arrived.
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) body: bytes_body::Body,
+    pub(crate) received: Instant,
+}
+
+mod bytes_body {
+    /// Response bytes; kept as a type so a later change can zeroize them in one place.
+    pub(crate) type Body = Vec<u8>;
+}
+
+/// The most we read of a response body; Vault's answers are a few KiB.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+impl Client {
+    /// A builder with every default (see [`ClientBuilder`]).
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::new()
+    }
+
+    /// A client configured from the Vault CLI's environment variables
+    /// (see [`ClientBuilder::from_env`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] when `VAULT_ADDR` is missing or invalid, no auth method is
+    /// configured, or a CA file cannot be read.
+    pub fn from_env() -> Result<Self> {
+        ClientBuilder::from_env()?.build()
+    }
+
+    /// The Vault address this client talks to.
+    pub fn address(&self) -> &str {
+        self.inner.addr.as_str()
+    }
+
+    /// Whether the circuit breaker is currently open (calls fail fast).
+    pub fn circuit_open(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    fn what(&self, call: &Call<'_>) -> String {
+        format!(
+            "{} {} at {}",
+            call.method,
+            call.path,
+            self.inner.addr.as_str().trim_end_matches('/')
+        )
+    }
+
+    /// Send a call with retries and the breaker; map non-2xx answers to errors.
+    ///
+    /// An AppRole client whose token is refused (403) logs in again and tries once more:
+    /// the token may have been revoked from outside.
+    pub(crate) async fn send(&self, call: Call<'_>) -> Result<Answer> {
+        let uses_client_token = call.authed && call.token.is_none();
+        match self.send_with_retries(&call).await {
+            Err(e)
+                if e.kind() == ErrorKind::PermissionDenied
+                    && uses_client_token
+                    && self.inner.auth.method_name() == "approle" =>
+            {
+                tracing::info!(
+                    path = call.path,
+                    "vault refused the token; logging in again"
+                );
+                self.inner.auth.invalidate();
+                self.send_with_retries(&call).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_with_retries(&self, call: &Call<'_>) -> Result<Answer> {
+        // The token first, once: a renewal or login is a call of its own, with its own
+        // retries and admission; retrying it again here would multiply attempts.
+        let fetched;
+        let token = match (call.token, call.authed) {
+            (Some(t), _) => Some(t),
+            (None, true) => {
+                fetched = self.client_token().await?;
+                Some(&fetched)
+            }
+            (None, false) => None,
+        };
+        let retry = &self.inner.retry;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(retry.min_delay)
+            .with_max_delay(retry.max_delay)
+            .with_max_times(if call.no_retry { 0 } else { retry.max_retries })
+            .with_jitter();
+        (|| async move { self.send_once(call, token).await })
+            .retry(backoff)
+            .when(|e: &Error| e.is_transient())
+            .adjust(|e: &Error, planned| {
+                planned.map(|d| {
+                    e.retry_after()
+                        .map_or(d, |after| after.max(d).min(retry.max_delay))
+                })
+            })
+            .notify(|e: &Error, after: Duration| {
+                tracing::warn!(
+                    path = call.path,
+                    kind = ?e.kind(),
+                    status = e.vault_status(),
+                    retry_in_ms = after.as_millis() as u64,
+                    "vault request failed, retrying: {e}"
+                );
+            })
+            .await
+    }
+
+    async fn send_once(
+        &self,
+        call: &Call<'_>,
+        token: Option<&secrecy::SecretString>,
+    ) -> Result<Answer> {
+        let inner = &self.inner;
+        let probe = match inner.breaker.admit(Instant::now()) {
+            Admission::Reject(after) => {
+                return Err(
+                    Error::new(ErrorKind::CircuitOpen, self.what(call)).with_retry_after(after)
+                );
+            }
+            Admission::Probe => {
+                tracing::info!(path = call.path, "vault circuit breaker: sending a probe");
+                Some(ProbeGuard(&inner.breaker))
+            }
+            Admission::Pass => None,
+        };
+        let result = self.exchange(call, token).await;
+        match &result {
+            Err(e) if e.kind() == ErrorKind::Transport => {
+                inner.breaker.on_transport_failure(Instant::now());
+            }
+            _ => inner.breaker.on_success(),
+        }
+        if let Some(p) = probe {
+            std::mem::forget(p);
+        }
+        result
+    }
+
+    /// The client's token: the cached one, or a renewal/login. The refresh is boxed
+    /// behind an explicit `dyn Future + Send`: a login is itself a call, and the future
+    /// would otherwise contain itself.
+    async fn client_token(&self) -> Result<secrecy::SecretString> {
+        match self.inner.auth.cached(Instant::now()) {
+            Some(token) => Ok(token),
+            None => self.refresh_token().await,
+        }
+    }
+
+    fn refresh_token(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<secrecy::SecretString>> + Send + '_>> {
+        Box::pin(self.inner.auth.token(self))
+    }
+
+    async fn exchange(
+        &self,
+        call: &Call<'_>,
+        token: Option<&secrecy::SecretString>,
+    ) -> Result<Answer> {
+        let inner = &self.inner;
+        let url = inner
+            .addr
+            .join(&format!("v1/{}", call.path.trim_start_matches('/')))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("building the URL for {}", call.path),
+                )
+                .with_source(e)
+            })?;
+        let mut req = inner
+            .http
+            .request(call.method.clone(), url)
+            .header("X-Vault-Request", "true");
+        if let Some(ns) = &inner.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        if let Some(token) = token {
+            let mut value = reqwest::header::HeaderValue::from_str(token.expose_secret())
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Config,
+                        "using the Vault token: it contains characters not allowed in an HTTP header",
+                    )
+                })?;
+            value.set_sensitive(true);
+            req = req.header("X-Vault-Token", value);
+        }
+        if let Some(body) = call.body {
+            req = req.json(body);
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| transport_error(self.what(call), e))?;
+        let status = resp.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| transport_error(self.what(call), e))?
+        {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(Error::new(
+                    ErrorKind::Decode,
+                    format!(
+                        "{}: the response is larger than {MAX_BODY} bytes",
+                        self.what(call)
+                    ),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let answer = Answer {
+            status,
+            body,
+            received: Instant::now(),
+        };
+        if status.is_success() || call.any_status {
+            return Ok(answer);
+        }
+        Err(status_error(self.what(call), status, &answer.body))
+    }
+
+    /// Send and decode the envelope.
+    pub(crate) async fn call<T: DeserializeOwned>(
+        &self,
+        call: Call<'_>,
+    ) -> Result<(Envelope<T>, Instant)> {
+        let what = format!("{} {}", call.method, call.path);
+        let answer = self.send(call).await?;
+        Ok((Envelope::decode(&answer.body, &what)?, answer.received))
+    }
+}
+
+/// Releases a half-open probe if the request future is dropped mid-flight.
+struct ProbeGuard<'a>(&'a Breaker);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.release_probe();
+    }
+}
+
+fn transport_error(what: String, e: reqwest::Error) -> Error {
+    let detail = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "connection error"
+    };
+    // reqwest's Display names the URL (no token: tokens travel in headers).
+    Error::new(ErrorKind::Transport, format!("{what}: {detail}")).with_source(e.without_url())
+}
+
+/// Map a non-2xx answer to an error of the right kind.
+pub(crate) fn status_error(what: String, status: StatusCode, body: &[u8]) -> Error {
+    let errors = envelope::error_strings(body);
+    let joined = errors.join(" ").to_ascii_lowercase();
+    let kind = match status.as_u16() {
+        400 if joined.contains("lease expired") => ErrorKind::LeaseExpired,
+        400 if joined.contains("unknown role")
+            || joined.contains("lease not found")
+            || joined.contains("invalid lease") =>
+        {
+            ErrorKind::NotFound
+        }
+        400 if joined.contains("invalid role or secret id")
+            || joined.contains("invalid secret id")
+            || joined.contains("invalid role id") =>
+        {
+            ErrorKind::PermissionDenied
+        }
+        401 | 403 => ErrorKind::PermissionDenied,
+        404 => ErrorKind::NotFound,
+        429 => ErrorKind::RateLimited,
+        501 => ErrorKind::Uninitialized,
+        503 if joined.contains("sealed") => ErrorKind::Sealed,
+        503 if joined.contains("not initialized") => ErrorKind::Uninitialized,
+        400..=499 => ErrorKind::InvalidRequest,
+        _ => ErrorKind::Server,
+    };
+    let mut err = Error::new(kind, what).with_vault(status.as_u16(), errors);
+    if kind == ErrorKind::NotFound
+        && status == StatusCode::NOT_FOUND
+        && err.vault_errors().is_empty()
+    {
+        // KV's 404 has an empty errors list; say it plainly.
+        err = err.with_vault(404, vec!["no secret or mount at this path".into()]);
+    }
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(status: u16, body: &str) -> ErrorKind {
+        status_error(
+            "x".into(),
+            StatusCode::from_u16(status).unwrap(),
+            body.as_bytes(),
+        )
+        .kind()
+    }
+
+    #[test]
+    fn maps_vault_answers_to_kinds() {
+        assert_eq!(
+            kind(400, r#"{"errors":["unknown role: nope"]}"#),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind(400, r#"{"errors":["lease not found"]}"#),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind(400, r#"{"errors":["invalid lease"]}"#),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind(400, r#"{"errors":["lease expired"]}"#),
+            ErrorKind::LeaseExpired
+        );
+        assert_eq!(
+            kind(400, r#"{"errors":["invalid role or secret ID"]}"#),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            kind(400, r#"{"errors":["lease_id must be specified"]}"#),
+            ErrorKind::InvalidRequest
+        );
+        assert_eq!(
+            kind(403, r#"{"errors":["permission denied"]}"#),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(kind(404, r#"{"errors":[]}"#), ErrorKind::NotFound);
+        assert_eq!(kind(429, ""), ErrorKind::RateLimited);
+        assert_eq!(
+            kind(503, r#"{"errors":["Vault is sealed"]}"#),
+            ErrorKind::Sealed
+        );
+        assert_eq!(kind(500, "<html>"), ErrorKind::Server);
+        assert_eq!(kind(502, ""), ErrorKind::Server);
+    }
+
+    #[test]
+    fn transient_kinds_are_retried_and_client_errors_are_not() {
+        assert!(ErrorKind::Server.is_transient());
+        assert!(ErrorKind::Transport.is_transient());
+        assert!(ErrorKind::RateLimited.is_transient());
+        assert!(ErrorKind::Sealed.is_transient());
+        for k in [
+            ErrorKind::InvalidRequest,
+            ErrorKind::PermissionDenied,
+            ErrorKind::NotFound,
+            ErrorKind::CircuitOpen,
+            ErrorKind::Decode,
+        ] {
+            assert!(!k.is_transient(), "{k:?}");
+        }
+    }
+}

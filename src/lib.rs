@@ -53,3 +53,8 @@ pub mod vault;
 pub use credentials::{Credentials, Generation, Lease, Leased};
 pub use error::{Error, ErrorKind, Result};
 pub use secrecy;
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -18,7 +18,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let vault = Client::from_env()?;
     let health = vault.health().await?;
-    println!("vault        {} ({:?}, version {})", vault.address(), health.state, health.version);
+    println!(
+        "vault        {} ({:?}, version {})",
+        vault.address(),
+        health.state,
+        health.version
+    );
 
     let token = vault.login().await?;
     println!(
@@ -52,6 +57,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("renewed      ttl now {:?}", renewed.duration);
 
     vault.revoke_lease(&creds.lease.id).await?;
-    println!("revoked      {} (the database user is dropped)", creds.lease.id);
+    println!(
+        "revoked      {} (the database user is dropped)",
+        creds.lease.id
+    );
     Ok(())
 }

@@ -48,10 +48,12 @@
 
 pub mod credentials;
 pub mod error;
+pub mod lease;
 pub mod vault;
 
 pub use credentials::{Credentials, Generation, Lease, Leased};
 pub use error::{Error, ErrorKind, Result};
+pub use lease::RotatingCredentials;
 pub use secrecy;
 
 /// The README's examples, compiled as doc tests.

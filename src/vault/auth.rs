@@ -158,6 +158,8 @@ pub(crate) struct TokenManager {
     method: AuthMethod,
     current: ArcSwapOption<TokenState>,
     refresh: tokio::sync::Mutex<()>,
+    /// Known hard ends of tokens by accessor: leases die with the token that issued them.
+    ends: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl TokenManager {
@@ -166,6 +168,7 @@ impl TokenManager {
             method,
             current: ArcSwapOption::empty(),
             refresh: tokio::sync::Mutex::new(()),
+            ends: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -175,6 +178,29 @@ impl TokenManager {
 
     pub(crate) fn info(&self) -> Option<TokenInfo> {
         self.current.load_full().map(|s| s.info.clone())
+    }
+
+    /// When the token with `accessor` ends for good, if known.
+    pub(crate) fn end_of(&self, accessor: &str) -> Option<Instant> {
+        self.ends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(accessor)
+            .copied()
+    }
+
+    /// When the current token is due for renewal or re-login.
+    pub(crate) fn refresh_at(&self) -> Option<Instant> {
+        self.current.load().as_deref().and_then(|s| s.refresh_at)
+    }
+
+    fn record_end(&self, info: &TokenInfo) {
+        if let Some(end) = info.expires_at() {
+            let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            ends.retain(|_, e| *e > now);
+            ends.insert(info.accessor.clone(), end);
+        }
     }
 
     /// Forget the current token (e.g. after Vault said it is invalid).
@@ -207,6 +233,17 @@ impl TokenManager {
             }
         }
         let new = Arc::new(self.refresh(client, old.as_deref()).await?);
+        if let Some(old) = &old {
+            // A renewal that came back short, or a token replaced by a login: the old
+            // token's end is now final.
+            if old.info.accessor != new.info.accessor || new.info.ttl < new.increment {
+                self.record_end(if old.info.accessor != new.info.accessor {
+                    &old.info
+                } else {
+                    &new.info
+                });
+            }
+        }
         let token = new.token.clone();
         self.current.store(Some(new));
         Ok(token)

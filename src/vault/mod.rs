@@ -43,6 +43,7 @@ pub use sys::{Health, HealthState, LeaseInfo};
 
 use crate::error::{Error, ErrorKind, Result};
 use breaker::{Admission, Breaker};
+pub(crate) use database::check_name;
 use envelope::Envelope;
 
 /// A Vault/OpenBao client: cheap to clone, safe to share between tasks.
@@ -163,6 +164,17 @@ impl Client {
     /// The Vault address this client talks to.
     pub fn address(&self) -> &str {
         self.inner.addr.as_str()
+    }
+
+    /// When the token with this accessor ends for good, if known (it was replaced by a
+    /// fresh login, or its renewal was capped by its max TTL).
+    pub(crate) fn token_end(&self, accessor: &str) -> Option<Instant> {
+        self.inner.auth.end_of(accessor)
+    }
+
+    /// When the client's token is due for renewal or re-login, if it has one.
+    pub(crate) fn token_refresh_at(&self) -> Option<Instant> {
+        self.inner.auth.refresh_at()
     }
 
     /// Whether the circuit breaker is currently open (calls fail fast).

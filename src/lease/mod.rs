@@ -1,0 +1,543 @@
+//! The lease lifecycle engine: one set of credentials at a time, kept alive and replaced
+//! before it can die.
+//!
+//! [`RotatingCredentials`] holds the current credentials in an [`ArcSwap`] together with a
+//! [`Generation`]. A background task renews the lease at about two thirds of its TTL
+//! (jittered), rotates — issue, verify, swap, bump the generation — when the lease cannot
+//! be renewed any further, and revokes a retired generation's lease once its connections
+//! are gone (or at the drain deadline). Adapters (the pools) read [`current`] when they
+//! open a connection, count their connections per generation with [`Current::track`],
+//! and watch [`subscribe`] to retire old connections. The engine never knows what a
+//! connection is.
+//!
+//! ## Timeline of one lease
+//!
+//! ```text
+//! issue ──── renew@⅔ ──── renew@⅔ ── … ── renew (capped by max_ttl) ── rotate@end-margin ── end
+//!                                                                        │
+//!                        new generation serving ◄────────────────────────┘
+//!                        old generation: idle connections closed, busy ones closed on
+//!                        return; its lease revoked once drained or at the drain deadline
+//! ```
+//!
+//! ## Shutdown
+//!
+//! [`close`](RotatingCredentials::close) stops the worker, waits (up to the drain
+//! timeout) for connections to be returned, and revokes every lease it holds. Dropping
+//! every handle stops the worker too, but nothing can be awaited in `Drop`: the leases
+//! are then left to expire by their TTL.
+//!
+//! [`current`]: RotatingCredentials::current
+//! [`subscribe`]: RotatingCredentials::subscribe
+
+pub mod policy;
+mod source;
+mod worker;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use policy::Policy;
+
+use crate::credentials::{Credentials, Generation, Lease};
+use crate::error::{Error, ErrorKind, Result};
+use crate::vault::Client;
+use source::Source;
+
+/// A boxed future, as verifiers return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Checks new credentials before they are swapped in (e.g. one real connection).
+pub type Verifier = Arc<dyn Fn(Credentials) -> BoxFuture<'static, Result<()>> + Send + Sync>;
+
+/// The credentials serving now.
+#[non_exhaustive]
+pub struct Current {
+    /// Which generation these are (1 for the first credentials).
+    pub generation: Generation,
+    /// Username and password.
+    pub credentials: Credentials,
+    /// The lease, as last issued or renewed.
+    pub lease: Lease,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Current {
+    /// Count one connection opened with these credentials; the count drops when the guard
+    /// does. The engine revokes a retired generation's lease once its count is zero.
+    pub fn track(&self) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard {
+            generation: self.generation,
+            counter: self.connections.clone(),
+        }
+    }
+
+    /// Open connections of this generation.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Whether the lease has ended at `now`.
+    pub fn expired_at(&self, now: Instant) -> bool {
+        self.lease.expires_at().is_some_and(|end| now >= end)
+    }
+}
+
+impl fmt::Debug for Current {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Current")
+            .field("generation", &self.generation)
+            .field("credentials", &self.credentials)
+            .field("lease", &self.lease)
+            .field("connections", &self.connections())
+            .finish()
+    }
+}
+
+/// Counts one open connection of a generation; see [`Current::track`].
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    generation: Generation,
+    counter: Arc<AtomicUsize>,
+}
+
+impl ConnectionGuard {
+    /// The generation of the credentials the connection was opened with.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How the engine is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Health {
+    /// The lease is valid and the last renewal or rotation succeeded.
+    Serving,
+    /// The lease is valid, but renewing or rotating is failing; retrying.
+    Degraded,
+    /// The lease has ended and no new credentials could be obtained yet.
+    Expired,
+    /// [`RotatingCredentials::close`] was called.
+    Closed,
+}
+
+/// Connections of one generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GenerationStatus {
+    /// The generation.
+    pub generation: Generation,
+    /// Its lease id.
+    pub lease_id: String,
+    /// Open connections.
+    pub connections: usize,
+    /// Whether it is retired (draining, lease revoked once drained).
+    pub retiring: bool,
+}
+
+/// A snapshot of the engine, for health endpoints and logs. Holds no secret.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Status {
+    /// The Vault role.
+    pub role: String,
+    /// Serving, degraded, expired or closed.
+    pub health: Health,
+    /// The current generation.
+    pub generation: Generation,
+    /// The current lease id.
+    pub lease_id: String,
+    /// Time until the current lease ends (`None`: it never does).
+    pub ttl_remaining: Option<Duration>,
+    /// Whether the current lease is renewable.
+    pub renewable: bool,
+    /// The current and retiring generations with their connections.
+    pub generations: Vec<GenerationStatus>,
+    /// The last failure, if the engine has not succeeded since.
+    pub last_error: Option<String>,
+    /// Rotations so far.
+    pub rotations: u64,
+    /// Successful renewals so far.
+    pub renewals: u64,
+    /// Failed renewal or rotation attempts so far.
+    pub failures: u64,
+    /// Leases revoked so far.
+    pub revocations: u64,
+}
+
+/// Why a rotation happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    Schedule,
+    Forced,
+    AuthFailure,
+    LeaseLost,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Schedule => "scheduled (lease cannot be renewed further)",
+            Self::Forced => "forced",
+            Self::AuthFailure => "authentication failure reported",
+            Self::LeaseLost => "lease lost (expired or revoked in Vault)",
+        })
+    }
+}
+
+pub(crate) enum Command {
+    Rotate(oneshot::Sender<Result<Generation>>),
+    AuthFailure(Generation),
+}
+
+#[derive(Default)]
+struct Stats {
+    last_error: Option<String>,
+    degraded: bool,
+    rotations: u64,
+    renewals: u64,
+    failures: u64,
+    revocations: u64,
+    retiring: Vec<(Generation, String, Arc<AtomicUsize>)>,
+}
+
+pub(crate) struct Shared {
+    role: String,
+    source: Box<dyn Source>,
+    policy: Policy,
+    drain_timeout: Duration,
+    verify: Option<Verifier>,
+    current: ArcSwap<Current>,
+    generation_tx: watch::Sender<Generation>,
+    commands: mpsc::UnboundedSender<Command>,
+    relase_requested: AtomicU64,
+    stats: Mutex<Stats>,
+    closed: AtomicBool,
+    cancel: CancellationToken,
+    worker: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A handle on rotating credentials for one Vault role. Cheap to clone; not generic.
+///
+/// Build one with [`RotatingCredentials::builder`]; pools do this for you.
+#[derive(Clone)]
+pub struct RotatingCredentials {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for RotatingCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotatingCredentials")
+            .field("role", &self.shared.role)
+            .field("generation", &self.shared.current.load().generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds [`RotatingCredentials`].
+#[must_use]
+pub struct Builder {
+    client: Client,
+    mount: String,
+    role: String,
+    policy: Policy,
+    drain_timeout: Duration,
+    verify: Option<Verifier>,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("mount", &self.mount)
+            .field("role", &self.role)
+            .field("policy", &self.policy)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("verify", &self.verify.is_some())
+            .finish()
+    }
+}
+
+impl Builder {
+    /// The database secrets engine mount. Default `database`.
+    pub fn mount(mut self, mount: impl Into<String>) -> Self {
+        self.mount = mount.into();
+        self
+    }
+
+    /// Renewal and rotation timing. Default [`Policy::default`].
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How long a retired generation may keep connections before its lease is revoked
+    /// anyway (and how long [`close`](RotatingCredentials::close) waits). Default 30 s;
+    /// never later than the lease's own end.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Check new credentials before they are swapped in (pools pass "open one
+    /// connection"). A failed check revokes them and retries later. Default: none.
+    pub fn verify_with(mut self, verify: Verifier) -> Self {
+        self.verify = Some(verify);
+        self
+    }
+
+    /// Issue (and verify) the first credentials, then start the background worker.
+    ///
+    /// # Errors
+    /// Whatever issuing or verifying the first credentials fails with, e.g.
+    /// [`ErrorKind::PermissionDenied`] for a role the token may not use.
+    pub async fn build(self) -> Result<RotatingCredentials> {
+        let source = source::VaultDatabase::new(self.client, self.mount, self.role.clone())?;
+        build_with_source(
+            self.role,
+            Box::new(source),
+            self.policy,
+            self.drain_timeout,
+            self.verify,
+        )
+        .await
+    }
+}
+
+pub(crate) async fn build_with_source(
+    role: String,
+    source: Box<dyn Source>,
+    policy: Policy,
+    drain_timeout: Duration,
+    verify: Option<Verifier>,
+) -> Result<RotatingCredentials> {
+    let first = worker::issue_verified(source.as_ref(), verify.as_ref(), &role)
+        .await
+        .map_err(|e| e.context(format!("obtaining the first credentials for role {role}")))?;
+    let book = worker::Book::new(&first.lease, source.issuing_token());
+    let current = Current {
+        generation: Generation(1),
+        credentials: first.value,
+        lease: first.lease,
+        connections: Arc::new(AtomicUsize::new(0)),
+    };
+    let (generation_tx, _) = watch::channel(Generation(1));
+    let (commands, rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        role,
+        source,
+        policy,
+        drain_timeout,
+        verify,
+        current: ArcSwap::from_pointee(current),
+        generation_tx,
+        commands,
+        relase_requested: AtomicU64::new(0),
+        stats: Mutex::new(Stats::default()),
+        closed: AtomicBool::new(false),
+        cancel: cancel.clone(),
+        worker: tokio::sync::Mutex::new(None),
+    });
+    let handle = tokio::spawn(worker::run(Arc::downgrade(&shared), rx, cancel, book));
+    *shared.worker.lock().await = Some(handle);
+    Ok(RotatingCredentials { shared })
+}
+
+impl RotatingCredentials {
+    /// A builder for credentials of `role` (a database secrets engine role).
+    pub fn builder(client: Client, role: impl Into<String>) -> Builder {
+        Builder {
+            client,
+            mount: "database".into(),
+            role: role.into(),
+            policy: Policy::default(),
+            drain_timeout: Duration::from_secs(30),
+            verify: None,
+        }
+    }
+
+    /// The Vault role.
+    pub fn role(&self) -> &str {
+        &self.shared.role
+    }
+
+    /// The credentials serving now: one atomic load and a reference count. They may have
+    /// expired if Vault has been unreachable; [`usable`](Self::usable) checks.
+    pub fn current(&self) -> Arc<Current> {
+        self.shared.current.load_full()
+    }
+
+    /// The current generation (an atomic load, no reference count).
+    pub fn generation(&self) -> Generation {
+        self.shared.current.load().generation
+    }
+
+    /// The current credentials if their lease has not ended.
+    ///
+    /// # Errors
+    /// [`ErrorKind::LeaseExpired`] naming the role (and the last Vault error) once the
+    /// lease has ended and no new credentials could be obtained;
+    /// [`ErrorKind::Shutdown`] after [`close`](Self::close).
+    pub fn usable(&self) -> Result<Arc<Current>> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Shutdown,
+                format!(
+                    "using credentials for role {}: the pool was closed",
+                    self.shared.role
+                ),
+            ));
+        }
+        let current = self.current();
+        if current.expired_at(worker::now()) {
+            let last = self.shared.stats().last_error.clone();
+            return Err(Error::new(
+                ErrorKind::LeaseExpired,
+                format!(
+                    "using credentials for role {}: the lease of generation {} has ended and \
+                     no new credentials could be obtained from Vault{}; retrying in the \
+                     background",
+                    self.shared.role,
+                    current.generation.0,
+                    last.map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(current)
+    }
+
+    /// A receiver that sees every new generation.
+    pub fn subscribe(&self) -> watch::Receiver<Generation> {
+        self.shared.generation_tx.subscribe()
+    }
+
+    /// Rotate now: issue new credentials, verify, swap. Returns the new generation once
+    /// it is serving.
+    ///
+    /// # Errors
+    /// Whatever issuing or verifying failed with (the current credentials stay);
+    /// [`ErrorKind::Shutdown`] after [`close`](Self::close).
+    pub async fn rotate(&self) -> Result<Generation> {
+        let (tx, rx) = oneshot::channel();
+        let shut = || {
+            Error::new(
+                ErrorKind::Shutdown,
+                format!("rotating credentials for role {}: closed", self.shared.role),
+            )
+        };
+        self.shared
+            .commands
+            .send(Command::Rotate(tx))
+            .map_err(|_| shut())?;
+        rx.await.map_err(|_| shut())?
+    }
+
+    /// Report that logging in with `generation`'s credentials was refused (e.g. the lease
+    /// was revoked from outside). The first report for a generation triggers a re-lease;
+    /// later ones are coalesced into it.
+    pub fn report_auth_failure(&self, generation: Generation) {
+        if generation != self.generation() {
+            return; // already replaced
+        }
+        let previous = self
+            .shared
+            .relase_requested
+            .fetch_max(generation.0, Ordering::AcqRel);
+        if previous < generation.0 {
+            tracing::warn!(
+                role = %self.shared.role,
+                generation = generation.0,
+                "login refused with current credentials; re-leasing"
+            );
+            let _ = self.shared.commands.send(Command::AuthFailure(generation));
+        }
+    }
+
+    /// Wait until the generation is newer than `than`, at most `timeout`. Returns the
+    /// generation then current.
+    pub async fn wait_newer(&self, than: Generation, timeout: Duration) -> Generation {
+        let mut rx = self.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|g| *g > than)).await;
+        self.generation()
+    }
+
+    /// A snapshot for health endpoints: generation, lease, TTL left, connections per
+    /// generation, counters, last error.
+    pub fn status(&self) -> Status {
+        let shared = &self.shared;
+        let current = self.current();
+        let now = worker::now();
+        let stats = shared.stats();
+        let health = if shared.closed.load(Ordering::Acquire) {
+            Health::Closed
+        } else if current.expired_at(now) {
+            Health::Expired
+        } else if stats.degraded {
+            Health::Degraded
+        } else {
+            Health::Serving
+        };
+        let mut generations = vec![GenerationStatus {
+            generation: current.generation,
+            lease_id: current.lease.id.clone(),
+            connections: current.connections(),
+            retiring: false,
+        }];
+        generations.extend(stats.retiring.iter().map(|(generation, lease_id, conns)| {
+            GenerationStatus {
+                generation: *generation,
+                lease_id: lease_id.clone(),
+                connections: conns.load(Ordering::Acquire),
+                retiring: true,
+            }
+        }));
+        Status {
+            role: shared.role.clone(),
+            health,
+            generation: current.generation,
+            lease_id: current.lease.id.clone(),
+            ttl_remaining: current.lease.remaining_at(now),
+            renewable: current.lease.renewable,
+            generations,
+            last_error: stats.last_error.clone(),
+            rotations: stats.rotations,
+            renewals: stats.renewals,
+            failures: stats.failures,
+            revocations: stats.revocations,
+        }
+    }
+
+    /// Stop the worker, wait for connections to be returned (up to the drain timeout),
+    /// and revoke every lease this engine holds. Calling it again is harmless.
+    pub async fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.cancel.cancel();
+        let handle = self.shared.worker.lock().await.take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! The schedule, as a pure function: given a lease and what happened to it, when to act
+//! next and how (renew, rotate, or report it expired). No clock, no randomness inside:
+//! `now` and a jitter sample in `[0, 1)` come in as arguments, so tables test it.
+//!
+//! The rules:
+//! - A renewable lease is renewed at `renew_fraction` of its TTL (default 2/3), brought
+//!   forward by up to `jitter` of that (default 10%), so many leases issued together do
+//!   not renew together. Vault's Go `LifetimeWatcher` renews at ~70% with 10–20% grace.
+//! - A lease that cannot be renewed (not renewable, or its last renewal came back capped
+//!   by max_ttl, or the token that issued it ends first) is rotated `margin` before its
+//!   end: new credentials serve before the old ones are in danger.
+//! - After a failure, the next attempt backs off exponentially with jitter (250 ms to
+//!   5 s by default), but never past the point where the lease is in danger: a failing
+//!   renewal turns into a rotation at the rotation point, and the last attempt happens
+//!   before the end.
+//! - Past its end the lease is expired: keep trying to obtain new credentials.
+
+use std::time::{Duration, Instant};
+
+/// Renewal and rotation timing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Policy {
+    /// Fraction of the TTL after which a lease is renewed. Default 2/3.
+    pub renew_fraction: f64,
+    /// Renewal is brought forward by up to this fraction of its delay (random). Default 0.1.
+    pub jitter: f64,
+    /// How long before its end a lease that cannot be renewed further is replaced.
+    /// Default `None`: the larger of 10% of the lease's TTL and `min_margin`, but at most
+    /// half the TTL.
+    pub margin: Option<Duration>,
+    /// The lower bound of the default margin. Default 5 s.
+    pub min_margin: Duration,
+    /// First retry delay after a failure. Default 250 ms.
+    pub retry_min: Duration,
+    /// Largest retry delay. Default 5 s (short, so a pool heals quickly once Vault is
+    /// back).
+    pub retry_max: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            renew_fraction: 2.0 / 3.0,
+            jitter: 0.1,
+            margin: None,
+            min_margin: Duration::from_secs(5),
+            retry_min: Duration::from_millis(250),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Policy {
+    /// The rotation margin for a lease whose full TTL is `ttl`.
+    pub fn margin_for(&self, ttl: Duration) -> Duration {
+        let m = self
+            .margin
+            .unwrap_or_else(|| (ttl / 10).max(self.min_margin));
+        m.min(ttl / 2)
+    }
+
+    /// The delay before retry number `failures` (1 = first retry): exponential, capped,
+    /// with "equal jitter" (between half and all of the step).
+    pub fn retry_delay(&self, failures: u32, jitter_unit: f64) -> Duration {
+        let exp = self
+            .retry_min
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+        let step = exp.min(self.retry_max);
+        step.mul_f64(0.5 + 0.5 * jitter_unit.clamp(0.0, 1.0))
+    }
+}
+
+/// How long before the end the last attempt of a failing lease is made.
+const LAST_TRY_BEFORE_END: Duration = Duration::from_millis(100);
+
+/// What is known about the current lease.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseState {
+    /// When the lease was issued or last renewed.
+    pub renewed_at: Instant,
+    /// Its TTL from `renewed_at`; zero for a lease that never expires.
+    pub ttl: Duration,
+    /// The TTL it was issued with (what renewals ask for).
+    pub full_ttl: Duration,
+    /// Whether Vault allows renewing it.
+    pub renewable: bool,
+    /// The last renewal returned less than asked: the lease is at its max_ttl.
+    pub capped: bool,
+    /// An end imposed from outside, e.g. the issuing token's hard expiry.
+    pub hard_end: Option<Instant>,
+    /// Consecutive failed attempts (renew or rotate) since the last success.
+    pub failures: u32,
+    /// When the last attempt failed.
+    pub last_failure: Option<Instant>,
+}
+
+impl LeaseState {
+    /// The moment the lease ends, or `None` for a lease without expiry.
+    pub fn end(&self) -> Option<Instant> {
+        let natural = (!self.ttl.is_zero()).then(|| self.renewed_at + self.ttl);
+        match (natural, self.hard_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Renew the lease.
+    Renew,
+    /// Obtain new credentials and switch to them.
+    Rotate,
+    /// The lease has ended: credentials are unusable until new ones are obtained.
+    Expired,
+}
+
+/// The next step: `action` at `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// What to do.
+    pub action: Action,
+    /// When (never before `now`).
+    pub at: Instant,
+}
+
+/// Plan the next step for `lease` at `now`. `jitter_unit` is a random sample in
+/// `[0, 1)`. `None` means nothing is ever due (a lease without expiry).
+pub fn plan(policy: &Policy, lease: &LeaseState, now: Instant, jitter_unit: f64) -> Option<Plan> {
+    let end = lease.end()?;
+    let retry_at = (lease.failures > 0).then(|| {
+        let from = lease.last_failure.unwrap_or(now);
+        (from + policy.retry_delay(lease.failures, jitter_unit)).max(now)
+    });
+    if now >= end {
+        // Expired: keep trying to obtain new credentials, backing off between failures.
+        return Some(Plan {
+            action: Action::Expired,
+            at: retry_at.unwrap_or(now),
+        });
+    }
+    let margin = policy.margin_for(if lease.full_ttl.is_zero() {
+        lease.ttl
+    } else {
+        lease.full_ttl
+    });
+    let rotate_at = end.checked_sub(margin).unwrap_or(now).max(now);
+    let hard_end_first = lease
+        .hard_end
+        .is_some_and(|h| lease.ttl.is_zero() || h < lease.renewed_at + lease.ttl);
+    let can_renew = lease.renewable && !lease.capped && !hard_end_first && !lease.ttl.is_zero();
+
+    if let Some(retry_at) = retry_at {
+        // Back off from the last failure. A renewal that keeps failing turns into a
+        // rotation once the rotation point is reached.
+        let action = if can_renew && retry_at < rotate_at {
+            Action::Renew
+        } else {
+            Action::Rotate
+        };
+        // Never past the end: one last try just before it; after that, the end.
+        let last_try = end.checked_sub(LAST_TRY_BEFORE_END).unwrap_or(end);
+        let from = lease.last_failure.unwrap_or(now);
+        return Some(if from < last_try {
+            Plan {
+                action,
+                at: retry_at.min(last_try).max(now),
+            }
+        } else {
+            Plan {
+                action: Action::Expired,
+                at: end,
+            }
+        });
+    }
+
+    if !can_renew {
+        return Some(Plan {
+            action: Action::Rotate,
+            at: rotate_at,
+        });
+    }
+    let delay = lease
+        .ttl
+        .mul_f64(policy.renew_fraction * (1.0 - policy.jitter * jitter_unit.clamp(0.0, 1.0)));
+    let renew_at = (lease.renewed_at + delay).min(rotate_at).max(now);
+    Some(Plan {
+        action: Action::Renew,
+        at: renew_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn lease(t0: Instant, ttl: u64) -> LeaseState {
+        LeaseState {
+            renewed_at: t0,
+            ttl: S * ttl as u32,
+            full_ttl: S * ttl as u32,
+            renewable: true,
+            capped: false,
+            hard_end: None,
+            failures: 0,
+            last_failure: None,
+        }
+    }
+
+    fn secs(t0: Instant, at: Instant) -> f64 {
+        (at - t0).as_secs_f64()
+    }
+
+    #[test]
+    fn table() {
+        let p = Policy::default();
+        let t0 = Instant::now();
+        // (description, lease, now offset s, jitter, expected action, expected at offset s)
+        let cases: Vec<(&str, LeaseState, f64, f64, Action, f64)> = vec![
+            (
+                "renew at 2/3, no jitter",
+                lease(t0, 60),
+                0.0,
+                0.0,
+                Action::Renew,
+                40.0,
+            ),
+            (
+                "renew at 2/3 - 10%, full jitter",
+                lease(t0, 60),
+                0.0,
+                1.0,
+                Action::Renew,
+                36.0,
+            ),
+            (
+                "2h lease renews at 80 min",
+                lease(t0, 7200),
+                0.0,
+                0.0,
+                Action::Renew,
+                4800.0,
+            ),
+            (
+                "not renewable: rotate margin (10% = 720 s) before the end",
+                LeaseState {
+                    renewable: false,
+                    ..lease(t0, 7200)
+                },
+                0.0,
+                0.5,
+                Action::Rotate,
+                6480.0,
+            ),
+            (
+                "capped short lease: margin is the 5 s floor",
+                LeaseState {
+                    capped: true,
+                    ..lease(t0, 30)
+                },
+                0.0,
+                0.0,
+                Action::Rotate,
+                25.0,
+            ),
+            (
+                "tiny lease: margin at most half the TTL",
+                LeaseState {
+                    renewable: false,
+                    ..lease(t0, 4)
+                },
+                0.0,
+                0.0,
+                Action::Rotate,
+                2.0,
+            ),
+            (
+                "10 s lease: renewal pulled in to the rotation point",
+                lease(t0, 10),
+                0.0,
+                0.0,
+                Action::Renew,
+                5.0,
+            ),
+            (
+                "token ends before the lease: rotate before the token's end",
+                LeaseState {
+                    hard_end: Some(t0 + S * 20),
+                    ..lease(t0, 60)
+                },
+                0.0,
+                0.0,
+                Action::Rotate,
+                14.0,
+            ),
+            (
+                "past the rotation point: rotate now",
+                LeaseState {
+                    capped: true,
+                    ..lease(t0, 30)
+                },
+                27.0,
+                0.0,
+                Action::Rotate,
+                27.0,
+            ),
+            (
+                "past the end: expired",
+                lease(t0, 30),
+                31.0,
+                0.0,
+                Action::Expired,
+                31.0,
+            ),
+            (
+                "expired and failing: back off",
+                LeaseState {
+                    failures: 2,
+                    last_failure: Some(t0 + S * 31),
+                    ..lease(t0, 30)
+                },
+                31.0,
+                1.0,
+                Action::Expired,
+                31.5,
+            ),
+            (
+                "last try already made: next is the end",
+                LeaseState {
+                    failures: 9,
+                    last_failure: Some(t0 + Duration::from_millis(59_950)),
+                    capped: true,
+                    ..lease(t0, 60)
+                },
+                59.95,
+                1.0,
+                Action::Expired,
+                60.0,
+            ),
+            (
+                "renewal failed once: retry after 125..250 ms",
+                LeaseState {
+                    failures: 1,
+                    last_failure: Some(t0 + S * 40),
+                    ..lease(t0, 60)
+                },
+                40.0,
+                1.0,
+                Action::Renew,
+                40.25,
+            ),
+            (
+                "many failures: backoff capped at 5 s",
+                LeaseState {
+                    failures: 30,
+                    last_failure: Some(t0 + S * 40),
+                    ..lease(t0, 60)
+                },
+                40.0,
+                1.0,
+                Action::Renew,
+                45.0,
+            ),
+            (
+                "renewal failing past the rotation point becomes a rotation",
+                LeaseState {
+                    failures: 5,
+                    last_failure: Some(t0 + S * 53),
+                    ..lease(t0, 60)
+                },
+                53.0,
+                1.0,
+                Action::Rotate,
+                57.0,
+            ),
+            (
+                "failing rotation near the end: last try just before the end",
+                LeaseState {
+                    failures: 9,
+                    last_failure: Some(t0 + S * 59),
+                    capped: true,
+                    ..lease(t0, 60)
+                },
+                59.0,
+                1.0,
+                Action::Rotate,
+                59.9,
+            ),
+        ];
+        for (what, l, now, jitter, action, at) in cases {
+            let now = t0 + Duration::from_secs_f64(now);
+            let got = plan(&p, &l, now, jitter).unwrap();
+            assert_eq!(got.action, action, "{what}");
+            assert!(
+                (secs(t0, got.at) - at).abs() < 0.001,
+                "{what}: at {} s, expected {at} s",
+                secs(t0, got.at)
+            );
+            assert!(got.at >= now, "{what}: scheduled in the past");
+        }
+    }
+
+    #[test]
+    fn lease_without_expiry_needs_nothing() {
+        let t0 = Instant::now();
+        let l = LeaseState {
+            ttl: Duration::ZERO,
+            full_ttl: Duration::ZERO,
+            ..lease(t0, 0)
+        };
+        assert_eq!(plan(&Policy::default(), &l, t0, 0.5), None);
+    }
+
+    #[test]
+    fn never_scheduled_past_the_end_for_any_state() {
+        let p = Policy::default();
+        let t0 = Instant::now();
+        for ttl in [2u64, 10, 30, 60, 3600] {
+            for failures in [0u32, 1, 3, 10, 40] {
+                for capped in [false, true] {
+                    for now_frac in [0.0, 0.3, 0.6, 0.9, 0.99] {
+                        for jitter in [0.0, 0.5, 0.999] {
+                            let now = t0 + Duration::from_secs(ttl).mul_f64(now_frac);
+                            let l = LeaseState {
+                                capped,
+                                failures,
+                                last_failure: (failures > 0).then_some(now),
+                                ..lease(t0, ttl)
+                            };
+                            let got = plan(&p, &l, now, jitter).unwrap();
+                            let end = l.end().unwrap();
+                            assert!(got.at >= now);
+                            assert!(
+                                got.at < end || (got.action == Action::Expired && got.at == end),
+                                "ttl {ttl} failures {failures} capped {capped} at {now_frac}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_renewals() {
+        let p = Policy::default();
+        let t0 = Instant::now();
+        let l = lease(t0, 3600);
+        let a = plan(&p, &l, t0, 0.0).unwrap().at;
+        let b = plan(&p, &l, t0, 0.99).unwrap().at;
+        assert!(
+            a - b > Duration::from_secs(200),
+            "jitter must spread by ~10%"
+        );
+    }
+
+    #[test]
+    fn retry_delay_doubles_and_caps() {
+        let p = Policy::default();
+        assert_eq!(p.retry_delay(1, 1.0), Duration::from_millis(250));
+        assert_eq!(p.retry_delay(2, 1.0), Duration::from_millis(500));
+        assert_eq!(p.retry_delay(3, 0.0), Duration::from_millis(500));
+        assert_eq!(p.retry_delay(20, 1.0), Duration::from_secs(5));
+        assert_eq!(p.retry_delay(u32::MAX, 1.0), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,594 @@
+//! The background task: follows the [`policy`](super::policy) schedule, renews, rotates,
+//! drains and revokes. It holds only a `Weak` to the shared state and stops when the last
+//! handle is dropped or on [`close`](super::RotatingCredentials::close).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::policy::{self, Action, LeaseState};
+use super::source::Source;
+use super::{Command, Current, Reason, Shared, Verifier};
+use crate::credentials::{Credentials, Generation, Lease, Leased};
+use crate::error::{ErrorKind, Result};
+
+/// How often retiring generations are checked for being drained.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Now, on tokio's clock (so `tokio::time::pause` drives the schedule in tests).
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// The worker's own bookkeeping of the current lease.
+pub(crate) struct Book {
+    full_ttl: Duration,
+    capped: bool,
+    failures: u32,
+    last_failure: Option<Instant>,
+    issuing_token: Option<String>,
+    retiring: Vec<Retiring>,
+}
+
+struct Retiring {
+    generation: Generation,
+    lease: Lease,
+    connections: Arc<AtomicUsize>,
+    deadline: Instant,
+    attempts: u32,
+    next_attempt: Instant,
+}
+
+impl Book {
+    pub(crate) fn new(lease: &Lease, issuing_token: Option<String>) -> Self {
+        Self {
+            full_ttl: lease.duration,
+            capped: false,
+            failures: 0,
+            last_failure: None,
+            issuing_token,
+            retiring: Vec::new(),
+        }
+    }
+
+    fn state(&self, lease: &Lease, source: &dyn Source) -> LeaseState {
+        LeaseState {
+            renewed_at: lease.issued_at,
+            ttl: lease.duration,
+            full_ttl: self.full_ttl,
+            renewable: lease.renewable,
+            capped: self.capped,
+            hard_end: self
+                .issuing_token
+                .as_deref()
+                .and_then(|a| source.token_end(a)),
+            failures: self.failures,
+            last_failure: self.last_failure,
+        }
+    }
+
+    fn failed(&mut self, shared: &Shared, what: &str, e: &crate::Error) {
+        self.failures += 1;
+        self.last_failure = Some(now());
+        let mut stats = shared.stats();
+        stats.failures += 1;
+        stats.degraded = true;
+        stats.last_error = Some(e.to_string());
+        drop(stats);
+        metrics::counter!("vaultpool_lease_failures_total", "role" => shared.role.clone())
+            .increment(1);
+        tracing::warn!(
+            role = %shared.role,
+            failures = self.failures,
+            "{what} failed, will retry: {e}"
+        );
+    }
+
+    fn succeeded(&mut self, shared: &Shared) {
+        self.failures = 0;
+        self.last_failure = None;
+        let mut stats = shared.stats();
+        stats.degraded = false;
+        stats.last_error = None;
+    }
+}
+
+/// Issue credentials and, if a verifier is set, check them; revoke them if the check
+/// fails.
+pub(crate) async fn issue_verified(
+    source: &dyn Source,
+    verify: Option<&Verifier>,
+    role: &str,
+) -> Result<Leased<Credentials>> {
+    let leased = source.issue().await?;
+    if let Some(verify) = verify {
+        if let Err(e) = verify(leased.value.clone()).await {
+            tracing::warn!(role, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
+            if let Err(re) = source.revoke(&leased.lease).await {
+                tracing::warn!(role, lease_id = %leased.lease.id, "revoking unverified credentials failed: {re}");
+            }
+            return Err(e.context(format!("verifying new credentials for role {role}")));
+        }
+    }
+    Ok(leased)
+}
+
+pub(crate) async fn run(
+    weak: Weak<Shared>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    cancel: CancellationToken,
+    mut book: Book,
+) {
+    let role = match weak.upgrade() {
+        Some(s) => s.role.clone(),
+        None => return,
+    };
+    let span = tracing::info_span!("vaultpool_lease", role = %role);
+    async move {
+        loop {
+            let Some(shared) = weak.upgrade() else {
+                tracing::debug!("all handles dropped; lease worker stops (leases expire by TTL)");
+                return;
+            };
+            let now = now();
+            let current = shared.current.load_full();
+            let plan = policy::plan(
+                &shared.policy,
+                &book.state(&current.lease, shared.source.as_ref()),
+                now,
+                fastrand::f64(),
+            );
+            publish_ttl(&shared, &current, now);
+            let mut wake = plan.map(|p| p.at);
+            if !book.retiring.is_empty() {
+                wake = Some(wake.map_or(now + DRAIN_POLL, |w| w.min(now + DRAIN_POLL)));
+            }
+            if let Some(t) = shared.source.token_refresh_at() {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
+            drop((shared, current));
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at.max(now).into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    if let Some(shared) = weak.upgrade() {
+                        shutdown(&shared, &mut book).await;
+                    }
+                    return;
+                }
+                cmd = commands.recv() => {
+                    let (Some(cmd), Some(shared)) = (cmd, weak.upgrade()) else { return };
+                    match cmd {
+                        Command::Rotate(reply) => {
+                            let result = rotate(&shared, &mut book, Reason::Forced).await;
+                            let _ = reply.send(result);
+                        }
+                        Command::AuthFailure(generation) => {
+                            if shared.current.load().generation == generation {
+                                let _ = rotate(&shared, &mut book, Reason::AuthFailure).await;
+                            }
+                        }
+                    }
+                }
+                _ = sleep => {
+                    let Some(shared) = weak.upgrade() else { return };
+                    let now = self::now();
+                    if shared.source.token_refresh_at().is_some_and(|t| now >= t) {
+                        if let Err(e) = shared.source.refresh_token().await {
+                            tracing::warn!("refreshing the Vault token failed: {e}");
+                        }
+                    }
+                    if let Some(plan) = plan.filter(|p| now >= p.at) {
+                        match plan.action {
+                            Action::Renew => renew(&shared, &mut book).await,
+                            Action::Rotate | Action::Expired => {
+                                let reason = Reason::Schedule;
+                                let _ = rotate(&shared, &mut book, reason).await;
+                            }
+                        }
+                    }
+                    retire(&shared, &mut book, false).await;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn publish_ttl(shared: &Shared, current: &Current, now: Instant) {
+    if let Some(left) = current.lease.remaining_at(now) {
+        metrics::gauge!("vaultpool_lease_seconds_remaining", "role" => shared.role.clone())
+            .set(left.as_secs_f64());
+    }
+}
+
+async fn renew(shared: &Shared, book: &mut Book) {
+    let current = shared.current.load_full();
+    match shared.source.renew(&current.lease, book.full_ttl).await {
+        Ok(lease) => {
+            book.capped = lease.duration < book.full_ttl;
+            book.succeeded(shared);
+            shared.stats().renewals += 1;
+            metrics::counter!("vaultpool_renewals_total", "role" => shared.role.clone())
+                .increment(1);
+            tracing::debug!(
+                generation = current.generation.0,
+                lease_id = %lease.id,
+                ttl_s = lease.duration.as_secs(),
+                capped = book.capped,
+                "renewed lease"
+            );
+            shared.current.store(Arc::new(Current {
+                generation: current.generation,
+                credentials: current.credentials.clone(),
+                lease: Lease {
+                    id: current.lease.id.clone(),
+                    ..lease
+                },
+                connections: current.connections.clone(),
+            }));
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::NotFound) => {
+            tracing::warn!(lease_id = %current.lease.id, "lease is gone in Vault: {e}");
+            let _ = rotate(shared, book, Reason::LeaseLost).await;
+        }
+        Err(e) => book.failed(shared, "renewing the lease", &e),
+    }
+}
+
+async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Generation> {
+    let started = now();
+    let issued = issue_verified(shared.source.as_ref(), shared.verify.as_ref(), &shared.role)
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "rotating credentials for role {} ({reason})",
+                shared.role
+            ))
+        });
+    let leased = match issued {
+        Ok(l) => l,
+        Err(e) => {
+            book.failed(shared, "rotating credentials", &e);
+            return Err(e);
+        }
+    };
+    let old = shared.current.load_full();
+    let generation = Generation(old.generation.0 + 1);
+    let new = Current {
+        generation,
+        credentials: leased.value,
+        lease: leased.lease,
+        connections: Arc::new(AtomicUsize::new(0)),
+    };
+    let new_lease_id = new.lease.id.clone();
+    let new_full_ttl = new.lease.duration;
+    shared.current.store(Arc::new(new));
+    shared.generation_tx.send_replace(generation);
+
+    let now = now();
+    let mut deadline = now + shared.drain_timeout;
+    if let Some(end) = old.lease.expires_at() {
+        deadline = deadline.min(end);
+    }
+    book.retiring.push(Retiring {
+        generation: old.generation,
+        lease: old.lease.clone(),
+        connections: old.connections.clone(),
+        deadline,
+        attempts: 0,
+        next_attempt: now,
+    });
+    book.full_ttl = new_full_ttl;
+    book.capped = false;
+    book.issuing_token = shared.source.issuing_token();
+    book.succeeded(shared);
+    {
+        let mut stats = shared.stats();
+        stats.rotations += 1;
+        stats.retiring.push((
+            old.generation,
+            old.lease.id.clone(),
+            old.connections.clone(),
+        ));
+    }
+    metrics::counter!("vaultpool_rotations_total", "role" => shared.role.clone()).increment(1);
+    tracing::info!(
+        reason = %reason,
+        old_generation = old.generation.0,
+        generation = generation.0,
+        lease_id = %new_lease_id,
+        ttl_s = new_full_ttl.as_secs(),
+        took_ms = (now - started).as_millis() as u64,
+        "rotated credentials"
+    );
+    Ok(generation)
+}
+
+/// Revoke retired generations that are drained or past their deadline. With `all`, wait
+/// for nothing: the caller decided the time is up.
+async fn retire(shared: &Shared, book: &mut Book, all: bool) {
+    let now = now();
+    let mut i = 0;
+    while i < book.retiring.len() {
+        let r = &mut book.retiring[i];
+        let drained = r.connections.load(Ordering::Acquire) == 0;
+        let due = (all || drained || now >= r.deadline) && now >= r.next_attempt;
+        if !due {
+            i += 1;
+            continue;
+        }
+        match shared.source.revoke(&r.lease).await {
+            Ok(()) => {
+                tracing::info!(
+                    generation = r.generation.0,
+                    lease_id = %r.lease.id,
+                    drained,
+                    "revoked retired lease"
+                );
+                metrics::counter!("vaultpool_revocations_total", "role" => shared.role.clone())
+                    .increment(1);
+                let generation = r.generation;
+                book.retiring.remove(i);
+                let mut stats = shared.stats();
+                stats.revocations += 1;
+                stats.retiring.retain(|(g, _, _)| *g != generation);
+            }
+            Err(e) => {
+                r.attempts += 1;
+                r.next_attempt = now + shared.policy.retry_delay(r.attempts, fastrand::f64());
+                let gone = r.lease.expires_at().is_some_and(|end| now >= end);
+                tracing::warn!(
+                    generation = r.generation.0,
+                    lease_id = %r.lease.id,
+                    attempts = r.attempts,
+                    "revoking retired lease failed{}: {e}",
+                    if gone { "; it has expired, Vault revokes it itself" } else { "" }
+                );
+                shared.stats().last_error = Some(e.to_string());
+                if gone || all {
+                    let generation = r.generation;
+                    book.retiring.remove(i);
+                    shared.stats().retiring.retain(|(g, _, _)| *g != generation);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// On close: wait for connections of every generation to be returned (up to the drain
+/// timeout), then revoke everything.
+async fn shutdown(shared: &Shared, book: &mut Book) {
+    let current = shared.current.load_full();
+    book.retiring.push(Retiring {
+        generation: current.generation,
+        lease: current.lease.clone(),
+        connections: current.connections.clone(),
+        deadline: now() + shared.drain_timeout,
+        attempts: 0,
+        next_attempt: now(),
+    });
+    let deadline = now() + shared.drain_timeout;
+    while now() < deadline
+        && book
+            .retiring
+            .iter()
+            .any(|r| r.connections.load(Ordering::Acquire) > 0)
+    {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    retire(shared, book, true).await;
+    tracing::info!("lease worker closed; leases revoked");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Policy, RotatingCredentials, build_with_source};
+    use super::*;
+    use crate::error::Error;
+    use std::sync::Mutex;
+
+    /// An in-memory source on tokio's clock: counts calls, fails on demand.
+    #[derive(Default)]
+    struct Fake {
+        ttl: Duration,
+        max_ttl: Duration,
+        issued: Mutex<Vec<(String, Instant)>>,
+        renewals: AtomicUsize,
+        revoked: Mutex<Vec<String>>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl Fake {
+        fn unavailable(&self) -> Result<()> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(Error::new(ErrorKind::Transport, "fake vault is down"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Source for Arc<Fake> {
+        fn issue(&self) -> super::super::BoxFuture<'_, Result<Leased<Credentials>>> {
+            Box::pin(async move {
+                self.unavailable()?;
+                let mut issued = self.issued.lock().unwrap();
+                let id = format!("fake/{}", issued.len() + 1);
+                issued.push((id.clone(), now()));
+                let mut lease = Lease::new(id, self.ttl, true);
+                lease.issued_at = now();
+                Ok(Leased::new(Credentials::new("u", "p".to_string()), lease))
+            })
+        }
+        fn renew<'a>(
+            &'a self,
+            lease: &'a Lease,
+            increment: Duration,
+        ) -> super::super::BoxFuture<'a, Result<Lease>> {
+            Box::pin(async move {
+                self.unavailable()?;
+                self.renewals.fetch_add(1, Ordering::SeqCst);
+                let issued = self.issued.lock().unwrap();
+                let born = issued.iter().find(|(id, _)| *id == lease.id).unwrap().1;
+                let left = (born + self.max_ttl).saturating_duration_since(now());
+                let mut l = Lease::new(lease.id.clone(), increment.min(left), true);
+                l.issued_at = now();
+                Ok(l)
+            })
+        }
+        fn revoke<'a>(&'a self, lease: &'a Lease) -> super::super::BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                self.unavailable()?;
+                self.revoked.lock().unwrap().push(lease.id.clone());
+                Ok(())
+            })
+        }
+    }
+
+    async fn engine(fake: &Arc<Fake>) -> RotatingCredentials {
+        build_with_source(
+            "fake-role".into(),
+            Box::new(fake.clone()),
+            Policy::default(),
+            Duration::from_secs(30),
+            None,
+        )
+        .await
+        .unwrap()
+    }
+
+    fn fake(ttl: u64, max_ttl: u64) -> Arc<Fake> {
+        Arc::new(Fake {
+            ttl: Duration::from_secs(ttl),
+            max_ttl: Duration::from_secs(max_ttl),
+            ..Fake::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renews_then_rotates_before_max_ttl_and_revokes_the_drained_old_lease() {
+        let fake = fake(60, 300);
+        let engine = engine(&fake).await;
+        let guard = engine.current().track();
+        // 10 simulated minutes.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let issued = fake.issued.lock().unwrap().clone();
+        assert!(
+            issued.len() >= 2,
+            "must rotate before the 300 s max TTL: {issued:?}"
+        );
+        // Each generation served until at most max_ttl - margin (5 s floor, 6 s = 10%).
+        for pair in issued.windows(2) {
+            let lifetime = pair[1].1 - pair[0].1;
+            assert!(lifetime <= Duration::from_secs(295), "{lifetime:?}");
+            assert!(lifetime >= Duration::from_secs(240), "{lifetime:?}");
+        }
+        assert!(fake.renewals.load(Ordering::SeqCst) >= 6);
+        // Generation 1 still has a connection: not revoked before the drain deadline...
+        let status = engine.status();
+        assert!(status.rotations >= 2);
+        // ...but the drain deadline (30 s) has passed long ago, so it was revoked.
+        assert!(fake.revoked.lock().unwrap().contains(&"fake/1".to_string()));
+        drop(guard);
+        engine.close().await;
+        let revoked = fake.revoked.lock().unwrap().clone();
+        assert_eq!(
+            revoked.len(),
+            issued.len(),
+            "close revokes every lease: {revoked:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_lease_waits_for_its_connections_then_is_revoked_at_once() {
+        let fake = fake(600, 3600);
+        let engine = engine(&fake).await;
+        let guard = engine.current().track();
+        assert_eq!(engine.rotate().await.unwrap(), Generation(2));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            fake.revoked.lock().unwrap().is_empty(),
+            "revoked while in use"
+        );
+        assert_eq!(engine.status().generations[1].connections, 1);
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*fake.revoked.lock().unwrap(), vec!["fake/1".to_string()]);
+        engine.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keeps_serving_while_vault_is_down_and_heals_after_expiry() {
+        let fake = fake(60, 3600);
+        let engine = engine(&fake).await;
+        fake.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        // Renewal at ~40 s failed; still valid.
+        assert!(engine.usable().is_ok());
+        assert_eq!(engine.status().health, super::super::Health::Degraded);
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let err = engine.usable().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::LeaseExpired);
+        assert!(err.to_string().contains("fake-role"), "{err}");
+        fake.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let current = engine.usable().expect("healed once Vault is back");
+        assert_eq!(current.generation, Generation(2));
+        engine.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn auth_failures_are_coalesced_into_one_relase() {
+        let fake = fake(600, 3600);
+        let engine = engine(&fake).await;
+        for _ in 0..10 {
+            engine.report_auth_failure(Generation(1));
+        }
+        let g = engine
+            .wait_newer(Generation(1), Duration::from_secs(5))
+            .await;
+        assert_eq!(g, Generation(2));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            fake.issued.lock().unwrap().len(),
+            2,
+            "one re-lease for ten reports"
+        );
+        engine.report_auth_failure(Generation(1)); // stale: ignored
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(fake.issued.lock().unwrap().len(), 2);
+        engine.close().await;
+        engine.close().await; // twice is harmless
+        assert_eq!(
+            engine.rotate().await.unwrap_err().kind(),
+            ErrorKind::Shutdown
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn worker_stops_when_every_handle_is_dropped() {
+        let fake = fake(60, 3600);
+        let engine = engine(&fake).await;
+        drop(engine);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(
+            fake.renewals.load(Ordering::SeqCst),
+            0,
+            "worker kept running"
+        );
+        assert!(fake.revoked.lock().unwrap().is_empty());
+    }
+}

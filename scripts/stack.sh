@@ -206,9 +206,11 @@ start_openbao() {
   touch "$DIR/bao.configured"
 }
 
-# A revocation that never leaves a role behind (facts 3b): take over the role, hand what it
-# owns to app_owner, drop the rest, drop the role.
-REVOKE_PG='GRANT "{{name}}" TO vault_admin; REASSIGN OWNED BY "{{name}}" TO app_owner; DROP OWNED BY "{{name}}"; DROP ROLE IF EXISTS "{{name}}";'
+# A revocation that never leaves a role behind (facts 3b): take over the role, end its
+# sessions (a revoked user keeps no session open), hand what it owns to app_owner, drop
+# the rest, drop the role. Pools drain a generation before revoking it, so in normal
+# rotation there is no session left to end.
+REVOKE_PG='GRANT "{{name}}" TO vault_admin; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '"'"'{{name}}'"'"'; REASSIGN OWNED BY "{{name}}" TO app_owner; DROP OWNED BY "{{name}}"; DROP ROLE IF EXISTS "{{name}}";'
 
 pg_creation() { # privileges on tables
   printf 'CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '"'"'{{password}}'"'"' VALID UNTIL '"'"'{{expiration}}'"'"'; GRANT %s ON ALL TABLES IN SCHEMA public TO "{{name}}"; GRANT %s ON ALL SEQUENCES IN SCHEMA public TO "{{name}}";' "$1" "$2"
@@ -328,6 +330,7 @@ write_env() {
     echo "PGSSLMODE=disable"
     echo "VAULTPOOL_PG_SOCKET_DIR=$DIR/pg-sock"
     echo "VAULTPOOL_PG_SUPER_PASSWORD=$PG_SUPER_PW"
+    echo "VAULTPOOL_PG_VAULT_ADMIN_PASSWORD=$VAULT_ADMIN_PW"
     echo "VAULTPOOL_PG_BIN=$PG_BIN"
     echo "VAULTPOOL_PG_DATA=$DIR/pg"
     echo "REDIS_HOST=127.0.0.1"

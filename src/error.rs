@@ -48,6 +48,8 @@ pub enum ErrorKind {
     CredentialsUnavailable,
     /// The backend (PostgreSQL, Redis, Kafka) failed.
     Backend,
+    /// No pooled connection became available in time.
+    PoolTimeout,
     /// The component was shut down.
     Shutdown,
 }
@@ -77,6 +79,7 @@ impl ErrorKind {
             Self::LeaseExpired => "lease expired",
             Self::CredentialsUnavailable => "credentials unavailable",
             Self::Backend => "backend error",
+            Self::PoolTimeout => "pool timeout",
             Self::Shutdown => "shut down",
         }
     }

@@ -49,6 +49,8 @@
 pub mod credentials;
 pub mod error;
 pub mod lease;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod vault;
 
 pub use credentials::{Credentials, Generation, Lease, Leased};

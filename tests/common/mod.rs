@@ -286,3 +286,254 @@ pub async fn tiny_server(response: Option<&'static [u8]>) -> String {
     });
     addr
 }
+
+/// The creation and revocation statements the stack uses (see scripts/stack.sh).
+pub fn pg_statements() -> (String, String) {
+    let creation = r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{{name}}"; GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{{name}}";"#;
+    let revocation = r#"GRANT "{{name}}" TO vault_admin; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}'; REASSIGN OWNED BY "{{name}}" TO app_owner; DROP OWNED BY "{{name}}"; DROP ROLE IF EXISTS "{{name}}";"#;
+    (creation.to_string(), revocation.to_string())
+}
+
+async fn vault_write(
+    addr: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let r = reqwest::Client::new()
+        .request(method, format!("{addr}/v1/{path}"))
+        .header("X-Vault-Token", token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(status.is_success(), "{path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// A database role of the test's own on the stack's Vault (named `test-…`, which the
+/// immune-system policy may lease), so revoke-prefix and counting stay per test.
+pub async fn create_role(ttl: &str, max_ttl: &str) -> String {
+    let name = format!("test-{}", unique());
+    let (creation, revocation) = pg_statements();
+    vault_write(
+        &var("VAULT_ADDR"),
+        &var("VAULTPOOL_ROOT_TOKEN"),
+        reqwest::Method::POST,
+        &format!("database/roles/{name}"),
+        serde_json::json!({
+            "db_name": "adaptive_immunity",
+            "default_ttl": ttl,
+            "max_ttl": max_ttl,
+            "creation_statements": creation,
+            "revocation_statements": revocation,
+        }),
+    )
+    .await;
+    name
+}
+
+/// Lease ids Vault still holds under `database/creds/{role}/`.
+pub async fn leases_of(role: &str) -> Vec<String> {
+    let r = reqwest::Client::new()
+        .request(
+            reqwest::Method::from_bytes(b"LIST").unwrap(),
+            format!(
+                "{}/v1/sys/leases/lookup/database/creds/{role}/",
+                var("VAULT_ADDR")
+            ),
+        )
+        .header("X-Vault-Token", var("VAULTPOOL_ROOT_TOKEN"))
+        .send()
+        .await
+        .unwrap();
+    if r.status() == reqwest::StatusCode::NOT_FOUND {
+        return Vec::new();
+    }
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["data"]["keys"]
+        .as_array()
+        .map(|a| a.iter().map(|k| k.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Which of `names` exist in pg_roles.
+pub async fn roles_alive(pg: &tokio_postgres::Client, names: &[String]) -> Vec<String> {
+    let rows = pg
+        .query(
+            "SELECT rolname FROM pg_roles WHERE rolname = ANY($1)",
+            &[&names],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get::<_, String>(0)).collect()
+}
+
+/// A single-node OpenBao with raft storage of the test's own: it can be killed and
+/// started again with its leases intact (a dev server forgets everything). Configured
+/// with the database engine on the stack's PostgreSQL and one role.
+pub struct PersistentVault {
+    child: Option<Child>,
+    pub addr: String,
+    pub root_token: String,
+    unseal_key: String,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl PersistentVault {
+    pub async fn start(role: &str, ttl: &str, max_ttl: &str) -> Self {
+        let port = free_port();
+        let cluster_port = free_port();
+        let dir = std::env::temp_dir().join(format!("vaultpool-pvault-{}", unique()));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        // OpenBao 2.x has no file storage: single-node raft keeps state across restarts.
+        std::fs::write(
+            dir.join("config.hcl"),
+            format!(
+                r#"storage "raft" {{
+  path = "{data}"
+  node_id = "n1"
+}}
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  cluster_address = "127.0.0.1:{cluster_port}"
+  tls_disable = true
+}}
+api_addr = "http://127.0.0.1:{port}"
+cluster_addr = "http://127.0.0.1:{cluster_port}"
+"#,
+                data = dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut v = Self {
+            child: None,
+            addr: format!("http://127.0.0.1:{port}"),
+            root_token: String::new(),
+            unseal_key: String::new(),
+            dir,
+            port,
+        };
+        v.spawn().await;
+        let init: serde_json::Value = reqwest::Client::new()
+            .put(format!("{}/v1/sys/init", v.addr))
+            .json(&serde_json::json!({"secret_shares": 1, "secret_threshold": 1}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v.unseal_key = init["keys"][0].as_str().unwrap().to_string();
+        v.root_token = init["root_token"].as_str().unwrap().to_string();
+        v.unseal().await;
+        let put = |path: &str, body: serde_json::Value| {
+            let (addr, token, path) = (v.addr.clone(), v.root_token.clone(), path.to_string());
+            async move { vault_write(&addr, &token, reqwest::Method::POST, &path, body).await }
+        };
+        put(
+            "sys/mounts/database",
+            serde_json::json!({"type": "database"}),
+        )
+        .await;
+        put(
+            "database/config/adaptive_immunity",
+            serde_json::json!({
+                "plugin_name": "postgresql-database-plugin",
+                "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/adaptive_immunity?sslmode=disable", var("PGPORT")),
+                "username": "vault_admin",
+                "password": var("VAULTPOOL_PG_VAULT_ADMIN_PASSWORD"),
+                "password_authentication": "scram-sha-256",
+                "allowed_roles": "*",
+                "max_open_connections": 4,
+            }),
+        )
+        .await;
+        let (creation, revocation) = pg_statements();
+        put(
+            &format!("database/roles/{role}"),
+            serde_json::json!({
+                "db_name": "adaptive_immunity",
+                "default_ttl": ttl,
+                "max_ttl": max_ttl,
+                "creation_statements": creation,
+                "revocation_statements": revocation,
+            }),
+        )
+        .await;
+        v
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("bao.log")).unwrap();
+        let child = Command::new(var("VAULTPOOL_BAO_BIN"))
+            .args([
+                "server",
+                &format!("-config={}", self.dir.join("config.hcl").display()),
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning bao server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !port_open(&self.addr) {
+            assert!(Instant::now() < deadline, "bao server did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn unseal(&self) {
+        let r = reqwest::Client::new()
+            .put(format!("{}/v1/sys/unseal", self.addr))
+            .json(&serde_json::json!({ "key": self.unseal_key }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        // Wait until it serves (active).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = reqwest::Client::new()
+                .get(format!("{}/v1/sys/health", self.addr))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == reqwest::StatusCode::OK);
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "vault did not become active");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// kill -9: connections are refused until `restart`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same port and storage, and unseal.
+    pub async fn restart(&mut self) {
+        self.spawn().await;
+        self.unseal().await;
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for PersistentVault {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

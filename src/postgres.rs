@@ -1,0 +1,759 @@
+//! `VaultPgPool`: a deadpool-postgres pool whose connections always log in with the
+//! current dynamic credentials (feature `postgres`).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use vaultpool::postgres::VaultPgPool;
+//!
+//! // Vault from VAULT_ADDR/VAULT_ROLE_ID/VAULT_SECRET_ID (or VAULT_TOKEN);
+//! // PostgreSQL from PGHOST/PGPORT/PGDATABASE/PGSSLMODE or DATABASE_URL (no password).
+//! let pool = VaultPgPool::new("immune-readwrite").await?;
+//! let client = pool.get().await?;
+//! let row = client.query_one("SELECT count(*) FROM items", &[]).await?;
+//! let n: i64 = row.get(0);
+//! # let _ = n;
+//! pool.close().await; // revoke the leases
+//! # Ok(()) }
+//! ```
+//!
+//! What [`VaultPgPool::get`] hands out derefs to [`deadpool_postgres::ClientWrapper`]
+//! and from there to [`tokio_postgres::Client`], exactly like a deadpool-postgres
+//! object: `prepare_cached`, `transaction`, `query` all work.
+//!
+//! On rotation: idle connections of the old generation are closed at once; a connection
+//! that is checked out finishes its work and is closed when it is returned; a connection
+//! of an old generation is never handed out again. The engine revokes the old lease once
+//! its last connection is gone.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
+use secrecy::ExposeSecret;
+
+pub use deadpool_postgres;
+pub use deadpool_postgres::{ClientWrapper, RecyclingMethod};
+pub use tokio_postgres;
+
+use crate::credentials::Generation;
+use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{self, ConnectionGuard, Current, Policy, RotatingCredentials};
+use crate::vault;
+
+/// One PostgreSQL connection opened with one generation's credentials.
+pub struct Connection {
+    client: ClientWrapper,
+    generation: Generation,
+    engine: RotatingCredentials,
+    _guard: ConnectionGuard,
+}
+
+impl Connection {
+    /// The credentials generation this connection logged in with.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("generation", &self.generation)
+            .field("closed", &self.client.is_closed())
+            .finish()
+    }
+}
+
+/// The deadpool manager: opens connections with the engine's current credentials.
+pub struct Manager {
+    engine: RotatingCredentials,
+    config: tokio_postgres::Config,
+    connect: Arc<dyn deadpool_postgres::Connect>,
+    recycling: RecyclingMethod,
+    auth_failure_wait: Duration,
+}
+
+impl fmt::Debug for Manager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Manager")
+            .field("role", &self.engine.role())
+            .field("config", &self.config) // tokio-postgres redacts the password
+            .field("recycling", &self.recycling)
+            .finish()
+    }
+}
+
+fn is_auth_failure(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::INVALID_PASSWORD
+            || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    )
+}
+
+fn target(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{}",
+        config.get_dbname().unwrap_or("(default database)")
+    )
+}
+
+impl Manager {
+    async fn open(&self, current: &Current) -> Result<Connection, tokio_postgres::Error> {
+        let mut config = self.config.clone();
+        config
+            .user(&current.credentials.username)
+            .password(current.credentials.password.expose_secret());
+        let (client, task) = self.connect.connect(&config).await?;
+        Ok(Connection {
+            client: ClientWrapper::new(client, task),
+            generation: current.generation,
+            engine: self.engine.clone(),
+            _guard: current.track(),
+        })
+    }
+
+    fn connect_error(&self, generation: Generation, e: tokio_postgres::Error) -> Error {
+        Error::new(
+            ErrorKind::Backend,
+            format!(
+                "connecting to PostgreSQL at {} as role {} (generation {})",
+                target(&self.config),
+                self.engine.role(),
+                generation.0
+            ),
+        )
+        .with_source(e)
+    }
+}
+
+impl managed::Manager for Manager {
+    type Type = Connection;
+    type Error = Error;
+
+    async fn create(&self) -> Result<Connection> {
+        let current = self.engine.usable()?;
+        match self.open(&current).await {
+            Ok(conn) => Ok(conn),
+            Err(e) if is_auth_failure(&e) => {
+                // The credentials were refused although their lease should be valid
+                // (revoked from outside?): re-lease once, shared by all callers.
+                self.engine.report_auth_failure(current.generation);
+                let now = self
+                    .engine
+                    .wait_newer(current.generation, self.auth_failure_wait)
+                    .await;
+                if now == current.generation {
+                    return Err(Error::new(
+                        ErrorKind::CredentialsUnavailable,
+                        format!(
+                            "PostgreSQL refused role {}'s credentials (generation {}) and no new \
+                             ones could be leased within {:?}",
+                            self.engine.role(),
+                            current.generation.0,
+                            self.auth_failure_wait
+                        ),
+                    )
+                    .with_source(e));
+                }
+                let current = self.engine.usable()?;
+                self.open(&current)
+                    .await
+                    .map_err(|e| self.connect_error(current.generation, e))
+            }
+            Err(e) => Err(self.connect_error(current.generation, e)),
+        }
+    }
+
+    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<Error> {
+        let current = self.engine.usable()?;
+        if conn.generation != current.generation {
+            return Err(RecycleError::message("credentials rotated"));
+        }
+        if conn.client.is_closed() {
+            return Err(RecycleError::message("connection closed"));
+        }
+        if let Some(sql) = self.recycling.query() {
+            conn.client.simple_query(sql).await.map_err(|e| {
+                RecycleError::Backend(
+                    Error::new(
+                        ErrorKind::Backend,
+                        "checking a pooled PostgreSQL connection",
+                    )
+                    .with_source(e),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn detach(&self, _conn: &mut Connection) {}
+}
+
+/// A pooled connection. Derefs to [`ClientWrapper`] (and on to
+/// [`tokio_postgres::Client`]). Returned to the pool on drop — or closed, if its
+/// generation was retired while it was out.
+pub struct Client {
+    obj: Option<Object<Manager>>,
+}
+
+impl From<Object<Manager>> for Client {
+    fn from(obj: Object<Manager>) -> Self {
+        Self { obj: Some(obj) }
+    }
+}
+
+impl Client {
+    /// The credentials generation this connection logged in with.
+    pub fn generation(&self) -> Generation {
+        self.conn().generation
+    }
+
+    fn conn(&self) -> &Connection {
+        self.obj.as_ref().expect("present until drop")
+    }
+}
+
+impl Deref for Client {
+    type Target = ClientWrapper;
+    fn deref(&self) -> &ClientWrapper {
+        &self.conn().client
+    }
+}
+
+impl DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut ClientWrapper {
+        &mut self.obj.as_mut().expect("present until drop").client
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(obj) = self.obj.take() {
+            if obj.generation != obj.engine.generation() {
+                // Retired while checked out: close it instead of returning it.
+                drop(Object::take(obj));
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Client").field(self.conn()).finish()
+    }
+}
+
+type Pool = managed::Pool<Manager, Client>;
+
+/// A PostgreSQL pool on dynamic Vault credentials. Cheap to clone; drop it into axum
+/// state as it is.
+#[derive(Clone)]
+pub struct VaultPgPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    pool: Pool,
+    engine: RotatingCredentials,
+    retire_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        self.retire_task.abort();
+    }
+}
+
+impl fmt::Debug for VaultPgPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VaultPgPool")
+            .field("role", &self.inner.engine.role())
+            .field("generation", &self.inner.engine.generation())
+            .field("pool", &self.inner.pool.status())
+            .finish()
+    }
+}
+
+/// Pool and lease status together.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// The lease engine's status (generation, lease, TTL left, connections per
+    /// generation, last error).
+    pub lease: lease::Status,
+    /// Connections open (idle and in use).
+    pub size: usize,
+    /// Idle connections.
+    pub available: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+    /// The pool's maximum size.
+    pub max_size: usize,
+}
+
+impl VaultPgPool {
+    /// A pool for `role`, configured from the environment: Vault from the Vault CLI's
+    /// variables ([`vault::ClientBuilder::from_env`]), PostgreSQL from `DATABASE_URL`
+    /// (without password) or `PGHOST`, `PGPORT`, `PGDATABASE`, `PGSSLMODE`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for missing or invalid settings; whatever leasing and
+    /// verifying the first credentials fails with.
+    pub async fn new(role: impl Into<String>) -> Result<Self> {
+        Self::builder(role).build().await
+    }
+
+    /// A builder for everything explicit.
+    pub fn builder(role: impl Into<String>) -> Builder {
+        Builder {
+            role: role.into(),
+            vault: None,
+            pg: None,
+            connect: None,
+            mount: "database".into(),
+            max_size: 16,
+            timeouts: deadpool_postgres::Timeouts {
+                wait: Some(Duration::from_secs(10)),
+                create: Some(Duration::from_secs(10)),
+                recycle: Some(Duration::from_secs(5)),
+            },
+            recycling: RecyclingMethod::Fast,
+            policy: Policy::default(),
+            drain_timeout: Duration::from_secs(30),
+            auth_failure_wait: Duration::from_secs(5),
+        }
+    }
+
+    /// A connection, opened with the current credentials if none is idle.
+    ///
+    /// # Errors
+    /// [`ErrorKind::LeaseExpired`] naming the role when the credentials have run out and
+    /// Vault cannot give new ones; [`ErrorKind::PoolTimeout`] when no connection frees up
+    /// within the wait timeout; [`ErrorKind::Backend`] when PostgreSQL refuses or is down;
+    /// [`ErrorKind::Shutdown`] after [`close`](Self::close).
+    pub async fn get(&self) -> Result<Client> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(e, &self.inner.engine, &self.inner.pool))
+    }
+
+    /// The lease engine behind the pool (generation, status, subscribe).
+    pub fn credentials(&self) -> &RotatingCredentials {
+        &self.inner.engine
+    }
+
+    /// Rotate now; returns once the new generation is serving.
+    ///
+    /// # Errors
+    /// As [`RotatingCredentials::rotate`]; the pool keeps the current credentials.
+    pub async fn rotate(&self) -> Result<Generation> {
+        self.inner.engine.rotate().await
+    }
+
+    /// Pool and lease status.
+    pub fn status(&self) -> PoolStatus {
+        let pool = self.inner.pool.status();
+        PoolStatus {
+            lease: self.inner.engine.status(),
+            size: pool.size,
+            available: pool.available,
+            waiting: pool.waiting,
+            max_size: pool.max_size,
+        }
+    }
+
+    /// Close the pool: no new checkouts, idle connections closed, then wait for the
+    /// connections in use (up to the drain timeout) and revoke every lease. Calling it
+    /// twice is harmless.
+    pub async fn close(&self) {
+        self.inner.pool.close();
+        self.inner.engine.close().await;
+    }
+}
+
+fn pool_error(e: PoolError<Error>, engine: &RotatingCredentials, pool: &Pool) -> Error {
+    let role = engine.role();
+    match e {
+        PoolError::Backend(e) => e,
+        PoolError::Timeout(managed::TimeoutType::Wait) => Error::new(
+            ErrorKind::PoolTimeout,
+            format!(
+                "waiting for a PostgreSQL connection (role {role}): all {} connections stayed \
+                 busy for the wait timeout; raise max_size or the wait timeout",
+                pool.status().max_size
+            ),
+        ),
+        PoolError::Timeout(t) => Error::new(
+            ErrorKind::PoolTimeout,
+            format!("{t:?} a PostgreSQL connection (role {role}) timed out"),
+        ),
+        PoolError::Closed => Error::new(
+            ErrorKind::Shutdown,
+            format!("getting a PostgreSQL connection (role {role}): the pool was closed"),
+        ),
+        PoolError::NoRuntimeSpecified => Error::new(
+            ErrorKind::Config,
+            "getting a PostgreSQL connection: no async runtime",
+        ),
+        PoolError::PostCreateHook(h) => Error::new(
+            ErrorKind::Backend,
+            format!("getting a PostgreSQL connection (role {role}): post-create hook: {h}"),
+        ),
+    }
+}
+
+/// Builds a [`VaultPgPool`].
+#[must_use]
+pub struct Builder {
+    role: String,
+    vault: Option<vault::Client>,
+    pg: Option<tokio_postgres::Config>,
+    connect: Option<Arc<dyn deadpool_postgres::Connect>>,
+    mount: String,
+    max_size: usize,
+    timeouts: deadpool_postgres::Timeouts,
+    recycling: RecyclingMethod,
+    policy: Policy,
+    drain_timeout: Duration,
+    auth_failure_wait: Duration,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("role", &self.role)
+            .field("vault", &self.vault)
+            .field("pg", &self.pg)
+            .field("mount", &self.mount)
+            .field("max_size", &self.max_size)
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// The Vault client. Default: [`vault::Client::from_env`].
+    pub fn vault(mut self, client: vault::Client) -> Self {
+        self.vault = Some(client);
+        self
+    }
+
+    /// The PostgreSQL target (host, port, database, options); user and password are
+    /// ignored — the lease supplies them. Default: from the environment.
+    pub fn pg_config(mut self, config: tokio_postgres::Config) -> Self {
+        self.pg = Some(config);
+        self
+    }
+
+    /// TLS for PostgreSQL connections (e.g. a `tokio-postgres-rustls` connector).
+    /// Default: no TLS (`NoTls`).
+    pub fn tls<T>(mut self, tls: T) -> Self
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>
+            + Clone
+            + Sync
+            + Send
+            + 'static,
+        T::Stream: Sync + Send,
+        T::TlsConnect: Sync + Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+    {
+        self.connect = Some(Arc::new(deadpool_postgres::ConfigConnectImpl { tls }));
+        self
+    }
+
+    /// The database secrets engine mount. Default `database`.
+    pub fn mount(mut self, mount: impl Into<String>) -> Self {
+        self.mount = mount.into();
+        self
+    }
+
+    /// The most connections open at once (all generations together). Default 16.
+    pub fn max_size(mut self, max_size: usize) -> Self {
+        self.max_size = max_size;
+        self
+    }
+
+    /// deadpool's timeouts. Default: wait 10 s, create 10 s, recycle 5 s.
+    pub fn timeouts(mut self, timeouts: deadpool_postgres::Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// How an idle connection is checked before reuse. Default
+    /// [`RecyclingMethod::Fast`] (is it still open?).
+    pub fn recycling_method(mut self, method: RecyclingMethod) -> Self {
+        self.recycling = method;
+        self
+    }
+
+    /// Renewal and rotation timing. Default [`Policy::default`].
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How long a retired generation's connections may stay in use before its lease is
+    /// revoked anyway; also how long [`VaultPgPool::close`] waits. Default 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// After PostgreSQL refuses valid-looking credentials, how long a connect waits for
+    /// the re-lease. Default 5 s.
+    pub fn auth_failure_wait(mut self, wait: Duration) -> Self {
+        self.auth_failure_wait = wait;
+        self
+    }
+
+    /// Lease the first credentials (verified with one real connection), start the
+    /// engine and build the pool.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for missing settings; whatever leasing or the verifying
+    /// connection fails with.
+    pub async fn build(self) -> Result<VaultPgPool> {
+        let vault = match self.vault {
+            Some(v) => v,
+            None => vault::Client::from_env()?,
+        };
+        let mut config = match self.pg {
+            Some(c) => c,
+            None => pg_config_from_lookup(|k| std::env::var(k).ok())?,
+        };
+        if config.get_application_name().is_none() {
+            config.application_name("vaultpool");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        let connect: Arc<dyn deadpool_postgres::Connect> = self.connect.unwrap_or_else(|| {
+            Arc::new(deadpool_postgres::ConfigConnectImpl {
+                tls: tokio_postgres::NoTls,
+            })
+        });
+        let verify = {
+            let config = config.clone();
+            let connect = connect.clone();
+            let role = self.role.clone();
+            Arc::new(move |creds: crate::Credentials| {
+                let mut config = config.clone();
+                let connect = connect.clone();
+                let role = role.clone();
+                Box::pin(async move {
+                    config
+                        .user(&creds.username)
+                        .password(creds.password.expose_secret());
+                    let what = || {
+                        format!(
+                            "verifying new credentials of role {role} against PostgreSQL at {}",
+                            target(&config)
+                        )
+                    };
+                    let (client, task) = connect
+                        .connect(&config)
+                        .await
+                        .map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))?;
+                    let result = client.simple_query("SELECT 1").await;
+                    drop(client);
+                    task.abort();
+                    result
+                        .map(|_| ())
+                        .map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))
+                }) as lease::BoxFuture<'static, Result<()>>
+            }) as lease::Verifier
+        };
+        let engine = RotatingCredentials::builder(vault, self.role.clone())
+            .mount(self.mount)
+            .policy(self.policy)
+            .drain_timeout(self.drain_timeout)
+            .verify_with(verify)
+            .build()
+            .await?;
+        let manager = Manager {
+            engine: engine.clone(),
+            config,
+            connect,
+            recycling: self.recycling,
+            auth_failure_wait: self.auth_failure_wait,
+        };
+        let pool = Pool::builder(manager)
+            .max_size(self.max_size)
+            .timeouts(self.timeouts)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("building the pool for role {}", self.role),
+                )
+                .with_source(e)
+            })?;
+        let retire_task = tokio::spawn(retire_idle(engine.subscribe(), pool.weak()));
+        Ok(VaultPgPool {
+            inner: Arc::new(PoolInner {
+                pool,
+                engine,
+                retire_task,
+            }),
+        })
+    }
+}
+
+/// On every new generation, close the idle connections of older ones.
+async fn retire_idle(
+    mut generations: tokio::sync::watch::Receiver<Generation>,
+    pool: managed::WeakPool<Manager>,
+) {
+    while generations.changed().await.is_ok() {
+        let current = *generations.borrow_and_update();
+        let Some(pool) = pool.upgrade() else { return };
+        let retired = pool.retain(|conn, _| conn.generation >= current);
+        if !retired.removed.is_empty() {
+            tracing::debug!(
+                generation = current.0,
+                closed = retired.removed.len(),
+                "closed idle connections of retired credentials"
+            );
+        }
+    }
+}
+
+/// PostgreSQL settings from `DATABASE_URL` (which must not carry a password) or the libpq
+/// variables `PGHOST`, `PGPORT`, `PGDATABASE`, `PGSSLMODE`.
+///
+/// # Errors
+/// [`ErrorKind::Config`] when `DATABASE_URL` is empty, unparsable or has a password, or
+/// when no database is named.
+pub fn pg_config_from_lookup(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<tokio_postgres::Config> {
+    if let Some(url) = lookup("DATABASE_URL") {
+        if url.trim().is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "reading DATABASE_URL: it is set but empty; set it to e.g. \
+                 postgres://db.internal:5432/app (no user or password: Vault supplies them) \
+                 or unset it and use PGHOST/PGPORT/PGDATABASE",
+            ));
+        }
+        let config = tokio_postgres::Config::from_str(url.trim()).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                "reading DATABASE_URL: it is not a PostgreSQL URL or key=value string",
+            )
+            .with_source(e)
+        })?;
+        if config.get_password().is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "reading DATABASE_URL: it carries a password; remove it — vaultpool logs in \
+                 with credentials leased from Vault",
+            ));
+        }
+        return Ok(config);
+    }
+    let mut config = tokio_postgres::Config::new();
+    config.host(lookup("PGHOST").unwrap_or_else(|| "localhost".into()));
+    if let Some(port) = lookup("PGPORT") {
+        config.port(port.trim().parse().map_err(|_| {
+            Error::new(
+                ErrorKind::Config,
+                format!("reading PGPORT: {port:?} is not a port number"),
+            )
+        })?);
+    }
+    let db = lookup("PGDATABASE").ok_or_else(|| {
+        Error::new(
+            ErrorKind::Config,
+            "configuring PostgreSQL: set PGDATABASE (and PGHOST, PGPORT) or DATABASE_URL",
+        )
+    })?;
+    config.dbname(db);
+    if let Some(mode) = lookup("PGSSLMODE") {
+        use tokio_postgres::config::SslMode;
+        config.ssl_mode(match mode.trim() {
+            "disable" => SslMode::Disable,
+            "prefer" | "allow" => SslMode::Prefer,
+            "require" | "verify-ca" | "verify-full" => SslMode::Require,
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("reading PGSSLMODE: unknown mode {other:?} (disable, prefer, require)"),
+                ));
+            }
+        });
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn libpq_variables_are_read() {
+        let c = pg_config_from_lookup(lookup(&[
+            ("PGHOST", "db.internal"),
+            ("PGPORT", "6432"),
+            ("PGDATABASE", "app"),
+            ("PGSSLMODE", "disable"),
+        ]))
+        .unwrap();
+        assert_eq!(target(&c), "db.internal:6432/app");
+    }
+
+    #[test]
+    fn database_url_with_password_is_refused_without_echoing_it() {
+        let err = pg_config_from_lookup(lookup(&[(
+            "DATABASE_URL",
+            "postgres://app:hunter2@db:5432/app",
+        )]))
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(err.to_string().contains("password"), "{err}");
+    }
+
+    #[test]
+    fn empty_database_url_is_a_clear_config_error() {
+        let err = pg_config_from_lookup(lookup(&[("DATABASE_URL", " ")])).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+        let err = pg_config_from_lookup(lookup(&[])).unwrap_err();
+        assert!(err.to_string().contains("PGDATABASE"), "{err}");
+        let err =
+            pg_config_from_lookup(lookup(&[("PGDATABASE", "a"), ("PGPORT", "x")])).unwrap_err();
+        assert!(err.to_string().contains("PGPORT"), "{err}");
+    }
+
+    #[test]
+    fn database_url_without_password_is_used() {
+        let c =
+            pg_config_from_lookup(lookup(&[("DATABASE_URL", "postgres://db:5433/app")])).unwrap();
+        assert_eq!(target(&c), "db:5433/app");
+    }
+}

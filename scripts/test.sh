@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.85 or newer)" >&2; exit 1; }
 scripts/stack.sh up
-cargo test --all-features --all-targets "$@"
+cargo test --all-features --all-targets "$@" -- --show-output
 cargo test --all-features --doc

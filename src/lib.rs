@@ -51,6 +51,8 @@ pub mod error;
 pub mod lease;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlx")]
+pub mod sqlx;
 pub mod vault;
 
 pub use credentials::{Credentials, Generation, Lease, Leased};

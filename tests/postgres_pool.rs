@@ -4,9 +4,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::scenarios::{self, BoxFut, LoadReport, TestPool, spawn_load};
 use common::*;
 use vaultpool::lease::{Health, Policy};
 use vaultpool::postgres::{VaultPgPool, tokio_postgres};
@@ -36,128 +37,103 @@ async fn query(pool: &VaultPgPool) -> Result<i64, String> {
     Ok(row.get(0))
 }
 
-/// Run `tasks` query loops until `stop`; returns (ok, failed, first errors).
+impl TestPool for VaultPgPool {
+    fn engine(&self) -> &vaultpool::RotatingCredentials {
+        self.credentials()
+    }
+    fn rotate(&self) -> BoxFut<'_, vaultpool::Result<Generation>> {
+        Box::pin(VaultPgPool::rotate(self))
+    }
+    fn query(&self) -> BoxFut<'_, Result<i64, String>> {
+        Box::pin(query(self))
+    }
+    fn close(&self) -> BoxFut<'_, ()> {
+        Box::pin(VaultPgPool::close(self))
+    }
+}
+
+async fn pool_for(role: &str, max_size: usize) -> VaultPgPool {
+    VaultPgPool::builder(role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(pg_target())
+        .max_size(max_size)
+        .policy(fast_policy())
+        .build()
+        .await
+        .unwrap()
+}
+
 fn load(
     pool: &VaultPgPool,
     tasks: usize,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(u64, u64, Vec<String>)> {
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut handles = Vec::new();
-        for _ in 0..tasks {
-            let (pool, stop, ok, failed, errors) = (
-                pool.clone(),
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                errors.clone(),
-            );
-            handles.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match query(&pool).await {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            let mut errs = errors.lock().unwrap();
-                            if errs.len() < 10 {
-                                errs.push(e);
-                            }
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }));
-        }
-        for h in handles {
-            h.await.unwrap();
-        }
-        let errs = errors.lock().unwrap().clone();
-        (
-            ok.load(Ordering::Relaxed),
-            failed.load(Ordering::Relaxed),
-            errs,
-        )
-    })
+) -> tokio::task::JoinHandle<LoadReport> {
+    spawn_load(pool, tasks, stop)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_load_loses_no_query() {
     // 8 s TTL and max TTL: every lease is rotated by schedule about every 4 s.
     let role = create_role("8s", "8s").await;
-    let pool = VaultPgPool::builder(&role)
-        .vault(approle_client("IMMUNE_SYSTEM"))
-        .pg_config(pg_target())
-        .max_size(16)
-        .policy(fast_policy())
-        .build()
+    scenarios::rotation_under_load_loses_no_query(pool_for(&role, 16).await, &role, "deadpool")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_revoked_from_outside_is_replaced_and_the_pool_serves_again() {
+    let role = create_role("1h", "2h").await;
+    scenarios::revoked_from_outside_serves_again(pool_for(&role, 4).await, &role, "deadpool").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_rotations_then_close_leave_no_role_and_no_lease() {
+    let role = create_role("1h", "2h").await;
+    scenarios::hundred_rotations_then_close_leave_nothing(
+        pool_for(&role, 16).await,
+        &role,
+        "deadpool",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_checked_out_across_a_rotation_finishes_and_is_never_reused() {
+    let role = create_role("1h", "2h").await;
+    let pool = pool_for(&role, 4).await;
+    let held = pool.get().await.unwrap();
+    let idle = pool.get().await.unwrap();
+    drop(idle);
+    assert_eq!(pool.status().size, 2);
+    assert_eq!(pool.rotate().await.unwrap(), Generation(2));
+    // The idle generation-1 connection is closed at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.status().size != 1 {
+        assert!(Instant::now() < deadline, "idle old connection not closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The checked-out one finishes its work...
+    held.query_one("SELECT count(*) FROM items", &[])
         .await
         .unwrap();
-    let admin = pg_admin("postgres").await;
-    let usernames = Arc::new(std::sync::Mutex::new(vec![
-        pool.credentials().current().credentials.username.clone(),
-    ]));
-    // Record every generation's username.
-    let watcher = {
-        let (pool, usernames) = (pool.clone(), usernames.clone());
-        tokio::spawn(async move {
-            let mut rx = pool.credentials().subscribe();
-            while rx.changed().await.is_ok() {
-                let name = pool.credentials().current().credentials.username.clone();
-                usernames.lock().unwrap().push(name);
-            }
-        })
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = load(&pool, 32, stop.clone());
-
-    let started = Instant::now();
-    let mut max_alive = 0;
-    let mut forced = 0;
-    let mut next_force = Instant::now() + Duration::from_secs(7);
-    while started.elapsed() < Duration::from_secs(62) {
-        let names = usernames.lock().unwrap().clone();
-        max_alive = max_alive.max(roles_alive(&admin, &names).await.len());
-        if Instant::now() >= next_force {
-            pool.rotate().await.expect("forced rotation");
-            forced += 1;
-            next_force = Instant::now() + Duration::from_secs(7);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed, errors) = load.await.unwrap();
+    assert_eq!(held.generation(), Generation(1));
+    // ...and the old lease waits for it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let status = pool.status();
+    assert_eq!(status.lease.revocations, 0, "revoked while in use");
+    assert_eq!(status.lease.generations.len(), 2);
+    drop(held);
+    // Returned: closed, not pooled; then the old lease is revoked.
+    let fresh = pool.get().await.unwrap();
+    assert_eq!(fresh.generation(), Generation(2));
+    drop(fresh);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.status().lease.revocations == 0 {
+        assert!(Instant::now() < deadline, "old lease never revoked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pool.status().size, 1);
     pool.close().await;
-    watcher.abort();
-
-    let names = usernames.lock().unwrap().clone();
-    let left = roles_alive(&admin, &names).await;
-    let leases = leases_of(&role).await;
-    println!(
-        "rotation_under_load: queries ok {ok}, failed {failed}, rotations {} ({forced} forced), \
-         renewals {}, generations {}, max roles alive {max_alive}, roles left after close {}, \
-         leases left {}",
-        status.lease.rotations,
-        status.lease.renewals,
-        names.len(),
-        left.len(),
-        leases.len()
-    );
-    assert_eq!(failed, 0, "failed queries: {errors:?}");
-    assert!(ok > 1000, "too few queries ran: {ok}");
-    assert!(
-        status.lease.rotations >= 10,
-        "only {} rotations",
-        status.lease.rotations
-    );
-    assert!(forced >= 5);
-    assert!(max_alive <= 2, "{max_alive} dynamic roles alive at once");
-    assert!(left.is_empty(), "roles left behind: {left:?}");
-    assert!(leases.is_empty(), "leases left behind: {leases:?}");
+    assert_eq!(pool.get().await.unwrap_err().kind(), ErrorKind::Shutdown);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,7 +178,7 @@ async fn vault_down_shorter_than_the_lease_loses_no_query_and_renewals_resume() 
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed, errors) = load.await.unwrap();
+    let LoadReport { ok, failed, errors } = load.await.unwrap();
     let after = pool.status();
     println!(
         "vault_down: queries ok {ok}, failed {failed}, renew/rotate failures while down {}, \
@@ -272,108 +248,6 @@ async fn vault_down_past_expiry_gives_a_typed_error_then_heals() {
     assert!(pool.credentials().generation() >= Generation(2));
     assert_eq!(pool.status().lease.health, Health::Serving);
     pool.close().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lease_revoked_from_outside_is_replaced_and_the_pool_serves_again() {
-    let role = create_role("1h", "2h").await;
-    let pool = VaultPgPool::builder(&role)
-        .vault(approle_client("IMMUNE_SYSTEM"))
-        .pg_config(pg_target())
-        .max_size(4)
-        .build()
-        .await
-        .unwrap();
-    // Warm up four connections.
-    let held: Vec<_> = futures_join(&pool, 4).await;
-    drop(held);
-    assert_eq!(pool.status().size, 4);
-
-    root_client()
-        .revoke_lease_prefix(&format!("database/creds/{role}"))
-        .await
-        .unwrap();
-    let revoked = Instant::now();
-    let mut failures = Vec::new();
-    let deadline = revoked + Duration::from_secs(10);
-    loop {
-        match query(&pool).await {
-            Ok(_) => break,
-            Err(e) => failures.push(e),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never served again: {failures:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let took = revoked.elapsed();
-    println!(
-        "revoked_from_outside: served again {took:?} after the revocation, {} failed queries \
-         before: {failures:?}",
-        failures.len()
-    );
-    assert_eq!(pool.credentials().generation(), Generation(2));
-    assert!(took < Duration::from_secs(5), "took {took:?}");
-    // And it keeps serving.
-    for _ in 0..20 {
-        query(&pool).await.unwrap();
-    }
-    pool.close().await;
-    assert!(leases_of(&role).await.is_empty());
-}
-
-async fn futures_join(pool: &VaultPgPool, n: usize) -> Vec<vaultpool::postgres::Client> {
-    let mut handles = Vec::new();
-    for _ in 0..n {
-        let pool = pool.clone();
-        handles.push(tokio::spawn(async move { pool.get().await.unwrap() }));
-    }
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.unwrap());
-    }
-    out
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundred_rotations_then_close_leave_no_role_and_no_lease() {
-    let role = create_role("1h", "2h").await;
-    let pool = VaultPgPool::builder(&role)
-        .vault(approle_client("IMMUNE_SYSTEM"))
-        .pg_config(pg_target())
-        .build()
-        .await
-        .unwrap();
-    let admin = pg_admin("postgres").await;
-    let mut usernames = vec![pool.credentials().current().credentials.username.clone()];
-    for i in 0..100 {
-        let held = pool.get().await.unwrap();
-        let g = pool.rotate().await.unwrap();
-        assert_eq!(g, Generation(i + 2));
-        // The connection checked out before the rotation still works...
-        held.query_one("SELECT 1", &[]).await.unwrap();
-        assert_eq!(held.generation(), Generation(i + 1));
-        drop(held);
-        // ...and a new checkout never gets an old generation.
-        let fresh = pool.get().await.unwrap();
-        assert_eq!(fresh.generation(), g);
-        usernames.push(pool.credentials().current().credentials.username.clone());
-    }
-    let alive_before_close = roles_alive(&admin, &usernames).await.len();
-    pool.close().await;
-    let left = roles_alive(&admin, &usernames).await;
-    let leases = leases_of(&role).await;
-    println!(
-        "hundred_rotations: {} usernames, alive before close {alive_before_close}, after close {}, \
-         leases left {}",
-        usernames.len(),
-        left.len(),
-        leases.len()
-    );
-    assert!(left.is_empty(), "roles left: {left:?}");
-    assert!(leases.is_empty(), "leases left: {leases:?}");
-    assert_eq!(pool.get().await.unwrap_err().kind(), ErrorKind::Shutdown);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,8 @@
 //! shows (malformed JSON, a hanging socket).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod scenarios;
+
 use std::collections::HashMap;
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
@@ -13,9 +15,16 @@ use std::time::{Duration, Instant};
 use vaultpool::vault::{Client, ClientBuilder};
 
 /// The stack's env file, as key/value pairs. Starts the stack if it is not running.
+/// Also turns on log output when RUST_LOG is set.
 pub fn stack() -> &'static HashMap<String, String> {
     static STACK: OnceLock<HashMap<String, String>> = OnceLock::new();
     STACK.get_or_init(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let path = env_file();
         let parsed = read_env(&path);
         let up = parsed.as_ref().is_some_and(|env| {

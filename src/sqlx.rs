@@ -1,0 +1,482 @@
+//! `VaultSqlxPool`: a real [`sqlx::PgPool`](::sqlx::PgPool) that never changes identity
+//! while its credentials rotate underneath (feature `sqlx`).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use vaultpool::sqlx::VaultSqlxPool;
+//!
+//! let pool = VaultSqlxPool::new("immune-readwrite").await?;
+//! // Pass `pool.pool()` to any sqlx code: it is a plain `sqlx::PgPool`.
+//! use vaultpool::sqlx::driver as sqlx; // or your own `sqlx` 0.9 dependency
+//! let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+//!     .fetch_one(pool.pool())
+//!     .await?;
+//! # let _ = n;
+//! pool.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! How rotation works here: on every new generation the pool's connect options are
+//! replaced ([`PgPool::set_connect_options`](::sqlx::Pool::set_connect_options)), so new
+//! connections log in with the new credentials. Connections opened before that moment
+//! are retired by the pool's `before_acquire` and `after_release` hooks (an idle one is
+//! closed instead of handed out, a busy one is closed when released), and idle ones are
+//! cycled out at once. The old lease is revoked once PostgreSQL reports no session of
+//! the old user (`pg_stat_activity`), or at the drain deadline.
+//!
+//! sqlx does not say which credentials a connection used, so "opened before the swap"
+//! is judged by the connection's age, with a 250 ms grace for connects that were under
+//! way at the swap: a connection opened within 250 ms after a rotation is recycled once.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use secrecy::ExposeSecret;
+
+pub use ::sqlx as driver;
+
+use crate::credentials::Generation;
+use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{self, ConnectionGuard, Current, Policy, RotatingCredentials};
+use crate::vault;
+
+/// Connects that were under way when the options were swapped finish within this.
+const SWAP_GRACE: Duration = Duration::from_millis(250);
+/// How often a draining generation is checked.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// When the last swap happened, shared with the pool's hooks.
+struct Swap {
+    base: Instant,
+    /// Connections created before `base + stale_before_ns` may hold old credentials.
+    stale_before_ns: AtomicU64,
+}
+
+impl Swap {
+    fn mark(&self) {
+        let at = self.base.elapsed() + SWAP_GRACE;
+        self.stale_before_ns
+            .store(at.as_nanos() as u64, Ordering::Release);
+    }
+
+    /// Whether a connection of this age was opened before the last swap (plus grace).
+    fn is_stale(&self, age: Duration) -> bool {
+        let stale_before = Duration::from_nanos(self.stale_before_ns.load(Ordering::Acquire));
+        if stale_before.is_zero() {
+            return false;
+        }
+        let created = self.base.elapsed().saturating_sub(age);
+        created < stale_before
+    }
+}
+
+/// A sqlx PostgreSQL pool on dynamic Vault credentials. Cheap to clone.
+#[derive(Clone)]
+pub struct VaultSqlxPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    engine: RotatingCredentials,
+    /// The generation whose credentials the pool's connect options hold.
+    applied: tokio::sync::watch::Receiver<Generation>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl fmt::Debug for VaultSqlxPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VaultSqlxPool")
+            .field("role", &self.inner.engine.role())
+            .field("generation", &self.inner.engine.generation())
+            .field("size", &self.inner.pool.size())
+            .finish()
+    }
+}
+
+fn options_for(base: &PgConnectOptions, current: &Current) -> PgConnectOptions {
+    base.clone()
+        .username(&current.credentials.username)
+        .password(current.credentials.password.expose_secret())
+}
+
+fn is_auth_failure(e: &::sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "28P01" || c == "28000")
+}
+
+impl VaultSqlxPool {
+    /// A pool for `role`: Vault from the Vault CLI's environment variables, PostgreSQL from
+    /// `DATABASE_URL` (no password) or the libpq variables.
+    ///
+    /// # Errors
+    /// As [`Builder::build`].
+    pub async fn new(role: impl Into<String>) -> Result<Self> {
+        Self::builder(role).build().await
+    }
+
+    /// A builder for everything explicit.
+    pub fn builder(role: impl Into<String>) -> Builder {
+        Builder {
+            role: role.into(),
+            vault: None,
+            connect: None,
+            pool_options: PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10)),
+            mount: "database".into(),
+            policy: Policy::default(),
+            drain_timeout: Duration::from_secs(30),
+            auth_failure_wait: Duration::from_secs(5),
+        }
+    }
+
+    /// The `sqlx::PgPool`: the same pool for the whole life of this handle, whatever the
+    /// rotations. Hand it to any sqlx code.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Acquire a connection, checking the lease first and re-leasing once if PostgreSQL
+    /// refuses the current credentials.
+    ///
+    /// # Errors
+    /// [`ErrorKind::LeaseExpired`] naming the role when the credentials have run out;
+    /// [`ErrorKind::PoolTimeout`] when none frees up in time; [`ErrorKind::Backend`]
+    /// otherwise.
+    pub async fn acquire(&self) -> Result<::sqlx::pool::PoolConnection<::sqlx::Postgres>> {
+        let current = self.inner.engine.usable()?;
+        match self.inner.pool.acquire().await {
+            Ok(c) => Ok(c),
+            Err(e) if is_auth_failure(&e) => {
+                self.inner.engine.report_auth_failure(current.generation);
+                self.inner
+                    .engine
+                    .wait_newer(current.generation, Duration::from_secs(5))
+                    .await;
+                self.inner
+                    .pool
+                    .acquire()
+                    .await
+                    .map_err(|e| self.error("acquiring a PostgreSQL connection", e))
+            }
+            Err(e) => Err(self.error("acquiring a PostgreSQL connection", e)),
+        }
+    }
+
+    fn error(&self, what: &str, e: ::sqlx::Error) -> Error {
+        let kind = match e {
+            ::sqlx::Error::PoolTimedOut => ErrorKind::PoolTimeout,
+            ::sqlx::Error::PoolClosed => ErrorKind::Shutdown,
+            _ => ErrorKind::Backend,
+        };
+        Error::new(kind, format!("{what} (role {})", self.inner.engine.role())).with_source(e)
+    }
+
+    /// The lease engine behind the pool.
+    pub fn credentials(&self) -> &RotatingCredentials {
+        &self.inner.engine
+    }
+
+    /// Rotate now; returns once the new generation is serving (connect options swapped).
+    ///
+    /// # Errors
+    /// As [`RotatingCredentials::rotate`].
+    pub async fn rotate(&self) -> Result<Generation> {
+        let g = self.inner.engine.rotate().await?;
+        // The follow task applies the new options; wait until it has.
+        let mut applied = self.inner.applied.clone();
+        let _ = applied.wait_for(|seen| *seen >= g).await;
+        Ok(g)
+    }
+
+    /// The lease engine's status.
+    pub fn status(&self) -> lease::Status {
+        self.inner.engine.status()
+    }
+
+    /// Close: wait for every connection to be returned and closed (sqlx's `close`), then
+    /// revoke every lease. Calling it twice is harmless.
+    pub async fn close(&self) {
+        self.inner.pool.close().await;
+        self.inner.task.abort();
+        self.inner.engine.close().await;
+    }
+}
+
+/// Builds a [`VaultSqlxPool`].
+#[must_use]
+pub struct Builder {
+    role: String,
+    vault: Option<vault::Client>,
+    connect: Option<PgConnectOptions>,
+    pool_options: PgPoolOptions,
+    mount: String,
+    policy: Policy,
+    drain_timeout: Duration,
+    auth_failure_wait: Duration,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("role", &self.role)
+            .field("mount", &self.mount)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// The Vault client. Default: [`vault::Client::from_env`].
+    pub fn vault(mut self, client: vault::Client) -> Self {
+        self.vault = Some(client);
+        self
+    }
+
+    /// Host, port, database, TLS; user and password are replaced by the lease's.
+    /// Default: from `DATABASE_URL` or the libpq variables.
+    pub fn connect_options(mut self, options: PgConnectOptions) -> Self {
+        self.connect = Some(options);
+        self
+    }
+
+    /// sqlx pool options (size, timeouts). Default: 16 connections, acquire timeout
+    /// 10 s. Do not set `before_acquire`/`after_release` here: the pool installs its own.
+    pub fn pool_options(mut self, options: PgPoolOptions) -> Self {
+        self.pool_options = options;
+        self
+    }
+
+    /// The database secrets engine mount. Default `database`.
+    pub fn mount(mut self, mount: impl Into<String>) -> Self {
+        self.mount = mount.into();
+        self
+    }
+
+    /// Renewal and rotation timing. Default [`Policy::default`].
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How long old connections may stay before the old lease is revoked anyway.
+    /// Default 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// After PostgreSQL refuses valid-looking credentials, how long [`VaultSqlxPool::acquire`]
+    /// waits for the re-lease. Default 5 s.
+    pub fn auth_failure_wait(mut self, wait: Duration) -> Self {
+        self.auth_failure_wait = wait;
+        self
+    }
+
+    /// Lease and verify the first credentials, start the engine, build the pool.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for missing settings; whatever leasing or the verifying
+    /// connection fails with.
+    pub async fn build(self) -> Result<VaultSqlxPool> {
+        let vault = match self.vault {
+            Some(v) => v,
+            None => vault::Client::from_env()?,
+        };
+        let base = match self.connect {
+            Some(o) => o,
+            None => options_from_env()?,
+        };
+        let verify = {
+            let base = base.clone();
+            let role = self.role.clone();
+            Arc::new(move |creds: crate::Credentials| {
+                let options = base
+                    .clone()
+                    .username(&creds.username)
+                    .password(creds.password.expose_secret());
+                let role = role.clone();
+                Box::pin(async move {
+                    use ::sqlx::Connection;
+                    let what = || {
+                        format!(
+                            "verifying new credentials of role {role} against PostgreSQL at {}:{}",
+                            options.get_host(),
+                            options.get_port()
+                        )
+                    };
+                    let mut conn = ::sqlx::PgConnection::connect_with(&options)
+                        .await
+                        .map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))?;
+                    let pinged = conn.ping().await;
+                    let _ = conn.close().await;
+                    pinged.map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))
+                }) as lease::BoxFuture<'static, Result<()>>
+            }) as lease::Verifier
+        };
+        let engine = RotatingCredentials::builder(vault, self.role.clone())
+            .mount(self.mount)
+            .policy(self.policy)
+            .drain_timeout(self.drain_timeout)
+            .verify_with(verify)
+            .build()
+            .await?;
+        let swap = Arc::new(Swap {
+            base: Instant::now(),
+            stale_before_ns: AtomicU64::new(0),
+        });
+        let (s1, s2) = (swap.clone(), swap.clone());
+        let current = engine.current();
+        let pool = self
+            .pool_options
+            .before_acquire(move |_conn, meta| {
+                let fresh = !s1.is_stale(meta.age);
+                Box::pin(async move { Ok(fresh) })
+            })
+            .after_release(move |_conn, meta| {
+                let fresh = !s2.is_stale(meta.age);
+                Box::pin(async move { Ok(fresh) })
+            })
+            .connect_lazy_with(options_for(&base, &current));
+        let guard = current.track();
+        let (applied_tx, applied) = tokio::sync::watch::channel(current.generation);
+        let task = tokio::spawn(follow(
+            engine.clone(),
+            pool.clone(),
+            base,
+            swap,
+            (guard, current),
+            applied_tx,
+        ));
+        Ok(VaultSqlxPool {
+            inner: Arc::new(Inner {
+                pool,
+                engine,
+                applied,
+                task,
+            }),
+        })
+    }
+}
+
+/// Apply every new generation to the pool and drain the old one.
+async fn follow(
+    engine: RotatingCredentials,
+    pool: PgPool,
+    base: PgConnectOptions,
+    swap: Arc<Swap>,
+    (mut guard, mut current): (ConnectionGuard, Arc<Current>),
+    applied: tokio::sync::watch::Sender<Generation>,
+) {
+    let mut generations = engine.subscribe();
+    while generations.changed().await.is_ok() {
+        let next = engine.current();
+        if next.generation == current.generation {
+            continue;
+        }
+        pool.set_connect_options(options_for(&base, &next));
+        swap.mark();
+        applied.send_replace(next.generation);
+        // Hold the new generation before letting go of the old one, so the engine never
+        // sees a generation of ours at zero connections while it is still in use.
+        let old_guard = std::mem::replace(&mut guard, next.track());
+        let old = std::mem::replace(&mut current, next);
+        tokio::spawn(drain(pool.clone(), old, old_guard));
+    }
+}
+
+/// Close idle connections of the old generation at once, then hold its guard until
+/// PostgreSQL has no session of the old user left (or the pool closes).
+async fn drain(pool: PgPool, old: Arc<Current>, guard: ConnectionGuard) {
+    let user = old.credentials.username.clone();
+    loop {
+        // Cycle the idle queue: `before_acquire` closes stale connections.
+        for _ in 0..pool.num_idle() {
+            match pool.try_acquire() {
+                Some(conn) => drop(conn),
+                None => break,
+            }
+        }
+        if pool.is_closed() {
+            break;
+        }
+        let sessions: std::result::Result<i64, _> =
+            ::sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+                .bind(&user)
+                .fetch_one(&pool)
+                .await;
+        match sessions {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => tracing::debug!("checking sessions of {user}: {e}"),
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    tracing::debug!(generation = old.generation.0, user = %user, "sqlx generation drained");
+    drop(guard);
+}
+
+/// sqlx connect options from `DATABASE_URL` (without password) or the libpq variables.
+fn options_from_env() -> Result<PgConnectOptions> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        if url.trim().is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "reading DATABASE_URL: it is set but empty; set it to e.g. \
+                 postgres://db.internal:5432/app (no password) or unset it",
+            ));
+        }
+        let options: PgConnectOptions = url.trim().parse().map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                "reading DATABASE_URL: not a PostgreSQL URL",
+            )
+            .with_source(e)
+        })?;
+        if url::Url::parse(url.trim()).is_ok_and(|u| u.password().is_some()) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "reading DATABASE_URL: it carries a password; remove it — vaultpool logs in \
+                 with credentials leased from Vault",
+            ));
+        }
+        return Ok(options);
+    }
+    // PGHOST, PGPORT, PGDATABASE, PGSSLMODE … as libpq reads them (no .pgpass).
+    Ok(PgConnectOptions::new_without_pgpass())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_older_than_the_swap_are_stale() {
+        let swap = Swap {
+            base: Instant::now() - Duration::from_secs(100),
+            stale_before_ns: AtomicU64::new(0),
+        };
+        assert!(!swap.is_stale(Duration::from_secs(50)), "no swap yet");
+        swap.mark();
+        // Opened 10 s ago: before the swap.
+        assert!(swap.is_stale(Duration::from_secs(10)));
+        // Opened just now: within the grace, recycled once to be safe.
+        assert!(swap.is_stale(Duration::ZERO));
+        let later = Swap {
+            base: Instant::now() - Duration::from_secs(100),
+            stale_before_ns: AtomicU64::new(Duration::from_secs(90).as_nanos() as u64),
+        };
+        // Opened 5 s ago = at 95 s, after the swap at 90 s.
+        assert!(!later.is_stale(Duration::from_secs(5)));
+    }
+}

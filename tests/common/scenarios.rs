@@ -1,0 +1,231 @@
+//! Scenarios every pool flavour must pass, written once against a small trait.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use vaultpool::lease::RotatingCredentials;
+use vaultpool::{Generation, Result};
+
+use super::*;
+
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the scenarios need of a pool.
+pub trait TestPool: Clone + Send + Sync + 'static {
+    fn engine(&self) -> &RotatingCredentials;
+    fn rotate(&self) -> BoxFut<'_, Result<Generation>>;
+    /// Check out a connection and run `SELECT count(*) FROM items`.
+    fn query(&self) -> BoxFut<'_, std::result::Result<i64, String>>;
+    fn close(&self) -> BoxFut<'_, ()>;
+}
+
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub errors: Vec<String>,
+}
+
+/// `tasks` query loops until `stop`.
+pub fn spawn_load<P: TestPool>(
+    pool: &P,
+    tasks: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<LoadReport> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            let (pool, stop, ok, failed, errors) = (
+                pool.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                errors.clone(),
+            );
+            handles.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match pool.query().await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            let mut errs = errors.lock().unwrap();
+                            if errs.len() < 10 {
+                                errs.push(e);
+                            }
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        let errors = errors.lock().unwrap().clone();
+        LoadReport {
+            ok: ok.load(Ordering::Relaxed),
+            failed: failed.load(Ordering::Relaxed),
+            errors,
+        }
+    })
+}
+
+/// Every username the engine has used, collected as generations change.
+fn record_usernames(
+    engine: &RotatingCredentials,
+) -> (
+    Arc<std::sync::Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let names = Arc::new(std::sync::Mutex::new(vec![
+        engine.current().credentials.username.clone(),
+    ]));
+    let task = {
+        let (engine, names) = (engine.clone(), names.clone());
+        tokio::spawn(async move {
+            let mut rx = engine.subscribe();
+            while rx.changed().await.is_ok() {
+                let name = engine.current().credentials.username.clone();
+                let mut names = names.lock().unwrap();
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        })
+    };
+    (names, task)
+}
+
+/// Test 1: 32 tasks query for 62 s while the lease is rotated by schedule (the role's
+/// TTL = max TTL = 8 s) and by force every 7 s. Zero failed queries, ≥ 10 rotations, at
+/// most two dynamic roles alive at once, nothing left after close.
+pub async fn rotation_under_load_loses_no_query<P: TestPool>(pool: P, role: &str, flavour: &str) {
+    let admin = pg_admin("postgres").await;
+    let (usernames, watcher) = record_usernames(pool.engine());
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(&pool, 32, stop.clone());
+
+    let started = Instant::now();
+    let mut max_alive = 0;
+    let mut forced = 0;
+    let mut next_force = Instant::now() + Duration::from_secs(7);
+    while started.elapsed() < Duration::from_secs(62) {
+        let names = usernames.lock().unwrap().clone();
+        max_alive = max_alive.max(roles_alive(&admin, &names).await.len());
+        if Instant::now() >= next_force {
+            pool.rotate().await.expect("forced rotation");
+            forced += 1;
+            next_force = Instant::now() + Duration::from_secs(7);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    let status = pool.engine().status();
+    pool.close().await;
+    watcher.abort();
+
+    let names = usernames.lock().unwrap().clone();
+    let left = roles_alive(&admin, &names).await;
+    let leases = leases_of(role).await;
+    println!(
+        "{flavour} rotation_under_load: queries ok {}, failed {}, rotations {} ({forced} forced), \
+         renewals {}, users {}, max roles alive {max_alive}, roles left after close {}, leases \
+         left {}",
+        report.ok,
+        report.failed,
+        status.rotations,
+        status.renewals,
+        names.len(),
+        left.len(),
+        leases.len()
+    );
+    assert_eq!(report.failed, 0, "failed queries: {:?}", report.errors);
+    assert!(report.ok > 1000, "too few queries ran: {}", report.ok);
+    assert!(
+        status.rotations >= 10,
+        "only {} rotations",
+        status.rotations
+    );
+    assert!(forced >= 5);
+    assert!(max_alive <= 2, "{max_alive} dynamic roles alive at once");
+    assert!(left.is_empty(), "roles left behind: {left:?}");
+    assert!(leases.is_empty(), "leases left behind: {leases:?}");
+}
+
+/// Test 4: every lease of the role is revoked behind the pool's back (revocation ends
+/// the sessions); the pool re-leases on the first refused login and serves again.
+pub async fn revoked_from_outside_serves_again<P: TestPool>(pool: P, role: &str, flavour: &str) {
+    for _ in 0..4 {
+        pool.query().await.unwrap();
+    }
+    root_client()
+        .revoke_lease_prefix(&format!("database/creds/{role}"))
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+    let mut failures = Vec::new();
+    let deadline = revoked + Duration::from_secs(10);
+    loop {
+        match pool.query().await {
+            Ok(_) => break,
+            Err(e) => failures.push(e),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again: {failures:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = revoked.elapsed();
+    println!(
+        "{flavour} revoked_from_outside: served again {took:?} after the revocation, {} failed \
+         queries before: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(pool.engine().generation(), Generation(2));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    for _ in 0..20 {
+        pool.query().await.unwrap();
+    }
+    pool.close().await;
+    assert!(leases_of(role).await.is_empty());
+}
+
+/// Test 6: 100 forced rotations with a query after each, then close: no dynamic role in
+/// pg_roles, no lease in Vault.
+pub async fn hundred_rotations_then_close_leave_nothing<P: TestPool>(
+    pool: P,
+    role: &str,
+    flavour: &str,
+) {
+    let admin = pg_admin("postgres").await;
+    let mut usernames = vec![pool.engine().current().credentials.username.clone()];
+    let started = Instant::now();
+    for i in 0..100u64 {
+        let g = pool.rotate().await.unwrap();
+        assert_eq!(g, Generation(i + 2));
+        pool.query().await.unwrap();
+        usernames.push(pool.engine().current().credentials.username.clone());
+    }
+    let took = started.elapsed();
+    let alive_before_close = roles_alive(&admin, &usernames).await.len();
+    pool.close().await;
+    let left = roles_alive(&admin, &usernames).await;
+    let leases = leases_of(role).await;
+    println!(
+        "{flavour} hundred_rotations: {} users in {took:?}, alive before close \
+         {alive_before_close}, after close {}, leases left {}",
+        usernames.len(),
+        left.len(),
+        leases.len()
+    );
+    assert!(left.is_empty(), "roles left: {left:?}");
+    assert!(leases.is_empty(), "leases left: {leases:?}");
+}

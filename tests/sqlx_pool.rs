@@ -1,0 +1,106 @@
+//! VaultSqlxPool against real OpenBao + PostgreSQL: the same scenarios as the deadpool
+//! flavour (rotation under load, revocation from outside, 100 rotations then close).
+#![cfg(feature = "sqlx")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::scenarios::{self, BoxFut, TestPool};
+use common::*;
+use vaultpool::lease::Policy;
+use vaultpool::sqlx::VaultSqlxPool;
+use vaultpool::sqlx::driver::postgres::{PgConnectOptions, PgPoolOptions};
+use vaultpool::{ErrorKind, Generation};
+
+async fn query(pool: &VaultSqlxPool) -> Result<i64, String> {
+    let mut conn = pool.acquire().await.map_err(|e| format!("acquire: {e}"))?;
+    vaultpool::sqlx::driver::query_scalar("SELECT count(*) FROM items")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| format!("query: {e}"))
+}
+
+impl TestPool for VaultSqlxPool {
+    fn engine(&self) -> &vaultpool::RotatingCredentials {
+        self.credentials()
+    }
+    fn rotate(&self) -> BoxFut<'_, vaultpool::Result<Generation>> {
+        Box::pin(VaultSqlxPool::rotate(self))
+    }
+    fn query(&self) -> BoxFut<'_, Result<i64, String>> {
+        Box::pin(query(self))
+    }
+    fn close(&self) -> BoxFut<'_, ()> {
+        Box::pin(VaultSqlxPool::close(self))
+    }
+}
+
+async fn pool_for(role: &str, max: u32) -> VaultSqlxPool {
+    let mut policy = Policy::default();
+    policy.retry_max = Duration::from_secs(1);
+    VaultSqlxPool::builder(role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .connect_options(
+            PgConnectOptions::new_without_pgpass()
+                .host(&var("PGHOST"))
+                .port(var("PGPORT").parse().unwrap())
+                .database("adaptive_immunity"),
+        )
+        .pool_options(PgPoolOptions::new().max_connections(max))
+        .policy(policy)
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_rotation_under_load_loses_no_query() {
+    let role = create_role("8s", "8s").await;
+    scenarios::rotation_under_load_loses_no_query(pool_for(&role, 16).await, &role, "sqlx").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_lease_revoked_from_outside_is_replaced() {
+    let role = create_role("1h", "2h").await;
+    scenarios::revoked_from_outside_serves_again(pool_for(&role, 4).await, &role, "sqlx").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_hundred_rotations_then_close_leave_nothing() {
+    let role = create_role("1h", "2h").await;
+    scenarios::hundred_rotations_then_close_leave_nothing(pool_for(&role, 16).await, &role, "sqlx")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pg_pool_keeps_its_identity_and_old_connections_are_retired() {
+    let role = create_role("1h", "2h").await;
+    let pool = pool_for(&role, 4).await;
+    let before: *const _ = pool.pool();
+    let held = pool.acquire().await.unwrap();
+    assert_eq!(pool.rotate().await.unwrap(), Generation(2));
+    assert!(std::ptr::eq(before, pool.pool()));
+    // The old lease waits for the held connection.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(pool.status().revocations, 0, "revoked while in use");
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pool.status().revocations == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old lease never revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let n: i64 = vaultpool::sqlx::driver::query_scalar("SELECT count(*) FROM items")
+        .fetch_one(pool.pool())
+        .await
+        .unwrap();
+    assert!(n >= 0);
+    pool.close().await;
+    assert_eq!(
+        pool.acquire().await.unwrap_err().kind(),
+        ErrorKind::Shutdown
+    );
+}

@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # The main demo: starts the local stack (installing OpenBao, PostgreSQL and Redis if
-# missing), loads its env file and runs the quickstart example against it.
+# missing), loads its env file and runs an example against it — by default
+# `rotation_demo`, a live view of a pool rotating its credentials under load.
+#
+#   scripts/demo.sh [EXAMPLE]     e.g. quickstart, dynamic_db, axum_service, latency
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.85 or newer)" >&2; exit 1; }
+example="${1:-rotation_demo}"
 scripts/stack.sh up
 set -a
 # shellcheck disable=SC1090
 . "$(scripts/stack.sh env)"
 set +a
-# The demo service logs in as the immune-system AppRole.
-export VAULT_ROLE_ID="$IMMUNE_SYSTEM_ROLE_ID" VAULT_SECRET_ID="$IMMUNE_SYSTEM_SECRET_ID"
-exec cargo run --quiet --example "${1:-quickstart}"
+# Each example logs in as the AppRole whose policy fits it.
+case "$example" in
+  kv_api_key) prefix=MAXIMUS_AI ;;
+  static_db_from_kv|service_config) prefix=INFRASTRUCTURE ;;
+  *) prefix=IMMUNE_SYSTEM ;;
+esac
+role_var="${prefix}_ROLE_ID" secret_var="${prefix}_SECRET_ID"
+export VAULT_ROLE_ID="${!role_var}" VAULT_SECRET_ID="${!secret_var}"
+exec cargo run --quiet --all-features --example "$example"

@@ -269,6 +269,7 @@ configure_openbao() {
   pg_role test-medium adaptive_immunity 60s 10m "$rw" "$seq"
   pg_role test-fixed adaptive_immunity 30s 30s "$rw" "$seq"
   pg_role test-tiny adaptive_immunity 2s 2s "$rw" "$seq"
+  pg_role demo-rotating adaptive_immunity 12s 20s "$rw" "$seq"
 
   # Redis through the built-in redis-database-plugin.
   bao_cli write database/config/redis plugin_name=redis-database-plugin host=127.0.0.1 \
@@ -289,6 +290,7 @@ path "secret/data/immune/*"     { capabilities = ["read"] }
 path "secret/metadata/immune/*" { capabilities = ["read"] }
 path "database/creds/immune-*"  { capabilities = ["read"] }
 path "database/creds/test-*"    { capabilities = ["read"] }
+path "database/creds/demo-*"    { capabilities = ["read"] }
 path "database/creds/redis-*"   { capabilities = ["read"] }
 path "sys/leases/revoke/database/creds/*" { capabilities = ["update"] }
 path "sys/leases/lookup"        { capabilities = ["update"] }

@@ -50,6 +50,8 @@ pub enum ErrorKind {
     Backend,
     /// No pooled connection became available in time.
     PoolTimeout,
+    /// A statement failed on a working connection (wrapped with [`Error::query`]).
+    Query,
     /// The component was shut down.
     Shutdown,
 }
@@ -80,6 +82,7 @@ impl ErrorKind {
             Self::CredentialsUnavailable => "credentials unavailable",
             Self::Backend => "backend error",
             Self::PoolTimeout => "pool timeout",
+            Self::Query => "query failed",
             Self::Shutdown => "shut down",
         }
     }
@@ -140,6 +143,12 @@ impl Error {
                 source: None,
             }),
         }
+    }
+
+    /// Wrap a driver error from running a statement (e.g. a `tokio_postgres::Error`), so
+    /// handlers can `?` it into an [`Error`] of kind [`ErrorKind::Query`].
+    pub fn query(e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Self::new(ErrorKind::Query, "running a statement").with_source(e)
     }
 
     pub(crate) fn with_source(

@@ -46,6 +46,8 @@
 //! - TLS verification is on by default; `VAULT_CACERT` replaces the platform roots.
 //! - Log lines (`tracing`) carry lease ids, usernames, accessors and paths, never secrets.
 
+#[cfg(feature = "axum")]
+pub mod axum;
 pub mod credentials;
 pub mod error;
 pub mod lease;

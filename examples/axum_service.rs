@@ -1,4 +1,4 @@
-//! 5. An axum service: a `VaultPgPool` injected as state, CRUD routes on `items`, and the
+//! Example 5: An axum service: a `VaultPgPool` injected as state, CRUD routes on `items`, and the
 //! health route. Ctrl-C drains the server, then revokes the leases.
 //!
 //! `scripts/demo.sh axum_service`, then e.g.

@@ -1,4 +1,4 @@
-//! 3. Dynamic database credentials with `VaultPgPool` — the recommended path.
+//! Example 3: Dynamic database credentials with `VaultPgPool` — the recommended path.
 //!
 //! `scripts/demo.sh dynamic_db` (logs in as the `immune-system` AppRole; PostgreSQL from
 //! PGHOST/PGPORT/PGDATABASE).

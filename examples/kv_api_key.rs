@@ -1,4 +1,4 @@
-//! 1. Read an API key from KV v2 (`secret/maximus_ai/anthropic`) without ever printing it.
+//! Example 1: Read an API key from KV v2 (`secret/maximus_ai/anthropic`) without ever printing it.
 //!
 //! `scripts/demo.sh kv_api_key` (logs in as the `maximus-ai` AppRole).
 

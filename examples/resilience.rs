@@ -1,4 +1,4 @@
-//! 8. Retries and the circuit breaker, against a Vault that is not there.
+//! Example 8: Retries and the circuit breaker, against a Vault that is not there.
 //!
 //! Points a client at a loopback port nobody listens on and shows: the first call
 //! retried with backoff and jitter then failing with a transport error; the breaker

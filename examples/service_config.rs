@@ -1,4 +1,4 @@
-//! 6. A complete service configuration from one Vault client: PostgreSQL through dynamic
+//! Example 6: A complete service configuration from one Vault client: PostgreSQL through dynamic
 //! credentials (target from `secret/postgres/main`, login from `database/creds/…`), Redis
 //! and Kafka SASL settings from KV v2 (`secret/redis/main`, `secret/kafka/main`).
 //! Prints the configuration with every secret redacted.

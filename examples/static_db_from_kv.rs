@@ -1,4 +1,4 @@
-//! 2. A static database login kept in KV v2 (`secret/postgres/main`): read it, connect
+//! Example 2: A static database login kept in KV v2 (`secret/postgres/main`): read it, connect
 //! with tokio-postgres. (Dynamic credentials — `dynamic_db` — are the better path.)
 //!
 //! `scripts/demo.sh static_db_from_kv` (logs in as the `infrastructure` AppRole).

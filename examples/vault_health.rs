@@ -1,4 +1,4 @@
-//! 7. A Vault health check for monitoring: prints one line and exits 0 (active or
+//! Example 7: A Vault health check for monitoring: prints one line and exits 0 (active or
 //! standby), 1 (sealed, uninitialized, DR secondary) or 2 (unreachable) — the exit codes
 //! Nagios-style checks expect.
 //!

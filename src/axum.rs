@@ -29,11 +29,11 @@
 //!
 //! let vault = vaultpool::vault::Client::from_env()?;
 //! let db = VaultPgPool::builder("immune-readwrite").vault(vault.clone()).build().await?;
-//! let health = Health::new(vault).with(db.credentials());
+//! let checks = Health::new(vault).with(db.credentials());
 //! let app = Router::new()
 //!     .route("/items/count", get(count))
 //!     .route("/health", get(health))
-//!     .with_state(App { db: db.clone(), health });
+//!     .with_state(App { db: db.clone(), health: checks });
 //!
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! axum::serve(listener, app)

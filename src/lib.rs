@@ -52,6 +52,8 @@ pub mod credentials;
 pub mod error;
 pub mod lease;
 #[cfg(feature = "postgres")]
+pub mod pool;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlx")]
 pub mod sqlx;

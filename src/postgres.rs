@@ -26,73 +26,86 @@
 //! its last connection is gone.
 
 use std::fmt;
-use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 use secrecy::ExposeSecret;
 
 pub use deadpool_postgres;
 pub use deadpool_postgres::{ClientWrapper, RecyclingMethod};
 pub use tokio_postgres;
 
-use crate::credentials::Generation;
+use crate::credentials::{Credentials, Generation};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{self, ConnectionGuard, Current, Policy, RotatingCredentials};
-use crate::vault;
+use crate::lease::{BoxFuture, Policy, RotatingCredentials};
+pub use crate::pool::PoolStatus;
+use crate::{pool, vault};
 
-/// One PostgreSQL connection opened with one generation's credentials.
-pub struct Connection {
-    client: ClientWrapper,
-    generation: Generation,
-    engine: RotatingCredentials,
-    _guard: ConnectionGuard,
-}
-
-impl Connection {
-    /// The credentials generation this connection logged in with.
-    pub fn generation(&self) -> Generation {
-        self.generation
-    }
-}
-
-impl fmt::Debug for Connection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connection")
-            .field("generation", &self.generation)
-            .field("closed", &self.client.is_closed())
-            .finish()
-    }
-}
-
-/// The deadpool manager: opens connections with the engine's current credentials.
-pub struct Manager {
-    engine: RotatingCredentials,
+/// How vaultpool opens PostgreSQL connections: the target (host, port, database,
+/// options), TLS, and the check made before an idle connection is reused.
+#[derive(Clone)]
+pub struct PgConnect {
     config: tokio_postgres::Config,
     connect: Arc<dyn deadpool_postgres::Connect>,
     recycling: RecyclingMethod,
-    auth_failure_wait: Duration,
 }
 
-impl fmt::Debug for Manager {
+impl fmt::Debug for PgConnect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Manager")
-            .field("role", &self.engine.role())
-            .field("config", &self.config) // tokio-postgres redacts the password
+        f.debug_struct("PgConnect")
+            .field("target", &target(&self.config))
             .field("recycling", &self.recycling)
             .finish()
     }
 }
 
-fn is_auth_failure(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    matches!(
-        e.code(),
-        Some(c) if *c == SqlState::INVALID_PASSWORD
-            || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-    )
+impl pool::Connect for PgConnect {
+    type Conn = ClientWrapper;
+    type Error = tokio_postgres::Error;
+
+    fn open<'a>(
+        &'a self,
+        creds: &'a Credentials,
+    ) -> BoxFuture<'a, Result<ClientWrapper, tokio_postgres::Error>> {
+        Box::pin(async move {
+            let mut config = self.config.clone();
+            config
+                .user(&creds.username)
+                .password(creds.password.expose_secret());
+            let (client, task) = self.connect.connect(&config).await?;
+            Ok(ClientWrapper::new(client, task))
+        })
+    }
+
+    fn is_auth_failure(&self, e: &tokio_postgres::Error) -> bool {
+        use tokio_postgres::error::SqlState;
+        matches!(
+            e.code(),
+            Some(c) if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        )
+    }
+
+    fn check<'a>(&'a self, conn: &'a mut ClientWrapper) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if conn.is_closed() {
+                return Err("connection closed".into());
+            }
+            match self.recycling.query() {
+                Some(sql) => conn
+                    .simple_query(sql)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("checking a pooled PostgreSQL connection: {e}")),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn target(&self) -> String {
+        format!("PostgreSQL at {}", target(&self.config))
+    }
 }
 
 fn target(config: &tokio_postgres::Config) -> String {
@@ -109,171 +122,19 @@ fn target(config: &tokio_postgres::Config) -> String {
     )
 }
 
-impl Manager {
-    async fn open(&self, current: &Current) -> Result<Connection, tokio_postgres::Error> {
-        let mut config = self.config.clone();
-        config
-            .user(&current.credentials.username)
-            .password(current.credentials.password.expose_secret());
-        let (client, task) = self.connect.connect(&config).await?;
-        Ok(Connection {
-            client: ClientWrapper::new(client, task),
-            generation: current.generation,
-            engine: self.engine.clone(),
-            _guard: current.track(),
-        })
-    }
-
-    fn connect_error(&self, generation: Generation, e: tokio_postgres::Error) -> Error {
-        Error::new(
-            ErrorKind::Backend,
-            format!(
-                "connecting to PostgreSQL at {} as role {} (generation {})",
-                target(&self.config),
-                self.engine.role(),
-                generation.0
-            ),
-        )
-        .with_source(e)
-    }
-}
-
-impl managed::Manager for Manager {
-    type Type = Connection;
-    type Error = Error;
-
-    async fn create(&self) -> Result<Connection> {
-        let current = self.engine.usable()?;
-        match self.open(&current).await {
-            Ok(conn) => Ok(conn),
-            Err(e) if is_auth_failure(&e) => {
-                // The credentials were refused although their lease should be valid
-                // (revoked from outside?): re-lease once, shared by all callers.
-                self.engine.report_auth_failure(current.generation);
-                let now = self
-                    .engine
-                    .wait_newer(current.generation, self.auth_failure_wait)
-                    .await;
-                if now == current.generation {
-                    return Err(Error::new(
-                        ErrorKind::CredentialsUnavailable,
-                        format!(
-                            "PostgreSQL refused role {}'s credentials (generation {}) and no new \
-                             ones could be leased within {:?}",
-                            self.engine.role(),
-                            current.generation.0,
-                            self.auth_failure_wait
-                        ),
-                    )
-                    .with_source(e));
-                }
-                let current = self.engine.usable()?;
-                self.open(&current)
-                    .await
-                    .map_err(|e| self.connect_error(current.generation, e))
-            }
-            Err(e) => Err(self.connect_error(current.generation, e)),
-        }
-    }
-
-    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<Error> {
-        let current = self.engine.usable()?;
-        if conn.generation != current.generation {
-            return Err(RecycleError::message("credentials rotated"));
-        }
-        if conn.client.is_closed() {
-            return Err(RecycleError::message("connection closed"));
-        }
-        if let Some(sql) = self.recycling.query() {
-            conn.client.simple_query(sql).await.map_err(|e| {
-                RecycleError::Backend(
-                    Error::new(
-                        ErrorKind::Backend,
-                        "checking a pooled PostgreSQL connection",
-                    )
-                    .with_source(e),
-                )
-            })?;
-        }
-        Ok(())
-    }
-
-    fn detach(&self, _conn: &mut Connection) {}
-}
+/// The deadpool manager behind [`VaultPgPool`].
+pub type Manager = pool::RotatingManager<PgConnect>;
 
 /// A pooled connection. Derefs to [`ClientWrapper`] (and on to
 /// [`tokio_postgres::Client`]). Returned to the pool on drop — or closed, if its
 /// generation was retired while it was out.
-pub struct Client {
-    obj: Option<Object<Manager>>,
-}
-
-impl From<Object<Manager>> for Client {
-    fn from(obj: Object<Manager>) -> Self {
-        Self { obj: Some(obj) }
-    }
-}
-
-impl Client {
-    /// The credentials generation this connection logged in with.
-    pub fn generation(&self) -> Generation {
-        self.conn().generation
-    }
-
-    fn conn(&self) -> &Connection {
-        self.obj.as_ref().expect("present until drop")
-    }
-}
-
-impl Deref for Client {
-    type Target = ClientWrapper;
-    fn deref(&self) -> &ClientWrapper {
-        &self.conn().client
-    }
-}
-
-impl DerefMut for Client {
-    fn deref_mut(&mut self) -> &mut ClientWrapper {
-        &mut self.obj.as_mut().expect("present until drop").client
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if let Some(obj) = self.obj.take() {
-            if obj.generation != obj.engine.generation() {
-                // Retired while checked out: close it instead of returning it.
-                drop(Object::take(obj));
-            }
-        }
-    }
-}
-
-impl fmt::Debug for Client {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Client").field(self.conn()).finish()
-    }
-}
-
-type Pool = managed::Pool<Manager, Client>;
+pub type Client = pool::Pooled<PgConnect>;
 
 /// A PostgreSQL pool on dynamic Vault credentials. Cheap to clone; drop it into axum
 /// state as it is.
 #[derive(Clone)]
 pub struct VaultPgPool {
-    inner: Arc<PoolInner>,
-}
-
-struct PoolInner {
-    pool: Pool,
-    engine: RotatingCredentials,
-    retire_task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for PoolInner {
-    fn drop(&mut self) {
-        self.retire_task.abort();
-    }
+    inner: Arc<pool::Shared<PgConnect>>,
 }
 
 impl fmt::Debug for VaultPgPool {
@@ -284,23 +145,6 @@ impl fmt::Debug for VaultPgPool {
             .field("pool", &self.inner.pool.status())
             .finish()
     }
-}
-
-/// Pool and lease status together.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct PoolStatus {
-    /// The lease engine's status (generation, lease, TTL left, connections per
-    /// generation, last error).
-    pub lease: lease::Status,
-    /// Connections open (idle and in use).
-    pub size: usize,
-    /// Idle connections.
-    pub available: usize,
-    /// Callers waiting for a connection.
-    pub waiting: usize,
-    /// The pool's maximum size.
-    pub max_size: usize,
 }
 
 impl VaultPgPool {
@@ -344,11 +188,7 @@ impl VaultPgPool {
     /// within the wait timeout; [`ErrorKind::Backend`] when PostgreSQL refuses or is down;
     /// [`ErrorKind::Shutdown`] after [`close`](Self::close).
     pub async fn get(&self) -> Result<Client> {
-        self.inner
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(e, &self.inner.engine, &self.inner.pool))
+        self.inner.get().await
     }
 
     /// The lease engine behind the pool (generation, status, subscribe).
@@ -366,53 +206,14 @@ impl VaultPgPool {
 
     /// Pool and lease status.
     pub fn status(&self) -> PoolStatus {
-        let pool = self.inner.pool.status();
-        PoolStatus {
-            lease: self.inner.engine.status(),
-            size: pool.size,
-            available: pool.available,
-            waiting: pool.waiting,
-            max_size: pool.max_size,
-        }
+        self.inner.status()
     }
 
     /// Close the pool: no new checkouts, idle connections closed, then wait for the
     /// connections in use (up to the drain timeout) and revoke every lease. Calling it
     /// twice is harmless.
     pub async fn close(&self) {
-        self.inner.pool.close();
-        self.inner.engine.close().await;
-    }
-}
-
-fn pool_error(e: PoolError<Error>, engine: &RotatingCredentials, pool: &Pool) -> Error {
-    let role = engine.role();
-    match e {
-        PoolError::Backend(e) => e,
-        PoolError::Timeout(managed::TimeoutType::Wait) => Error::new(
-            ErrorKind::PoolTimeout,
-            format!(
-                "waiting for a PostgreSQL connection (role {role}): all {} connections stayed \
-                 busy for the wait timeout; raise max_size or the wait timeout",
-                pool.status().max_size
-            ),
-        ),
-        PoolError::Timeout(t) => Error::new(
-            ErrorKind::PoolTimeout,
-            format!("{t:?} a PostgreSQL connection (role {role}) timed out"),
-        ),
-        PoolError::Closed => Error::new(
-            ErrorKind::Shutdown,
-            format!("getting a PostgreSQL connection (role {role}): the pool was closed"),
-        ),
-        PoolError::NoRuntimeSpecified => Error::new(
-            ErrorKind::Config,
-            "getting a PostgreSQL connection: no async runtime",
-        ),
-        PoolError::PostCreateHook(h) => Error::new(
-            ErrorKind::Backend,
-            format!("getting a PostgreSQL connection (role {role}): post-create hook: {h}"),
-        ),
+        self.inner.close().await;
     }
 }
 
@@ -437,7 +238,7 @@ impl fmt::Debug for Builder {
         f.debug_struct("Builder")
             .field("role", &self.role)
             .field("vault", &self.vault)
-            .field("pg", &self.pg)
+            .field("pg", &self.pg) // tokio-postgres redacts a password
             .field("mount", &self.mount)
             .field("max_size", &self.max_size)
             .field("timeouts", &self.timeouts)
@@ -542,95 +343,37 @@ impl Builder {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
-        let connect: Arc<dyn deadpool_postgres::Connect> = self.connect.unwrap_or_else(|| {
-            Arc::new(deadpool_postgres::ConfigConnectImpl {
-                tls: tokio_postgres::NoTls,
-            })
-        });
-        let verify = {
-            let config = config.clone();
-            let connect = connect.clone();
-            let role = self.role.clone();
-            Arc::new(move |creds: crate::Credentials| {
-                let mut config = config.clone();
-                let connect = connect.clone();
-                let role = role.clone();
-                Box::pin(async move {
-                    config
-                        .user(&creds.username)
-                        .password(creds.password.expose_secret());
-                    let what = || {
-                        format!(
-                            "verifying new credentials of role {role} against PostgreSQL at {}",
-                            target(&config)
-                        )
-                    };
-                    let (client, task) = connect
-                        .connect(&config)
-                        .await
-                        .map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))?;
-                    let result = client.simple_query("SELECT 1").await;
-                    drop(client);
-                    task.abort();
-                    result
-                        .map(|_| ())
-                        .map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))
-                }) as lease::BoxFuture<'static, Result<()>>
-            }) as lease::Verifier
+        let connect = PgConnect {
+            config,
+            connect: self.connect.unwrap_or_else(|| {
+                Arc::new(deadpool_postgres::ConfigConnectImpl {
+                    tls: tokio_postgres::NoTls,
+                })
+            }),
+            // Verification always asks the server, whatever the recycling method.
+            recycling: RecyclingMethod::Verified,
         };
-        let engine = RotatingCredentials::builder(vault, self.role.clone())
+        let engine = RotatingCredentials::builder(vault, self.role)
             .mount(self.mount)
             .policy(self.policy)
             .drain_timeout(self.drain_timeout)
-            .verify_with(verify)
+            .verify_with(pool::verifier(connect.clone()))
             .build()
             .await?;
-        let manager = Manager {
-            engine: engine.clone(),
-            config,
-            connect,
+        let connect = PgConnect {
             recycling: self.recycling,
-            auth_failure_wait: self.auth_failure_wait,
+            ..connect
         };
-        let pool = Pool::builder(manager)
-            .max_size(self.max_size)
-            .timeouts(self.timeouts)
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("building the pool for role {}", self.role),
-                )
-                .with_source(e)
-            })?;
-        let retire_task = tokio::spawn(retire_idle(engine.subscribe(), pool.weak()));
+        let shared = pool::Shared::build(
+            engine,
+            connect,
+            self.max_size,
+            self.timeouts,
+            self.auth_failure_wait,
+        )?;
         Ok(VaultPgPool {
-            inner: Arc::new(PoolInner {
-                pool,
-                engine,
-                retire_task,
-            }),
+            inner: Arc::new(shared),
         })
-    }
-}
-
-/// On every new generation, close the idle connections of older ones.
-async fn retire_idle(
-    mut generations: tokio::sync::watch::Receiver<Generation>,
-    pool: managed::WeakPool<Manager>,
-) {
-    while generations.changed().await.is_ok() {
-        let current = *generations.borrow_and_update();
-        let Some(pool) = pool.upgrade() else { return };
-        let retired = pool.retain(|conn, _| conn.generation >= current);
-        if !retired.removed.is_empty() {
-            tracing::debug!(
-                generation = current.0,
-                closed = retired.removed.len(),
-                "closed idle connections of retired credentials"
-            );
-        }
     }
 }
 

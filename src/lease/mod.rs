@@ -179,6 +179,22 @@ pub struct Status {
     pub failures: u64,
     /// Leases revoked so far.
     pub revocations: u64,
+    /// How long the last rotation took, by phase.
+    pub last_rotation: Option<RotationTiming>,
+}
+
+/// The phases of one rotation, from the decision to "new generation serving".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RotationTiming {
+    /// Issuing new credentials in Vault (which creates the database user).
+    pub issue: Duration,
+    /// Verifying them (one real connection).
+    pub verify: Duration,
+    /// Swapping them in and notifying subscribers.
+    pub swap: Duration,
+    /// All of it.
+    pub total: Duration,
 }
 
 /// Why a rotation happened.
@@ -214,6 +230,7 @@ struct Stats {
     renewals: u64,
     failures: u64,
     revocations: u64,
+    last_rotation: Option<RotationTiming>,
     retiring: Vec<(Generation, String, Arc<AtomicUsize>)>,
 }
 
@@ -332,7 +349,7 @@ pub(crate) async fn build_with_source(
     drain_timeout: Duration,
     verify: Option<Verifier>,
 ) -> Result<RotatingCredentials> {
-    let first = worker::issue_verified(source.as_ref(), verify.as_ref(), &role)
+    let (first, _, _) = worker::issue_verified(source.as_ref(), verify.as_ref(), &role)
         .await
         .map_err(|e| e.context(format!("obtaining the first credentials for role {role}")))?;
     let book = worker::Book::new(&first.lease, source.issuing_token());
@@ -527,6 +544,7 @@ impl RotatingCredentials {
             renewals: stats.renewals,
             failures: stats.failures,
             revocations: stats.revocations,
+            last_rotation: stats.last_rotation,
         }
     }
 

@@ -98,13 +98,15 @@ impl Book {
 }
 
 /// Issue credentials and, if a verifier is set, check them; revoke them if the check
-/// fails.
+/// fails. Returns how long issuing and verifying took.
 pub(crate) async fn issue_verified(
     source: &dyn Source,
     verify: Option<&Verifier>,
     role: &str,
-) -> Result<Leased<Credentials>> {
+) -> Result<(Leased<Credentials>, Duration, Duration)> {
+    let started = now();
     let leased = source.issue().await?;
+    let issued = now();
     if let Some(verify) = verify {
         if let Err(e) = verify(leased.value.clone()).await {
             tracing::warn!(role, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
@@ -114,7 +116,7 @@ pub(crate) async fn issue_verified(
             return Err(e.context(format!("verifying new credentials for role {role}")));
         }
     }
-    Ok(leased)
+    Ok((leased, issued - started, now() - issued))
 }
 
 pub(crate) async fn run(
@@ -256,7 +258,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
                 shared.role
             ))
         });
-    let leased = match issued {
+    let (leased, issue_took, verify_took) = match issued {
         Ok(l) => l,
         Err(e) => {
             book.failed(shared, "rotating credentials", &e);
@@ -273,10 +275,16 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     };
     let new_lease_id = new.lease.id.clone();
     let new_full_ttl = new.lease.duration;
+    let swap_started = self::now();
     shared.current.store(Arc::new(new));
     shared.generation_tx.send_replace(generation);
-
     let now = now();
+    let timing = super::RotationTiming {
+        issue: issue_took,
+        verify: verify_took,
+        swap: now - swap_started,
+        total: now - started,
+    };
     let mut deadline = now + shared.drain_timeout;
     if let Some(end) = old.lease.expires_at() {
         deadline = deadline.min(end);
@@ -296,6 +304,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     {
         let mut stats = shared.stats();
         stats.rotations += 1;
+        stats.last_rotation = Some(timing);
         stats.retiring.push((
             old.generation,
             old.lease.id.clone(),

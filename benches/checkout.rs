@@ -1,0 +1,244 @@
+//! Checkout overhead and the hot-path credential read, side by side with what users
+//! would pick instead — same server, same pool size, same run.
+//!
+//! `cargo bench --all-features --bench checkout` (needs the local stack:
+//! `scripts/stack.sh up`). Prints criterion's numbers, then a table of ratios.
+
+#[allow(unused_imports)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use criterion::Criterion;
+use secrecy::ExposeSecret;
+use std::hint::black_box;
+use vaultpool::postgres::{VaultPgPool, deadpool_postgres, tokio_postgres};
+use vaultpool::sqlx::VaultSqlxPool;
+use vaultpool::sqlx::driver::postgres::{PgConnectOptions, PgPoolOptions};
+
+const POOL_SIZE: usize = 16;
+
+fn target() -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(common::var("PGHOST"))
+        .port(common::var("PGPORT").parse().unwrap())
+        .dbname("adaptive_immunity");
+    c
+}
+
+fn sqlx_target() -> PgConnectOptions {
+    PgConnectOptions::new_without_pgpass()
+        .host(&common::var("PGHOST"))
+        .port(common::var("PGPORT").parse().unwrap())
+        .database("adaptive_immunity")
+}
+
+/// The stack's static login (the seed's `postgres/main` user), read from KV.
+async fn static_login() -> (String, String) {
+    let kv = common::root_client()
+        .read_kv("secret", "postgres/main")
+        .await
+        .unwrap();
+    (
+        kv.require("username").unwrap().expose_secret().to_owned(),
+        kv.require("password").unwrap().expose_secret().to_owned(),
+    )
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (user, password) = rt.block_on(static_login());
+    let role = rt.block_on(common::create_role("1h", "2h"));
+
+    // --- checkout + SELECT 1: deadpool ---
+    let plain = {
+        let mut cfg = target();
+        cfg.user(&user).password(&password);
+        let mgr = deadpool_postgres::Manager::new(cfg, tokio_postgres::NoTls);
+        deadpool_postgres::Pool::builder(mgr)
+            .max_size(POOL_SIZE)
+            .build()
+            .unwrap()
+    };
+    let vault_pool = rt.block_on(async {
+        VaultPgPool::builder(&role)
+            .vault(common::approle_client("IMMUNE_SYSTEM"))
+            .pg_config(target())
+            .max_size(POOL_SIZE)
+            .build()
+            .await
+            .unwrap()
+    });
+    let mut g = c.benchmark_group("checkout_deadpool");
+    g.bench_function("plain_deadpool_static_password", |b| {
+        b.to_async(&rt).iter(|| async {
+            let client = plain.get().await.unwrap();
+            black_box(client.query_one("SELECT 1", &[]).await.unwrap());
+        })
+    });
+    g.bench_function("vaultpool_VaultPgPool", |b| {
+        b.to_async(&rt).iter(|| async {
+            let client = vault_pool.get().await.unwrap();
+            black_box(client.query_one("SELECT 1", &[]).await.unwrap());
+        })
+    });
+    g.finish();
+
+    // --- checkout + SELECT 1: sqlx ---
+    let plain_sqlx = rt.block_on(async {
+        PgPoolOptions::new()
+            .max_connections(POOL_SIZE as u32)
+            .connect_with(sqlx_target().username(&user).password(&password))
+            .await
+            .unwrap()
+    });
+    let vault_sqlx = rt.block_on(async {
+        VaultSqlxPool::builder(&role)
+            .vault(common::approle_client("IMMUNE_SYSTEM"))
+            .connect_options(sqlx_target())
+            .pool_options(PgPoolOptions::new().max_connections(POOL_SIZE as u32))
+            .build()
+            .await
+            .unwrap()
+    });
+    let mut g = c.benchmark_group("checkout_sqlx");
+    g.bench_function("plain_sqlx_static_password", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = plain_sqlx.acquire().await.unwrap();
+            let one: i32 = vaultpool::sqlx::driver::query_scalar("SELECT 1")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            black_box(one);
+        })
+    });
+    g.bench_function("vaultpool_VaultSqlxPool", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = vault_sqlx.pool().acquire().await.unwrap();
+            let one: i32 = vaultpool::sqlx::driver::query_scalar("SELECT 1")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            black_box(one);
+        })
+    });
+    g.finish();
+
+    // --- the hot-path read while a writer rotates continuously ---
+    let engine = vault_pool.credentials().clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rotator = {
+        let (pool, stop) = (vault_pool.clone(), stop.clone());
+        rt.spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                pool.rotate().await.unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let plain_arc = Arc::new(engine.current());
+    let mut g = c.benchmark_group("credential_read");
+    g.bench_function("arc_clone", |b| {
+        b.iter(|| black_box(Arc::clone(&plain_arc)))
+    });
+    g.bench_function("vaultpool_current", |b| {
+        b.iter(|| black_box(engine.current()))
+    });
+    g.bench_function("vaultpool_generation", |b| {
+        b.iter(|| black_box(engine.generation()))
+    });
+    g.finish();
+    stop.store(true, Ordering::Relaxed);
+    let rotations = rt.block_on(rotator).unwrap();
+    println!("(the writer rotated {rotations} times during the credential_read group)");
+
+    rt.block_on(async {
+        vault_pool.close().await;
+        vault_sqlx.close().await;
+        plain_sqlx.close().await;
+    });
+    drop(plain);
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// criterion's point estimate (mean, ns) of one benchmark, if it ran in bench mode.
+fn estimate(group: &str, id: &str) -> Option<f64> {
+    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let path = format!("{dir}/criterion/{group}/{id}/new/estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["mean"]["point_estimate"].as_f64()
+}
+
+fn ratios() {
+    let rows = [
+        (
+            "checkout + SELECT 1, deadpool",
+            "checkout_deadpool",
+            "vaultpool_VaultPgPool",
+            "plain_deadpool_static_password",
+            1.02,
+        ),
+        (
+            "checkout + SELECT 1, sqlx",
+            "checkout_sqlx",
+            "vaultpool_VaultSqlxPool",
+            "plain_sqlx_static_password",
+            1.02,
+        ),
+        (
+            "credential read: current() vs Arc clone",
+            "credential_read",
+            "vaultpool_current",
+            "arc_clone",
+            2.0,
+        ),
+        (
+            "credential read: generation() vs Arc clone",
+            "credential_read",
+            "vaultpool_generation",
+            "arc_clone",
+            2.0,
+        ),
+    ];
+    println!("\n| comparison | vaultpool | baseline | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    for (what, group, ours, theirs, goal) in rows {
+        match (estimate(group, ours), estimate(group, theirs)) {
+            (Some(a), Some(b)) => println!(
+                "| {what} | {} | {} | {:.3} | ≤ {goal} |",
+                fmt_ns(a),
+                fmt_ns(b),
+                a / b
+            ),
+            _ => println!("| {what} | (not measured in this mode) | | | ≤ {goal} |"),
+        }
+    }
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns >= 1000.0 {
+        format!("{:.1} µs", ns / 1000.0)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    benches(&mut c);
+    c.final_summary();
+    ratios();
+}

@@ -1,0 +1,362 @@
+//! The machinery every deadpool-based adapter shares: a deadpool [`Manager`] that opens
+//! connections with the engine's current credentials and tags them with their
+//! generation, the pooled handle that closes a retired connection instead of returning
+//! it, and the task that closes idle connections of retired generations.
+//!
+//! A backend only says how to open one connection ([`Connect`]); see `postgres` and
+//! `redis`.
+//!
+//! [`Manager`]: deadpool::managed::Manager
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
+
+use crate::credentials::{Credentials, Generation};
+use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{BoxFuture, ConnectionGuard, Current, RotatingCredentials};
+
+/// How a backend opens and checks one connection.
+pub trait Connect: Send + Sync + 'static {
+    /// The connection type.
+    type Conn: Send + 'static;
+    /// The driver's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Open a connection logged in with `creds`.
+    fn open<'a>(&'a self, creds: &'a Credentials)
+    -> BoxFuture<'a, Result<Self::Conn, Self::Error>>;
+
+    /// Whether the server refused the credentials (as opposed to being unreachable).
+    fn is_auth_failure(&self, e: &Self::Error) -> bool;
+
+    /// A check before an idle connection is reused; `Err` closes it.
+    fn check<'a>(&'a self, conn: &'a mut Self::Conn) -> BoxFuture<'a, Result<(), String>>;
+
+    /// What the connections go to, for messages: "PostgreSQL at db:5432/app".
+    fn target(&self) -> String;
+}
+
+/// One connection, opened with one generation's credentials.
+pub struct Tagged<C: Connect> {
+    conn: C::Conn,
+    generation: Generation,
+    engine: RotatingCredentials,
+    _guard: ConnectionGuard,
+}
+
+/// The deadpool manager over a [`Connect`].
+pub struct RotatingManager<C: Connect> {
+    engine: RotatingCredentials,
+    connect: C,
+    auth_failure_wait: Duration,
+}
+
+impl<C: Connect> fmt::Debug for RotatingManager<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotatingManager")
+            .field("role", &self.engine.role())
+            .field("target", &self.connect.target())
+            .finish()
+    }
+}
+
+impl<C: Connect> RotatingManager<C> {
+    pub(crate) fn new(
+        engine: RotatingCredentials,
+        connect: C,
+        auth_failure_wait: Duration,
+    ) -> Self {
+        Self {
+            engine,
+            connect,
+            auth_failure_wait,
+        }
+    }
+
+    async fn open(&self, current: &Current) -> Result<Tagged<C>, C::Error> {
+        let conn = self.connect.open(&current.credentials).await?;
+        Ok(Tagged {
+            conn,
+            generation: current.generation,
+            engine: self.engine.clone(),
+            _guard: current.track(),
+        })
+    }
+
+    fn connect_error(&self, generation: Generation, e: C::Error) -> Error {
+        Error::new(
+            ErrorKind::Backend,
+            format!(
+                "connecting to {} as role {} (generation {})",
+                self.connect.target(),
+                self.engine.role(),
+                generation.0
+            ),
+        )
+        .with_source(e)
+    }
+}
+
+impl<C: Connect> managed::Manager for RotatingManager<C> {
+    type Type = Tagged<C>;
+    type Error = Error;
+
+    async fn create(&self) -> Result<Tagged<C>> {
+        let current = self.engine.usable()?;
+        match self.open(&current).await {
+            Ok(conn) => Ok(conn),
+            Err(e) if self.connect.is_auth_failure(&e) => {
+                // Refused although the lease should be valid (revoked from outside?):
+                // re-lease once, shared by every caller that saw the same refusal.
+                self.engine.report_auth_failure(current.generation);
+                let now = self
+                    .engine
+                    .wait_newer(current.generation, self.auth_failure_wait)
+                    .await;
+                if now == current.generation {
+                    return Err(Error::new(
+                        ErrorKind::CredentialsUnavailable,
+                        format!(
+                            "{} refused role {}'s credentials (generation {}) and no new ones \
+                             could be leased within {:?}",
+                            self.connect.target(),
+                            self.engine.role(),
+                            current.generation.0,
+                            self.auth_failure_wait
+                        ),
+                    )
+                    .with_source(e));
+                }
+                let current = self.engine.usable()?;
+                self.open(&current)
+                    .await
+                    .map_err(|e| self.connect_error(current.generation, e))
+            }
+            Err(e) => Err(self.connect_error(current.generation, e)),
+        }
+    }
+
+    async fn recycle(&self, conn: &mut Tagged<C>, _: &Metrics) -> RecycleResult<Error> {
+        let current = self.engine.usable()?;
+        if conn.generation != current.generation {
+            return Err(RecycleError::message("credentials rotated"));
+        }
+        self.connect
+            .check(&mut conn.conn)
+            .await
+            .map_err(RecycleError::message)
+    }
+}
+
+/// A pooled connection: derefs to the driver's connection. Returned to the pool on drop —
+/// or closed, if its generation was retired while it was checked out.
+pub struct Pooled<C: Connect> {
+    obj: Option<Object<RotatingManager<C>>>,
+}
+
+impl<C: Connect> From<Object<RotatingManager<C>>> for Pooled<C> {
+    fn from(obj: Object<RotatingManager<C>>) -> Self {
+        Self { obj: Some(obj) }
+    }
+}
+
+impl<C: Connect> Pooled<C> {
+    /// The credentials generation this connection logged in with.
+    pub fn generation(&self) -> Generation {
+        self.tagged().generation
+    }
+
+    fn tagged(&self) -> &Tagged<C> {
+        self.obj.as_ref().expect("present until drop")
+    }
+}
+
+impl<C: Connect> Deref for Pooled<C> {
+    type Target = C::Conn;
+    fn deref(&self) -> &C::Conn {
+        &self.tagged().conn
+    }
+}
+
+impl<C: Connect> DerefMut for Pooled<C> {
+    fn deref_mut(&mut self) -> &mut C::Conn {
+        &mut self.obj.as_mut().expect("present until drop").conn
+    }
+}
+
+impl<C: Connect> Drop for Pooled<C> {
+    fn drop(&mut self) {
+        if let Some(obj) = self.obj.take() {
+            if obj.generation != obj.engine.generation() {
+                // Retired while checked out: close it instead of returning it.
+                drop(Object::take(obj));
+            }
+        }
+    }
+}
+
+impl<C: Connect> fmt::Debug for Pooled<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pooled")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verifier for the lease engine: open one connection with the new credentials and
+/// check it, through the same [`Connect`] the pool uses.
+pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier {
+    std::sync::Arc::new(move |creds: Credentials| {
+        let connect = connect.clone();
+        Box::pin(async move {
+            let what = || format!("verifying new credentials against {}", connect.target());
+            let mut conn = connect
+                .open(&creds)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))?;
+            connect
+                .check(&mut conn)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Backend, format!("{}: {e}", what())))
+        }) as BoxFuture<'static, Result<()>>
+    })
+}
+
+/// The pool type of an adapter.
+pub(crate) type Pool<C> = managed::Pool<RotatingManager<C>, Pooled<C>>;
+
+/// Pool and lease status together.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// The lease engine's status (generation, lease, TTL left, connections per
+    /// generation, last error).
+    pub lease: crate::lease::Status,
+    /// Connections open (idle and in use).
+    pub size: usize,
+    /// Idle connections.
+    pub available: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+    /// The pool's maximum size.
+    pub max_size: usize,
+}
+
+/// A pool plus the task retiring idle connections; what each adapter handle wraps.
+pub(crate) struct Shared<C: Connect> {
+    pub(crate) pool: Pool<C>,
+    pub(crate) engine: RotatingCredentials,
+    retire_task: tokio::task::JoinHandle<()>,
+}
+
+impl<C: Connect> Drop for Shared<C> {
+    fn drop(&mut self) {
+        self.retire_task.abort();
+    }
+}
+
+impl<C: Connect> Shared<C> {
+    /// Build the deadpool pool over `connect` and start retiring idle connections of old
+    /// generations.
+    pub(crate) fn build(
+        engine: RotatingCredentials,
+        connect: C,
+        max_size: usize,
+        timeouts: deadpool::managed::Timeouts,
+        auth_failure_wait: Duration,
+    ) -> Result<Self> {
+        let role = engine.role().to_owned();
+        let manager = RotatingManager::new(engine.clone(), connect, auth_failure_wait);
+        let pool = Pool::<C>::builder(manager)
+            .max_size(max_size)
+            .timeouts(timeouts)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("building the pool for role {role}"),
+                )
+                .with_source(e)
+            })?;
+        let retire_task = tokio::spawn(retire_idle(engine.subscribe(), pool.weak()));
+        Ok(Self {
+            pool,
+            engine,
+            retire_task,
+        })
+    }
+
+    pub(crate) async fn get(&self) -> Result<Pooled<C>> {
+        self.pool.get().await.map_err(|e| self.pool_error(e))
+    }
+
+    pub(crate) fn status(&self) -> PoolStatus {
+        let pool = self.pool.status();
+        PoolStatus {
+            lease: self.engine.status(),
+            size: pool.size,
+            available: pool.available,
+            waiting: pool.waiting,
+            max_size: pool.max_size,
+        }
+    }
+
+    pub(crate) async fn close(&self) {
+        self.pool.close();
+        self.engine.close().await;
+    }
+
+    fn pool_error(&self, e: PoolError<Error>) -> Error {
+        let role = self.engine.role();
+        let target = self.pool.manager().connect.target();
+        match e {
+            PoolError::Backend(e) => e,
+            PoolError::Timeout(managed::TimeoutType::Wait) => Error::new(
+                ErrorKind::PoolTimeout,
+                format!(
+                    "waiting for a connection to {target} (role {role}): all {} connections \
+                     stayed busy for the wait timeout; raise max_size or the wait timeout",
+                    self.pool.status().max_size
+                ),
+            ),
+            PoolError::Timeout(t) => Error::new(
+                ErrorKind::PoolTimeout,
+                format!("{t:?} a connection to {target} (role {role}) timed out"),
+            ),
+            PoolError::Closed => Error::new(
+                ErrorKind::Shutdown,
+                format!("getting a connection to {target} (role {role}): the pool was closed"),
+            ),
+            PoolError::NoRuntimeSpecified => {
+                Error::new(ErrorKind::Config, "getting a connection: no async runtime")
+            }
+            PoolError::PostCreateHook(h) => Error::new(
+                ErrorKind::Backend,
+                format!("getting a connection to {target} (role {role}): post-create hook: {h}"),
+            ),
+        }
+    }
+}
+
+/// On every new generation, close the idle connections of older ones.
+async fn retire_idle<C: Connect>(
+    mut generations: tokio::sync::watch::Receiver<Generation>,
+    pool: managed::WeakPool<RotatingManager<C>>,
+) {
+    while generations.changed().await.is_ok() {
+        let current = *generations.borrow_and_update();
+        let Some(pool) = pool.upgrade() else { return };
+        let retired = pool.retain(|conn, _| conn.generation >= current);
+        if !retired.removed.is_empty() {
+            tracing::debug!(
+                generation = current.0,
+                closed = retired.removed.len(),
+                "closed idle connections of retired credentials"
+            );
+        }
+    }
+}

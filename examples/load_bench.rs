@@ -400,7 +400,7 @@ fn svg(runs: &[Run], window: Duration) -> String {
     let mut out = String::new();
     writeln!(out, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#).unwrap();
     writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#).unwrap();
-    writeln!(out, r#"<text x="{left}" y="22" font-size="15" font-weight="bold">p99 query latency per {} ms window — vaultpool vs rebuilding the pool on each rotation (dashed lines: rotations)</text>"#, window.as_millis()).unwrap();
+    writeln!(out, r#"<text x="{left}" y="22" font-size="14" font-weight="bold">p99 query latency per {} ms window: vaultpool vs rebuilding the pool (dashed: rotations, red: failed queries)</text>"#, window.as_millis()).unwrap();
     for (i, n) in counts.iter().enumerate() {
         let y0 = top + ph * i as f64 + 10.0;
         let (pw, pph) = (w - left - 20.0, ph - 50.0);
@@ -475,13 +475,13 @@ fn svg(runs: &[Run], window: Duration) -> String {
             )
             .unwrap();
             for wi in ws.iter().filter(|wi| wi.errors > 0) {
-                writeln!(out, r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="red"><title>{} errors</title></circle>"#, x(wi.start_ms as f64), y0 + 6.0, wi.errors).unwrap();
+                writeln!(out, r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="red"><title>{} errors</title></circle>"#, x(wi.start_ms as f64), y0 + pph - 6.0, wi.errors).unwrap();
             }
         }
-        let ly = y0 + 14.0;
-        writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#1565c0" stroke-width="2"/><text x="{}" y="{}">vaultpool</text>"##, left + 120.0, ly - 4.0, left + 145.0, ly - 4.0, left + 150.0, ly).unwrap();
-        writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#e65100" stroke-width="2"/><text x="{}" y="{}">naive rebuild</text>"##, left + 230.0, ly - 4.0, left + 255.0, ly - 4.0, left + 260.0, ly).unwrap();
-        writeln!(out, r#"<circle cx="{}" cy="{}" r="4" fill="red"/><text x="{}" y="{}">failed queries</text>"#, left + 370.0, ly - 4.0, left + 378.0, ly).unwrap();
+        let (lx, ly) = (left + pw - 330.0, y0 + 14.0);
+        writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#1565c0" stroke-width="2"/><text x="{}" y="{}">vaultpool</text>"##, lx, ly - 4.0, lx + 25.0, ly - 4.0, lx + 30.0, ly).unwrap();
+        writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#e65100" stroke-width="2"/><text x="{}" y="{}">naive rebuild</text>"##, lx + 110.0, ly - 4.0, lx + 135.0, ly - 4.0, lx + 140.0, ly).unwrap();
+        writeln!(out, r#"<circle cx="{}" cy="{}" r="4" fill="red"/><text x="{}" y="{}">failed queries</text>"#, lx + 240.0, ly - 4.0, lx + 248.0, ly).unwrap();
     }
     writeln!(out, "</svg>").unwrap();
     out

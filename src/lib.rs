@@ -51,10 +51,12 @@ pub mod axum;
 pub mod credentials;
 pub mod error;
 pub mod lease;
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "redis"))]
 pub mod pool;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlx")]
 pub mod sqlx;
 pub mod vault;

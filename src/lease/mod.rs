@@ -241,6 +241,8 @@ pub(crate) struct Shared {
     drain_timeout: Duration,
     verify: Option<Verifier>,
     current: ArcSwap<Current>,
+    /// The current generation, mirrored for the cheapest possible read.
+    generation: AtomicU64,
     generation_tx: watch::Sender<Generation>,
     commands: mpsc::UnboundedSender<Command>,
     relase_requested: AtomicU64,
@@ -369,6 +371,7 @@ pub(crate) async fn build_with_source(
         drain_timeout,
         verify,
         current: ArcSwap::from_pointee(current),
+        generation: AtomicU64::new(1),
         generation_tx,
         commands,
         relase_requested: AtomicU64::new(0),
@@ -406,9 +409,9 @@ impl RotatingCredentials {
         self.shared.current.load_full()
     }
 
-    /// The current generation (an atomic load, no reference count).
+    /// The current generation: one relaxed-cost atomic load.
     pub fn generation(&self) -> Generation {
-        self.shared.current.load().generation
+        Generation(self.shared.generation.load(Ordering::Acquire))
     }
 
     /// The current credentials if their lease has not ended.

@@ -277,6 +277,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     let new_full_ttl = new.lease.duration;
     let swap_started = self::now();
     shared.current.store(Arc::new(new));
+    shared.generation.store(generation.0, Ordering::Release);
     shared.generation_tx.send_replace(generation);
     let now = now();
     let timing = super::RotationTiming {

@@ -1,0 +1,187 @@
+//! VaultRedisPool against real OpenBao (redis-database-plugin) and Redis 7.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vaultpool::lease::Policy;
+use vaultpool::redis::VaultRedisPool;
+use vaultpool::redis::redis::AsyncCommands;
+use vaultpool::{ErrorKind, Generation};
+
+async fn pool_for(role: &str, vault: vaultpool::vault::Client) -> VaultRedisPool {
+    let mut policy = Policy::default();
+    policy.retry_max = Duration::from_secs(1);
+    VaultRedisPool::builder(role)
+        .vault(vault)
+        .address(redis_url())
+        .max_size(8)
+        .policy(policy)
+        .auth_failure_wait(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn set_get(pool: &VaultRedisPool, key: &str) -> Result<(), String> {
+    let mut conn = pool.get().await.map_err(|e| format!("get: {e}"))?;
+    let _: () = conn
+        .set(key, "v")
+        .await
+        .map_err(|e| format!("SET (gen {}): {e}", conn.generation().0))?;
+    let v: String = conn.get(key).await.map_err(|e| format!("GET: {e}"))?;
+    if v != "v" {
+        return Err(format!("read back {v:?}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
+    // 10 s leases that cannot be renewed past 10 s: a scheduled rotation every ~5 s.
+    let role = create_redis_role("10s", "10s").await;
+    let pool = pool_for(&role, approle_client("IMMUNE_SYSTEM")).await;
+    let users = Arc::new(std::sync::Mutex::new(vec![
+        pool.credentials().current().credentials.username.clone(),
+    ]));
+    let watcher = {
+        let (pool, users) = (pool.clone(), users.clone());
+        tokio::spawn(async move {
+            let mut rx = pool.credentials().subscribe();
+            while rx.changed().await.is_ok() {
+                users
+                    .lock()
+                    .unwrap()
+                    .push(pool.credentials().current().credentials.username.clone());
+            }
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (pool, stop, ok, failed, errors) = (
+            pool.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            errors.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let key = format!("app:load-{i}");
+            while !stop.load(Ordering::Relaxed) {
+                match set_get(&pool, &key).await {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.lock().unwrap().push(e);
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    let started = Instant::now();
+    let mut max_alive = 0;
+    let mut next_force = started + Duration::from_secs(7);
+    while started.elapsed() < Duration::from_secs(32) {
+        let names = users.lock().unwrap().clone();
+        max_alive = max_alive.max(redis_users_alive(&names).await.len());
+        if Instant::now() >= next_force {
+            pool.rotate().await.unwrap();
+            next_force = Instant::now() + Duration::from_secs(7);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let status = pool.status().lease;
+    pool.close().await;
+    watcher.abort();
+    let names = users.lock().unwrap().clone();
+    let left = redis_users_alive(&names).await;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!(
+        "redis rotation_under_load: commands ok {} (SET+GET pairs), failed {failed}, rotations {}, \
+         ACL users {}, max alive {max_alive}, left after close {}",
+        ok,
+        status.rotations,
+        names.len(),
+        left.len()
+    );
+    assert_eq!(failed, 0, "failed: {:?}", &errors.lock().unwrap()[..]);
+    assert!(ok > 1000);
+    assert!(status.rotations >= 5, "only {} rotations", status.rotations);
+    assert!(max_alive <= 2, "{max_alive} ACL users alive at once");
+    assert!(left.is_empty(), "ACL users left: {left:?}");
+    assert!(leases_of(&role).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_user_deleted_from_outside_is_replaced() {
+    let role = create_redis_role("1h", "2h").await;
+    let pool = pool_for(&role, approle_client("IMMUNE_SYSTEM")).await;
+    set_get(&pool, "app:outside").await.unwrap();
+    let user = pool.credentials().current().credentials.username.clone();
+    // ACL DELUSER closes the user's connections at once, like a revocation.
+    let reply = redis_admin(&["ACL", "DELUSER", &user]).await;
+    assert!(reply.starts_with(":1"), "{reply}");
+    let t = Instant::now();
+    let mut failures = Vec::new();
+    loop {
+        match set_get(&pool, "app:outside").await {
+            Ok(()) => break,
+            Err(e) => failures.push(e),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never served again: {failures:?}"
+        );
+    }
+    println!(
+        "redis deleted_from_outside: served again after {:?}, {} failures: {failures:?}",
+        t.elapsed(),
+        failures.len()
+    );
+    assert_eq!(pool.credentials().generation(), Generation(2));
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_with_vault_gone_give_a_typed_error() {
+    let vault = DevVault::start();
+    vault.configure_redis("app", "1h").await;
+    let pool = pool_for("app", vault.client().build().unwrap()).await;
+    set_get(&pool, "app:typed").await.unwrap();
+    let user = pool.credentials().current().credentials.username.clone();
+    drop(vault); // Vault gone: no re-lease possible
+    redis_admin(&["ACL", "DELUSER", &user]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let err = loop {
+        match pool.get().await {
+            Err(e) => break e,
+            Ok(mut c) => {
+                // An idle connection may not have noticed yet; using it fails.
+                let r: Result<String, _> = vaultpool::redis::redis::cmd("PING")
+                    .query_async(&mut *c)
+                    .await;
+                drop(r);
+            }
+        }
+        assert!(Instant::now() < deadline, "no typed error");
+    };
+    println!("redis refused credentials: {err}");
+    assert_eq!(err.kind(), ErrorKind::CredentialsUnavailable, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("Redis at") && msg.contains("role app"),
+        "{msg}"
+    );
+}

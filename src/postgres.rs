@@ -38,9 +38,9 @@ pub use tokio_postgres;
 
 use crate::credentials::{Credentials, Generation};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{BoxFuture, Policy, RotatingCredentials};
+use crate::lease::{BoxFuture, LeaseOptions, RotatingCredentials};
+use crate::pool;
 pub use crate::pool::PoolStatus;
-use crate::{pool, vault};
 
 /// How vaultpool opens PostgreSQL connections: the target (host, port, database,
 /// options), TLS, and the check made before an idle connection is reused.
@@ -163,10 +163,9 @@ impl VaultPgPool {
     pub fn builder(role: impl Into<String>) -> Builder {
         Builder {
             role: role.into(),
-            vault: None,
+            lease: LeaseOptions::default(),
             pg: None,
             connect: None,
-            mount: "database".into(),
             max_size: 16,
             timeouts: deadpool_postgres::Timeouts {
                 wait: Some(Duration::from_secs(10)),
@@ -174,9 +173,6 @@ impl VaultPgPool {
                 recycle: Some(Duration::from_secs(5)),
             },
             recycling: RecyclingMethod::Fast,
-            policy: Policy::default(),
-            drain_timeout: Duration::from_secs(30),
-            auth_failure_wait: Duration::from_secs(5),
         }
     }
 
@@ -221,25 +217,21 @@ impl VaultPgPool {
 #[must_use]
 pub struct Builder {
     role: String,
-    vault: Option<vault::Client>,
+    lease: LeaseOptions,
     pg: Option<tokio_postgres::Config>,
     connect: Option<Arc<dyn deadpool_postgres::Connect>>,
-    mount: String,
     max_size: usize,
     timeouts: deadpool_postgres::Timeouts,
     recycling: RecyclingMethod,
-    policy: Policy,
-    drain_timeout: Duration,
-    auth_failure_wait: Duration,
 }
 
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("role", &self.role)
-            .field("vault", &self.vault)
+            .field("vault", &self.lease.vault)
             .field("pg", &self.pg) // tokio-postgres redacts a password
-            .field("mount", &self.mount)
+            .field("mount", &self.lease.mount)
             .field("max_size", &self.max_size)
             .field("timeouts", &self.timeouts)
             .finish_non_exhaustive()
@@ -247,11 +239,7 @@ impl fmt::Debug for Builder {
 }
 
 impl Builder {
-    /// The Vault client. Default: [`vault::Client::from_env`].
-    pub fn vault(mut self, client: vault::Client) -> Self {
-        self.vault = Some(client);
-        self
-    }
+    crate::lease::lease_setters!();
 
     /// The PostgreSQL target (host, port, database, options); user and password are
     /// ignored — the lease supplies them. Default: from the environment.
@@ -277,12 +265,6 @@ impl Builder {
         self
     }
 
-    /// The database secrets engine mount. Default `database`.
-    pub fn mount(mut self, mount: impl Into<String>) -> Self {
-        self.mount = mount.into();
-        self
-    }
-
     /// The most connections open at once (all generations together). Default 16.
     pub fn max_size(mut self, max_size: usize) -> Self {
         self.max_size = max_size;
@@ -302,26 +284,6 @@ impl Builder {
         self
     }
 
-    /// Renewal and rotation timing. Default [`Policy::default`].
-    pub fn policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// How long a retired generation's connections may stay in use before its lease is
-    /// revoked anyway; also how long [`VaultPgPool::close`] waits. Default 30 s.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
-        self
-    }
-
-    /// After PostgreSQL refuses valid-looking credentials, how long a connect waits for
-    /// the re-lease. Default 5 s.
-    pub fn auth_failure_wait(mut self, wait: Duration) -> Self {
-        self.auth_failure_wait = wait;
-        self
-    }
-
     /// Lease the first credentials (verified with one real connection), start the
     /// engine and build the pool.
     ///
@@ -329,10 +291,6 @@ impl Builder {
     /// [`ErrorKind::Config`] for missing settings; whatever leasing or the verifying
     /// connection fails with.
     pub async fn build(self) -> Result<VaultPgPool> {
-        let vault = match self.vault {
-            Some(v) => v,
-            None => vault::Client::from_env()?,
-        };
         let mut config = match self.pg {
             Some(c) => c,
             None => pg_config_from_lookup(|k| std::env::var(k).ok())?,
@@ -353,12 +311,10 @@ impl Builder {
             // Verification always asks the server, whatever the recycling method.
             recycling: RecyclingMethod::Verified,
         };
-        let engine = RotatingCredentials::builder(vault, self.role)
-            .mount(self.mount)
-            .policy(self.policy)
-            .drain_timeout(self.drain_timeout)
-            .verify_with(pool::verifier(connect.clone()))
-            .build()
+        let auth_failure_wait = self.lease.auth_failure_wait;
+        let engine = self
+            .lease
+            .engine(self.role, pool::verifier(connect.clone()))
             .await?;
         let connect = PgConnect {
             recycling: self.recycling,
@@ -369,7 +325,7 @@ impl Builder {
             connect,
             self.max_size,
             self.timeouts,
-            self.auth_failure_wait,
+            auth_failure_wait,
         )?;
         Ok(VaultPgPool {
             inner: Arc::new(shared),

@@ -36,9 +36,9 @@ pub use ::redis;
 
 use crate::credentials::{Credentials, Generation};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{BoxFuture, Policy, RotatingCredentials};
+use crate::lease::{BoxFuture, LeaseOptions, RotatingCredentials};
+use crate::pool;
 pub use crate::pool::PoolStatus;
-use crate::{pool, vault};
 
 /// How vaultpool opens Redis connections: the address and database, no credentials.
 #[derive(Clone)]
@@ -156,18 +156,14 @@ impl VaultRedisPool {
     pub fn builder(role: impl Into<String>) -> Builder {
         Builder {
             role: role.into(),
-            vault: None,
+            lease: LeaseOptions::default(),
             info: None,
-            mount: "database".into(),
             max_size: 16,
             timeouts: deadpool::managed::Timeouts {
                 wait: Some(Duration::from_secs(10)),
                 create: Some(Duration::from_secs(5)),
                 recycle: Some(Duration::from_secs(2)),
             },
-            policy: Policy::default(),
-            drain_timeout: Duration::from_secs(30),
-            auth_failure_wait: Duration::from_secs(5),
         }
     }
 
@@ -210,14 +206,10 @@ impl VaultRedisPool {
 #[must_use]
 pub struct Builder {
     role: String,
-    vault: Option<vault::Client>,
+    lease: LeaseOptions,
     info: Option<::redis::ConnectionInfo>,
-    mount: String,
     max_size: usize,
     timeouts: deadpool::managed::Timeouts,
-    policy: Policy,
-    drain_timeout: Duration,
-    auth_failure_wait: Duration,
 }
 
 impl fmt::Debug for Builder {
@@ -231,11 +223,7 @@ impl fmt::Debug for Builder {
 }
 
 impl Builder {
-    /// The Vault client. Default: [`vault::Client::from_env`].
-    pub fn vault(mut self, client: vault::Client) -> Self {
-        self.vault = Some(client);
-        self
-    }
+    crate::lease::lease_setters!();
 
     /// Where Redis is, e.g. `"redis://127.0.0.1:6379/0"`; a username or password in it
     /// is refused (the lease supplies them). Default: from the environment.
@@ -247,35 +235,9 @@ impl Builder {
         self
     }
 
-    /// The database secrets engine mount. Default `database`.
-    pub fn mount(mut self, mount: impl Into<String>) -> Self {
-        self.mount = mount.into();
-        self
-    }
-
     /// The most connections open at once. Default 16 (each is multiplexed).
     pub fn max_size(mut self, max_size: usize) -> Self {
         self.max_size = max_size;
-        self
-    }
-
-    /// Renewal and rotation timing. Default [`Policy::default`].
-    pub fn policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// How long a retired generation's connections may stay before its lease is revoked
-    /// anyway (which closes them). Default 30 s.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
-        self
-    }
-
-    /// After Redis refuses valid-looking credentials, how long a connect waits for the
-    /// re-lease. Default 5 s.
-    pub fn auth_failure_wait(mut self, wait: Duration) -> Self {
-        self.auth_failure_wait = wait;
         self
     }
 
@@ -286,10 +248,6 @@ impl Builder {
     /// [`ErrorKind::Config`] for a missing or invalid address; whatever leasing or the
     /// verifying connection fails with.
     pub async fn build(self) -> Result<VaultRedisPool> {
-        let vault = match self.vault {
-            Some(v) => v,
-            None => vault::Client::from_env()?,
-        };
         let info = match self.info {
             Some(i) => i,
             None => redis_info_from_lookup(|k| std::env::var(k).ok())?,
@@ -303,19 +261,17 @@ impl Builder {
             ));
         }
         let connect = RedisConnect { info };
-        let engine = RotatingCredentials::builder(vault, self.role)
-            .mount(self.mount)
-            .policy(self.policy)
-            .drain_timeout(self.drain_timeout)
-            .verify_with(pool::verifier(connect.clone()))
-            .build()
+        let auth_failure_wait = self.lease.auth_failure_wait;
+        let engine = self
+            .lease
+            .engine(self.role, pool::verifier(connect.clone()))
             .await?;
         let shared = pool::Shared::build(
             engine,
             connect,
             self.max_size,
             self.timeouts,
-            self.auth_failure_wait,
+            auth_failure_wait,
         )?;
         Ok(VaultRedisPool {
             inner: Arc::new(shared),

@@ -19,9 +19,9 @@
 //! How rotation works here: on every new generation the pool's connect options are
 //! replaced ([`PgPool::set_connect_options`](::sqlx::Pool::set_connect_options)), so new
 //! connections log in with the new credentials. Connections opened before that moment
-//! are retired by the pool's `before_acquire` hook (an idle one is closed instead of
-//! handed out), and the idle queue is cycled while a generation drains, so old idle
-//! connections — including busy ones once released — close at once. The old lease is revoked once PostgreSQL reports no session of
+//! are retired by the pool's `before_acquire` and `after_release` hooks (an idle one is
+//! closed instead of handed out, a busy one is closed when released), and idle ones are
+//! cycled out at once. The old lease is revoked once PostgreSQL reports no session of
 //! the old user (`pg_stat_activity`), or at the drain deadline.
 //!
 //! sqlx does not say which credentials a connection used, so "opened before the swap"
@@ -40,8 +40,7 @@ pub use ::sqlx as driver;
 
 use crate::credentials::Generation;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{self, ConnectionGuard, Current, Policy, RotatingCredentials};
-use crate::vault;
+use crate::lease::{self, ConnectionGuard, Current, LeaseOptions, RotatingCredentials};
 
 /// Connects that were under way when the options were swapped finish within this.
 const SWAP_GRACE: Duration = Duration::from_millis(250);
@@ -84,6 +83,7 @@ struct Inner {
     engine: RotatingCredentials,
     /// The generation whose credentials the pool's connect options hold.
     applied: tokio::sync::watch::Receiver<Generation>,
+    auth_failure_wait: Duration,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -129,15 +129,11 @@ impl VaultSqlxPool {
     pub fn builder(role: impl Into<String>) -> Builder {
         Builder {
             role: role.into(),
-            vault: None,
+            lease: LeaseOptions::default(),
             connect: None,
             pool_options: PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10)),
-            mount: "database".into(),
-            policy: Policy::default(),
-            drain_timeout: Duration::from_secs(30),
-            auth_failure_wait: Duration::from_secs(5),
         }
     }
 
@@ -162,7 +158,7 @@ impl VaultSqlxPool {
                 self.inner.engine.report_auth_failure(current.generation);
                 self.inner
                     .engine
-                    .wait_newer(current.generation, Duration::from_secs(5))
+                    .wait_newer(current.generation, self.inner.auth_failure_wait)
                     .await;
                 self.inner
                     .pool
@@ -218,30 +214,22 @@ impl VaultSqlxPool {
 #[must_use]
 pub struct Builder {
     role: String,
-    vault: Option<vault::Client>,
+    lease: LeaseOptions,
     connect: Option<PgConnectOptions>,
     pool_options: PgPoolOptions,
-    mount: String,
-    policy: Policy,
-    drain_timeout: Duration,
-    auth_failure_wait: Duration,
 }
 
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("role", &self.role)
-            .field("mount", &self.mount)
+            .field("mount", &self.lease.mount)
             .finish_non_exhaustive()
     }
 }
 
 impl Builder {
-    /// The Vault client. Default: [`vault::Client::from_env`].
-    pub fn vault(mut self, client: vault::Client) -> Self {
-        self.vault = Some(client);
-        self
-    }
+    crate::lease::lease_setters!();
 
     /// Host, port, database, TLS; user and password are replaced by the lease's.
     /// Default: from `DATABASE_URL` or the libpq variables.
@@ -257,42 +245,12 @@ impl Builder {
         self
     }
 
-    /// The database secrets engine mount. Default `database`.
-    pub fn mount(mut self, mount: impl Into<String>) -> Self {
-        self.mount = mount.into();
-        self
-    }
-
-    /// Renewal and rotation timing. Default [`Policy::default`].
-    pub fn policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// How long old connections may stay before the old lease is revoked anyway.
-    /// Default 30 s.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
-        self
-    }
-
-    /// After PostgreSQL refuses valid-looking credentials, how long [`VaultSqlxPool::acquire`]
-    /// waits for the re-lease. Default 5 s.
-    pub fn auth_failure_wait(mut self, wait: Duration) -> Self {
-        self.auth_failure_wait = wait;
-        self
-    }
-
     /// Lease and verify the first credentials, start the engine, build the pool.
     ///
     /// # Errors
     /// [`ErrorKind::Config`] for missing settings; whatever leasing or the verifying
     /// connection fails with.
     pub async fn build(self) -> Result<VaultSqlxPool> {
-        let vault = match self.vault {
-            Some(v) => v,
-            None => vault::Client::from_env()?,
-        };
         let base = match self.connect {
             Some(o) => o,
             None => options_from_env()?,
@@ -324,26 +282,26 @@ impl Builder {
                 }) as lease::BoxFuture<'static, Result<()>>
             }) as lease::Verifier
         };
-        let engine = RotatingCredentials::builder(vault, self.role.clone())
-            .mount(self.mount)
-            .policy(self.policy)
-            .drain_timeout(self.drain_timeout)
-            .verify_with(verify)
-            .build()
-            .await?;
+        let auth_failure_wait = self.lease.auth_failure_wait;
+        let engine = self.lease.engine(self.role, verify).await?;
         let swap = Arc::new(Swap {
             base: Instant::now(),
             stale_before_ns: AtomicU64::new(0),
         });
-        let hook = swap.clone();
+        let (on_acquire, on_release) = (swap.clone(), swap.clone());
         let current = engine.current();
-        // Only `before_acquire`: an `after_release` hook makes sqlx spawn a task per
-        // release (measured: +6% per checkout). A stale connection that is released goes
-        // back to the idle queue, where the drain task's cycling closes it at once.
+        // `after_release` makes sqlx spawn a task per release (measured: +6% per
+        // checkout), but without it a stale connection released under load goes back
+        // into circulation until its next acquire, and draining takes longer than the
+        // gap between two rotations (seen: three users alive at once).
         let pool = self
             .pool_options
             .before_acquire(move |_conn, meta| {
-                let fresh = !hook.is_stale(meta.age);
+                let fresh = !on_acquire.is_stale(meta.age);
+                Box::pin(async move { Ok(fresh) })
+            })
+            .after_release(move |_conn, meta| {
+                let fresh = !on_release.is_stale(meta.age);
                 Box::pin(async move { Ok(fresh) })
             })
             .connect_lazy_with(options_for(&base, &current));
@@ -362,6 +320,7 @@ impl Builder {
                 pool,
                 engine,
                 applied,
+                auth_failure_wait,
                 task,
             }),
         })

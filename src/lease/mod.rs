@@ -562,3 +562,90 @@ impl RotatingCredentials {
         }
     }
 }
+
+/// What every pool builder sets about leasing: the Vault client, the mount, the timing.
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseOptions {
+    pub(crate) vault: Option<Client>,
+    pub(crate) mount: String,
+    pub(crate) policy: Policy,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) auth_failure_wait: Duration,
+}
+
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
+impl Default for LeaseOptions {
+    fn default() -> Self {
+        Self {
+            vault: None,
+            mount: "database".into(),
+            policy: Policy::default(),
+            drain_timeout: Duration::from_secs(30),
+            auth_failure_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
+impl LeaseOptions {
+    /// Lease and verify the first credentials for `role` and start the engine; the Vault
+    /// client comes from the environment unless one was given.
+    pub(crate) async fn engine(
+        self,
+        role: String,
+        verify: Verifier,
+    ) -> Result<RotatingCredentials> {
+        let vault = match self.vault {
+            Some(v) => v,
+            None => Client::from_env()?,
+        };
+        RotatingCredentials::builder(vault, role)
+            .mount(self.mount)
+            .policy(self.policy)
+            .drain_timeout(self.drain_timeout)
+            .verify_with(verify)
+            .build()
+            .await
+    }
+}
+
+/// The setters of `LeaseOptions`, for a pool builder with a `lease: LeaseOptions` field.
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
+macro_rules! lease_setters {
+    () => {
+        /// The Vault client. Default: [`Client::from_env`](crate::vault::Client::from_env).
+        pub fn vault(mut self, client: $crate::vault::Client) -> Self {
+            self.lease.vault = Some(client);
+            self
+        }
+
+        /// The database secrets engine mount. Default `database`.
+        pub fn mount(mut self, mount: impl Into<String>) -> Self {
+            self.lease.mount = mount.into();
+            self
+        }
+
+        /// Renewal and rotation timing. Default [`Policy::default`](crate::lease::Policy).
+        pub fn policy(mut self, policy: $crate::lease::Policy) -> Self {
+            self.lease.policy = policy;
+            self
+        }
+
+        /// How long a retired generation's connections may stay in use before its lease
+        /// is revoked anyway; also how long `close()` waits. Default 30 s.
+        pub fn drain_timeout(mut self, timeout: std::time::Duration) -> Self {
+            self.lease.drain_timeout = timeout;
+            self
+        }
+
+        /// After the server refuses credentials whose lease should be valid, how long a
+        /// connect waits for the re-lease. Default 5 s.
+        pub fn auth_failure_wait(mut self, wait: std::time::Duration) -> Self {
+            self.lease.auth_failure_wait = wait;
+            self
+        }
+    };
+}
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
+pub(crate) use lease_setters;

@@ -18,6 +18,8 @@ use crate::error::{ErrorKind, Result};
 
 /// How often retiring generations are checked for being drained.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// How long a forced rotation waits for a still-draining generation before going ahead.
+const FORCED_ROTATION_SETTLE: Duration = Duration::from_secs(1);
 
 /// Now, on tokio's clock (so `tokio::time::pause` drives the schedule in tests).
 pub(crate) fn now() -> Instant {
@@ -171,6 +173,10 @@ pub(crate) async fn run(
                     let (Some(cmd), Some(shared)) = (cmd, weak.upgrade()) else { return };
                     match cmd {
                         Command::Rotate(reply) => {
+                            // Right after another rotation: let the previous generation
+                            // finish draining first (briefly), so at most two generations'
+                            // users exist at once.
+                            settle(&shared, &mut book, FORCED_ROTATION_SETTLE).await;
                             let result = rotate(&shared, &mut book, Reason::Forced).await;
                             let _ = reply.send(result);
                         }
@@ -189,6 +195,8 @@ pub(crate) async fn run(
                             tracing::warn!("refreshing the Vault token failed: {e}");
                         }
                     }
+                    // Revoke what has drained before creating anything new.
+                    retire(&shared, &mut book, false).await;
                     if let Some(plan) = plan.filter(|p| now >= p.at) {
                         match plan.action {
                             Action::Renew => renew(&shared, &mut book).await,
@@ -375,6 +383,18 @@ async fn retire(shared: &Shared, book: &mut Book, all: bool) {
                 }
             }
         }
+    }
+}
+
+/// Revoke retired generations as they drain, for at most `max`.
+async fn settle(shared: &Shared, book: &mut Book, max: Duration) {
+    let until = now() + max;
+    loop {
+        retire(shared, book, false).await;
+        if book.retiring.is_empty() || now() >= until {
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
     }
 }
 

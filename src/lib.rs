@@ -66,6 +66,21 @@ pub use error::{Error, ErrorKind, Result};
 pub use lease::RotatingCredentials;
 pub use secrecy;
 
+/// Helpers for unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::collections::HashMap;
+
+    /// An environment lookup over fixed pairs.
+    pub(crate) fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+}
+
 /// The README's examples, compiled as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -21,14 +21,6 @@ use vaultpool::sqlx::driver::postgres::{PgConnectOptions, PgPoolOptions};
 
 const POOL_SIZE: usize = 16;
 
-fn target() -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host(common::var("PGHOST"))
-        .port(common::var("PGPORT").parse().unwrap())
-        .dbname("adaptive_immunity");
-    c
-}
-
 fn sqlx_target() -> PgConnectOptions {
     PgConnectOptions::new_without_pgpass()
         .host(&common::var("PGHOST"))
@@ -59,7 +51,7 @@ fn benches(c: &mut Criterion) {
 
     // --- checkout + SELECT 1: deadpool ---
     let plain = {
-        let mut cfg = target();
+        let mut cfg = common::pg_target();
         cfg.user(&user).password(&password);
         let mgr = deadpool_postgres::Manager::new(cfg, tokio_postgres::NoTls);
         deadpool_postgres::Pool::builder(mgr)
@@ -70,7 +62,7 @@ fn benches(c: &mut Criterion) {
     let vault_pool = rt.block_on(async {
         VaultPgPool::builder(&role)
             .vault(common::approle_client("IMMUNE_SYSTEM"))
-            .pg_config(target())
+            .pg_config(common::pg_target())
             .max_size(POOL_SIZE)
             .build()
             .await

@@ -32,14 +32,6 @@ struct Settings {
     outage: Duration,
 }
 
-fn target() -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host(common::var("PGHOST"))
-        .port(common::var("PGPORT").parse().unwrap())
-        .dbname("adaptive_immunity");
-    c
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -54,7 +46,7 @@ fn ms(d: Duration) -> f64 {
 async fn rotation_latency(role: &str, n: usize) -> String {
     let pool = VaultPgPool::builder(role)
         .vault(common::approle_client("IMMUNE_SYSTEM"))
-        .pg_config(target())
+        .pg_config(common::pg_target())
         .build()
         .await
         .unwrap();
@@ -79,7 +71,7 @@ async fn rotation_latency(role: &str, n: usize) -> String {
         let t = Instant::now();
         let creds = client.database_creds("database", role).await.unwrap();
         let issued = t.elapsed();
-        let mut cfg = target();
+        let mut cfg = common::pg_target();
         cfg.user(&creds.value.username)
             .password(creds.value.password.expose_secret());
         let t2 = Instant::now();
@@ -180,7 +172,7 @@ fn naive_pool(
     creds: &vaultpool::Leased<vaultpool::Credentials>,
     size: usize,
 ) -> deadpool_postgres::Pool {
-    let mut cfg = target();
+    let mut cfg = common::pg_target();
     cfg.user(&creds.value.username)
         .password(creds.value.password.expose_secret());
     let mgr = deadpool_postgres::Manager::new(cfg, tokio_postgres::NoTls);
@@ -204,7 +196,7 @@ async fn load_run(approach: &'static str, role: &str, workers: usize, s: &Settin
     let (subject, naive_lease) = if approach == "vaultpool" {
         let pool = VaultPgPool::builder(role)
             .vault(client.clone())
-            .pg_config(target())
+            .pg_config(common::pg_target())
             .max_size(size)
             .build()
             .await

@@ -13,33 +13,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 use vaultpool::axum::Health;
-use vaultpool::lease::Policy;
-use vaultpool::postgres::{VaultPgPool, tokio_postgres};
-use vaultpool::vault::{BreakerConfig, Client};
+use vaultpool::postgres::VaultPgPool;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crud_and_health_stay_200_across_rotations_and_turn_503_when_vault_is_gone() {
     let mut vault = PersistentVault::start("app", "10s", "10s").await;
-    let mut breaker = BreakerConfig::default();
-    breaker.cooldown = Duration::from_secs(1);
-    let client = Client::builder()
-        .address(&vault.addr)
-        .token(&vault.root_token)
-        .breaker(breaker)
-        .request_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let mut target = tokio_postgres::Config::new();
-    target
-        .host(var("PGHOST"))
-        .port(var("PGPORT").parse().unwrap())
-        .dbname("adaptive_immunity");
-    let mut policy = Policy::default();
-    policy.retry_max = Duration::from_secs(1);
+    let client = vault.client();
     let db = VaultPgPool::builder("app")
         .vault(client.clone())
-        .pg_config(target)
-        .policy(policy)
+        .pg_config(pg_target())
+        .policy(fast_policy())
         .build()
         .await
         .unwrap();

@@ -9,24 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::scenarios::{self, BoxFut, LoadReport, TestPool, spawn_load};
 use common::*;
-use vaultpool::lease::{Health, Policy};
-use vaultpool::postgres::{VaultPgPool, tokio_postgres};
-use vaultpool::vault::{BreakerConfig, Client};
+use vaultpool::lease::Health;
+use vaultpool::postgres::VaultPgPool;
 use vaultpool::{ErrorKind, Generation};
-
-fn pg_target() -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host(var("PGHOST"))
-        .port(var("PGPORT").parse().unwrap())
-        .dbname("adaptive_immunity");
-    c
-}
-
-fn fast_policy() -> Policy {
-    let mut p = Policy::default();
-    p.retry_max = Duration::from_secs(1);
-    p
-}
 
 async fn query(pool: &VaultPgPool) -> Result<i64, String> {
     let client = pool.get().await.map_err(|e| format!("get: {e}"))?;
@@ -141,14 +126,7 @@ async fn vault_down_shorter_than_the_lease_loses_no_query_and_renewals_resume() 
     let role = "app";
     // 40 s lease: renewal due at ~24-27 s, rotation point at 35 s.
     let mut vault = PersistentVault::start(role, "40s", "10m").await;
-    let mut breaker = BreakerConfig::default();
-    breaker.cooldown = Duration::from_secs(1);
-    let client = Client::builder()
-        .address(&vault.addr)
-        .token(&vault.root_token)
-        .breaker(breaker)
-        .build()
-        .unwrap();
+    let client = vault.client();
     let pool = VaultPgPool::builder(role)
         .vault(client)
         .pg_config(pg_target())
@@ -200,14 +178,7 @@ async fn vault_down_shorter_than_the_lease_loses_no_query_and_renewals_resume() 
 async fn vault_down_past_expiry_gives_a_typed_error_then_heals() {
     let role = "app";
     let mut vault = PersistentVault::start(role, "6s", "6s").await;
-    let mut breaker = BreakerConfig::default();
-    breaker.cooldown = Duration::from_secs(1);
-    let client = Client::builder()
-        .address(&vault.addr)
-        .token(&vault.root_token)
-        .breaker(breaker)
-        .build()
-        .unwrap();
+    let client = vault.client();
     let pool = VaultPgPool::builder(role)
         .vault(client)
         .pg_config(pg_target())

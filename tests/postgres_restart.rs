@@ -8,19 +8,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vaultpool::postgres::{VaultPgPool, tokio_postgres};
+use vaultpool::postgres::VaultPgPool;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_is_survived() {
     let role = create_role("1h", "2h").await;
-    let mut target = tokio_postgres::Config::new();
-    target
-        .host(var("PGHOST"))
-        .port(var("PGPORT").parse().unwrap())
-        .dbname("adaptive_immunity");
     let pool = VaultPgPool::builder(&role)
         .vault(approle_client("IMMUNE_SYSTEM"))
-        .pg_config(target)
+        .pg_config(pg_target())
         .max_size(4)
         .build()
         .await

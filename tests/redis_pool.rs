@@ -8,19 +8,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vaultpool::lease::Policy;
 use vaultpool::redis::VaultRedisPool;
 use vaultpool::redis::redis::AsyncCommands;
 use vaultpool::{ErrorKind, Generation};
 
 async fn pool_for(role: &str, vault: vaultpool::vault::Client) -> VaultRedisPool {
-    let mut policy = Policy::default();
-    policy.retry_max = Duration::from_secs(1);
     VaultRedisPool::builder(role)
         .vault(vault)
         .address(redis_url())
         .max_size(8)
-        .policy(policy)
+        .policy(fast_policy())
         .auth_failure_wait(Duration::from_secs(2))
         .build()
         .await

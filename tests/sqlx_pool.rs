@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::scenarios::{self, BoxFut, TestPool};
 use common::*;
-use vaultpool::lease::Policy;
 use vaultpool::sqlx::VaultSqlxPool;
 use vaultpool::sqlx::driver::postgres::{PgConnectOptions, PgPoolOptions};
 use vaultpool::{ErrorKind, Generation};
@@ -37,8 +36,6 @@ impl TestPool for VaultSqlxPool {
 }
 
 async fn pool_for(role: &str, max: u32) -> VaultSqlxPool {
-    let mut policy = Policy::default();
-    policy.retry_max = Duration::from_secs(1);
     VaultSqlxPool::builder(role)
         .vault(approle_client("IMMUNE_SYSTEM"))
         .connect_options(
@@ -48,7 +45,7 @@ async fn pool_for(role: &str, max: u32) -> VaultSqlxPool {
                 .database("adaptive_immunity"),
         )
         .pool_options(PgPoolOptions::new().max_connections(max))
-        .policy(policy)
+        .policy(fast_policy())
         .build()
         .await
         .unwrap()

@@ -572,6 +572,37 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// A root client for this server with a 1 s breaker cooldown, so tests that kill and
+    /// restart it see it again quickly.
+    pub fn client(&self) -> Client {
+        let mut breaker = vaultpool::vault::BreakerConfig::default();
+        breaker.cooldown = Duration::from_secs(1);
+        Client::builder()
+            .address(&self.addr)
+            .token(&self.root_token)
+            .breaker(breaker)
+            .request_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    }
+}
+
+/// The stack's `adaptive_immunity` database as a tokio-postgres target (no login).
+#[cfg(feature = "postgres")]
+pub fn pg_target() -> vaultpool::postgres::tokio_postgres::Config {
+    let mut c = vaultpool::postgres::tokio_postgres::Config::new();
+    c.host(var("PGHOST"))
+        .port(var("PGPORT").parse().unwrap())
+        .dbname("adaptive_immunity");
+    c
+}
+
+/// The engine's default policy with retries capped at 1 s, so tests heal quickly.
+pub fn fast_policy() -> vaultpool::lease::Policy {
+    let mut p = vaultpool::lease::Policy::default();
+    p.retry_max = Duration::from_secs(1);
+    p
 }
 
 impl Drop for PersistentVault {

@@ -152,9 +152,26 @@ impl VaultRedisPool {
         Self::builder(role).build().await
     }
 
+    /// A pool on static credentials kept in KV v2 — e.g. the seed's `redis/main` with
+    /// `host`, `port`, `password` and optionally `username` — re-read within 30 s of a
+    /// new KV version (`.kv_poll(…)` changes that), with no restart: connections of the
+    /// old version drain, new ones use the new password. The address comes from the
+    /// secret's `host`/`port` unless [`Builder::address`] is set.
+    pub fn builder_kv(path: impl Into<String>) -> Builder {
+        Builder {
+            kv: Some(KvSource {
+                mount: "secret".into(),
+                path: path.into(),
+                poll: Duration::from_secs(30),
+            }),
+            ..Self::builder("")
+        }
+    }
+
     /// A builder for everything explicit.
     pub fn builder(role: impl Into<String>) -> Builder {
         Builder {
+            kv: None,
             role: role.into(),
             lease: LeaseOptions::default(),
             info: None,
@@ -202,9 +219,18 @@ impl VaultRedisPool {
     }
 }
 
+/// Where static credentials live in KV v2.
+#[derive(Debug, Clone)]
+struct KvSource {
+    mount: String,
+    path: String,
+    poll: Duration,
+}
+
 /// Builds a [`VaultRedisPool`].
 #[must_use]
 pub struct Builder {
+    kv: Option<KvSource>,
     role: String,
     lease: LeaseOptions,
     info: Option<::redis::ConnectionInfo>,
@@ -235,6 +261,16 @@ impl Builder {
         self
     }
 
+    /// For [`VaultRedisPool::builder_kv`]: the KV v2 mount (default `secret`) and how
+    /// often its version is checked (default 30 s, jittered ±10%).
+    pub fn kv_poll(mut self, mount: impl Into<String>, every: Duration) -> Self {
+        if let Some(kv) = &mut self.kv {
+            kv.mount = mount.into();
+            kv.poll = every;
+        }
+        self
+    }
+
     /// The most connections open at once. Default 16 (each is multiplexed).
     pub fn max_size(mut self, max_size: usize) -> Self {
         self.max_size = max_size;
@@ -248,9 +284,22 @@ impl Builder {
     /// [`ErrorKind::Config`] for a missing or invalid address; whatever leasing or the
     /// verifying connection fails with.
     pub async fn build(self) -> Result<VaultRedisPool> {
-        let info = match self.info {
-            Some(i) => i,
-            None => redis_info_from_lookup(|k| std::env::var(k).ok())?,
+        let info = match (self.info, &self.kv) {
+            (Some(i), _) => i,
+            (None, Some(kv)) => {
+                let secret = self.lease.vault()?.read_kv(&kv.mount, &kv.path).await?;
+                let field = |k: &str| {
+                    secret
+                        .get(k)
+                        .map(|v| secrecy::ExposeSecret::expose_secret(v).to_owned())
+                };
+                redis_info_from_lookup(|k| match k {
+                    "REDIS_HOST" => field("host"),
+                    "REDIS_PORT" => field("port"),
+                    _ => None,
+                })?
+            }
+            (None, None) => redis_info_from_lookup(|k| std::env::var(k).ok())?,
         };
         let settings = info.redis_settings();
         if settings.username().is_some() || settings.password().is_some() {
@@ -262,10 +311,21 @@ impl Builder {
         }
         let connect = RedisConnect { info };
         let auth_failure_wait = self.lease.auth_failure_wait;
-        let engine = self
-            .lease
-            .engine(self.role, pool::verifier(connect.clone()))
-            .await?;
+        let engine = match self.kv {
+            Some(kv) => {
+                RotatingCredentials::kv_static(self.lease.vault()?, kv.mount, kv.path, kv.poll)
+                    .policy(self.lease.policy)
+                    .drain_timeout(self.lease.drain_timeout)
+                    .verify_with(pool::verifier(connect.clone()))
+                    .build()
+                    .await?
+            }
+            None => {
+                self.lease
+                    .engine(self.role, pool::verifier(connect.clone()))
+                    .await?
+            }
+        };
         let shared = pool::Shared::build(
             engine,
             connect,

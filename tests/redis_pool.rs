@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::json;
 use vaultpool::redis::VaultRedisPool;
 use vaultpool::redis::redis::AsyncCommands;
 use vaultpool::{ErrorKind, Generation};
@@ -181,4 +182,99 @@ async fn refused_credentials_with_vault_gone_give_a_typed_error() {
         msg.contains("Redis at") && msg.contains("role app"),
         "{msg}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_kv_password_rotation_is_picked_up_without_restart() {
+    let user = format!("kvtest-{}", unique());
+    let (p1, p2) = (format!("p1-{}", unique()), format!("p2-{}", unique()));
+    let rules = ["on", "~app:*", "+@all", "-@dangerous"];
+    let mut args = vec!["ACL", "SETUSER", user.as_str()];
+    args.extend(rules);
+    let add_p1 = format!(">{p1}");
+    args.push(&add_p1);
+    assert!(redis_admin(&args).await.starts_with("+OK"));
+    let path = format!("redis/kvtest-{}", unique());
+    let secret = |password: &str| {
+        json!({
+            "host": var("REDIS_HOST"),
+            "port": var("REDIS_PORT"),
+            "username": user,
+            "password": password,
+        })
+    };
+    kv_put(&path, secret(&p1)).await;
+    let pool = VaultRedisPool::builder_kv(&path)
+        .vault(root_client())
+        .kv_poll("secret", Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    set_get(&pool, "app:kv").await.unwrap();
+    assert_eq!(pool.credentials().generation(), Generation(1));
+
+    // Commands keep flowing while the password changes underneath.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match set_get(&pool, "app:kv").await {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        })
+    };
+
+    // Rotate: add p2, publish it in KV, and once picked up, remove p1.
+    let add_p2 = format!(">{p2}");
+    assert!(
+        redis_admin(&["ACL", "SETUSER", &user, &add_p2])
+            .await
+            .starts_with("+OK")
+    );
+    let t = Instant::now();
+    kv_put(&path, secret(&p2)).await;
+    let g = pool
+        .credentials()
+        .wait_newer(Generation(1), Duration::from_secs(10))
+        .await;
+    let picked_up = t.elapsed();
+    assert_eq!(g, Generation(2), "the new KV version was not picked up");
+    let del_p1 = format!("<{p1}");
+    assert!(
+        redis_admin(&["ACL", "SETUSER", &user, &del_p1])
+            .await
+            .starts_with("+OK")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A wrong password in KV: verification refuses it; the pool keeps serving on p2.
+    kv_put(&path, secret("not-the-password")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = pool.status().lease;
+    assert_eq!(
+        status.generation,
+        Generation(2),
+        "a bad password must not be swapped in"
+    );
+    let last = status.last_error.unwrap_or_default();
+    assert!(last.contains("verifying new credentials"), "{last}");
+    set_get(&pool, "app:kv").await.unwrap();
+
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    println!(
+        "redis static KV: new version picked up after {picked_up:?}, {ok} SET+GET pairs during \
+         the change, {} failed; bad password refused: {last}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(!last.contains("not-the-password"));
+    pool.close().await;
+    redis_admin(&["ACL", "DELUSER", &user]).await;
 }

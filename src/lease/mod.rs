@@ -204,6 +204,7 @@ pub(crate) enum Reason {
     Forced,
     AuthFailure,
     LeaseLost,
+    SourceChanged,
 }
 
 impl fmt::Display for Reason {
@@ -213,6 +214,7 @@ impl fmt::Display for Reason {
             Self::Forced => "forced",
             Self::AuthFailure => "authentication failure reported",
             Self::LeaseLost => "lease lost (expired or revoked in Vault)",
+            Self::SourceChanged => "a new KV version",
         })
     }
 }
@@ -281,6 +283,8 @@ pub struct Builder {
     client: Client,
     mount: String,
     role: String,
+    /// Static credentials from KV v2 at `role` (a path), polled at this interval.
+    kv_poll: Option<Duration>,
     policy: Policy,
     drain_timeout: Duration,
     verify: Option<Verifier>,
@@ -332,10 +336,22 @@ impl Builder {
     /// Whatever issuing or verifying the first credentials fails with, e.g.
     /// [`ErrorKind::PermissionDenied`] for a role the token may not use.
     pub async fn build(self) -> Result<RotatingCredentials> {
-        let source = source::VaultDatabase::new(self.client, self.mount, self.role.clone())?;
+        let source: Box<dyn Source> = match self.kv_poll {
+            Some(poll) => Box::new(source::KvStatic::new(
+                self.client,
+                self.mount,
+                self.role.clone(),
+                poll,
+            )),
+            None => Box::new(source::VaultDatabase::new(
+                self.client,
+                self.mount,
+                self.role.clone(),
+            )?),
+        };
         build_with_source(
             self.role,
-            Box::new(source),
+            source,
             self.policy,
             self.drain_timeout,
             self.verify,
@@ -392,6 +408,28 @@ impl RotatingCredentials {
             client,
             mount: "database".into(),
             role: role.into(),
+            kv_poll: None,
+            policy: Policy::default(),
+            drain_timeout: Duration::from_secs(30),
+            verify: None,
+        }
+    }
+
+    /// A builder for static credentials kept in KV v2 at `{mount}/{path}` (keys
+    /// `username`, default `default`, and `password`). A new KV version is picked up as a
+    /// rotation within `poll` (jittered ±10%; the poll reads only metadata). Nothing is
+    /// renewed or revoked: the credentials live as long as the secret says.
+    pub fn kv_static(
+        client: Client,
+        mount: impl Into<String>,
+        path: impl Into<String>,
+        poll: Duration,
+    ) -> Builder {
+        Builder {
+            client,
+            mount: mount.into(),
+            role: path.into(),
+            kv_poll: Some(poll),
             policy: Policy::default(),
             drain_timeout: Duration::from_secs(30),
             verify: None,
@@ -589,6 +627,14 @@ impl Default for LeaseOptions {
 
 #[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
 impl LeaseOptions {
+    /// The given Vault client, or one from the environment.
+    pub(crate) fn vault(&self) -> Result<Client> {
+        match &self.vault {
+            Some(v) => Ok(v.clone()),
+            None => Client::from_env(),
+        }
+    }
+
     /// Lease and verify the first credentials for `role` and start the engine; the Vault
     /// client comes from the environment unless one was given.
     pub(crate) async fn engine(

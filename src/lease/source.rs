@@ -32,6 +32,14 @@ pub(crate) trait Source: Send + Sync {
     fn refresh_token(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Ok(()) })
     }
+    /// How often to ask [`changed`](Source::changed), for sources without leases.
+    fn poll_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// Whether the source holds other credentials than those of `current`.
+    fn changed<'a>(&'a self, _current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async { Ok(false) })
+    }
 }
 
 /// `{mount}/creds/{role}` of the database secrets engine.
@@ -80,5 +88,77 @@ impl Source for VaultDatabase {
 
     fn refresh_token(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.client.login().await.map(|_| ()) })
+    }
+}
+
+/// Static credentials kept in KV v2 (e.g. `secret/redis/main`): "issuing" reads the
+/// newest version; a new KV version is a rotation. Nothing to renew or revoke.
+pub(crate) struct KvStatic {
+    client: Client,
+    mount: String,
+    path: String,
+    username_key: String,
+    password_key: String,
+    poll: Duration,
+}
+
+impl KvStatic {
+    pub(crate) fn new(client: Client, mount: String, path: String, poll: Duration) -> Self {
+        Self {
+            client,
+            mount,
+            path,
+            username_key: "username".into(),
+            password_key: "password".into(),
+            poll,
+        }
+    }
+}
+
+impl Source for KvStatic {
+    fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
+        Box::pin(async move {
+            // Always the newest version, never the cache.
+            self.client.invalidate_kv(&self.mount, &self.path);
+            let kv = self.client.read_kv(&self.mount, &self.path).await?;
+            let username = kv
+                .get(&self.username_key)
+                .map(|u| secrecy::ExposeSecret::expose_secret(u).to_owned())
+                .unwrap_or_else(|| "default".into());
+            let password = kv.require(&self.password_key)?.clone();
+            let id = format!("kv:{}/{}@v{}", self.mount, self.path, kv.version());
+            Ok(Leased::new(
+                Credentials::new(username, password),
+                Lease::new(id, Duration::ZERO, false),
+            ))
+        })
+    }
+
+    fn renew<'a>(&'a self, lease: &'a Lease, _: Duration) -> BoxFuture<'a, Result<Lease>> {
+        Box::pin(async move { Ok(lease.clone()) })
+    }
+
+    fn revoke<'a>(&'a self, _: &'a Lease) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        Some(self.poll)
+    }
+
+    /// Compares with the version in the serving lease's id (`kv:…@vN`): a version that
+    /// failed verification is tried again at every poll until KV holds a good one.
+    fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let meta = self
+                .client
+                .read_kv_metadata(&self.mount, &self.path)
+                .await?;
+            let serving = current
+                .id
+                .rsplit_once("@v")
+                .and_then(|(_, v)| v.parse::<u64>().ok());
+            Ok(serving != Some(meta.current_version))
+        })
     }
 }

@@ -34,6 +34,7 @@ pub(crate) struct Book {
     last_failure: Option<Instant>,
     issuing_token: Option<String>,
     retiring: Vec<Retiring>,
+    next_poll: Option<Instant>,
 }
 
 struct Retiring {
@@ -54,6 +55,7 @@ impl Book {
             last_failure: None,
             issuing_token,
             retiring: Vec::new(),
+            next_poll: None,
         }
     }
 
@@ -154,6 +156,14 @@ pub(crate) async fn run(
             if let Some(t) = shared.source.token_refresh_at() {
                 wake = Some(wake.map_or(t, |w| w.min(t)));
             }
+            let poll_at = shared.source.poll_interval().map(|every| {
+                *book
+                    .next_poll
+                    .get_or_insert_with(|| now + every.mul_f64(0.9 + 0.2 * fastrand::f64()))
+            });
+            if let Some(t) = poll_at {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
             drop((shared, current));
             let sleep = async {
                 match wake {
@@ -197,6 +207,18 @@ pub(crate) async fn run(
                     }
                     // Revoke what has drained before creating anything new.
                     retire(&shared, &mut book, false).await;
+                    if poll_at.is_some_and(|t| now >= t) {
+                        book.next_poll = None;
+                        let current = shared.current.load_full();
+                        match shared.source.changed(&current.lease).await {
+                            Ok(true) => {
+                                let _ = rotate(&shared, &mut book, Reason::SourceChanged).await;
+                            }
+                            Ok(false) if book.failures > 0 => book.succeeded(&shared),
+                            Ok(false) => {}
+                            Err(e) => book.failed(&shared, "checking the KV version", &e),
+                        }
+                    }
                     if let Some(plan) = plan.filter(|p| now >= p.at) {
                         match plan.action {
                             Action::Renew => renew(&shared, &mut book).await,

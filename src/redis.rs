@@ -233,7 +233,7 @@ pub struct Builder {
     kv: Option<KvSource>,
     role: String,
     lease: LeaseOptions,
-    info: Option<::redis::ConnectionInfo>,
+    info: Option<std::result::Result<::redis::ConnectionInfo, ::redis::RedisError>>,
     max_size: usize,
     timeouts: deadpool::managed::Timeouts,
 }
@@ -242,7 +242,13 @@ impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("role", &self.role)
-            .field("addr", &self.info.as_ref().map(|i| i.addr().to_string()))
+            .field(
+                "addr",
+                &self
+                    .info
+                    .as_ref()
+                    .map(|i| i.as_ref().map(|i| i.addr().to_string()).ok()),
+            )
             .field("max_size", &self.max_size)
             .finish_non_exhaustive()
     }
@@ -257,7 +263,7 @@ impl Builder {
     /// # Errors
     /// [`ErrorKind::Config`] (at [`build`](Self::build)) for an unparsable address.
     pub fn address(mut self, addr: impl IntoConnectionInfo) -> Self {
-        self.info = addr.into_connection_info().ok();
+        self.info = Some(addr.into_connection_info());
         self
     }
 
@@ -285,7 +291,14 @@ impl Builder {
     /// verifying connection fails with.
     pub async fn build(self) -> Result<VaultRedisPool> {
         let info = match (self.info, &self.kv) {
-            (Some(i), _) => i,
+            (Some(Ok(i)), _) => i,
+            (Some(Err(e)), _) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "configuring Redis: the address given to .address(…) is not a redis:// URL",
+                )
+                .with_source(e));
+            }
             (None, Some(kv)) => {
                 let secret = self.lease.vault()?.read_kv(&kv.mount, &kv.path).await?;
                 let field = |k: &str| {
@@ -384,6 +397,17 @@ mod tests {
         })
         .unwrap();
         assert_eq!(info.addr().to_string(), "cache:6380");
+    }
+
+    #[tokio::test]
+    async fn a_bad_address_is_reported_at_build() {
+        let err = VaultRedisPool::builder("r")
+            .address("http://not-redis")
+            .build()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains(".address"), "{err}");
     }
 
     #[test]

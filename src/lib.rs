@@ -4,26 +4,39 @@
 //! credentials from HashiCorp Vault or OpenBao, keep the lease alive, rotate to fresh
 //! credentials before it runs out, and revoke what they no longer use.
 //!
-//! This release ships the foundation: a Vault/OpenBao client ([`vault::Client`]) with
-//! token and AppRole auth (its own token renewed and re-obtained as needed), KV v2 with a
-//! TTL cache, the database secrets engine, lease renew/revoke/lookup and health; retries
-//! with capped, jittered exponential backoff and a circuit breaker; typed errors.
+//! ## Quick start: a PostgreSQL pool on dynamic credentials
 //!
-//! ## Quick start
+//! ```no_run
+//! # #[cfg(feature = "postgres")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use vaultpool::postgres::VaultPgPool;
+//!
+//! // Vault: VAULT_ADDR + VAULT_ROLE_ID/VAULT_SECRET_ID (or VAULT_TOKEN).
+//! // PostgreSQL: PGHOST/PGPORT/PGDATABASE (or DATABASE_URL without a password).
+//! let pool = VaultPgPool::new("immune-readwrite").await?;
+//! let client = pool.get().await?; // like a deadpool-postgres object
+//! let n: i64 = client.query_one("SELECT count(*) FROM items", &[]).await?.get(0);
+//! # let _ = n;
+//! drop(client);
+//! pool.close().await; // drain, then revoke every lease
+//! # Ok(()) }
+//! ```
+//!
+//! ## The Vault client on its own
 //!
 //! ```no_run
 //! use secrecy::ExposeSecret;
 //! use vaultpool::vault::Client;
 //!
 //! # async fn run() -> vaultpool::Result<()> {
-//! // VAULT_ADDR, and VAULT_ROLE_ID + VAULT_SECRET_ID (AppRole) or VAULT_TOKEN.
 //! let vault = Client::from_env()?;
 //! vault.login().await?; // fail fast on bad credentials
 //!
 //! // Dynamic database credentials, with their lease.
 //! let creds = vault.database_creds("database", "immune-readwrite").await?;
 //! println!("user {} valid for {:?}", creds.value.username, creds.lease.duration);
-//! vault.renew_lease(&creds.lease.id, Some(std::time::Duration::from_secs(3600))).await?;
+//! // A renewal sets the end to now + increment: ask for the full TTL, never less.
+//! vault.renew_lease(&creds.lease.id, Some(creds.lease.duration)).await?;
 //! vault.revoke_lease(&creds.lease.id).await?;
 //!
 //! // A KV v2 secret: values are `SecretString`s, redacted in Debug.
@@ -32,6 +45,29 @@
 //! assert!(!key.expose_secret().is_empty());
 //! # Ok(()) }
 //! ```
+//!
+//! ## Features
+//!
+//! | feature | adds |
+//! |---|---|
+//! | (always) | [`vault::Client`], [`lease::RotatingCredentials`] |
+//! | `postgres` | `postgres::VaultPgPool` (deadpool-postgres 0.14, tokio-postgres 0.7) |
+//! | `sqlx` | `sqlx::VaultSqlxPool` (a real `sqlx::PgPool`, sqlx 0.9) |
+//! | `redis` | `redis::VaultRedisPool` (redis 1.x; dynamic ACL users or KV v2) |
+//! | `axum` | `axum::health`, `IntoResponse for Error`, `axum::shutdown_signal` |
+//!
+//! ## How rotation works
+//!
+//! The architecture is three layers: a client ([`vault`]), an engine ([`lease`]) and thin
+//! adapters (one module per backend) that only subscribe to the engine. The engine holds
+//! the current credentials in an `ArcSwap` with a [`Generation`]; it renews the lease at
+//! about ⅔ of its TTL (jittered), and when the lease cannot be renewed any further — max
+//! TTL reached, or the Vault token that issued it is ending — it issues new credentials,
+//! checks them with one real connection, swaps them in and bumps the generation. Pools
+//! open new connections with the current credentials, close idle connections of older
+//! generations at once and busy ones when returned, and the old lease is revoked once its
+//! last connection is gone (or at the drain deadline). See [`lease`] for the timeline,
+//! retries while Vault is down, and shutdown.
 //!
 //! ## Errors
 //!

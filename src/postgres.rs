@@ -149,7 +149,7 @@ impl fmt::Debug for VaultPgPool {
 
 impl VaultPgPool {
     /// A pool for `role`, configured from the environment: Vault from the Vault CLI's
-    /// variables ([`vault::ClientBuilder::from_env`]), PostgreSQL from `DATABASE_URL`
+    /// variables ([`ClientBuilder::from_env`](crate::vault::ClientBuilder::from_env)), PostgreSQL from `DATABASE_URL`
     /// (without password) or `PGHOST`, `PGPORT`, `PGDATABASE`, `PGSSLMODE`.
     ///
     /// # Errors

@@ -1,4 +1,4 @@
-//! `VaultSqlxPool`: a real [`sqlx::PgPool`](::sqlx::PgPool) that never changes identity
+//! `VaultSqlxPool`: a real `sqlx::PgPool` that never changes identity
 //! while its credentials rotate underneath (feature `sqlx`).
 //!
 //! ```no_run

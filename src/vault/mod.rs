@@ -133,13 +133,8 @@ impl<'a> Call<'a> {
 /// A raw answer: status, body and when it arrived.
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
-    pub(crate) body: bytes_body::Body,
+    pub(crate) body: Vec<u8>,
     pub(crate) received: Instant,
-}
-
-mod bytes_body {
-    /// Response bytes; kept as a type so a later change can zeroize them in one place.
-    pub(crate) type Body = Vec<u8>;
 }
 
 /// The most we read of a response body; Vault's answers are a few KiB.

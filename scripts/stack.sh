@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The local stack: real OpenBao, PostgreSQL 15 and Redis 7 processes on free loopback
-# ports, with their data under one temp dir, configured like the seed deployment.
+# ports, with their data under one temp dir, configured like the seed deployment; with
+# `--kafka`, also a Kafka-compatible broker enforcing SASL/SCRAM (tansu 0.6.0).
 #
-#   scripts/stack.sh up       install what is missing, start (or reuse) and configure; idempotent
+#   scripts/stack.sh up [--kafka]  install what is missing, start (or reuse) and configure; idempotent
 #   scripts/stack.sh status   what runs where
 #   scripts/stack.sh env      print the path of the env file tests and examples read
 #   scripts/stack.sh down     stop everything (data stays; `down --purge` removes it)
@@ -16,6 +17,12 @@ STATE="$DIR/state"          # ports and generated admin passwords, kept across r
 ENV_FILE="$DIR/stack.env"   # what tests and examples read
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 ROOT_TOKEN="root"
+# tansu is built once (≈13 min on 2 cores) into a cache outside the checkout, so a warm
+# run reuses it.
+TANSU_VERSION=0.6.0
+TANSU_ROOT="${VAULTPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vaultpool}/tansu-$TANSU_VERSION"
+TANSU="$TANSU_ROOT/bin/tansu"
+KAFKA=0
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
@@ -82,11 +89,20 @@ PG_SUPER_PW=$(rand_pw)
 VAULT_ADMIN_PW=$(rand_pw)
 REDIS_ADMIN_PW=$(rand_pw)
 STATIC_PG_PW=$(rand_pw)
+KAFKA_PORT=$(free_port)
+KAFKA_ADMIN_PW=$(rand_pw)
+KAFKA_APP_PW=$(rand_pw)
 EOF
     umask 022
   fi
   # shellcheck disable=SC1090
   . "$STATE"
+  # State files written before Kafka joined the stack.
+  if [ -z "${KAFKA_PORT:-}" ]; then
+    printf 'KAFKA_PORT=%s\nKAFKA_ADMIN_PW=%s\nKAFKA_APP_PW=%s\n' "$(free_port)" "$(rand_pw)" "$(rand_pw)" >>"$STATE"
+    # shellcheck disable=SC1090
+    . "$STATE"
+  fi
 }
 
 # --------------------------------------------------------------------------- postgres
@@ -168,6 +184,86 @@ SQL
   done
 }
 
+# --------------------------------------------------------------------------- kafka
+KAFKA_ADMIN_USER=vaultpool-admin
+
+install_kafka() {
+  if ! python3 -c 'import confluent_kafka' 2>/dev/null; then
+    log "installing confluent-kafka (pip), the broker-side admin client"
+    python3 -m pip install -q confluent-kafka 2>/dev/null ||
+      python3 -m pip install -q --break-system-packages confluent-kafka
+  fi
+  # rdkafka's `ssl` feature builds the bundled librdkafka against OpenSSL.
+  if ! dpkg -s libssl-dev >/dev/null 2>&1 || ! command -v pkg-config >/dev/null; then
+    log "installing libssl-dev pkg-config (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
+  fi
+  [ -x "$TANSU" ] && return 0
+  log "building tansu $TANSU_VERSION into $TANSU_ROOT (once; ≈13 min on 2 cores)"
+  mkdir -p "$DIR"
+  if ! cargo install tansu --version "$TANSU_VERSION" --locked --features libsql \
+      --root "$TANSU_ROOT" --target-dir "$TANSU_ROOT.build" >"$DIR/tansu-build.log" 2>&1; then
+    tail -30 "$DIR/tansu-build.log" >&2
+    die "building tansu failed (full log: $DIR/tansu-build.log)"
+  fi
+  rm -rf "$TANSU_ROOT.build"
+}
+
+tansu_start() { # extra broker args
+  (
+    cd "$DIR/kafka"
+    setsid "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --storage-engine sqlite://tansu.db "$@" >>"$DIR/kafka.log" 2>&1 </dev/null &
+    echo $! >"$DIR/kafka.pid"
+  )
+  wait_port "$KAFKA_PORT" tansu
+}
+
+tansu_stop() {
+  pid_alive "$DIR/kafka.pid" || return 0
+  local pid i
+  pid=$(cat "$DIR/kafka.pid")
+  kill "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+# tansu's CLI cannot speak SASL, so users are created with authentication off, then the
+# broker restarts on the same SQLite file with --authentication (facts: KAFKA.md).
+start_kafka() {
+  if pid_alive "$DIR/kafka.pid" && port_open "$KAFKA_PORT" && [ -f "$DIR/kafka/bootstrapped" ]; then
+    return 0
+  fi
+  tansu_stop
+  mkdir -p "$DIR/kafka"
+  if [ ! -f "$DIR/kafka/bootstrapped" ]; then
+    log "bootstrapping tansu: users and topic, authentication off"
+    rm -f "$DIR/kafka/tansu.db"*
+    tansu_start
+    local broker="tcp://127.0.0.1:$KAFKA_PORT" m
+    for m in scram512 scram256; do
+      "$TANSU" user create --broker "$broker" --mechanism "$m" "$KAFKA_ADMIN_USER" "$KAFKA_ADMIN_PW" >/dev/null
+      "$TANSU" user create --broker "$broker" --mechanism "$m" vertice "$KAFKA_APP_PW" >/dev/null
+    done
+    "$TANSU" topic create --broker "$broker" --partitions 1 events >/dev/null
+    tansu_stop
+    touch "$DIR/kafka/bootstrapped"
+  fi
+  log "starting tansu with SASL/SCRAM on 127.0.0.1:$KAFKA_PORT"
+  tansu_start --authentication
+}
+
+# The seed's kafka/main, pointed at this broker (once per OpenBao life).
+configure_kafka_kv() {
+  [ -f "$DIR/bao.kafka" ] && return 0
+  bao_cli kv put secret/kafka/main bootstrap_servers="127.0.0.1:$KAFKA_PORT" \
+    sasl_mechanism=SCRAM-SHA-512 security_protocol=SASL_PLAINTEXT \
+    sasl_username=vertice sasl_password="$KAFKA_APP_PW" >/dev/null
+  touch "$DIR/bao.kafka"
+}
+
 # --------------------------------------------------------------------------- redis
 start_redis() {
   if pid_alive "$DIR/redis.pid" && port_open "$REDIS_PORT"; then return 0; fi
@@ -189,7 +285,7 @@ start_openbao() {
     return 0
   fi
   if pid_alive "$DIR/bao.pid"; then kill "$(cat "$DIR/bao.pid")" 2>/dev/null || true; sleep 0.3; fi
-  rm -f "$DIR/bao.configured"
+  rm -f "$DIR/bao.configured" "$DIR/bao.kafka"
   log "starting OpenBao (dev) on 127.0.0.1:$BAO_PORT"
   # setsid: the server outlives this script and is not killed with its process group.
   setsid "$BAO" server -dev -dev-root-token-id="$ROOT_TOKEN" \
@@ -339,20 +435,32 @@ write_env() {
     echo "REDIS_PORT=$REDIS_PORT"
     echo "VAULTPOOL_REDIS_ADMIN_PASSWORD=$REDIS_ADMIN_PW"
     echo "VAULTPOOL_BAO_BIN=$BAO"
+    if [ "$KAFKA" = 1 ]; then
+      echo "KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT"
+      echo "VAULTPOOL_KAFKA_ADMIN_USER=$KAFKA_ADMIN_USER"
+      echo "VAULTPOOL_KAFKA_ADMIN_PASSWORD=$KAFKA_ADMIN_PW"
+    fi
   } >"$tmp"
   umask 022
   mv "$tmp" "$ENV_FILE"
 }
 
 cmd_up() {
+  # Kafka stays on once asked for, so a later plain `up` keeps it in the env file.
+  if [ "${1:-}" = "--kafka" ] || [ -f "$DIR/kafka/bootstrapped" ]; then KAFKA=1; fi
   install_missing
   load_state
+  [ "$KAFKA" = 1 ] && install_kafka
   start_postgres
   configure_postgres
   start_redis
   start_openbao
+  if [ "$KAFKA" = 1 ]; then
+    start_kafka
+    configure_kafka_kv
+  fi
   write_env
-  log "up: OpenBao http://127.0.0.1:$BAO_PORT, PostgreSQL 127.0.0.1:$PG_PORT, Redis 127.0.0.1:$REDIS_PORT"
+  log "up: OpenBao http://127.0.0.1:$BAO_PORT, PostgreSQL 127.0.0.1:$PG_PORT, Redis 127.0.0.1:$REDIS_PORT$([ "$KAFKA" = 1 ] && echo ", Kafka (tansu) 127.0.0.1:$KAFKA_PORT")"
   log "env file: $ENV_FILE"
 }
 
@@ -363,6 +471,9 @@ cmd_status() {
   if port_open "$BAO_PORT"; then echo "openbao    up   http://127.0.0.1:$BAO_PORT"; else echo "openbao    down"; ok=1; fi
   if port_open "$PG_PORT"; then echo "postgresql up   127.0.0.1:$PG_PORT"; else echo "postgresql down"; ok=1; fi
   if port_open "$REDIS_PORT"; then echo "redis      up   127.0.0.1:$REDIS_PORT"; else echo "redis      down"; ok=1; fi
+  if [ -f "$DIR/kafka/bootstrapped" ]; then
+    if port_open "$KAFKA_PORT"; then echo "kafka      up   127.0.0.1:$KAFKA_PORT (tansu, SASL/SCRAM)"; else echo "kafka      down"; ok=1; fi
+  fi
   echo "env file   $ENV_FILE"
   return $ok
 }
@@ -373,6 +484,7 @@ cmd_down() {
   if pid_alive "$DIR/bao.pid"; then kill "$(cat "$DIR/bao.pid")" || true; fi
   rm -f "$DIR/bao.configured"
   if pid_alive "$DIR/redis.pid"; then kill "$(cat "$DIR/redis.pid")" || true; fi
+  tansu_stop
   if [ -f "$DIR/pg/PG_VERSION" ]; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/pg" -m fast stop >/dev/null 2>&1 || true
   fi
@@ -381,9 +493,9 @@ cmd_down() {
 }
 
 case "${1:-}" in
-  up) cmd_up ;;
+  up) shift; cmd_up "${1:-}" ;;
   status) cmd_status ;;
   env) echo "$ENV_FILE" ;;
   down) shift; cmd_down "${1:-}" ;;
-  *) echo "usage: $0 up|status|env|down [--purge]" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--kafka]|status|env|down [--purge]" >&2; exit 2 ;;
 esac

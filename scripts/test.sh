@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.85 or newer)" >&2; exit 1; }
-scripts/stack.sh up
+scripts/stack.sh up --kafka
 # The docs build without a broken link or warning.
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --all-features --no-deps
 (

@@ -69,7 +69,8 @@ impl ErrorKind {
             | Self::RateLimited
             | Self::Server
             | Self::Shutdown
-            | Self::Backend => 503,
+            | Self::Backend
+            | Self::AuthenticationFailed => 503,
             _ => 500,
         }
     }

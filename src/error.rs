@@ -48,6 +48,8 @@ pub enum ErrorKind {
     CredentialsUnavailable,
     /// The backend (PostgreSQL, Redis, Kafka) failed.
     Backend,
+    /// The backend refused the credentials (wrong password, unknown user).
+    AuthenticationFailed,
     /// No pooled connection became available in time.
     PoolTimeout,
     /// A statement failed on a working connection (wrapped with [`Error::query`]).
@@ -81,6 +83,7 @@ impl ErrorKind {
             Self::LeaseExpired => "lease expired",
             Self::CredentialsUnavailable => "credentials unavailable",
             Self::Backend => "backend error",
+            Self::AuthenticationFailed => "the backend refused the credentials",
             Self::PoolTimeout => "pool timeout",
             Self::Query => "query failed",
             Self::Shutdown => "shut down",
@@ -103,6 +106,10 @@ impl ErrorKind {
             Self::NotFound => "check the mount, path or role name",
             Self::Server => "see the Vault server log; the call is retried when transient",
             Self::RateLimited => "retry later",
+            Self::AuthenticationFailed => {
+                "check the username and password stored in Vault against the backend's users; \
+                 after changing them on the backend, write them to Vault too"
+            }
             _ => return None,
         })
     }

@@ -54,6 +54,8 @@
 //! | `postgres` | `postgres::VaultPgPool` (deadpool-postgres 0.14, tokio-postgres 0.7) |
 //! | `sqlx` | `sqlx::VaultSqlxPool` (a real `sqlx::PgPool`, sqlx 0.9) |
 //! | `redis` | `redis::VaultRedisPool` (redis 1.x; dynamic ACL users or KV v2) |
+//! | `kafka` | `kafka::KafkaSasl`: Kafka SASL settings from KV v2, watched for new versions |
+//! | `rdkafka` | `kafka::RotatingClient`: rdkafka producers/consumers that take new SASL credentials while running (rdkafka 0.39, bundled librdkafka) |
 //! | `axum` | `axum::health`, `IntoResponse for Error`, `axum::shutdown_signal` |
 //!
 //! ## How rotation works
@@ -86,6 +88,8 @@
 pub mod axum;
 pub mod credentials;
 pub mod error;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod lease;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub mod pool;

@@ -213,10 +213,14 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
         let connect = connect.clone();
         Box::pin(async move {
             let what = || format!("verifying new credentials against {}", connect.target());
-            let mut conn = connect
-                .open(&creds)
-                .await
-                .map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))?;
+            let mut conn = connect.open(&creds).await.map_err(|e| {
+                let kind = if connect.is_auth_failure(&e) {
+                    ErrorKind::AuthenticationFailed
+                } else {
+                    ErrorKind::Backend
+                };
+                Error::new(kind, format!("{} as {}", what(), creds.username)).with_source(e)
+            })?;
             connect
                 .check(&mut conn)
                 .await

@@ -307,7 +307,10 @@ impl ClientBuilder {
                 .ok_or_else(|| {
                     Error::new(
                         ErrorKind::Config,
-                        format!("loading {what}: it holds no PEM certificate"),
+                        format!(
+                            "loading {what}: it holds no PEM certificate; point VAULT_CACERT \
+                             (or ClientBuilder::ca_cert) at the PEM file of Vault's CA"
+                        ),
                     )
                 })?;
             http = http.tls_certs_only(certs);
@@ -345,7 +348,8 @@ fn parse_address(raw: &str) -> Result<url::Url> {
         Error::new(
             ErrorKind::Config,
             format!(
-                "parsing the Vault address {shown:?}: {why}; expected e.g. https://vault.internal:8200"
+                "parsing the Vault address {shown:?} (VAULT_ADDR): {why}; expected e.g. \
+                 https://vault.internal:8200"
             ),
         )
     };

@@ -80,7 +80,7 @@ pub(crate) fn ttl(secs: u64, what: &str) -> Result<Duration> {
 impl<T: DeserializeOwned> Envelope<T> {
     /// Decode a response body; `what` names the request for the error message.
     pub(crate) fn decode(body: &[u8], what: &str) -> Result<Self> {
-        serde_json::from_slice(body).map_err(|e| decode_error(what, e))
+        decode_json(body, what)
     }
 
     /// The `data` block, or a Decode error saying it is missing.
@@ -124,9 +124,63 @@ impl LeaseParts {
     }
 }
 
-pub(crate) fn decode_error(what: &str, e: serde_json::Error) -> Error {
-    // serde_json's message names the field and position, never the value of a string.
-    Error::new(ErrorKind::Decode, format!("decoding the answer to {what}")).with_source(e)
+/// Decode a JSON body. The error names the request, the field (`data.password`) and the
+/// position, never a value: serde's messages quote the offending value (`invalid type:
+/// string "hunter2"`), and a value in a Vault answer may be a secret.
+pub(crate) fn decode_json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        decode_error(what, &path, e.into_inner())
+    })?;
+    de.end().map_err(|e| decode_error(what, "", e))?;
+    Ok(value)
+}
+
+fn decode_error(what: &str, path: &str, e: serde_json::Error) -> Error {
+    use serde_json::error::Category;
+    let at = format!("line {} column {}", e.line(), e.column());
+    let detail = match e.classify() {
+        Category::Syntax => format!("the body is not JSON ({at})"),
+        Category::Eof => format!("the body ends too early ({at})"),
+        Category::Io => format!("the body could not be read ({at})"),
+        Category::Data => {
+            let field = if path.is_empty() || path == "." {
+                String::new()
+            } else {
+                format!("field {path}: ")
+            };
+            format!("{field}{}", redact_values(&e.to_string()))
+        }
+    };
+    // No `source`: serde's error would repeat the value this message leaves out.
+    Error::new(
+        ErrorKind::Decode,
+        format!("decoding the answer to {what}: {detail}"),
+    )
+}
+
+/// Replace quoted values (`"…"`, `` `…` ``) in a serde message by `…`, keeping field
+/// names (`missing field `password``, `unknown field `x``).
+fn redact_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(['"', '`']) {
+        let quote = rest[start..].chars().next().unwrap_or('"');
+        let Some(len) = rest[start + 1..].find(quote) else {
+            break;
+        };
+        let (before, quoted) = (&rest[..start], &rest[start..start + len + 2]);
+        out.push_str(before);
+        if before.ends_with("field ") || before.ends_with("variant ") {
+            out.push_str(quoted);
+        } else {
+            out.push('…');
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Parse `{"errors": [...]}`; a body that is not that shape yields no strings.
@@ -189,6 +243,46 @@ mod tests {
             let err = Envelope::<Value>::decode(body, "renew").unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Decode, "{body:?}");
             assert!(err.to_string().contains("renew"));
+        }
+    }
+
+    #[test]
+    fn decode_errors_name_the_field_but_never_a_value() {
+        let cases: &[(&[u8], &str)] = &[
+            (
+                br#"{"lease_duration":"hunter2"}"#,
+                "field lease_duration: invalid type: string …, expected u64",
+            ),
+            (
+                br#"{"lease_duration":-7}"#,
+                "field lease_duration: invalid value: integer …",
+            ),
+            (
+                br#"{"data":{"password":12345}}"#,
+                "field data.password: invalid type: integer …",
+            ),
+            (
+                br#"{"data":{"username":"u"}}"#,
+                "field data: missing field `password`",
+            ),
+            (br#"<html>"#, "the body is not JSON (line 1 column 1)"),
+            (br#"{"data":{"#, "the body ends too early"),
+            (br#"{} trailing"#, "the body is not JSON"),
+        ];
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Creds {
+            username: String,
+            password: String,
+        }
+        for (body, expect) in cases {
+            let e = Envelope::<Creds>::decode(body, "GET database/creds/app").unwrap_err();
+            let text = format!("{e} {e:?}");
+            assert_eq!(e.kind(), ErrorKind::Decode);
+            assert!(text.contains(expect), "{text}");
+            for secret in ["hunter2", "12345", "-7"] {
+                assert!(!text.contains(secret), "{text}");
+            }
         }
     }
 

@@ -71,6 +71,25 @@ impl KvSecret {
     }
 }
 
+#[cfg(all(test, feature = "kafka"))]
+impl KvSecret {
+    /// A secret built in memory, for unit tests.
+    pub(crate) fn for_test(mount: &str, path: &str, version: u64, pairs: &[(&str, &str)]) -> Self {
+        Self {
+            inner: Arc::new(KvInner {
+                mount: mount.into(),
+                path: path.into(),
+                version,
+                created_time: String::new(),
+                data: pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), SecretString::from(*v)))
+                    .collect(),
+            }),
+        }
+    }
+}
+
 impl fmt::Debug for KvSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KvSecret")

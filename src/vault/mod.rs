@@ -34,6 +34,7 @@ use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use zeroize::Zeroizing;
 
 pub use auth::{AuthMethod, TokenInfo};
 pub use breaker::BreakerConfig;
@@ -130,10 +131,11 @@ impl<'a> Call<'a> {
     }
 }
 
-/// A raw answer: status, body and when it arrived.
+/// A raw answer: status, body and when it arrived. The body (it carries tokens and
+/// passwords) is zeroized when dropped.
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
-    pub(crate) body: Vec<u8>,
+    pub(crate) body: Zeroizing<Vec<u8>>,
     pub(crate) received: Instant,
 }
 
@@ -337,7 +339,10 @@ impl Client {
             .await
             .map_err(|e| transport_error(self.what(call), e))?;
         let status = resp.status();
-        let mut body = Vec::new();
+        // Sized once from Content-Length where given; a buffer outgrown is zeroized
+        // before it is freed, so no copy of a secret is left behind in the heap.
+        let hint = resp.content_length().unwrap_or(0).min(MAX_BODY as u64) as usize;
+        let mut body = Zeroizing::new(Vec::with_capacity(hint.max(1024)));
         while let Some(chunk) = resp
             .chunk()
             .await
@@ -352,6 +357,12 @@ impl Client {
                     ),
                 ));
             }
+            if body.len() + chunk.len() > body.capacity() {
+                let mut bigger =
+                    Vec::with_capacity((body.len() + chunk.len()).max(2 * body.capacity()));
+                bigger.extend_from_slice(&body);
+                body = Zeroizing::new(bigger); // the old buffer is zeroized as it drops
+            }
             body.extend_from_slice(&chunk);
         }
         let answer = Answer {
@@ -362,7 +373,38 @@ impl Client {
         if status.is_success() || call.any_status {
             return Ok(answer);
         }
-        Err(status_error(self.what(call), status, &answer.body))
+        let err = status_error(self.what(call), status, &answer.body);
+        if err.kind() == ErrorKind::Sealed && self.uninitialized().await {
+            // An uninitialized server answers "sealed" to everything but sys/init.
+            return Err(Error::new(ErrorKind::Uninitialized, self.what(call))
+                .with_vault(status.as_u16(), vec!["Vault is not initialized".into()]));
+        }
+        Err(err)
+    }
+
+    /// Whether `sys/init` says the server was never initialized (one quick, unauthenticated
+    /// request, only after a "sealed" answer).
+    async fn uninitialized(&self) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Init {
+            initialized: bool,
+        }
+        let Ok(url) = self.inner.addr.join("v1/sys/init") else {
+            return false;
+        };
+        let answer = self
+            .inner
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        match answer {
+            Ok(r) if r.status().is_success() => {
+                r.json::<Init>().await.is_ok_and(|init| !init.initialized)
+            }
+            _ => false,
+        }
     }
 
     /// Send and decode the envelope.
@@ -386,12 +428,25 @@ impl Drop for ProbeGuard<'_> {
 }
 
 fn transport_error(what: String, e: reqwest::Error) -> Error {
-    let detail = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "connection error"
+    // A TLS failure says why (rustls: "invalid peer certificate: UnknownIssuer") and
+    // what to check; the chain of sources holds no secret.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    let mut tls = None;
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if text.contains("certificate") || text.contains("tls") || text.contains("TLS") {
+            tls = Some(text);
+        }
+        cause = c.source();
+    }
+    let detail = match (tls, e.is_timeout(), e.is_connect()) {
+        (Some(why), _, _) => format!(
+            "TLS handshake failed: {why}; check VAULT_CACERT (the CA that signed Vault's \
+             certificate) and that the address's host name is in the certificate"
+        ),
+        (None, true, _) => "timed out".into(),
+        (None, false, true) => "connection failed".into(),
+        (None, false, false) => "connection error".into(),
     };
     // reqwest's Display names the URL (no token: tokens travel in headers).
     Error::new(ErrorKind::Transport, format!("{what}: {detail}")).with_source(e.without_url())

@@ -265,8 +265,8 @@ impl Client {
             )
             .await
             .map_err(|e| e.context(&what))?;
-        let body: HealthBody = serde_json::from_slice(&answer.body)
-            .map_err(|e| super::envelope::decode_error("sys/health", e).context(&what))?;
+        let body: HealthBody = super::envelope::decode_json(&answer.body, "GET sys/health")
+            .map_err(|e| e.context(&what))?;
         let state = if !body.initialized {
             HealthState::Uninitialized
         } else if body.sealed {

@@ -1,0 +1,455 @@
+//! Bad input, each a typed error whose message names what to fix — never a panic, never
+//! a secret. Real servers where a real server can show the fault (the stack's OpenBao, a
+//! sealed dev server, an uninitialized raft server, a TLS dev server); a tiny TCP server
+//! only for bodies no real Vault sends. The table of messages is printed for the notes.
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{DevVault, builder, free_port, root_client, tiny_server, unique, var};
+use vaultpool::vault::{Client, RetryConfig};
+use vaultpool::{Error, ErrorKind};
+
+const SECRETS: [&str; 3] = [
+    "s3cr3t-token-xyz",
+    "bad-secret-id-777",
+    "wrong-root-token-q",
+];
+
+struct Row {
+    input: &'static str,
+    expect: ErrorKind,
+    /// Words the message must contain: what failed and what to fix.
+    words: &'static [&'static str],
+    result: Result<String, Error>,
+}
+
+fn no_retry() -> RetryConfig {
+    let mut r = RetryConfig::default();
+    r.max_retries = 0;
+    r
+}
+
+/// An HTTP/1.1 200 answer with `body`, for the tiny server.
+fn http_200(body: &str) -> &'static [u8] {
+    Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    )
+}
+
+async fn creds_from(body: &str) -> Result<String, Error> {
+    let addr = tiny_server(Some(http_200(body))).await;
+    let client = Client::builder()
+        .address(&addr)
+        .token("t")
+        .retry(no_retry())
+        .build()?;
+    client
+        .database_creds("database", "app")
+        .await
+        .map(|c| format!("{:?}", c.lease.expires_at().map(|_| "expires")))
+}
+
+fn lookup(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+    move |k| {
+        pairs
+            .iter()
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+/// `bao server` on raft storage that nobody initialized.
+struct Uninitialized(Child, String);
+
+impl Uninitialized {
+    async fn start() -> Self {
+        let (port, cluster) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!("vaultpool-uninit-{}", unique()));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::write(
+            dir.join("config.hcl"),
+            format!(
+                "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"u1\"\n}}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  tls_disable = true\n}}\napi_addr = \"http://127.0.0.1:{port}\"\ncluster_addr = \"http://127.0.0.1:{cluster}\"\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(var("VAULTPOOL_BAO_BIN"))
+            .args([
+                "server",
+                &format!("-config={}", dir.join("config.hcl").display()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self(child, format!("http://{addr}"))
+    }
+}
+
+impl Drop for Uninitialized {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `bao server -dev -dev-tls`: HTTPS with a CA of its own, written to a temp dir.
+struct TlsDev(Child, String, std::path::PathBuf);
+
+impl TlsDev {
+    async fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("vaultpool-tls-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(var("VAULTPOOL_BAO_BIN"))
+            .args([
+                "server",
+                "-dev",
+                "-dev-tls",
+                &format!("-dev-tls-cert-dir={}", dir.display()),
+                "-dev-root-token-id=root",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                "-dev-no-store-token",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let ca = dir.join("vault-ca.pem");
+        for _ in 0..400 {
+            if ca.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ca.exists(), "no CA written in {}", dir.display());
+        Self(child, format!("https://127.0.0.1:{port}"), dir)
+    }
+}
+
+impl Drop for TlsDev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
+    let stack = root_client();
+    let sealed = DevVault::start();
+    sealed.seal().await;
+    let uninit = Uninitialized::start().await;
+    let tls = TlsDev::start().await;
+    let not_a_ca = std::env::temp_dir().join(format!("not-a-ca-{}.pem", unique()));
+    std::fs::write(&not_a_ca, "this is not a PEM certificate\n").unwrap();
+    // A real, valid CA that did not sign the server's certificate: the stack's dev
+    // server has none, so use a second TLS dev server's CA.
+    let other_tls = TlsDev::start().await;
+    let huge = format!(r#"{{"errors":["{}"]}}"#, "x".repeat(5 * 1024 * 1024));
+
+    #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+    let mut rows = vec![
+        Row {
+            input: "unknown role",
+            expect: ErrorKind::NotFound,
+            words: &["database/creds/no-such-role", "check the mount, path or role"],
+            result: stack.database_creds("database", "no-such-role").await.map(|_| String::new()),
+        },
+        Row {
+            input: "VAULT_ADDR missing",
+            expect: ErrorKind::Config,
+            words: &["VAULT_ADDR"],
+            result: vaultpool::vault::ClientBuilder::from_lookup(lookup(&[("VAULT_TOKEN", "t")]))
+                .and_then(|b| b.build())
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "VAULT_ADDR not a URL",
+            expect: ErrorKind::Config,
+            words: &["VAULT_ADDR", "not a url"],
+            result: vaultpool::vault::ClientBuilder::from_lookup(lookup(&[
+                ("VAULT_ADDR", "not a url"),
+                ("VAULT_TOKEN", "t"),
+            ]))
+            .and_then(|b| b.build())
+            .map(|_| String::new()),
+        },
+        Row {
+            input: "VAULT_ADDR with another scheme",
+            expect: ErrorKind::Config,
+            words: &["ftp://127.0.0.1:8200", "http"],
+            result: Client::builder()
+                .address("ftp://127.0.0.1:8200")
+                .token("t")
+                .build()
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "unreachable address",
+            expect: ErrorKind::Transport,
+            words: &["127.0.0.1:9", "check VAULT_ADDR"],
+            result: Client::builder()
+                .address("http://127.0.0.1:9")
+                .token("t")
+                .retry(no_retry())
+                .build()
+                .unwrap()
+                .health()
+                .await
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "bad token",
+            expect: ErrorKind::PermissionDenied,
+            words: &["secret/redis/main", "token or AppRole is valid"],
+            result: builder()
+                .token(SECRETS[0])
+                .build()
+                .unwrap()
+                .read_kv("secret", "redis/main")
+                .await
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "bad role_id/secret_id",
+            expect: ErrorKind::PermissionDenied,
+            words: &["auth/approle/login", "token or AppRole is valid"],
+            result: builder()
+                .app_role(var("IMMUNE_SYSTEM_ROLE_ID"), SECRETS[1])
+                .build()
+                .unwrap()
+                .login()
+                .await
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "403 policy denial",
+            expect: ErrorKind::PermissionDenied,
+            words: &["secret/data/maximus_ai/anthropic", "policies grant this path"],
+            result: common::approle_client("IMMUNE_SYSTEM")
+                .read_kv("secret", "maximus_ai/anthropic")
+                .await
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "sealed",
+            expect: ErrorKind::Sealed,
+            words: &["Vault is sealed", "unseal"],
+            result: sealed
+                .client()
+                .retry(no_retry())
+                .build()
+                .unwrap()
+                .read_kv("secret", "x")
+                .await
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "uninitialized",
+            expect: ErrorKind::Uninitialized,
+            words: &["not initialized", "bao operator init"],
+            result: Client::builder()
+                .address(&uninit.1)
+                .token(SECRETS[2])
+                .retry(no_retry())
+                .build()
+                .unwrap()
+                .read_kv("secret", "x")
+                .await
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "404 mount",
+            expect: ErrorKind::NotFound,
+            words: &["no-such-mount/creds/app", "check the mount"],
+            result: stack.database_creds("no-such-mount", "app").await.map(|_| String::new()),
+        },
+        Row {
+            input: "non-JSON body",
+            expect: ErrorKind::Decode,
+            words: &["database/creds/app", "unexpected response"],
+            result: creds_from("<html>proxy error</html>").await,
+        },
+        Row {
+            input: "JSON without data",
+            expect: ErrorKind::Decode,
+            words: &["database/creds/app", "data"],
+            result: creds_from(r#"{"lease_id":"l","lease_duration":60,"renewable":true}"#).await,
+        },
+        Row {
+            input: "JSON data without password",
+            expect: ErrorKind::Decode,
+            words: &["database/creds/app", "password"],
+            result: creds_from(r#"{"lease_id":"l","lease_duration":60,"data":{"username":"u"}}"#)
+                .await,
+        },
+        Row {
+            input: "wrong-typed lease_duration",
+            expect: ErrorKind::Decode,
+            words: &["database/creds/app", "lease_duration"],
+            result: creds_from(
+                r#"{"lease_id":"l","lease_duration":"ten","data":{"username":"u","password":"p"}}"#,
+            )
+            .await,
+        },
+        Row {
+            input: "negative TTL",
+            expect: ErrorKind::Decode,
+            words: &["database/creds/app", "lease_duration"],
+            result: creds_from(
+                r#"{"lease_id":"l","lease_duration":-5,"data":{"username":"u","password":"p"}}"#,
+            )
+            .await,
+        },
+        Row {
+            input: "implausible TTL (10^12 s)",
+            expect: ErrorKind::Decode,
+            words: &["database/creds/app", "not plausible"],
+            result: creds_from(
+                r#"{"lease_id":"l","lease_duration":1000000000000,"data":{"username":"u","password":"p"}}"#,
+            )
+            .await,
+        },
+        Row {
+            input: "oversized body (5 MiB)",
+            expect: ErrorKind::Decode,
+            words: &["database/creds/app", "larger than"],
+            result: creds_from(&huge).await,
+        },
+        Row {
+            input: "TLS: server's CA not trusted",
+            expect: ErrorKind::Transport,
+            words: &["https://127.0.0.1", "certificate"],
+            result: Client::builder()
+                .address(&tls.1)
+                .token("root")
+                .retry(no_retry())
+                .build()
+                .unwrap()
+                .health()
+                .await
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "TLS: the wrong CA file",
+            expect: ErrorKind::Transport,
+            words: &["https://127.0.0.1", "certificate"],
+            result: Client::builder()
+                .address(&tls.1)
+                .token("root")
+                .ca_cert(other_tls.2.join("vault-ca.pem"))
+                .retry(no_retry())
+                .build()
+                .unwrap()
+                .health()
+                .await
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "CA file that is not PEM",
+            expect: ErrorKind::Config,
+            words: &["not-a-ca-", "VAULT_CACERT"],
+            result: Client::builder()
+                .address(&tls.1)
+                .token("root")
+                .ca_cert(&not_a_ca)
+                .build()
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "CA file missing",
+            expect: ErrorKind::Config,
+            words: &["/nonexistent/ca.pem", "VAULT_CACERT"],
+            result: Client::builder()
+                .address(&tls.1)
+                .token("root")
+                .ca_cert("/nonexistent/ca.pem")
+                .build()
+                .map(|_| String::new()),
+        },
+    ];
+    #[cfg(feature = "postgres")]
+    rows.push(Row {
+        input: "empty DATABASE_URL",
+        expect: ErrorKind::Config,
+        words: &["DATABASE_URL", "empty"],
+        result: vaultpool::postgres::pg_config_from_lookup(lookup(&[("DATABASE_URL", "")]))
+            .map(|_| String::new()),
+    });
+
+    // The right CA works: the TLS rows fail for the reason they name.
+    let ok = Client::builder()
+        .address(&tls.1)
+        .token("root")
+        .ca_cert(tls.2.join("vault-ca.pem"))
+        .build()
+        .unwrap()
+        .health()
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+
+    let mut failures = Vec::new();
+    println!("| input | kind | message |\n|---|---|---|");
+    for row in &rows {
+        match &row.result {
+            Ok(v) => failures.push(format!("{}: succeeded ({v})", row.input)),
+            Err(e) => {
+                let msg = e.to_string();
+                let chain = format!("{msg} {e:?}");
+                println!(
+                    "| {} | {:?} | {} |",
+                    row.input,
+                    e.kind(),
+                    msg.replace('|', "/")
+                );
+                if e.kind() != row.expect {
+                    failures.push(format!(
+                        "{}: kind {:?}, want {:?}: {msg}",
+                        row.input,
+                        e.kind(),
+                        row.expect
+                    ));
+                }
+                for w in row.words {
+                    if !chain.to_lowercase().contains(&w.to_lowercase()) {
+                        failures.push(format!("{}: message lacks {w:?}: {msg}", row.input));
+                    }
+                }
+                for s in SECRETS {
+                    if chain.contains(s) {
+                        failures.push(format!("{}: the message holds a secret", row.input));
+                    }
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&not_a_ca);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[tokio::test]
+async fn a_lease_duration_of_zero_is_a_lease_without_expiry() {
+    let got = creds_from(
+        r#"{"lease_id":"database/creds/app/x","lease_duration":0,"renewable":false,"data":{"username":"u","password":"p"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(got, "None", "a zero TTL must mean no expiry, not 'expired'");
+}

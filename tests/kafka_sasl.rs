@@ -1,0 +1,375 @@
+//! Kafka SASL settings from KV v2 against a real SASL/SCRAM broker (tansu 0.6.0, started
+//! by `scripts/stack.sh up --kafka`), with rdkafka producers and consumers running across
+//! rotations.
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{kv_put, repo, unique, var};
+use vaultpool::ErrorKind;
+use vaultpool::kafka::rdkafka::config::ClientConfig;
+use vaultpool::kafka::rdkafka::consumer::{Consumer, StreamConsumer};
+use vaultpool::kafka::rdkafka::message::Message;
+use vaultpool::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use vaultpool::kafka::{KafkaSasl, RotatingClient, SaslConfig, verifier, verify};
+
+/// The stack with its Kafka broker (built and started on first use).
+fn kafka() -> &'static str {
+    static UP: OnceLock<String> = OnceLock::new();
+    UP.get_or_init(|| {
+        let has_kafka = common::stack()
+            .get("KAFKA_BOOTSTRAP")
+            .is_some_and(|addr| std::net::TcpStream::connect(addr).is_ok());
+        if !has_kafka {
+            let status = Command::new("bash")
+                .arg(repo().join("scripts/stack.sh"))
+                .args(["up", "--kafka"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "scripts/stack.sh up --kafka failed");
+        }
+        let env =
+            std::fs::read_to_string(format!("{}/stack.env", var("VAULTPOOL_STACK_DIR"))).unwrap();
+        env.lines()
+            .find_map(|l| l.strip_prefix("KAFKA_BOOTSTRAP="))
+            .expect("KAFKA_BOOTSTRAP in the env file")
+            .to_owned()
+    })
+}
+
+/// Run scripts/kafka_admin.py (broker-side admin over the Kafka protocol).
+fn admin(args: &[&str]) -> String {
+    let dir = var("VAULTPOOL_STACK_DIR");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -a; . {dir}/stack.env; set +a; exec python3 {} \"$@\"",
+            repo().join("scripts/kafka_admin.py").display()
+        ))
+        .arg("kafka_admin")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() || args[0] == "check",
+        "kafka_admin {}: {}",
+        args[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn secret(bootstrap: &str, user: &str, password: &str, mechanism: &str) -> serde_json::Value {
+    serde_json::json!({
+        "bootstrap_servers": bootstrap,
+        "sasl_username": user,
+        "sasl_password": password,
+        "sasl_mechanism": mechanism,
+        "security_protocol": "SASL_PLAINTEXT",
+    })
+}
+
+/// A reader with the infrastructure AppRole (its policy reads `secret/kafka/*`).
+fn vault() -> vaultpool::vault::Client {
+    common::approle_client("INFRASTRUCTURE")
+}
+
+fn password() -> String {
+    format!("pw-{}", fastrand::u64(..))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotation_under_a_running_producer_and_consumer_loses_no_message() {
+    let bootstrap = kafka().to_owned();
+    let id = unique();
+    let (user, topic, path) = (
+        format!("app-{id}"),
+        format!("rot-{id}"),
+        format!("kafka/rot-{id}"),
+    );
+    let (p1, p2, p3) = (password(), password(), password());
+    admin(&["upsert-user", &user, &p1]);
+    admin(&["create-topic", &topic]);
+    kv_put(&path, secret(&bootstrap, &user, &p1, "SCRAM-SHA-512")).await;
+
+    let sasl = KafkaSasl::builder(vault())
+        .path(&path)
+        .poll_interval(Duration::from_secs(1))
+        .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
+        .build()
+        .await
+        .unwrap();
+    let mut base = ClientConfig::new();
+    base.set("acks", "all").set("message.timeout.ms", "60000");
+    let producer: RotatingClient<FutureProducer> =
+        RotatingClient::new(&sasl, base, |c| c.create()).unwrap();
+    let mut base = ClientConfig::new();
+    base.set("group.id", format!("g-{id}"))
+        .set("auto.offset.reset", "earliest");
+    let consumer_topic = topic.clone();
+    let consumer: RotatingClient<StreamConsumer> = RotatingClient::new(&sasl, base, move |c| {
+        let consumer: StreamConsumer = c.create()?;
+        consumer.subscribe(&[&consumer_topic])?;
+        Ok(consumer)
+    })
+    .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(Mutex::new(BTreeSet::new()));
+    let consumed = Arc::new(Mutex::new(BTreeSet::new()));
+    let produce = tokio::spawn({
+        let (stop, delivered, producer, topic) = (
+            stop.clone(),
+            delivered.clone(),
+            producer.clone(),
+            topic.clone(),
+        );
+        async move {
+            let mut failed = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let payload = n.to_string();
+                let record = FutureRecord::to(&topic).key("k").payload(&payload);
+                match producer.get().send(record, Duration::from_secs(30)).await {
+                    Ok(_) => {
+                        delivered.lock().unwrap().insert(n);
+                    }
+                    Err((e, _)) => failed.push(format!("message {n}: {e}")),
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (n, failed)
+        }
+    });
+    let consume = tokio::spawn({
+        let (stop, consumed, consumer) = (stop.clone(), consumed.clone(), consumer.clone());
+        async move {
+            let mut done_at: Option<Instant> = None;
+            loop {
+                if stop.load(Ordering::Relaxed) && done_at.is_none() {
+                    done_at = Some(Instant::now());
+                }
+                if done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(40)) {
+                    return;
+                }
+                let client = consumer.get();
+                match tokio::time::timeout(Duration::from_millis(500), client.recv()).await {
+                    Ok(Ok(m)) => {
+                        let n: u64 = std::str::from_utf8(m.payload().unwrap())
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        consumed.lock().unwrap().insert(n);
+                    }
+                    Ok(Err(e)) => eprintln!("consumer: {e}"),
+                    Err(_) => {}
+                }
+            }
+        }
+    });
+
+    // Wait until messages flow end to end.
+    let t0 = Instant::now();
+    while consumed.lock().unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "nothing consumed in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("kafka: first message consumed after {:?}", t0.elapsed());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v1 = sasl.current();
+
+    // Rotation 1: a new password and another mechanism (the user has both): a rebuild.
+    admin(&["upsert-user", &user, &p2]);
+    let t = Instant::now();
+    kv_put(&path, secret(&bootstrap, &user, &p2, "SCRAM-SHA-256")).await;
+    wait_applied(
+        &[&|| producer.applied_version(), &|| {
+            consumer.applied_version()
+        }],
+        2,
+    )
+    .await;
+    let rebuild_pickup = t.elapsed();
+    assert_eq!((producer.rebuilds(), consumer.rebuilds()), (1, 1));
+
+    // The old password no longer works on the broker; the typed error says so.
+    let e = verify(v1.clone(), ClientConfig::new(), Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AuthenticationFailed, "{e}");
+    let old_refused = e.to_string();
+    assert!(!old_refused.contains(&p1), "{old_refused}");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    // Rotation 2: only the password: the running clients take it, no rebuild.
+    admin(&["upsert-user", &user, &p3]);
+    let t = Instant::now();
+    kv_put(&path, secret(&bootstrap, &user, &p3, "SCRAM-SHA-256")).await;
+    wait_applied(
+        &[&|| producer.applied_version(), &|| {
+            consumer.applied_version()
+        }],
+        3,
+    )
+    .await;
+    let live_pickup = t.elapsed();
+    assert_eq!((producer.rebuilds(), consumer.rebuilds()), (1, 1));
+    assert_eq!(
+        (producer.credential_updates(), consumer.credential_updates()),
+        (1, 1)
+    );
+
+    // Past tansu's 60 s session lifetime: the clients built in rotation 1 must
+    // authenticate again, and only the password given to them live (p3) works by then.
+    tokio::time::sleep(Duration::from_secs(62)).await;
+    assert_eq!(
+        admin(&["check", &user, &p2, "--mechanism", "SCRAM-SHA-256"])
+            .trim()
+            .split(':')
+            .next(),
+        Some("refused")
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failed) = produce.await.unwrap();
+    let delivered = delivered.lock().unwrap().clone();
+    let t = Instant::now();
+    while !delivered.is_subset(&consumed.lock().unwrap()) && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let consumed_now = consumed.lock().unwrap().clone();
+    let lost: Vec<_> = delivered.difference(&consumed_now).take(20).collect();
+    println!(
+        "kafka rotation: {sent} messages sent over {:?}, {} delivered, {} failed, {} consumed, {} \
+         lost; 2 rotations (mechanism+password → rebuild picked up in {rebuild_pickup:?}, \
+         password only → live in {live_pickup:?}); old password: {old_refused}",
+        t0.elapsed(),
+        delivered.len(),
+        failed.len(),
+        consumed_now.len(),
+        delivered.difference(&consumed_now).count()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(lost.is_empty(), "delivered but never consumed: {lost:?}");
+    assert_eq!(delivered.len() as u64, sent);
+    assert!(producer.last_error().is_none() && consumer.last_error().is_none());
+    stop.store(true, Ordering::Relaxed);
+    consume.abort();
+    producer.close();
+    consumer.close();
+    sasl.close();
+}
+
+/// Wait until every client (its applied KV version) has reached `version`.
+async fn wait_applied(clients: &[&dyn Fn() -> u64], version: u64) {
+    let t = Instant::now();
+    while clients.iter().any(|applied| applied() < version) {
+        let now: Vec<u64> = clients.iter().map(|applied| applied()).collect();
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "version {version} not applied: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_unknown_user_is_a_typed_error() {
+    let bootstrap = kafka().to_owned();
+    let id = unique();
+    let (user, good) = (format!("app-{id}"), password());
+    admin(&["upsert-user", &user, &good]);
+    for (who, pw, expect) in [
+        (&user, "wrong-password-x", "invalid-proof"),
+        (&format!("nobody-{id}"), "whatever-pw-y", "unknown-user"),
+    ] {
+        let path = format!("kafka/bad-{id}");
+        kv_put(&path, secret(&bootstrap, who, pw, "SCRAM-SHA-512")).await;
+        let e = KafkaSasl::builder(vault())
+            .path(&path)
+            .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
+            .build()
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        println!("kafka, {expect}: {msg}");
+        assert_eq!(e.kind(), ErrorKind::AuthenticationFailed, "{msg}");
+        assert!(
+            msg.contains(who.as_str()) && msg.contains(&bootstrap) && msg.contains(&path),
+            "{msg}"
+        );
+        assert!(!msg.contains(pw), "{msg}");
+    }
+    // The right one passes.
+    let path = format!("kafka/good-{id}");
+    kv_put(&path, secret(&bootstrap, &user, &good, "SCRAM-SHA-512")).await;
+    KafkaSasl::builder(vault())
+        .path(&path)
+        .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
+        .build()
+        .await
+        .unwrap()
+        .close();
+}
+
+#[tokio::test]
+async fn a_new_kv_version_is_published_within_the_poll_interval() {
+    let path = format!("kafka/poll-{}", unique());
+    let v = |n: u32| secret("broker-1:9092", "svc", &format!("pw-{n}"), "SCRAM-SHA-512");
+    kv_put(&path, v(1)).await;
+    let every = Duration::from_secs(2);
+    let sasl = KafkaSasl::builder(vault())
+        .path(&path)
+        .poll_interval(every)
+        .build()
+        .await
+        .unwrap();
+    let mut rx = sasl.subscribe();
+    assert_eq!(rx.borrow_and_update().version, 1);
+    let mut seen = Vec::new();
+    for n in 2..=4 {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..1500))).await;
+        kv_put(&path, v(n)).await;
+        let t = Instant::now();
+        tokio::time::timeout(every * 3, rx.changed())
+            .await
+            .expect("no new version published")
+            .unwrap();
+        let picked = t.elapsed();
+        let config: Arc<SaslConfig> = rx.borrow_and_update().clone();
+        assert_eq!(config.version, u64::from(n));
+        assert_eq!(sasl.current().version, u64::from(n));
+        seen.push(picked);
+        // The poll waits at most the interval + 10% jitter; allow one second for Vault
+        // and the scheduler on a loaded 2-core box.
+        assert!(
+            picked <= every.mul_f64(1.1) + Duration::from_secs(1),
+            "{picked:?}"
+        );
+    }
+    let status = sasl.status();
+    println!(
+        "kafka KV poll every {every:?}: new versions seen after {seen:?}; {} polls, {} changes",
+        status.polls, status.changes
+    );
+    assert_eq!(status.changes, 3);
+    assert_eq!(status.version, 4);
+
+    // A broken version is not published; the good one stays, the error is reported.
+    kv_put(&path, serde_json::json!({ "bootstrap_servers": "nope", "sasl_username": "svc", "sasl_password": "x" })).await;
+    let e = sasl.check_now().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.to_string().contains("bootstrap_servers"), "{e}");
+    assert_eq!(sasl.current().version, 4);
+    assert!(sasl.status().last_error.is_some());
+    sasl.close();
+}

@@ -159,6 +159,9 @@ fn a_full_rotation_scenario_leaks_no_secret_anywhere() {
         })
         .unwrap_err();
         seen.push(format!("{e} | {e:?}"));
+
+        #[cfg(feature = "rdkafka")]
+        kafka_part(&mut secrets, &mut seen).await;
     });
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
@@ -193,4 +196,64 @@ fn builder_with(secret_id: &str) -> vaultpool::vault::ClientBuilder {
 fn the_token_detector_finds_tokens() {
     assert!(looks_like_token("x-vault-token: s.AbCdEfGhIjKlMnOpQrStUvWx ok").is_some());
     assert!(looks_like_token("vaultpool::vault::sys: renewed lease").is_none());
+}
+
+/// Kafka: SASL settings through two KV versions, a live client given the new password,
+/// and the broker refusing a wrong one.
+#[cfg(feature = "rdkafka")]
+async fn kafka_part(secrets: &mut Vec<String>, seen: &mut Vec<String>) {
+    use std::time::Duration;
+    use vaultpool::kafka::rdkafka::config::ClientConfig;
+    use vaultpool::kafka::rdkafka::producer::BaseProducer;
+    use vaultpool::kafka::{KafkaSasl, RotatingClient, verifier};
+
+    let bootstrap = kafka().to_owned();
+    let user = format!("leak-{}", unique());
+    let (p1, p2) = (
+        format!("kafka-pw-{}", unique()),
+        format!("kafka-pw-{}", unique()),
+    );
+    secrets.extend([p1.clone(), p2.clone()]);
+    kafka_admin(&["upsert-user", &user, &p1]);
+    let path = format!("kafka/leak-{}", unique());
+    let secret = |pw: &str| {
+        json!({ "bootstrap_servers": bootstrap, "sasl_username": user, "sasl_password": pw,
+                "security_protocol": "SASL_PLAINTEXT" })
+    };
+    kv_put(&path, secret(&p1)).await;
+    let sasl = KafkaSasl::builder(root_client())
+        .path(&path)
+        .poll_interval(Duration::from_secs(1))
+        .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
+        .build()
+        .await
+        .unwrap();
+    let producer: RotatingClient<BaseProducer> =
+        RotatingClient::new(&sasl, ClientConfig::new(), |c| c.create()).unwrap();
+    seen.push(format!(
+        "{sasl:?} {:?} {:?} {producer:?}",
+        sasl.current(),
+        sasl.status()
+    ));
+    kafka_admin(&["upsert-user", &user, &p2]);
+    kv_put(&path, secret(&p2)).await;
+    assert!(sasl.check_now().await.unwrap());
+    for _ in 0..100 {
+        if producer.applied_version() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(producer.applied_version(), 2);
+    seen.push(format!(
+        "{sasl:?} {:?} {:?} {producer:?}",
+        sasl.current(),
+        sasl.status()
+    ));
+    // The old password, now refused by the broker: verification fails, nothing published.
+    kv_put(&path, secret(&p1)).await;
+    let e = sasl.check_now().await.unwrap_err();
+    seen.push(format!("{e} | {e:?} | {:?}", sasl.status()));
+    producer.close();
+    sasl.close();
 }

@@ -155,6 +155,9 @@ mod sealed {
     pub trait Native {
         /// The librdkafka handle, valid while `self` is.
         fn native(&self) -> *mut RDKafka;
+        /// Called on the serving client as its replacement starts (consumers leave their
+        /// group, so the two do not share partitions).
+        fn before_replace(&self) {}
         /// Called on a client that a rebuild replaced (producers flush).
         fn retire(&self, _timeout: std::time::Duration) {}
     }
@@ -188,16 +191,25 @@ native_producer! {
     ThreadedProducer<C, P> => [C, P] where [C: ProducerContext<P> + 'static, P: Partitioner];
 }
 
-impl<C: ConsumerContext, R> sealed::Native for StreamConsumer<C, R> {
-    fn native(&self) -> *mut rdkafka::types::RDKafka {
-        self.client().native_ptr()
-    }
+/// A consumer being replaced leaves its group first: its stored offsets are committed
+/// on revocation, and its replacement resumes from them (messages it fetched but nobody
+/// read are delivered again, never skipped).
+macro_rules! native_consumer {
+    ($($ty:ty => [$($gen:tt)*];)*) => {$(
+        impl<$($gen)*> sealed::Native for $ty {
+            fn native(&self) -> *mut rdkafka::types::RDKafka {
+                self.client().native_ptr()
+            }
+            fn before_replace(&self) {
+                self.unsubscribe();
+            }
+        }
+    )*};
 }
 
-impl<C: ConsumerContext> sealed::Native for BaseConsumer<C> {
-    fn native(&self) -> *mut rdkafka::types::RDKafka {
-        self.client().native_ptr()
-    }
+native_consumer! {
+    StreamConsumer<C, R> => [C: ConsumerContext, R];
+    BaseConsumer<C> => [C: ConsumerContext];
 }
 
 /// Give a running client new SASL credentials; librdkafka copies both strings.
@@ -240,7 +252,9 @@ type Build<C> = dyn Fn(&ClientConfig) -> KafkaResult<C> + Send + Sync;
 
 /// A long-lived rdkafka producer or consumer that follows a [`KafkaSasl`]: a new
 /// password reaches the running client (no rebuild); new brokers, mechanism or protocol
-/// rebuild it with the same `build` function and swap it in.
+/// rebuild it with the same `build` function and swap it in. A replaced consumer leaves
+/// its group before the new one joins (so a message may be delivered twice, never
+/// skipped); a replaced producer is flushed.
 ///
 /// [`get`](Self::get) returns the client serving now; take it per operation (or per
 /// batch) rather than keeping it forever, so that a rebuilt client is picked up. Work
@@ -429,7 +443,10 @@ impl<C: SaslClient> Inner<C> {
             self.credential_updates.fetch_add(1, Ordering::Relaxed);
             tracing::info!(target = %self.target, version = next.version, user = %next.username, "Kafka client: new SASL credentials applied");
         } else {
+            // Created first (it can fail without side effects); the serving consumer
+            // leaves its group at once, while the new one is still connecting.
             let fresh = create(&*self.build, &self.base, &next, &self.target)?;
+            self.client.load().before_replace();
             let old = self.client.swap(Arc::new(fresh));
             self.rebuilds.fetch_add(1, Ordering::Relaxed);
             tracing::info!(target = %self.target, version = next.version, "Kafka client rebuilt for new brokers/mechanism");

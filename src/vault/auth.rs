@@ -440,7 +440,7 @@ async fn renew_self(client: &Client, s: &TokenState) -> Result<TokenState> {
 }
 
 #[derive(serde::Deserialize)]
-struct LookupSelf {
+pub(crate) struct LookupSelf {
     #[serde(default)]
     accessor: String,
     #[serde(default)]

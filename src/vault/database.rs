@@ -8,7 +8,7 @@ use crate::credentials::{Credentials, Leased};
 use crate::error::{Error, ErrorKind, Result};
 
 #[derive(Deserialize)]
-struct CredsData {
+pub(crate) struct CredsData {
     username: String,
     password: SecretString,
 }

@@ -116,7 +116,7 @@ pub struct KvMetadata {
 }
 
 #[derive(Deserialize)]
-struct DataBlock {
+pub(crate) struct DataBlock {
     data: Option<BTreeMap<String, Value>>,
     metadata: VersionMeta,
 }
@@ -133,7 +133,7 @@ struct VersionMeta {
 }
 
 #[derive(Deserialize)]
-struct MetadataBlock {
+pub(crate) struct MetadataBlock {
     current_version: u64,
     #[serde(default)]
     oldest_version: u64,

@@ -490,6 +490,43 @@ pub(crate) fn status_error(what: String, status: StatusCode, body: &[u8]) -> Err
     err
 }
 
+/// Every decoder of Vault answers over one body, for the fuzz target in `fuzz/`
+/// (`cargo fuzz run envelope`): none may panic, and no error message may grow with the
+/// body (messages never quote a value).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_decode(body: &[u8]) {
+    fn check<T>(r: Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let shown = format!("{e} {e:?}");
+                assert!(
+                    shown.len() < 2048,
+                    "an error message grew with the body: {shown}"
+                );
+                None
+            }
+        }
+    }
+    let what = "GET fuzz";
+    if let Some(env) = check(Envelope::<database::CredsData>::decode(body, what)) {
+        if let Some((_, parts)) = check(env.into_data(what)) {
+            check(parts.into_lease(Instant::now(), what));
+        }
+    }
+    check(Envelope::<kv::DataBlock>::decode(body, what));
+    check(Envelope::<kv::MetadataBlock>::decode(body, what));
+    check(Envelope::<auth::LookupSelf>::decode(body, what));
+    check(Envelope::<sys::LookupData>::decode(body, what));
+    check(Envelope::<Value>::decode(body, what));
+    check(envelope::decode_json::<sys::HealthBody>(body, what));
+    for status in [400, 403, 404, 429, 500, 503] {
+        let e = status_error(what.into(), StatusCode::from_u16(status).unwrap(), body);
+        check::<()>(Err(e));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

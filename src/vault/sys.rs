@@ -55,7 +55,7 @@ pub struct Health {
 }
 
 #[derive(Deserialize)]
-struct HealthBody {
+pub(crate) struct HealthBody {
     initialized: bool,
     sealed: bool,
     #[serde(default)]
@@ -91,7 +91,7 @@ pub struct LeaseInfo {
 }
 
 #[derive(Deserialize)]
-struct LookupData {
+pub(crate) struct LookupData {
     id: String,
     #[serde(default)]
     ttl: i64,

@@ -291,6 +291,130 @@ pub async fn kv_put(path: &str, data: serde_json::Value) {
     assert!(r.status().is_success(), "kv put {path}: {}", r.status());
 }
 
+/// The stack with its Kafka broker (built and started on first use).
+pub fn kafka() -> &'static str {
+    static UP: OnceLock<String> = OnceLock::new();
+    UP.get_or_init(|| {
+        let has_kafka = stack()
+            .get("KAFKA_BOOTSTRAP")
+            .is_some_and(|addr| std::net::TcpStream::connect(addr).is_ok());
+        if !has_kafka {
+            let status = Command::new("bash")
+                .arg(repo().join("scripts/stack.sh"))
+                .args(["up", "--kafka"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "scripts/stack.sh up --kafka failed");
+        }
+        let env =
+            std::fs::read_to_string(format!("{}/stack.env", var("VAULTPOOL_STACK_DIR"))).unwrap();
+        env.lines()
+            .find_map(|l| l.strip_prefix("KAFKA_BOOTSTRAP="))
+            .expect("KAFKA_BOOTSTRAP in the env file")
+            .to_owned()
+    })
+}
+
+/// Run scripts/kafka_admin.py (broker-side admin over the Kafka protocol).
+pub fn kafka_admin(args: &[&str]) -> String {
+    let dir = var("VAULTPOOL_STACK_DIR");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -a; . {dir}/stack.env; set +a; exec python3 {} \"$@\"",
+            repo().join("scripts/kafka_admin.py").display()
+        ))
+        .arg("kafka_admin")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() || args[0] == "check",
+        "kafka_admin {}: {}",
+        args[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// A TCP proxy in front of a real server, for faults the server cannot show by itself:
+/// latency (`delay_ms` before each client→server chunk; a huge value hangs) and a log of
+/// when each request whose first line contains `marker` went through.
+pub struct Proxy {
+    pub addr: String,
+    pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    hits: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str, marker: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (delay, log) = (delay_ms.clone(), hits.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (upstream, delay, log) = (upstream.clone(), delay.clone(), log.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return; // server down: the client sees the connection close
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let wait = delay.load(Ordering::Relaxed);
+                            if wait > 0 {
+                                tokio::time::sleep(Duration::from_millis(wait)).await;
+                            }
+                            let chunk = &buf[..n];
+                            let text = String::from_utf8_lossy(&chunk[..n.min(256)]);
+                            if text.lines().next().is_some_and(|l| l.contains(marker)) {
+                                log.lock().unwrap().push(Instant::now());
+                            }
+                            if sw.write_all(chunk).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Self {
+            addr,
+            delay_ms,
+            hits,
+        }
+    }
+
+    /// When each marked request went through, in order.
+    pub fn hits(&self) -> Vec<Instant> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
 /// A one-line unique suffix for test objects.
 pub fn unique() -> String {
     format!(
@@ -531,7 +655,19 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         }
     }
 
-    async fn unseal(&self) {
+    /// Seal it (root token); calls then answer 503 "Vault is sealed" until `unseal`.
+    pub async fn seal(&self) {
+        vault_write(
+            &self.addr,
+            &self.root_token,
+            reqwest::Method::PUT,
+            "sys/seal",
+            serde_json::json!({}),
+        )
+        .await;
+    }
+
+    pub async fn unseal(&self) {
         let r = reqwest::Client::new()
             .put(format!("{}/v1/sys/unseal", self.addr))
             .json(&serde_json::json!({ "key": self.unseal_key }))

@@ -1,0 +1,325 @@
+//! The fault suite: Vault sealed during a run, AppRole tokens expiring again and again, a
+//! Vault that hangs, and 200 pools whose Vault comes back after an outage. Each test runs
+//! a real pool (or engines) against a real OpenBao and the stack's PostgreSQL, and asserts
+//! that nothing is lost; each prints what it measured.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vaultpool::postgres::VaultPgPool;
+use vaultpool::{Generation, RotatingCredentials};
+
+/// `tasks` workers querying through `pool` until `stop`; each returns (ok, failures,
+/// slowest checkout).
+fn load(
+    pool: &VaultPgPool,
+    tasks: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>, Duration)>> {
+    (0..tasks)
+        .map(|_| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let result = async {
+                        let c = pool.get().await.map_err(|e| e.to_string())?;
+                        slowest = slowest.max(t.elapsed());
+                        c.query_one("SELECT count(*) FROM items", &[])
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    .await;
+                    match result {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (ok, failed, slowest)
+            })
+        })
+        .collect()
+}
+
+async fn finish(
+    workers: Vec<tokio::task::JoinHandle<(u64, Vec<String>, Duration)>>,
+) -> (u64, Vec<String>, Duration) {
+    let (mut ok, mut failed, mut slowest) = (0, Vec::new(), Duration::ZERO);
+    for w in workers {
+        let (o, f, s) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+        slowest = slowest.max(s);
+    }
+    (ok, failed, slowest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal() {
+    let vault = PersistentVault::start("app", "45s", "1h").await;
+    let pool = VaultPgPool::builder("app")
+        .vault(vault.client())
+        .pg_config(pg_target())
+        .policy(fast_policy())
+        .max_size(4)
+        .build()
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(&pool, 4, &stop);
+    tokio::time::sleep(Duration::from_secs(22)).await;
+
+    // Sealed for 12 s across the renewal point (27–30 s into the 45 s lease).
+    vault.seal().await;
+    let sealed_at = Instant::now();
+    let mut seen_sealed = None;
+    while sealed_at.elapsed() < Duration::from_secs(12) {
+        let status = pool.status().lease;
+        if let Some(e) = status.last_error.filter(|e| e.contains("Vault is sealed")) {
+            seen_sealed = Some((e, status.health));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (sealed_error, health_sealed) = seen_sealed.expect("no sealed error reported while sealed");
+    assert_eq!(pool.status().lease.generation, Generation(1));
+    vault.unseal().await;
+    let unsealed_at = Instant::now();
+    let renewals_before = pool.status().lease.renewals;
+    while pool.status().lease.renewals == renewals_before {
+        assert!(
+            unsealed_at.elapsed() < Duration::from_secs(10),
+            "no renewal after unseal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovered = unsealed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, _) = finish(workers).await;
+    let status = pool.status().lease;
+    println!(
+        "sealed for 12 s across the renewal point: {ok} queries, {} failed; reported \
+         {health_sealed:?} with \"{sealed_error}\"; renewed {recovered:?} after unseal \
+         (generation {}, {:?} left)",
+        failed.len(),
+        status.generation.0,
+        status.ttl_remaining
+    );
+    assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+    assert_eq!(
+        status.generation,
+        Generation(1),
+        "the lease was renewed, not replaced"
+    );
+    assert!(status.last_error.is_none(), "{:?}", status.last_error);
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approle_tokens_that_keep_expiring_are_never_noticed_by_the_pool() {
+    // short-token: token TTL 4 s, max TTL 10 s: renewed, then replaced by a fresh login
+    // every ~10 s; the leases it issued die with it, so the engine rotates before that.
+    let role = create_role("1h", "2h").await;
+    let client = approle_client("SHORT_TOKEN");
+    let first = client.login().await.unwrap().accessor;
+    let pool = VaultPgPool::builder(&role)
+        .vault(client.clone())
+        .pg_config(pg_target())
+        .policy(fast_policy())
+        .max_size(4)
+        .build()
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(&pool, 4, &stop);
+    let mut tokens = vec![first];
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(36) {
+        if let Some(info) = client.token_info() {
+            if tokens.last() != Some(&info.accessor) {
+                tokens.push(info.accessor);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, _) = finish(workers).await;
+    let status = pool.status().lease;
+    println!(
+        "AppRole token max TTL 10 s over 36 s: {} tokens, {} rotations, {ok} queries, {} failed",
+        tokens.len(),
+        status.rotations,
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+    assert!(tokens.len() >= 3, "the token was not replaced: {tokens:?}");
+    assert!(
+        status.rotations >= 2,
+        "leases were not moved off ending tokens"
+    );
+    pool.close().await;
+    assert!(leases_of(&role).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_vault_never_stalls_the_request_path() {
+    let vault = PersistentVault::start("app", "30s", "1h").await;
+    let proxy = Proxy::start(&vault.addr, "/v1/sys/leases/renew").await;
+    let client = vaultpool::vault::Client::builder()
+        .address(&proxy.addr)
+        .token(&vault.root_token)
+        .request_timeout(Duration::from_secs(1))
+        .max_retries(1)
+        .build()
+        .unwrap();
+    let pool = VaultPgPool::builder("app")
+        .vault(client)
+        .pg_config(pg_target())
+        .policy(fast_policy())
+        .max_size(4)
+        .build()
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let steady = load(&pool, 4, &stop);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok_steady, failed_steady, slowest_steady) = finish(steady).await;
+
+    // Vault hangs (every request held for an hour) across the renewal point (~20 s).
+    proxy.delay_ms.store(3_600_000, Ordering::Relaxed);
+    let hung_at = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hung = load(&pool, 4, &stop);
+    let mut timeout_seen = None;
+    while hung_at.elapsed() < Duration::from_secs(20) {
+        if let Some(e) = pool
+            .status()
+            .lease
+            .last_error
+            .filter(|e| e.contains("timed out"))
+        {
+            timeout_seen.get_or_insert((hung_at.elapsed(), e));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok_hung, failed_hung, slowest_hung) = finish(hung).await;
+    proxy.delay_ms.store(0, Ordering::Relaxed);
+    let back = Instant::now();
+    let renewals = pool.status().lease.renewals;
+    while pool.status().lease.renewals == renewals {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "no renewal once Vault answered: {:?}",
+            pool.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (seen_after, error) = timeout_seen.expect("no timeout reported while Vault hung");
+    println!(
+        "Vault hanging for 20 s (request timeout 1 s): {ok_hung} queries, {} failed, slowest \
+         checkout {slowest_hung:?} (steady: {ok_steady} queries, slowest {slowest_steady:?}); \
+         renewal timeouts reported after {seen_after:?} (\"{error}\"); renewed {:?} after \
+         Vault answered again",
+        failed_hung.len(),
+        back.elapsed()
+    );
+    assert!(
+        failed_steady.is_empty() && failed_hung.is_empty(),
+        "{failed_hung:?}"
+    );
+    // A checkout that waited on Vault would take at least the 1 s request timeout.
+    assert!(slowest_hung < Duration::from_secs(1), "{slowest_hung:?}");
+    assert_eq!(pool.status().lease.generation, Generation(1));
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_pools_after_an_outage_renew_spread_out_not_in_step() {
+    const POOLS: usize = 200;
+    let mut vault = PersistentVault::start("app", "60s", "1h").await;
+    let proxy = Proxy::start(&vault.addr, "/v1/sys/leases/renew").await;
+    // Renew at half the TTL (30 s, jittered down to 27 s); rotation would start at 54 s.
+    let mut policy = vaultpool::lease::Policy::default();
+    policy.renew_fraction = 0.5;
+    let started = Instant::now();
+    let mut engines = Vec::with_capacity(POOLS);
+    for _ in 0..POOLS {
+        // One client per pool, as 200 services would have.
+        let client = vaultpool::vault::Client::builder()
+            .address(&proxy.addr)
+            .token(&vault.root_token)
+            .request_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        engines.push(
+            RotatingCredentials::builder(client, "app")
+                .policy(policy.clone())
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let issued_in = started.elapsed();
+    // Down across every renewal point (27–30 s after each issue), back long before any
+    // rotation point.
+    tokio::time::sleep(Duration::from_secs(22).saturating_sub(started.elapsed())).await;
+    vault.kill();
+    tokio::time::sleep((Duration::from_secs(31) + issued_in).saturating_sub(started.elapsed()))
+        .await;
+    let before = proxy.hits().len();
+    vault.restart().await;
+    let back = Instant::now();
+    while engines.iter().any(|e| e.status().renewals == 0) {
+        assert!(
+            back.elapsed() < Duration::from_secs(9),
+            "not every pool renewed after the outage: {:?}",
+            engines
+                .iter()
+                .find(|e| e.status().renewals == 0)
+                .map(|e| e.status())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every renewal request since the restart began (some land while it unseals).
+    let hits: Vec<Instant> = proxy.hits()[before..].to_vec();
+    let span = hits.last().unwrap().duration_since(hits[0]);
+    let window = Duration::from_millis(250);
+    let peak = hits
+        .iter()
+        .map(|t| {
+            hits.iter()
+                .filter(|u| **u >= *t && **u < *t + window)
+                .count()
+        })
+        .max()
+        .unwrap();
+    let mean = hits.len() as f64 / (span.as_secs_f64() / window.as_secs_f64()).max(1.0);
+    println!(
+        "{POOLS} pools (issued in {issued_in:?}), Vault back {:?} after the first issue: {} renewals in {span:?} after it came back; peak {peak} \
+         per 250 ms (mean {mean:.1}; all in step would be {POOLS}); every pool renewed {:?} \
+         after restart",
+        back.duration_since(started),
+        hits.len(),
+        back.elapsed()
+    );
+    assert!(hits.len() >= POOLS);
+    // Synchronized retries would put all 200 in one window; jittered backoff spreads them
+    // over seconds.
+    assert!(
+        peak <= POOLS / 4,
+        "renewals came in step: peak {peak} in 250 ms"
+    );
+    for e in &engines {
+        assert_eq!(e.generation(), Generation(1));
+        e.close().await;
+    }
+}

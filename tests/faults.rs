@@ -262,7 +262,7 @@ async fn two_hundred_pools_after_an_outage_renew_spread_out_not_in_step() {
             .unwrap();
         engines.push(
             RotatingCredentials::builder(client, "app")
-                .policy(policy.clone())
+                .policy(policy)
                 .build()
                 .await
                 .unwrap(),

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: starts the local stack (installing what is missing), builds the
-# docs (warnings are errors), runs a short smoke of the load benchmark (it fails if vaultpool loses a query), then every test —
-# unit, integration against the real servers, examples, criterion benches once each in
-# test mode — and the doc tests.
+# The whole test suite: starts the local stack with its Kafka broker (installing what is
+# missing), checks the dependency tree (licences, bans, sources), builds the docs
+# (warnings are errors), runs a short smoke of the load benchmark (it fails if vaultpool
+# loses a query), then every test — unit, integration against the real servers, examples,
+# criterion benches once each in test mode — the doc tests, and the fuzz target for a
+# fixed time (VAULTPOOL_FUZZ_SECONDS, default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.85 or newer)" >&2; exit 1; }
 scripts/stack.sh up --kafka
+# Supply chain. Advisories need the RustSec database from GitHub, out of this CI's reach.
+"$(scripts/tool.sh cargo-deny 0.20.2)" deny --all-features check licenses bans sources
 # The docs build without a broken link or warning.
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --all-features --no-deps
 (
@@ -18,3 +22,10 @@ RUSTDOCFLAGS="-D warnings" cargo doc --quiet --all-features --no-deps
 )
 cargo test --all-features --all-targets "$@" -- --show-output
 cargo test --all-features --doc
+# Fuzz every Vault answer decoder (cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP lets
+# the stable toolchain take them). Crashes fail the run and are kept in fuzz/artifacts.
+CARGO_FUZZ="$(scripts/tool.sh cargo-fuzz 0.13.2)"
+mkdir -p target/fuzz-corpus
+cp -n fuzz/corpus/envelope/* target/fuzz-corpus/
+RUSTC_BOOTSTRAP=1 "$CARGO_FUZZ" fuzz run envelope target/fuzz-corpus fuzz/corpus/envelope -- \
+  -max_total_time="${VAULTPOOL_FUZZ_SECONDS:-60}" -max_len=65536

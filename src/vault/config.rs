@@ -174,9 +174,24 @@ impl ClientBuilder {
     }
 
     /// The Vault address (`https://host:8200`). Required; no default.
+    ///
+    /// For an HA cluster give every node, comma-separated (`VAULT_ADDR` takes the same
+    /// form) or with [`addresses`](Self::addresses): requests go to one node (standbys
+    /// serve reads and forward writes); when a node cannot be reached the client moves to
+    /// the next one, and the retry goes there.
     pub fn address(mut self, addr: impl Into<String>) -> Self {
         self.address = Some(addr.into());
         self
+    }
+
+    /// Every node of an HA cluster, tried in this order (see [`address`](Self::address)).
+    pub fn addresses<I, S>(self, addrs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let joined: Vec<String> = addrs.into_iter().map(Into::into).collect();
+        self.address(joined.join(","))
     }
 
     /// How to authenticate. Required; no default.
@@ -270,7 +285,19 @@ impl ClientBuilder {
                 "building the Vault client: no address; call .address(…) or set VAULT_ADDR",
             )
         })?;
-        let addr = parse_address(&raw)?;
+        let addrs = raw
+            .split(',')
+            .filter(|a| !a.trim().is_empty())
+            .map(parse_address)
+            .collect::<Result<Vec<_>>>()?;
+        if addrs.is_empty() {
+            return Err(parse_address(&raw).err().unwrap_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    "building the Vault client: the address is empty",
+                )
+            }));
+        }
         let auth = self.auth.ok_or_else(|| {
             Error::new(
                 ErrorKind::Config,
@@ -326,7 +353,8 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
-                addr,
+                addrs,
+                current: std::sync::atomic::AtomicUsize::new(0),
                 namespace: self.namespace,
                 retry: self.retry,
                 breaker: Breaker::new(self.breaker),
@@ -472,6 +500,34 @@ mod tests {
             parse_address("http://h:1/proxy").unwrap().as_str(),
             "http://h:1/proxy/"
         );
+    }
+
+    #[test]
+    fn several_addresses_make_an_ha_client() {
+        let c = Client::builder()
+            .address("http://a:8200, http://b:8200,")
+            .token("t")
+            .build()
+            .unwrap();
+        assert_eq!(
+            c.addresses().collect::<Vec<_>>(),
+            ["http://a:8200/", "http://b:8200/"]
+        );
+        assert_eq!(c.address(), "http://a:8200/");
+        let c = Client::builder()
+            .addresses(["http://a:1", "https://b:2"])
+            .token("t")
+            .build()
+            .unwrap();
+        assert_eq!(c.addresses().count(), 2);
+        for bad in ["http://a:1,ftp://b", ",", "http://a:1,not a url"] {
+            let e = Client::builder()
+                .address(bad)
+                .token("t")
+                .build()
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config, "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -57,7 +57,9 @@ pub struct Client {
 
 struct Inner {
     http: reqwest::Client,
-    addr: url::Url,
+    /// Every node's address (one for a single server); `current` indexes the one in use.
+    addrs: Vec<url::Url>,
+    current: std::sync::atomic::AtomicUsize,
     namespace: Option<String>,
     retry: RetryConfig,
     breaker: Breaker,
@@ -68,7 +70,7 @@ struct Inner {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("addr", &self.inner.addr.as_str())
+            .field("addr", &self.address())
             .field("namespace", &self.inner.namespace)
             .field("auth", &self.inner.auth.method_name())
             .finish_non_exhaustive()
@@ -158,9 +160,48 @@ impl Client {
         ClientBuilder::from_env()?.build()
     }
 
-    /// The Vault address this client talks to.
+    /// The Vault address this client talks to now (with several addresses, the one it
+    /// moved to last).
     pub fn address(&self) -> &str {
-        self.inner.addr.as_str()
+        self.base().1.as_str()
+    }
+
+    /// Every address the client knows, in the order given.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.inner.addrs.iter().map(url::Url::as_str)
+    }
+
+    fn base(&self) -> (usize, &url::Url) {
+        let i = self
+            .inner
+            .current
+            .load(std::sync::atomic::Ordering::Acquire)
+            % self.inner.addrs.len();
+        (i, &self.inner.addrs[i])
+    }
+
+    /// `addrs[failed]` could not be reached: move to the next address (once, even when
+    /// many requests saw the same failure). The retry then goes there.
+    fn fail_over(&self, failed: usize) {
+        let n = self.inner.addrs.len();
+        if n > 1
+            && self
+                .inner
+                .current
+                .compare_exchange(
+                    failed,
+                    (failed + 1) % n,
+                    std::sync::atomic::Ordering::AcqRel,
+                    std::sync::atomic::Ordering::Acquire,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+                from = %self.inner.addrs[failed],
+                to = %self.inner.addrs[(failed + 1) % n],
+                "vault node unreachable, moving to the next address"
+            );
+        }
     }
 
     /// When the token with this accessor ends for good, if known (it was replaced by a
@@ -184,7 +225,7 @@ impl Client {
             "{} {} at {}",
             call.method,
             call.path,
-            self.inner.addr.as_str().trim_end_matches('/')
+            self.address().trim_end_matches('/')
         )
     }
 
@@ -268,10 +309,12 @@ impl Client {
             }
             Admission::Pass => None,
         };
-        let result = self.exchange(call, token).await;
+        let (index, base) = self.base();
+        let result = self.exchange(base, call, token).await;
         match &result {
             Err(e) if e.kind() == ErrorKind::Transport => {
                 inner.breaker.on_transport_failure(Instant::now());
+                self.fail_over(index);
             }
             _ => inner.breaker.on_success(),
         }
@@ -299,12 +342,12 @@ impl Client {
 
     async fn exchange(
         &self,
+        base: &url::Url,
         call: &Call<'_>,
         token: Option<&secrecy::SecretString>,
     ) -> Result<Answer> {
         let inner = &self.inner;
-        let url = inner
-            .addr
+        let url = base
             .join(&format!("v1/{}", call.path.trim_start_matches('/')))
             .map_err(|e| {
                 Error::new(
@@ -389,7 +432,7 @@ impl Client {
         struct Init {
             initialized: bool,
         }
-        let Ok(url) = self.inner.addr.join("v1/sys/init") else {
+        let Ok(url) = self.base().1.join("v1/sys/init") else {
             return false;
         };
         let answer = self

@@ -461,7 +461,7 @@ pub fn pg_statements() -> (String, String) {
     (creation.to_string(), revocation.to_string())
 }
 
-async fn vault_write(
+pub async fn vault_write(
     addr: &str,
     token: &str,
     method: reqwest::Method,

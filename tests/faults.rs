@@ -11,69 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vaultpool::postgres::VaultPgPool;
 use vaultpool::{Generation, RotatingCredentials};
-
-/// `tasks` workers querying through `pool` until `stop`; each returns (ok, failures,
-/// slowest checkout).
-fn load(
-    pool: &VaultPgPool,
-    tasks: usize,
-    stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>, Duration)>> {
-    (0..tasks)
-        .map(|_| {
-            let (pool, stop) = (pool.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut ok, mut failed, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    let result = async {
-                        let c = pool.get().await.map_err(|e| e.to_string())?;
-                        slowest = slowest.max(t.elapsed());
-                        c.query_one("SELECT count(*) FROM items", &[])
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
-                    .await;
-                    match result {
-                        Ok(_) => ok += 1,
-                        Err(e) => failed.push(e),
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                (ok, failed, slowest)
-            })
-        })
-        .collect()
-}
-
-async fn finish(
-    workers: Vec<tokio::task::JoinHandle<(u64, Vec<String>, Duration)>>,
-) -> (u64, Vec<String>, Duration) {
-    let (mut ok, mut failed, mut slowest) = (0, Vec::new(), Duration::ZERO);
-    for w in workers {
-        let (o, f, s) = w.await.unwrap();
-        ok += o;
-        failed.extend(f);
-        slowest = slowest.max(s);
-    }
-    (ok, failed, slowest)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal() {
     let vault = PersistentVault::start("app", "45s", "1h").await;
-    let pool = VaultPgPool::builder("app")
-        .vault(vault.client())
-        .pg_config(pg_target())
-        .policy(fast_policy())
-        .max_size(4)
-        .build()
-        .await
-        .unwrap();
+    let pool = small_pool("app", vault.client()).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = load(&pool, 4, &stop);
+    let workers = query_load(&pool, 4, &stop);
     tokio::time::sleep(Duration::from_secs(22)).await;
 
     // Sealed for 12 s across the renewal point (27–30 s into the 45 s lease).
@@ -102,7 +47,7 @@ async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal(
     let recovered = unsealed_at.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed, _) = finish(workers).await;
+    let (ok, failed, _) = finish_load(workers).await;
     let status = pool.status().lease;
     println!(
         "sealed for 12 s across the renewal point: {ok} queries, {} failed; reported \
@@ -129,16 +74,9 @@ async fn approle_tokens_that_keep_expiring_are_never_noticed_by_the_pool() {
     let role = create_role("1h", "2h").await;
     let client = approle_client("SHORT_TOKEN");
     let first = client.login().await.unwrap().accessor;
-    let pool = VaultPgPool::builder(&role)
-        .vault(client.clone())
-        .pg_config(pg_target())
-        .policy(fast_policy())
-        .max_size(4)
-        .build()
-        .await
-        .unwrap();
+    let pool = small_pool(&role, client.clone()).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = load(&pool, 4, &stop);
+    let workers = query_load(&pool, 4, &stop);
     let mut tokens = vec![first];
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(36) {
@@ -150,7 +88,7 @@ async fn approle_tokens_that_keep_expiring_are_never_noticed_by_the_pool() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed, _) = finish(workers).await;
+    let (ok, failed, _) = finish_load(workers).await;
     let status = pool.status().lease;
     println!(
         "AppRole token max TTL 10 s over 36 s: {} tokens, {} rotations, {ok} queries, {} failed",
@@ -179,25 +117,18 @@ async fn a_hanging_vault_never_stalls_the_request_path() {
         .max_retries(1)
         .build()
         .unwrap();
-    let pool = VaultPgPool::builder("app")
-        .vault(client)
-        .pg_config(pg_target())
-        .policy(fast_policy())
-        .max_size(4)
-        .build()
-        .await
-        .unwrap();
+    let pool = small_pool("app", client).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let steady = load(&pool, 4, &stop);
+    let steady = query_load(&pool, 4, &stop);
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, Ordering::Relaxed);
-    let (ok_steady, failed_steady, slowest_steady) = finish(steady).await;
+    let (ok_steady, failed_steady, slowest_steady) = finish_load(steady).await;
 
     // Vault hangs (every request held for an hour) across the renewal point (~20 s).
     proxy.delay_ms.store(3_600_000, Ordering::Relaxed);
     let hung_at = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let hung = load(&pool, 4, &stop);
+    let hung = query_load(&pool, 4, &stop);
     let mut timeout_seen = None;
     while hung_at.elapsed() < Duration::from_secs(20) {
         if let Some(e) = pool
@@ -211,7 +142,7 @@ async fn a_hanging_vault_never_stalls_the_request_path() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let (ok_hung, failed_hung, slowest_hung) = finish(hung).await;
+    let (ok_hung, failed_hung, slowest_hung) = finish_load(hung).await;
     proxy.delay_ms.store(0, Ordering::Relaxed);
     let back = Instant::now();
     let renewals = pool.status().lease.renewals;

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vaultpool::Generation;
-use vaultpool::postgres::VaultPgPool;
 
 struct Node {
     child: Option<Child>,
@@ -166,40 +165,8 @@ impl Cluster {
     }
 
     async fn configure(&self) {
-        let (addr, token) = (&self.nodes[0].addr, &self.root_token);
-        let put = async |path: &str, body: serde_json::Value| {
-            vault_write(addr, token, reqwest::Method::POST, path, body).await;
-        };
-        put(
-            "sys/mounts/database",
-            serde_json::json!({"type": "database"}),
-        )
-        .await;
-        put(
-            "database/config/adaptive_immunity",
-            serde_json::json!({
-                "plugin_name": "postgresql-database-plugin",
-                "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/adaptive_immunity?sslmode=disable", var("PGPORT")),
-                "username": "vault_admin",
-                "password": var("VAULTPOOL_PG_VAULT_ADMIN_PASSWORD"),
-                "password_authentication": "scram-sha-256",
-                "allowed_roles": "*",
-                "max_open_connections": 4,
-            }),
-        )
-        .await;
-        let (creation, revocation) = pg_statements();
-        put(
-            "database/roles/app",
-            serde_json::json!({
-                "db_name": "adaptive_immunity",
-                "default_ttl": "16s",
-                "max_ttl": "16s",
-                "creation_statements": creation,
-                "revocation_statements": revocation,
-            }),
-        )
-        .await;
+        // Leases that cannot be renewed past 16 s: a rotation every ~11 s.
+        configure_database_engine(&self.nodes[0].addr, &self.root_token, "app", "16s", "16s").await;
     }
 
     fn addresses(&self) -> Vec<String> {
@@ -237,38 +204,9 @@ async fn killing_the_active_node_loses_no_query_and_rotation_goes_on_on_the_new_
         .breaker(breaker)
         .build()
         .unwrap();
-    let pool = VaultPgPool::builder("app")
-        .vault(client.clone())
-        .pg_config(pg_target())
-        .policy(fast_policy())
-        .max_size(4)
-        .build()
-        .await
-        .unwrap();
+    let pool = small_pool("app", client.clone()).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let (pool, stop) = (pool.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut ok, mut failed) = (0u64, Vec::new());
-                while !stop.load(Ordering::Relaxed) {
-                    let r = async {
-                        let c = pool.get().await.map_err(|e| e.to_string())?;
-                        c.query_one("SELECT count(*) FROM items", &[])
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
-                    .await;
-                    match r {
-                        Ok(_) => ok += 1,
-                        Err(e) => failed.push(e),
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let workers = query_load(&pool, 4, &stop);
 
     // 16 s leases that cannot be renewed further: a rotation every ~11 s. Kill the active
     // node (n0) between two of them.
@@ -295,12 +233,7 @@ async fn killing_the_active_node_loses_no_query_and_rotation_goes_on_on_the_new_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for w in workers {
-        let (o, f) = w.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
+    let (ok, failed, _) = finish_load(workers).await;
     let after = pool.status().lease;
     let (elected_after, leader) = new_leader.expect("no new leader elected");
     println!(

@@ -94,14 +94,7 @@ async fn postgres_down_during_a_rotation_keeps_the_old_lease_and_rotates_once_ba
     let _turn = PG.lock().await;
     // 30 s leases that cannot be renewed: rotation due 5 s before the end (at ~25 s).
     let role = create_role("30s", "30s").await;
-    let pool = VaultPgPool::builder(&role)
-        .vault(approle_client("IMMUNE_SYSTEM"))
-        .pg_config(pg_target())
-        .policy(fast_policy())
-        .max_size(4)
-        .build()
-        .await
-        .unwrap();
+    let pool = small_pool(&role, approle_client("IMMUNE_SYSTEM")).await;
     let issued = Instant::now();
     let first_lease = pool.status().lease.lease_id;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

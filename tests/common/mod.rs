@@ -539,6 +539,50 @@ pub async fn roles_alive(pg: &tokio_postgres::Client, names: &[String]) -> Vec<S
     rows.iter().map(|r| r.get::<_, String>(0)).collect()
 }
 
+/// Mount the database secrets engine on a Vault of the test's own, connected to the
+/// stack's `adaptive_immunity` database, with one role.
+pub async fn configure_database_engine(
+    addr: &str,
+    token: &str,
+    role: &str,
+    ttl: &str,
+    max_ttl: &str,
+) {
+    let put = async |path: &str, body: serde_json::Value| {
+        vault_write(addr, token, reqwest::Method::POST, path, body).await;
+    };
+    put(
+        "sys/mounts/database",
+        serde_json::json!({"type": "database"}),
+    )
+    .await;
+    put(
+        "database/config/adaptive_immunity",
+        serde_json::json!({
+            "plugin_name": "postgresql-database-plugin",
+            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/adaptive_immunity?sslmode=disable", var("PGPORT")),
+            "username": "vault_admin",
+            "password": var("VAULTPOOL_PG_VAULT_ADMIN_PASSWORD"),
+            "password_authentication": "scram-sha-256",
+            "allowed_roles": "*",
+            "max_open_connections": 4,
+        }),
+    )
+    .await;
+    let (creation, revocation) = pg_statements();
+    put(
+        &format!("database/roles/{role}"),
+        serde_json::json!({
+            "db_name": "adaptive_immunity",
+            "default_ttl": ttl,
+            "max_ttl": max_ttl,
+            "creation_statements": creation,
+            "revocation_statements": revocation,
+        }),
+    )
+    .await;
+}
+
 /// A single-node OpenBao with raft storage of the test's own: it can be killed and
 /// started again with its leases intact (a dev server forgets everything). Configured
 /// with the database engine on the stack's PostgreSQL and one role.
@@ -598,40 +642,7 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         v.unseal_key = init["keys"][0].as_str().unwrap().to_string();
         v.root_token = init["root_token"].as_str().unwrap().to_string();
         v.unseal().await;
-        let put = |path: &str, body: serde_json::Value| {
-            let (addr, token, path) = (v.addr.clone(), v.root_token.clone(), path.to_string());
-            async move { vault_write(&addr, &token, reqwest::Method::POST, &path, body).await }
-        };
-        put(
-            "sys/mounts/database",
-            serde_json::json!({"type": "database"}),
-        )
-        .await;
-        put(
-            "database/config/adaptive_immunity",
-            serde_json::json!({
-                "plugin_name": "postgresql-database-plugin",
-                "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/adaptive_immunity?sslmode=disable", var("PGPORT")),
-                "username": "vault_admin",
-                "password": var("VAULTPOOL_PG_VAULT_ADMIN_PASSWORD"),
-                "password_authentication": "scram-sha-256",
-                "allowed_roles": "*",
-                "max_open_connections": 4,
-            }),
-        )
-        .await;
-        let (creation, revocation) = pg_statements();
-        put(
-            &format!("database/roles/{role}"),
-            serde_json::json!({
-                "db_name": "adaptive_immunity",
-                "default_ttl": ttl,
-                "max_ttl": max_ttl,
-                "creation_statements": creation,
-                "revocation_statements": revocation,
-            }),
-        )
-        .await;
+        configure_database_engine(&v.addr, &v.root_token, role, ttl, max_ttl).await;
         v
     }
 
@@ -820,4 +831,69 @@ pub async fn redis_users_alive(users: &[String]) -> Vec<String> {
         .filter(|u| list.lines().any(|l| l == u.as_str()))
         .cloned()
         .collect()
+}
+
+/// What a query load saw: queries that succeeded, the errors of those that failed, and
+/// the slowest checkout.
+#[cfg(feature = "postgres")]
+pub type LoadResult = (u64, Vec<String>, Duration);
+
+/// `tasks` workers running `SELECT count(*) FROM items` through `pool` until `stop`.
+#[cfg(feature = "postgres")]
+pub fn query_load(
+    pool: &vaultpool::postgres::VaultPgPool,
+    tasks: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<LoadResult>> {
+    (0..tasks)
+        .map(|_| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let result = async {
+                        let c = pool.get().await.map_err(|e| e.to_string())?;
+                        slowest = slowest.max(t.elapsed());
+                        c.query_one("SELECT count(*) FROM items", &[])
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    .await;
+                    match result {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (ok, failed, slowest)
+            })
+        })
+        .collect()
+}
+
+/// Wait for the workers of [`query_load`] and add up what they saw.
+#[cfg(feature = "postgres")]
+pub async fn finish_load(workers: Vec<tokio::task::JoinHandle<LoadResult>>) -> LoadResult {
+    let (mut ok, mut failed, mut slowest) = (0, Vec::new(), Duration::ZERO);
+    for w in workers {
+        let (o, f, s) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+        slowest = slowest.max(s);
+    }
+    (ok, failed, slowest)
+}
+
+/// A 4-connection pool on the stack's `adaptive_immunity` database with quick retries.
+#[cfg(feature = "postgres")]
+pub async fn small_pool(role: &str, vault: Client) -> vaultpool::postgres::VaultPgPool {
+    vaultpool::postgres::VaultPgPool::builder(role)
+        .vault(vault)
+        .pg_config(pg_target())
+        .policy(fast_policy())
+        .max_size(4)
+        .build()
+        .await
+        .unwrap()
 }

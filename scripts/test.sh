@@ -20,7 +20,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --quiet --all-features --no-deps
   set +a
   cargo run --quiet --all-features --example load_bench -- --smoke
 )
-cargo test --all-features --all-targets "$@" -- --show-output
+cargo test --all-features --all-targets --no-fail-fast "$@" -- --show-output
 cargo test --all-features --doc
 # Fuzz every Vault answer decoder (cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP lets
 # the stable toolchain take them). Crashes fail the run and are kept in fuzz/artifacts.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use vaultpool::postgres::VaultPgPool;
 use vaultpool::{Generation, RotatingCredentials};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +109,7 @@ async fn approle_tokens_that_keep_expiring_are_never_noticed_by_the_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_vault_never_stalls_the_request_path() {
-    let vault = PersistentVault::start("app", "30s", "1h").await;
+    let vault = PersistentVault::start("app", "40s", "1h").await;
     let proxy = Proxy::start(&vault.addr, "/v1/sys/leases/renew").await;
     let client = vaultpool::vault::Client::builder()
         .address(&proxy.addr)
@@ -117,14 +118,24 @@ async fn a_hanging_vault_never_stalls_the_request_path() {
         .max_retries(1)
         .build()
         .unwrap();
-    let pool = small_pool("app", client).await;
+    // Renew at half the TTL (18–20 s), well inside the hang; rotation would start at 35 s.
+    let mut policy = fast_policy();
+    policy.renew_fraction = 0.5;
+    let pool = VaultPgPool::builder("app")
+        .vault(client)
+        .pg_config(pg_target())
+        .policy(policy)
+        .max_size(4)
+        .build()
+        .await
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let steady = query_load(&pool, 4, &stop);
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, Ordering::Relaxed);
     let (ok_steady, failed_steady, slowest_steady) = finish_load(steady).await;
 
-    // Vault hangs (every request held for an hour) across the renewal point (~20 s).
+    // Vault hangs (every request held for an hour) from 4 s to 24 s, across the renewal.
     proxy.delay_ms.store(3_600_000, Ordering::Relaxed);
     let hung_at = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));

@@ -90,17 +90,7 @@ impl Cluster {
             })
             .await;
         }
-        let init: serde_json::Value = reqwest::Client::new()
-            .put(format!("{}/v1/sys/init", nodes[0].addr))
-            .json(&serde_json::json!({"secret_shares": 1, "secret_threshold": 1}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let key = init["keys"][0].as_str().unwrap().to_owned();
-        let root_token = init["root_token"].as_str().unwrap().to_owned();
+        let (key, root_token) = init_vault(&nodes[0].addr).await;
         let unseal = async |addr: &str| {
             reqwest::Client::new()
                 .put(format!("{addr}/v1/sys/unseal"))

@@ -8,23 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{kafka, kafka_admin as admin, kv_put, unique};
+use common::{kafka, kafka_admin as admin, kafka_secret, kv_put, unique};
 use vaultpool::ErrorKind;
 use vaultpool::kafka::rdkafka::config::ClientConfig;
 use vaultpool::kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use vaultpool::kafka::rdkafka::message::Message;
 use vaultpool::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use vaultpool::kafka::{KafkaSasl, RotatingClient, SaslConfig, verifier, verify};
-
-fn secret(bootstrap: &str, user: &str, password: &str, mechanism: &str) -> serde_json::Value {
-    serde_json::json!({
-        "bootstrap_servers": bootstrap,
-        "sasl_username": user,
-        "sasl_password": password,
-        "sasl_mechanism": mechanism,
-        "security_protocol": "SASL_PLAINTEXT",
-    })
-}
 
 /// A reader with the infrastructure AppRole (its policy reads `secret/kafka/*`).
 fn vault() -> vaultpool::vault::Client {
@@ -47,7 +37,7 @@ async fn rotation_under_a_running_producer_and_consumer_loses_no_message() {
     let (p1, p2, p3) = (password(), password(), password());
     admin(&["upsert-user", &user, &p1]);
     admin(&["create-topic", &topic]);
-    kv_put(&path, secret(&bootstrap, &user, &p1, "SCRAM-SHA-512")).await;
+    kv_put(&path, kafka_secret(&bootstrap, &user, &p1, "SCRAM-SHA-512")).await;
 
     let sasl = KafkaSasl::builder(vault())
         .path(&path)
@@ -142,7 +132,7 @@ async fn rotation_under_a_running_producer_and_consumer_loses_no_message() {
     // Rotation 1: a new password and another mechanism (the user has both): a rebuild.
     admin(&["upsert-user", &user, &p2]);
     let t = Instant::now();
-    kv_put(&path, secret(&bootstrap, &user, &p2, "SCRAM-SHA-256")).await;
+    kv_put(&path, kafka_secret(&bootstrap, &user, &p2, "SCRAM-SHA-256")).await;
     wait_applied(
         &[&|| producer.applied_version(), &|| {
             consumer.applied_version()
@@ -165,7 +155,7 @@ async fn rotation_under_a_running_producer_and_consumer_loses_no_message() {
     // Rotation 2: only the password: the running clients take it, no rebuild.
     admin(&["upsert-user", &user, &p3]);
     let t = Instant::now();
-    kv_put(&path, secret(&bootstrap, &user, &p3, "SCRAM-SHA-256")).await;
+    kv_put(&path, kafka_secret(&bootstrap, &user, &p3, "SCRAM-SHA-256")).await;
     wait_applied(
         &[&|| producer.applied_version(), &|| {
             consumer.applied_version()
@@ -245,7 +235,7 @@ async fn a_wrong_password_or_unknown_user_is_a_typed_error() {
         (&format!("nobody-{id}"), "whatever-pw-y", "unknown-user"),
     ] {
         let path = format!("kafka/bad-{id}");
-        kv_put(&path, secret(&bootstrap, who, pw, "SCRAM-SHA-512")).await;
+        kv_put(&path, kafka_secret(&bootstrap, who, pw, "SCRAM-SHA-512")).await;
         let e = KafkaSasl::builder(vault())
             .path(&path)
             .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
@@ -263,7 +253,11 @@ async fn a_wrong_password_or_unknown_user_is_a_typed_error() {
     }
     // The right one passes.
     let path = format!("kafka/good-{id}");
-    kv_put(&path, secret(&bootstrap, &user, &good, "SCRAM-SHA-512")).await;
+    kv_put(
+        &path,
+        kafka_secret(&bootstrap, &user, &good, "SCRAM-SHA-512"),
+    )
+    .await;
     KafkaSasl::builder(vault())
         .path(&path)
         .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
@@ -276,7 +270,7 @@ async fn a_wrong_password_or_unknown_user_is_a_typed_error() {
 #[tokio::test]
 async fn a_new_kv_version_is_published_within_the_poll_interval() {
     let path = format!("kafka/poll-{}", unique());
-    let v = |n: u32| secret("broker-1:9092", "svc", &format!("pw-{n}"), "SCRAM-SHA-512");
+    let v = |n: u32| kafka_secret("broker-1:9092", "svc", &format!("pw-{n}"), "SCRAM-SHA-512");
     kv_put(&path, v(1)).await;
     let every = Duration::from_secs(2);
     let sasl = KafkaSasl::builder(vault())

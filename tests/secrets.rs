@@ -216,10 +216,7 @@ async fn kafka_part(secrets: &mut Vec<String>, seen: &mut Vec<String>) {
     secrets.extend([p1.clone(), p2.clone()]);
     kafka_admin(&["upsert-user", &user, &p1]);
     let path = format!("kafka/leak-{}", unique());
-    let secret = |pw: &str| {
-        json!({ "bootstrap_servers": bootstrap, "sasl_username": user, "sasl_password": pw,
-                "security_protocol": "SASL_PLAINTEXT" })
-    };
+    let secret = |pw: &str| kafka_secret(&bootstrap, &user, pw, "SCRAM-SHA-512");
     kv_put(&path, secret(&p1)).await;
     let sasl = KafkaSasl::builder(root_client())
         .path(&path)

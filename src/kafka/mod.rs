@@ -246,20 +246,27 @@ impl Builder {
                 ),
             ));
         }
-        let inner = Arc::new(Inner {
+        let reader = Reader {
             client: self.client,
             mount: self.mount,
             path: self.path,
-            poll: self.poll,
             security_protocol: self.security_protocol,
             verify: self.verify,
-            tx: watch::channel(None).0,
+        };
+        let first = reader.read_verified().await?;
+        tracing::info!(path = %reader.path, version = first.version, user = %first.username, "Kafka SASL settings published");
+        let stats = SaslStatus {
+            version: first.version,
+            ..SaslStatus::default()
+        };
+        let inner = Arc::new(Inner {
+            reader,
+            poll: self.poll,
+            tx: watch::channel(first).0,
             check: tokio::sync::Mutex::new(()),
-            stats: Mutex::new(SaslStatus::default()),
+            stats: Mutex::new(stats),
             cancel: CancellationToken::new(),
         });
-        let first = inner.read_verified().await?;
-        inner.publish(first);
         tokio::spawn(poll(Arc::downgrade(&inner), inner.cancel.clone()));
         Ok(KafkaSasl { inner })
     }
@@ -275,18 +282,22 @@ pub struct KafkaSasl {
 }
 
 struct Inner {
-    client: Client,
-    mount: String,
-    path: String,
+    reader: Reader,
     poll: Duration,
-    security_protocol: String,
-    verify: Option<SaslVerifier>,
-    /// `None` only until the first version is published in `build`.
-    tx: watch::Sender<Option<Arc<SaslConfig>>>,
+    tx: watch::Sender<Arc<SaslConfig>>,
     /// One check at a time (the poller, `check_now`).
     check: tokio::sync::Mutex<()>,
     stats: Mutex<SaslStatus>,
     cancel: CancellationToken,
+}
+
+/// Reads (and verifies) the newest version of the secret.
+struct Reader {
+    client: Client,
+    mount: String,
+    path: String,
+    security_protocol: String,
+    verify: Option<SaslVerifier>,
 }
 
 /// What the watcher has done, for health endpoints and tests.
@@ -321,29 +332,12 @@ impl KafkaSasl {
 
     /// The settings published now.
     pub fn current(&self) -> Arc<SaslConfig> {
-        self.inner.tx.borrow().clone().expect("published in build")
+        self.inner.tx.borrow().clone()
     }
 
     /// A receiver that sees every newly published version.
     pub fn subscribe(&self) -> watch::Receiver<Arc<SaslConfig>> {
-        let (tx, rx) = watch::channel(self.current());
-        let mut source = self.inner.tx.subscribe();
-        let cancel = self.inner.cancel.clone();
-        // Forward until either side goes away; the forwarder holds no handle to `inner`.
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tx.closed() => return,
-                    changed = source.changed() => if changed.is_err() { return },
-                }
-                let next = source.borrow_and_update().clone();
-                if let Some(next) = next {
-                    tx.send_replace(next);
-                }
-            }
-        });
-        rx
+        self.inner.tx.subscribe()
     }
 
     /// Poll now instead of waiting for the next tick. `Ok(true)` when a new version was
@@ -362,10 +356,11 @@ impl KafkaSasl {
 
     /// Where the settings are read from (`mount/path`).
     pub fn target(&self) -> String {
-        format!("{}/{}", self.inner.mount, self.inner.path)
+        format!("{}/{}", self.inner.reader.mount, self.inner.reader.path)
     }
 
-    /// Stop polling. The published settings stay readable; receivers see no more changes.
+    /// Stop polling. The published settings stay readable; receivers see no more changes
+    /// (their `changed()` ends once the last handle is dropped).
     pub fn close(&self) {
         self.inner.cancel.cancel();
     }
@@ -381,7 +376,7 @@ impl fmt::Debug for KafkaSasl {
     }
 }
 
-impl Inner {
+impl Reader {
     async fn read_verified(&self) -> Result<Arc<SaslConfig>> {
         let what = || {
             format!(
@@ -407,37 +402,38 @@ impl Inner {
         }
         Ok(config)
     }
+}
 
+impl Inner {
     fn publish(&self, config: Arc<SaslConfig>) {
         let mut stats = self.stats.lock().expect("stats lock");
-        if stats.version != 0 {
-            stats.changes += 1;
-            stats.last_change = Some(Instant::now());
-        }
+        stats.changes += 1;
+        stats.last_change = Some(Instant::now());
         stats.version = config.version;
         stats.last_error = None;
         drop(stats);
         tracing::info!(
-            path = %self.path,
+            path = %self.reader.path,
             version = config.version,
             user = %config.username,
             "Kafka SASL settings published"
         );
-        self.tx.send_replace(Some(config));
+        self.tx.send_replace(config);
     }
 
     async fn check(&self) -> Result<bool> {
         let _one = self.check.lock().await;
-        let serving = self.tx.borrow().as_ref().map_or(0, |c| c.version);
+        let serving = self.tx.borrow().version;
+        let reader = &self.reader;
         let result = async {
-            let meta = self
+            let meta = reader
                 .client
-                .read_kv_metadata(&self.mount, &self.path)
+                .read_kv_metadata(&reader.mount, &reader.path)
                 .await?;
             if meta.current_version == serving {
                 return Ok(None);
             }
-            self.read_verified().await.map(Some)
+            reader.read_verified().await.map(Some)
         }
         .await;
         let mut stats = self.stats.lock().expect("stats lock");
@@ -473,7 +469,7 @@ async fn poll(inner: Weak<Inner>, cancel: CancellationToken) {
         }
         let Some(inner) = inner.upgrade() else { return };
         if let Err(e) = inner.check().await {
-            tracing::warn!(path = %inner.path, error = %e, "Kafka SASL settings: poll failed; the published version stays");
+            tracing::warn!(path = %inner.reader.path, error = %e, "Kafka SASL settings: poll failed; the published version stays");
         }
     }
 }

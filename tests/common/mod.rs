@@ -315,6 +315,22 @@ pub fn kafka() -> &'static str {
     })
 }
 
+/// The KV data of Kafka SASL settings for the stack's broker (plaintext SASL on loopback).
+pub fn kafka_secret(
+    bootstrap: &str,
+    user: &str,
+    password: &str,
+    mechanism: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "bootstrap_servers": bootstrap,
+        "sasl_username": user,
+        "sasl_password": password,
+        "sasl_mechanism": mechanism,
+        "security_protocol": "SASL_PLAINTEXT",
+    })
+}
+
 /// Run scripts/kafka_admin.py (broker-side admin over the Kafka protocol).
 pub fn kafka_admin(args: &[&str]) -> String {
     let dir = var("VAULTPOOL_STACK_DIR");
@@ -485,22 +501,27 @@ pub async fn vault_write(
 /// immune-system policy may lease), so revoke-prefix and counting stay per test.
 pub async fn create_role(ttl: &str, max_ttl: &str) -> String {
     let name = format!("test-{}", unique());
-    let (creation, revocation) = pg_statements();
     vault_write(
         &var("VAULT_ADDR"),
         &var("VAULTPOOL_ROOT_TOKEN"),
         reqwest::Method::POST,
         &format!("database/roles/{name}"),
-        serde_json::json!({
-            "db_name": "adaptive_immunity",
-            "default_ttl": ttl,
-            "max_ttl": max_ttl,
-            "creation_statements": creation,
-            "revocation_statements": revocation,
-        }),
+        pg_role(ttl, max_ttl),
     )
     .await;
     name
+}
+
+/// A database role on `adaptive_immunity` with the stack's statements.
+pub fn pg_role(ttl: &str, max_ttl: &str) -> serde_json::Value {
+    let (creation, revocation) = pg_statements();
+    serde_json::json!({
+        "db_name": "adaptive_immunity",
+        "default_ttl": ttl,
+        "max_ttl": max_ttl,
+        "creation_statements": creation,
+        "revocation_statements": revocation,
+    })
 }
 
 /// Lease ids Vault still holds under `database/creds/{role}/`.
@@ -539,6 +560,23 @@ pub async fn roles_alive(pg: &tokio_postgres::Client, names: &[String]) -> Vec<S
     rows.iter().map(|r| r.get::<_, String>(0)).collect()
 }
 
+/// `sys/init` with one key share: (unseal key, root token).
+pub async fn init_vault(addr: &str) -> (String, String) {
+    let init: serde_json::Value = reqwest::Client::new()
+        .put(format!("{addr}/v1/sys/init"))
+        .json(&serde_json::json!({"secret_shares": 1, "secret_threshold": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        init["keys"][0].as_str().unwrap().to_owned(),
+        init["root_token"].as_str().unwrap().to_owned(),
+    )
+}
+
 /// Mount the database secrets engine on a Vault of the test's own, connected to the
 /// stack's `adaptive_immunity` database, with one role.
 pub async fn configure_database_engine(
@@ -569,18 +607,7 @@ pub async fn configure_database_engine(
         }),
     )
     .await;
-    let (creation, revocation) = pg_statements();
-    put(
-        &format!("database/roles/{role}"),
-        serde_json::json!({
-            "db_name": "adaptive_immunity",
-            "default_ttl": ttl,
-            "max_ttl": max_ttl,
-            "creation_statements": creation,
-            "revocation_statements": revocation,
-        }),
-    )
-    .await;
+    put(&format!("database/roles/{role}"), pg_role(ttl, max_ttl)).await;
 }
 
 /// A single-node OpenBao with raft storage of the test's own: it can be killed and
@@ -630,17 +657,7 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
             port,
         };
         v.spawn().await;
-        let init: serde_json::Value = reqwest::Client::new()
-            .put(format!("{}/v1/sys/init", v.addr))
-            .json(&serde_json::json!({"secret_shares": 1, "secret_threshold": 1}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v.unseal_key = init["keys"][0].as_str().unwrap().to_string();
-        v.root_token = init["root_token"].as_str().unwrap().to_string();
+        (v.unseal_key, v.root_token) = init_vault(&v.addr).await;
         v.unseal().await;
         configure_database_engine(&v.addr, &v.root_token, role, ttl, max_ttl).await;
         v

@@ -64,6 +64,7 @@ impl ErrorKind {
             | Self::LeaseExpired
             | Self::PoolTimeout
             | Self::Transport
+            | Self::Tls
             | Self::CircuitOpen
             | Self::Sealed
             | Self::RateLimited

@@ -17,8 +17,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum ErrorKind {
     /// The configuration is missing or invalid (an address, a CA file, an env var).
     Config,
-    /// Vault could not be reached: connect error, TLS failure, timeout, reset.
+    /// Vault could not be reached: connect error, timeout, reset.
     Transport,
+    /// The TLS handshake with Vault failed: its certificate is not signed by a trusted CA
+    /// (`VAULT_CACERT`), or does not name the address's host. Not retried: it fails the
+    /// same way until the configuration or the certificate changes.
+    Tls,
     /// The circuit breaker is open after repeated transport failures; the call was not
     /// sent. It lets a probe through after its cooldown.
     CircuitOpen,
@@ -71,6 +75,7 @@ impl ErrorKind {
         match self {
             Self::Config => "invalid configuration",
             Self::Transport => "could not reach Vault",
+            Self::Tls => "Vault's TLS certificate was not accepted",
             Self::CircuitOpen => "circuit breaker open",
             Self::Sealed => "Vault is sealed",
             Self::Uninitialized => "Vault is not initialized",
@@ -94,6 +99,10 @@ impl ErrorKind {
         Some(match self {
             Self::Transport => {
                 "check VAULT_ADDR and that Vault is running and reachable from this host"
+            }
+            Self::Tls => {
+                "check VAULT_CACERT (the CA that signed Vault's certificate) and that the \
+                 address's host name is in the certificate"
             }
             Self::CircuitOpen => {
                 "Vault failed repeatedly; calls resume after the breaker's cooldown"

@@ -335,8 +335,8 @@ async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
         },
         Row {
             input: "TLS: server's CA not trusted",
-            expect: ErrorKind::Transport,
-            words: &["https://127.0.0.1", "certificate"],
+            expect: ErrorKind::Tls,
+            words: &["https://127.0.0.1", "certificate", "VAULT_CACERT"],
             result: Client::builder()
                 .address(&tls.1)
                 .token("root")
@@ -349,8 +349,8 @@ async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
         },
         Row {
             input: "TLS: the wrong CA file",
-            expect: ErrorKind::Transport,
-            words: &["https://127.0.0.1", "certificate"],
+            expect: ErrorKind::Tls,
+            words: &["https://127.0.0.1", "certificate", "VAULT_CACERT"],
             result: Client::builder()
                 .address(&tls.1)
                 .token("root")

@@ -14,15 +14,33 @@ use common::*;
 use vaultpool::postgres::VaultPgPool;
 use vaultpool::{Generation, RotatingCredentials};
 
+/// One fault at a time: each test times renewals against its own Vault, and two of them
+/// side by side on a 2-core machine (200 engines next to a seal/unseal) measure the
+/// machine, not the engine.
+static ONE_FAULT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal() {
+    let _one = ONE_FAULT_AT_A_TIME.lock().await;
     let vault = PersistentVault::start("app", "45s", "1h").await;
-    let pool = small_pool("app", vault.client()).await;
+    // Renew at half the TTL (20.25–22.5 s into the 45 s lease); rotation would start at
+    // 40 s, so the renewal after the unseal (28 s) has 12 s before the engine would
+    // rather rotate.
+    let mut policy = fast_policy();
+    policy.renew_fraction = 0.5;
+    let pool = VaultPgPool::builder("app")
+        .vault(vault.client())
+        .pg_config(pg_target())
+        .policy(policy)
+        .max_size(4)
+        .build()
+        .await
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let workers = query_load(&pool, 4, &stop);
-    tokio::time::sleep(Duration::from_secs(22)).await;
+    tokio::time::sleep(Duration::from_secs(16)).await;
 
-    // Sealed for 12 s across the renewal point (27–30 s into the 45 s lease).
+    // Sealed for 12 s (16–28 s), across the renewal point.
     vault.seal().await;
     let sealed_at = Instant::now();
     let mut seen_sealed = None;
@@ -35,13 +53,16 @@ async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal(
     }
     let (sealed_error, health_sealed) = seen_sealed.expect("no sealed error reported while sealed");
     assert_eq!(pool.status().lease.generation, Generation(1));
+    let unseal_started = Instant::now();
     vault.unseal().await;
     let unsealed_at = Instant::now();
+    let unseal_took = unsealed_at - unseal_started;
     let renewals_before = pool.status().lease.renewals;
     while pool.status().lease.renewals == renewals_before {
         assert!(
             unsealed_at.elapsed() < Duration::from_secs(10),
-            "no renewal after unseal"
+            "no renewal within 10 s of the unseal (retries are at most 1 s apart): {:?}",
+            pool.status().lease
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -52,8 +73,8 @@ async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal(
     let status = pool.status().lease;
     println!(
         "sealed for 12 s across the renewal point: {ok} queries, {} failed; reported \
-         {health_sealed:?} with \"{sealed_error}\"; renewed {recovered:?} after unseal \
-         (generation {}, {:?} left)",
+         {health_sealed:?} with \"{sealed_error}\"; unseal took {unseal_took:?}; renewed \
+         {recovered:?} after Vault was active again (generation {}, {:?} left)",
         failed.len(),
         status.generation.0,
         status.ttl_remaining
@@ -70,6 +91,7 @@ async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approle_tokens_that_keep_expiring_are_never_noticed_by_the_pool() {
+    let _one = ONE_FAULT_AT_A_TIME.lock().await;
     // short-token: token TTL 4 s, max TTL 10 s: renewed, then replaced by a fresh login
     // every ~10 s; the leases it issued die with it, so the engine rotates before that.
     let role = create_role("1h", "2h").await;
@@ -109,6 +131,7 @@ async fn approle_tokens_that_keep_expiring_are_never_noticed_by_the_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_vault_never_stalls_the_request_path() {
+    let _one = ONE_FAULT_AT_A_TIME.lock().await;
     let vault = PersistentVault::start("app", "40s", "1h").await;
     let proxy = Proxy::start(&vault.addr, "/v1/sys/leases/renew").await;
     let client = vaultpool::vault::Client::builder()
@@ -157,6 +180,9 @@ async fn a_hanging_vault_never_stalls_the_request_path() {
     proxy.delay_ms.store(0, Ordering::Relaxed);
     let back = Instant::now();
     let renewals = pool.status().lease.renewals;
+    // The timeouts opened the client's breaker (5 s cooldown); the engine's next try is
+    // then at most `retry_max` (1 s) away: 6 s, plus 4 s of slack, still 1 s before the
+    // rotation point (35 s into the lease).
     while pool.status().lease.renewals == renewals {
         assert!(
             back.elapsed() < Duration::from_secs(10),
@@ -186,10 +212,11 @@ async fn a_hanging_vault_never_stalls_the_request_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_pools_after_an_outage_renew_spread_out_not_in_step() {
+    let _one = ONE_FAULT_AT_A_TIME.lock().await;
     const POOLS: usize = 200;
-    let mut vault = PersistentVault::start("app", "60s", "1h").await;
+    let mut vault = PersistentVault::start("app", "80s", "1h").await;
     let proxy = Proxy::start(&vault.addr, "/v1/sys/leases/renew").await;
-    // Renew at half the TTL (30 s, jittered down to 27 s); rotation would start at 54 s.
+    // Renew at half the TTL (40 s, jittered down to 36 s); rotation would start at 72 s.
     let mut policy = vaultpool::lease::Policy::default();
     policy.renew_fraction = 0.5;
     let started = Instant::now();
@@ -211,18 +238,25 @@ async fn two_hundred_pools_after_an_outage_renew_spread_out_not_in_step() {
         );
     }
     let issued_in = started.elapsed();
-    // Down across every renewal point (27–30 s after each issue), back long before any
-    // rotation point.
-    tokio::time::sleep(Duration::from_secs(22).saturating_sub(started.elapsed())).await;
+    assert!(
+        issued_in < Duration::from_secs(25),
+        "issuing {POOLS} leases took {issued_in:?}: the outage would miss the first renewals"
+    );
+    // Down across every renewal point (36–40 s after each issue), back 31 s before the
+    // first rotation point.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(started.elapsed())).await;
     vault.kill();
-    tokio::time::sleep((Duration::from_secs(31) + issued_in).saturating_sub(started.elapsed()))
+    tokio::time::sleep((Duration::from_secs(41) + issued_in).saturating_sub(started.elapsed()))
         .await;
     let before = proxy.hits().len();
     vault.restart().await;
     let back = Instant::now();
+    // Each engine's next try is at most `retry_max` (5 s) away, and may meet its client's
+    // breaker still open (5 s cooldown): 10 s, plus 200 renewals on two cores. 20 s still
+    // leaves the first rotation point (72 s) 11 s away.
     while engines.iter().any(|e| e.status().renewals == 0) {
         assert!(
-            back.elapsed() < Duration::from_secs(9),
+            back.elapsed() < Duration::from_secs(20),
             "not every pool renewed after the outage: {:?}",
             engines
                 .iter()

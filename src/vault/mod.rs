@@ -316,6 +316,8 @@ impl Client {
                 inner.breaker.on_transport_failure(Instant::now());
                 self.fail_over(index);
             }
+            // Another node may present a good certificate; this one will not change.
+            Err(e) if e.kind() == ErrorKind::Tls => self.fail_over(index),
             _ => inner.breaker.on_success(),
         }
         if let Some(p) = probe {
@@ -482,17 +484,14 @@ fn transport_error(what: String, e: reqwest::Error) -> Error {
         }
         cause = c.source();
     }
-    let detail = match (tls, e.is_timeout(), e.is_connect()) {
-        (Some(why), _, _) => format!(
-            "TLS handshake failed: {why}; check VAULT_CACERT (the CA that signed Vault's \
-             certificate) and that the address's host name is in the certificate"
-        ),
-        (None, true, _) => "timed out".into(),
-        (None, false, true) => "connection failed".into(),
-        (None, false, false) => "connection error".into(),
+    let (kind, detail) = match (tls, e.is_timeout(), e.is_connect()) {
+        (Some(why), _, _) => (ErrorKind::Tls, format!("TLS handshake: {why}")),
+        (None, true, _) => (ErrorKind::Transport, "timed out".into()),
+        (None, false, true) => (ErrorKind::Transport, "connection failed".into()),
+        (None, false, false) => (ErrorKind::Transport, "connection error".into()),
     };
     // reqwest's Display names the URL (no token: tokens travel in headers).
-    Error::new(ErrorKind::Transport, format!("{what}: {detail}")).with_source(e.without_url())
+    Error::new(kind, format!("{what}: {detail}")).with_source(e.without_url())
 }
 
 /// Map a non-2xx answer to an error of the right kind.
@@ -635,6 +634,7 @@ mod tests {
             ErrorKind::NotFound,
             ErrorKind::CircuitOpen,
             ErrorKind::Decode,
+            ErrorKind::Tls,
         ] {
             assert!(!k.is_transient(), "{k:?}");
         }

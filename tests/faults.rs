@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vaultpool::postgres::VaultPgPool;
 use vaultpool::{Generation, RotatingCredentials};
 
 /// One fault at a time: each test times renewals against its own Vault, and two of them
@@ -28,14 +27,7 @@ async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal(
     // rather rotate.
     let mut policy = fast_policy();
     policy.renew_fraction = 0.5;
-    let pool = VaultPgPool::builder("app")
-        .vault(vault.client())
-        .pg_config(pg_target())
-        .policy(policy)
-        .max_size(4)
-        .build()
-        .await
-        .unwrap();
+    let pool = small_pool_with("app", vault.client(), policy).await;
     let stop = Arc::new(AtomicBool::new(false));
     let workers = query_load(&pool, 4, &stop);
     tokio::time::sleep(Duration::from_secs(16)).await;
@@ -144,14 +136,7 @@ async fn a_hanging_vault_never_stalls_the_request_path() {
     // Renew at half the TTL (18–20 s), well inside the hang; rotation would start at 35 s.
     let mut policy = fast_policy();
     policy.renew_fraction = 0.5;
-    let pool = VaultPgPool::builder("app")
-        .vault(client)
-        .pg_config(pg_target())
-        .policy(policy)
-        .max_size(4)
-        .build()
-        .await
-        .unwrap();
+    let pool = small_pool_with("app", client, policy).await;
     let stop = Arc::new(AtomicBool::new(false));
     let steady = query_load(&pool, 4, &stop);
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -908,10 +908,19 @@ pub async fn finish_load(workers: Vec<tokio::task::JoinHandle<LoadResult>>) -> L
 /// A 4-connection pool on the stack's `adaptive_immunity` database with quick retries.
 #[cfg(feature = "postgres")]
 pub async fn small_pool(role: &str, vault: Client) -> vaultpool::postgres::VaultPgPool {
+    small_pool_with(role, vault, fast_policy()).await
+}
+
+/// [`small_pool`] with a policy of the test's own.
+pub async fn small_pool_with(
+    role: &str,
+    vault: Client,
+    policy: vaultpool::lease::Policy,
+) -> vaultpool::postgres::VaultPgPool {
     vaultpool::postgres::VaultPgPool::builder(role)
         .vault(vault)
         .pg_config(pg_target())
-        .policy(fast_policy())
+        .policy(policy)
         .max_size(4)
         .build()
         .await

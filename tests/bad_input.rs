@@ -444,6 +444,38 @@ async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// A refused certificate is an answer from a live server: when it is the breaker's probe
+/// (after a dead node opened it), the breaker closes and later calls go out again —
+/// instead of "circuit breaker open" for ever (a probe that settled nothing).
+#[tokio::test]
+async fn a_tls_refusal_on_the_breakers_probe_settles_the_breaker() {
+    let tls = TlsDev::start().await;
+    let mut breaker = vaultpool::vault::BreakerConfig::default();
+    breaker.failure_threshold = 1;
+    breaker.cooldown = Duration::from_millis(200);
+    let client = Client::builder()
+        .addresses([format!("http://127.0.0.1:{}", free_port()), tls.1.clone()])
+        .token("root")
+        .breaker(breaker)
+        .retry(no_retry())
+        .build()
+        .unwrap();
+    let first = client.health().await.unwrap_err();
+    assert_eq!(first.kind(), ErrorKind::Transport, "{first}");
+    assert_eq!(
+        client.health().await.unwrap_err().kind(),
+        ErrorKind::CircuitOpen
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The probe goes to the TLS node (the client moved there) and is refused.
+    let probe = client.health().await.unwrap_err();
+    assert_eq!(probe.kind(), ErrorKind::Tls, "{probe}");
+    // The breaker closed on that answer: the next call is sent (to the next address, the
+    // dead node again) and fails there, rather than being refused by the breaker.
+    let next = client.health().await.unwrap_err();
+    assert_eq!(next.kind(), ErrorKind::Transport, "{next}");
+}
+
 #[tokio::test]
 async fn a_lease_duration_of_zero_is_a_lease_without_expiry() {
     let got = creds_from(

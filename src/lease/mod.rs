@@ -642,11 +642,7 @@ impl LeaseOptions {
         role: String,
         verify: Verifier,
     ) -> Result<RotatingCredentials> {
-        let vault = match self.vault {
-            Some(v) => v,
-            None => Client::from_env()?,
-        };
-        RotatingCredentials::builder(vault, role)
+        RotatingCredentials::builder(self.vault()?, role)
             .mount(self.mount)
             .policy(self.policy)
             .drain_timeout(self.drain_timeout)

@@ -311,14 +311,17 @@ impl Client {
         };
         let (index, base) = self.base();
         let result = self.exchange(base, call, token).await;
-        match &result {
-            Err(e) if e.kind() == ErrorKind::Transport => {
-                inner.breaker.on_transport_failure(Instant::now());
-                self.fail_over(index);
-            }
-            // Another node may present a good certificate; this one will not change.
-            Err(e) if e.kind() == ErrorKind::Tls => self.fail_over(index),
-            _ => inner.breaker.on_success(),
+        let kind = result.as_ref().err().map(Error::kind);
+        if kind == Some(ErrorKind::Transport) {
+            inner.breaker.on_transport_failure(Instant::now());
+        } else {
+            // Any other outcome, a refused certificate included, came from a live server:
+            // it is the probe's verdict too (the guard below is forgotten, not released).
+            inner.breaker.on_success();
+        }
+        // Another node may be reachable, or present a certificate this client accepts.
+        if matches!(kind, Some(ErrorKind::Transport | ErrorKind::Tls)) {
+            self.fail_over(index);
         }
         if let Some(p) = probe {
             std::mem::forget(p);

@@ -912,6 +912,7 @@ pub async fn small_pool(role: &str, vault: Client) -> vaultpool::postgres::Vault
 }
 
 /// [`small_pool`] with a policy of the test's own.
+#[cfg(feature = "postgres")]
 pub async fn small_pool_with(
     role: &str,
     vault: Client,

@@ -17,7 +17,7 @@ use secrecy::ExposeSecret;
 use std::hint::black_box;
 use vaultpool::postgres::{VaultPgPool, deadpool_postgres, tokio_postgres};
 use vaultpool::sqlx::VaultSqlxPool;
-use vaultpool::sqlx::driver::postgres::{PgConnectOptions, PgPoolOptions};
+use vaultpool::sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 const POOL_SIZE: usize = 16;
 
@@ -104,7 +104,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("plain_sqlx_static_password", |b| {
         b.to_async(&rt).iter(|| async {
             let mut conn = plain_sqlx.acquire().await.unwrap();
-            let one: i32 = vaultpool::sqlx::driver::query_scalar("SELECT 1")
+            let one: i32 = vaultpool::sqlx::sqlx::query_scalar("SELECT 1")
                 .fetch_one(&mut *conn)
                 .await
                 .unwrap();
@@ -114,7 +114,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("vaultpool_VaultSqlxPool", |b| {
         b.to_async(&rt).iter(|| async {
             let mut conn = vault_sqlx.pool().acquire().await.unwrap();
-            let one: i32 = vaultpool::sqlx::driver::query_scalar("SELECT 1")
+            let one: i32 = vaultpool::sqlx::sqlx::query_scalar("SELECT 1")
                 .fetch_one(&mut *conn)
                 .await
                 .unwrap();
@@ -124,7 +124,7 @@ fn benches(c: &mut Criterion) {
     g.finish();
 
     // --- the hot-path read while a writer rotates continuously ---
-    let engine = vault_pool.credentials().clone();
+    let engine = vault_pool.engine().clone();
     let stop = Arc::new(AtomicBool::new(false));
     let rotator = {
         let (pool, stop) = (vault_pool.clone(), stop.clone());

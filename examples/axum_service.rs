@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use vaultpool::axum::{Health, health};
+use vaultpool::axum::{HealthCheck, health};
 use vaultpool::postgres::VaultPgPool;
 
 /// The application state: each handler takes the part it needs (`FromRef`).
@@ -20,7 +20,7 @@ pub struct AppState {
     /// The database pool.
     pub db: VaultPgPool,
     /// What /health checks.
-    pub health: Health,
+    pub health: HealthCheck,
 }
 
 /// An item as the API returns it.
@@ -144,7 +144,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .vault(vault.clone())
         .build()
         .await?;
-    let health = Health::new(vault).with(db.credentials());
+    let health = HealthCheck::new(vault).with(db.engine());
     let addr = std::env::var("BIND_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{addr} (role {role}); Ctrl-C to stop");

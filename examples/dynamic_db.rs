@@ -11,7 +11,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let status = pool.status().lease;
     println!(
         "leased {} as generation {} (lease {}, {:.0?} left, renewable {})",
-        pool.credentials().current().credentials.username,
+        pool.engine().current().credentials.username,
         status.generation,
         status.lease_id,
         status.ttl_remaining.unwrap_or_default(),
@@ -39,7 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .get(0);
     println!(
         "rotated to {generation}: {n} items, read as {}",
-        pool.credentials().current().credentials.username
+        pool.engine().current().credentials.username
     );
     drop(client);
 

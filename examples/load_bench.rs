@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use secrecy::ExposeSecret;
-use vaultpool::lease::RotatingCredentials;
+use vaultpool::lease::{DatabaseRole, Engine};
 use vaultpool::postgres::{VaultPgPool, deadpool_postgres, tokio_postgres};
 use vaultpool::vault::Client;
 
@@ -504,7 +504,7 @@ async fn scale(s: &Settings) -> (String, String) {
     let t = Instant::now();
     for _ in 0..s.scale_leases {
         engines.push(
-            RotatingCredentials::builder(client.clone(), "scale")
+            Engine::builder(client.clone(), DatabaseRole::new("scale"))
                 .build()
                 .await
                 .unwrap(),
@@ -513,7 +513,7 @@ async fn scale(s: &Settings) -> (String, String) {
     let build_took = t.elapsed();
     let per_lease = (rss_kib().saturating_sub(before)) as f64 / s.scale_leases as f64;
     // Vault requests = renewals + rotations + revocations, sampled each second.
-    let total = |engines: &[RotatingCredentials]| -> u64 {
+    let total = |engines: &[Engine]| -> u64 {
         engines
             .iter()
             .map(|e| {
@@ -523,14 +523,13 @@ async fn scale(s: &Settings) -> (String, String) {
             .sum()
     };
     let mut csv = String::from("phase,second,vault_requests\n");
-    let mut sample =
-        |phase: &str, secs: u64, engines: &[RotatingCredentials], last: &mut u64| -> u64 {
-            let now = total(engines);
-            let d = now - *last;
-            *last = now;
-            writeln!(csv, "{phase},{secs},{d}").unwrap();
-            d
-        };
+    let mut sample = |phase: &str, secs: u64, engines: &[Engine], last: &mut u64| -> u64 {
+        let now = total(engines);
+        let d = now - *last;
+        *last = now;
+        writeln!(csv, "{phase},{secs},{d}").unwrap();
+        d
+    };
     let mut last = total(&engines);
     let mut steady = Vec::new();
     for sec in 0..s.scale_run.as_secs() {

@@ -10,8 +10,8 @@ use vaultpool::redis::redis::AsyncCommands;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pool = VaultRedisPool::new("redis-app").await?;
-    let first = pool.credentials().current().credentials.username.clone();
-    println!("ACL user {first} ({})", pool.credentials().generation());
+    let first = pool.engine().current().credentials.username.clone();
+    println!("ACL user {first} ({})", pool.engine().generation());
 
     let mut conn = pool.get().await?;
     let _: () = conn.set("app:greeting", "hello from vaultpool").await?;
@@ -24,7 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let v: String = conn.get("app:greeting").await?;
     println!(
         "rotated to {g}: ACL user {}, still reads {v:?}",
-        pool.credentials().current().credentials.username
+        pool.engine().current().credentials.username
     );
     drop(conn);
     // The old user is deleted (ACL DELUSER) once its last connection is gone.

@@ -113,7 +113,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &format!(
             "gen {} serving: user {} · lease {:.0?} · renewable {}",
             first.generation.0,
-            pool.credentials().current().credentials.username,
+            pool.engine().current().credentials.username,
             first.ttl_remaining.unwrap_or_default(),
             first.renewable
         ),
@@ -158,7 +158,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }));
     }
 
-    let mut generations = pool.credentials().subscribe();
+    let mut generations = pool.engine().subscribe();
     let mut forced = 0u64;
     let mut forced_latency = Vec::new();
     let mut seen_revocations = 0;
@@ -185,7 +185,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     &format!(
                         "gen {} serving ({how}) · user {} · lease {:.0?}",
                         g.0,
-                        pool.credentials().current().credentials.username,
+                        pool.engine().current().credentials.username,
                         status.ttl_remaining.unwrap_or_default()
                     ),
                 );

@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use vaultpool::vault::{Client, HealthState};
+use vaultpool::vault::{Client, ServerState};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -39,7 +39,7 @@ async fn main() -> ExitCode {
                 println!("OK: vault {line}");
                 ExitCode::SUCCESS
             } else {
-                let warn = matches!(h.state, HealthState::Sealed | HealthState::Uninitialized);
+                let warn = matches!(h.state, ServerState::Sealed | ServerState::Uninitialized);
                 println!("{}: vault {line}", if warn { "WARNING" } else { "UNKNOWN" });
                 ExitCode::from(1)
             }

@@ -8,13 +8,13 @@
 //! # #[cfg(feature = "postgres")]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use axum::{Router, extract::{FromRef, State}, routing::get};
-//! use vaultpool::axum::{Health, health};
+//! use vaultpool::axum::{HealthCheck, health};
 //! use vaultpool::postgres::VaultPgPool;
 //!
 //! #[derive(Clone, FromRef)]
 //! struct App {
 //!     db: VaultPgPool,
-//!     health: Health,
+//!     health: HealthCheck,
 //! }
 //!
 //! async fn count(State(db): State<VaultPgPool>) -> Result<String, vaultpool::Error> {
@@ -29,7 +29,7 @@
 //!
 //! let vault = vaultpool::vault::Client::from_env()?;
 //! let db = VaultPgPool::builder("immune-readwrite").vault(vault.clone()).build().await?;
-//! let checks = Health::new(vault).with(db.credentials());
+//! let checks = HealthCheck::new(vault).with(db.engine());
 //! let app = Router::new()
 //!     .route("/items/count", get(count))
 //!     .route("/health", get(health))
@@ -52,8 +52,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind};
-use crate::lease::{self, RotatingCredentials};
-use crate::vault::{self, HealthState};
+use crate::lease::{self, Engine};
+use crate::vault::{self, ServerState};
 
 impl ErrorKind {
     /// The HTTP status a service should answer with when a request failed with this kind:
@@ -96,13 +96,13 @@ impl IntoResponse for Error {
 /// What the health handler checks: a Vault client (reachable? sealed?) and the lease
 /// engines of your pools. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Health {
+pub struct HealthCheck {
     vault: Option<vault::Client>,
-    engines: Vec<RotatingCredentials>,
+    engines: Vec<Engine>,
     timeout: Duration,
 }
 
-impl Health {
+impl HealthCheck {
     /// Check this Vault client, and no pool yet.
     pub fn new(vault: vault::Client) -> Self {
         Self {
@@ -121,9 +121,9 @@ impl Health {
         }
     }
 
-    /// Also check this pool's credentials (`pool.credentials()`).
+    /// Also check this pool's credentials (`pool.engine()`).
     #[must_use]
-    pub fn with(mut self, engine: &RotatingCredentials) -> Self {
+    pub fn with(mut self, engine: &Engine) -> Self {
         self.engines.push(engine.clone());
         self
     }
@@ -143,7 +143,7 @@ impl Health {
                 match tokio::time::timeout(self.timeout, client.health()).await {
                     Ok(Ok(h)) => VaultHealth {
                         reachable: true,
-                        sealed: h.state == HealthState::Sealed,
+                        sealed: h.state == ServerState::Sealed,
                         state: format!("{:?}", h.state).to_lowercase(),
                         error: None,
                     },
@@ -202,73 +202,32 @@ pub struct VaultHealth {
     pub error: Option<String>,
 }
 
-/// One pool's credentials.
+/// One pool's credentials: whether they can serve, and the engine's
+/// [`Status`](lease::Status) as it is (source, health, generation, TTL left in seconds,
+/// connections per generation, counters, last error).
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct PoolHealth {
-    /// The Vault role.
-    pub role: String,
-    /// Whether its credentials are valid (serving or degraded-but-valid).
+    /// Whether its credentials are valid (serving, or degraded but valid).
     pub can_serve: bool,
-    /// `serving`, `degraded`, `expired`, `closed`.
-    pub state: String,
-    /// The current generation.
-    pub generation: u64,
-    /// Seconds until the current lease ends (`null`: never).
-    pub lease_seconds_left: Option<f64>,
-    /// Whether the lease is renewable.
-    pub renewable: bool,
-    /// Open connections per generation (`retiring` ones are draining).
-    pub connections: Vec<GenerationConnections>,
-    /// Rotations so far.
-    pub rotations: u64,
-    /// The last failure, if not recovered since.
-    pub last_error: Option<String>,
-}
-
-/// Connections of one generation.
-#[derive(Debug, Clone, Serialize)]
-#[non_exhaustive]
-pub struct GenerationConnections {
-    /// The generation.
-    pub generation: u64,
-    /// Open connections.
-    pub connections: usize,
-    /// Draining (its lease is revoked once empty).
-    pub retiring: bool,
+    /// The engine's status.
+    #[serde(flatten)]
+    pub status: lease::Status,
 }
 
 impl From<lease::Status> for PoolHealth {
-    fn from(s: lease::Status) -> Self {
-        let can_serve = matches!(s.health, lease::Health::Serving | lease::Health::Degraded);
+    fn from(status: lease::Status) -> Self {
         Self {
-            role: s.role,
-            can_serve,
-            state: format!("{:?}", s.health).to_lowercase(),
-            generation: s.generation.0,
-            lease_seconds_left: s
-                .ttl_remaining
-                .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
-            renewable: s.renewable,
-            connections: s
-                .generations
-                .iter()
-                .map(|g| GenerationConnections {
-                    generation: g.generation.0,
-                    connections: g.connections,
-                    retiring: g.retiring,
-                })
-                .collect(),
-            rotations: s.rotations,
-            last_error: s.last_error,
+            can_serve: status.health.can_serve(),
+            status,
         }
     }
 }
 
 /// The health handler: 200 with the JSON when every pool can serve, 503 when one cannot.
 /// Mount it with `.route("/health", get(vaultpool::axum::health))`; the state must give
-/// a [`Health`] (directly or through `FromRef`).
-pub async fn health(State(health): State<Health>) -> Response {
+/// a [`HealthCheck`] (directly or through `FromRef`).
+pub async fn health(State(health): State<HealthCheck>) -> Response {
     let report = health.report().await;
     let status = if report.status == "ok" {
         StatusCode::OK

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use secrecy::SecretString;
 
+use crate::vault::KvSecret;
+
 /// A username and password issued by Vault (e.g. by `database/creds/<role>`).
 ///
 /// The password is a [`SecretString`]: zeroized on drop, redacted in `Debug`, readable
@@ -19,6 +21,9 @@ pub struct Credentials {
     pub username: String,
     /// The password.
     pub password: SecretString,
+    /// The KV v2 secret these credentials were read from, for KV sources: adapters that
+    /// need its other keys (Kafka's bootstrap servers, Redis' host) read them here.
+    kv: Option<KvSecret>,
 }
 
 impl Credentials {
@@ -27,7 +32,20 @@ impl Credentials {
         Self {
             username: username.into(),
             password: password.into(),
+            kv: None,
         }
+    }
+
+    /// The same credentials, remembering the KV secret they were read from.
+    pub(crate) fn with_kv(mut self, kv: KvSecret) -> Self {
+        self.kv = Some(kv);
+        self
+    }
+
+    /// The whole KV v2 secret these credentials were read from (its values are
+    /// [`SecretString`]s too), or `None` when they were not read from KV.
+    pub fn kv_secret(&self) -> Option<&KvSecret> {
+        self.kv.as_ref()
     }
 }
 
@@ -110,7 +128,7 @@ impl<T> Leased<T> {
 }
 
 /// A credentials generation: bumped by one on every rotation, starting at 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
 pub struct Generation(pub u64);
 
 impl fmt::Display for Generation {

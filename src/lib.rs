@@ -50,13 +50,13 @@
 //!
 //! | feature | adds |
 //! |---|---|
-//! | (always) | [`vault::Client`], [`lease::RotatingCredentials`] |
+//! | (always) | [`vault::Client`], [`lease::Engine`] |
 //! | `postgres` | `postgres::VaultPgPool` (deadpool-postgres 0.14, tokio-postgres 0.7) |
 //! | `sqlx` | `sqlx::VaultSqlxPool` (a real `sqlx::PgPool`, sqlx 0.9) |
 //! | `redis` | `redis::VaultRedisPool` (redis 1.x; dynamic ACL users or KV v2) |
 //! | `kafka` | `kafka::KafkaSasl`: Kafka SASL settings from KV v2, watched for new versions |
 //! | `rdkafka` | `kafka::RotatingClient`: rdkafka producers/consumers that take new SASL credentials while running (rdkafka 0.39, bundled librdkafka) |
-//! | `axum` | `axum::health`, `IntoResponse for Error`, `axum::shutdown_signal` |
+//! | `axum` | `axum::HealthCheck`, `axum::health`, `IntoResponse for Error`, `axum::shutdown_signal` |
 //!
 //! ## How rotation works
 //!
@@ -91,7 +91,7 @@ pub mod error;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod lease;
-#[cfg(any(feature = "postgres", feature = "redis"))]
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
 pub mod pool;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -103,7 +103,6 @@ pub mod vault;
 
 pub use credentials::{Credentials, Generation, Lease, Leased};
 pub use error::{Error, ErrorKind, Result};
-pub use lease::RotatingCredentials;
 pub use secrecy;
 
 /// Helpers for unit tests.

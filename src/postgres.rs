@@ -16,7 +16,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! What [`VaultPgPool::get`] hands out derefs to [`deadpool_postgres::ClientWrapper`]
+//! What [`VaultPgPool::get`](pool::VaultPool::get) hands out derefs to [`deadpool_postgres::ClientWrapper`]
 //! and from there to [`tokio_postgres::Client`], exactly like a deadpool-postgres
 //! object: `prepare_cached`, `transaction`, `query` all work.
 //!
@@ -36,9 +36,9 @@ pub use deadpool_postgres;
 pub use deadpool_postgres::{ClientWrapper, RecyclingMethod};
 pub use tokio_postgres;
 
-use crate::credentials::{Credentials, Generation};
+use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{BoxFuture, LeaseOptions, RotatingCredentials};
+use crate::lease::{BoxFuture, CredentialSource, DatabaseRole};
 use crate::pool;
 pub use crate::pool::PoolStatus;
 
@@ -130,121 +130,74 @@ pub type Manager = pool::RotatingManager<PgConnect>;
 /// generation was retired while it was out.
 pub type Client = pool::Pooled<PgConnect>;
 
-/// A PostgreSQL pool on dynamic Vault credentials. Cheap to clone; drop it into axum
-/// state as it is.
-#[derive(Clone)]
-pub struct VaultPgPool {
-    inner: Arc<pool::Shared<PgConnect>>,
+/// A PostgreSQL pool on rotating Vault credentials: [`pool::VaultPool`] over
+/// [`PgConnect`]. Cheap to clone; drop it into axum state as it is.
+pub type VaultPgPool = pool::VaultPool<PgConnect>;
+
+/// Builds a [`VaultPgPool`]: the leasing setters of [`pool::Builder`], deadpool's
+/// `max_size`/`timeouts`, and the PostgreSQL ones below.
+pub type Builder = pool::Builder<pool::Deadpool<PgTarget>>;
+
+/// Where and how the pool connects to PostgreSQL, as set on the [`Builder`].
+pub struct PgTarget {
+    pg: Option<tokio_postgres::Config>,
+    connect: Option<Arc<dyn deadpool_postgres::Connect>>,
+    recycling: RecyclingMethod,
 }
 
-impl fmt::Debug for VaultPgPool {
+impl fmt::Debug for PgTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VaultPgPool")
-            .field("role", &self.inner.engine.role())
-            .field("generation", &self.inner.engine.generation())
-            .field("pool", &self.inner.pool.status())
+        f.debug_struct("PgTarget")
+            .field("pg", &self.pg) // tokio-postgres redacts a password
+            .field("tls", &self.connect.is_some())
+            .field("recycling", &self.recycling)
             .finish()
     }
 }
 
 impl VaultPgPool {
-    /// A pool for `role`, configured from the environment: Vault from the Vault CLI's
-    /// variables ([`ClientBuilder::from_env`](crate::vault::ClientBuilder::from_env)), PostgreSQL from `DATABASE_URL`
-    /// (without password) or `PGHOST`, `PGPORT`, `PGDATABASE`, `PGSSLMODE`.
+    /// A pool for the database role `role`, configured from the environment: Vault from
+    /// the Vault CLI's variables ([`ClientBuilder::from_env`](crate::vault::ClientBuilder::from_env)),
+    /// PostgreSQL from `DATABASE_URL` (without password) or `PGHOST`, `PGPORT`,
+    /// `PGDATABASE`, `PGSSLMODE`.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for missing or invalid settings; whatever leasing and
-    /// verifying the first credentials fails with.
+    /// As [`Builder::build`](pool::Builder::build).
     pub async fn new(role: impl Into<String>) -> Result<Self> {
         Self::builder(role).build().await
     }
 
-    /// A builder for everything explicit.
+    /// A builder for the database role `role` on the mount `database`.
     pub fn builder(role: impl Into<String>) -> Builder {
-        Builder {
-            role: role.into(),
-            lease: LeaseOptions::default(),
-            pg: None,
-            connect: None,
-            max_size: 16,
-            timeouts: deadpool_postgres::Timeouts {
-                wait: Some(Duration::from_secs(10)),
-                create: Some(Duration::from_secs(10)),
-                recycle: Some(Duration::from_secs(5)),
-            },
-            recycling: RecyclingMethod::Fast,
-        }
+        Self::builder_for(DatabaseRole::new(role))
     }
 
-    /// A connection, opened with the current credentials if none is idle.
-    ///
-    /// # Errors
-    /// [`ErrorKind::LeaseExpired`] naming the role when the credentials have run out and
-    /// Vault cannot give new ones; [`ErrorKind::PoolTimeout`] when no connection frees up
-    /// within the wait timeout; [`ErrorKind::Backend`] when PostgreSQL refuses or is down;
-    /// [`ErrorKind::Shutdown`] after [`close`](Self::close).
-    pub async fn get(&self) -> Result<Client> {
-        self.inner.get().await
-    }
-
-    /// The lease engine behind the pool (generation, status, subscribe).
-    pub fn credentials(&self) -> &RotatingCredentials {
-        &self.inner.engine
-    }
-
-    /// Rotate now; returns once the new generation is serving.
-    ///
-    /// # Errors
-    /// As [`RotatingCredentials::rotate`]; the pool keeps the current credentials.
-    pub async fn rotate(&self) -> Result<Generation> {
-        self.inner.engine.rotate().await
-    }
-
-    /// Pool and lease status.
-    pub fn status(&self) -> PoolStatus {
-        self.inner.status()
-    }
-
-    /// Close the pool: no new checkouts, idle connections closed, then wait for the
-    /// connections in use (up to the drain timeout) and revoke every lease. Calling it
-    /// twice is harmless.
-    pub async fn close(&self) {
-        self.inner.close().await;
-    }
-}
-
-/// Builds a [`VaultPgPool`].
-#[must_use]
-pub struct Builder {
-    role: String,
-    lease: LeaseOptions,
-    pg: Option<tokio_postgres::Config>,
-    connect: Option<Arc<dyn deadpool_postgres::Connect>>,
-    max_size: usize,
-    timeouts: deadpool_postgres::Timeouts,
-    recycling: RecyclingMethod,
-}
-
-impl fmt::Debug for Builder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
-            .field("role", &self.role)
-            .field("vault", &self.lease.vault)
-            .field("pg", &self.pg) // tokio-postgres redacts a password
-            .field("mount", &self.lease.mount)
-            .field("max_size", &self.max_size)
-            .field("timeouts", &self.timeouts)
-            .finish_non_exhaustive()
+    /// A builder for any [`CredentialSource`]: a [`DatabaseRole`] on another mount, or
+    /// static credentials in KV v2 ([`KvCredentials`](crate::lease::KvCredentials)).
+    pub fn builder_for(source: impl Into<CredentialSource>) -> Builder {
+        pool::Builder::new(
+            source,
+            pool::Deadpool::new(
+                PgTarget {
+                    pg: None,
+                    connect: None,
+                    recycling: RecyclingMethod::Fast,
+                },
+                pool::Timeouts {
+                    wait: Some(Duration::from_secs(10)),
+                    create: Some(Duration::from_secs(10)),
+                    recycle: Some(Duration::from_secs(5)),
+                },
+            ),
+        )
     }
 }
 
 impl Builder {
-    crate::lease::lease_setters!();
-
     /// The PostgreSQL target (host, port, database, options); user and password are
     /// ignored — the lease supplies them. Default: from the environment.
     pub fn pg_config(mut self, config: tokio_postgres::Config) -> Self {
-        self.pg = Some(config);
+        self.target.backend.pg = Some(config);
         self
     }
 
@@ -261,26 +214,14 @@ impl Builder {
         T::TlsConnect: Sync + Send,
         <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
     {
-        self.connect = Some(Arc::new(deadpool_postgres::ConfigConnectImpl { tls }));
-        self
-    }
-
-    /// The most connections open at once (all generations together). Default 16.
-    pub fn max_size(mut self, max_size: usize) -> Self {
-        self.max_size = max_size;
-        self
-    }
-
-    /// deadpool's timeouts. Default: wait 10 s, create 10 s, recycle 5 s.
-    pub fn timeouts(mut self, timeouts: deadpool_postgres::Timeouts) -> Self {
-        self.timeouts = timeouts;
+        self.target.backend.connect = Some(Arc::new(deadpool_postgres::ConfigConnectImpl { tls }));
         self
     }
 
     /// How an idle connection is checked before reuse. Default
     /// [`RecyclingMethod::Fast`] (is it still open?).
     pub fn recycling_method(mut self, method: RecyclingMethod) -> Self {
-        self.recycling = method;
+        self.target.backend.recycling = method;
         self
     }
 
@@ -291,7 +232,8 @@ impl Builder {
     /// [`ErrorKind::Config`] for missing settings; whatever leasing or the verifying
     /// connection fails with.
     pub async fn build(self) -> Result<VaultPgPool> {
-        let mut config = match self.pg {
+        let (lease, deadpool, target) = self.into_parts();
+        let mut config = match target.pg {
             Some(c) => c,
             None => pg_config_from_lookup(|k| std::env::var(k).ok())?,
         };
@@ -301,9 +243,9 @@ impl Builder {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
-        let connect = PgConnect {
+        let verify = PgConnect {
             config,
-            connect: self.connect.unwrap_or_else(|| {
+            connect: target.connect.unwrap_or_else(|| {
                 Arc::new(deadpool_postgres::ConfigConnectImpl {
                     tls: tokio_postgres::NoTls,
                 })
@@ -311,25 +253,12 @@ impl Builder {
             // Verification always asks the server, whatever the recycling method.
             recycling: RecyclingMethod::Verified,
         };
-        let auth_failure_wait = self.lease.auth_failure_wait;
-        let engine = self
-            .lease
-            .engine(self.role, pool::verifier(connect.clone()))
-            .await?;
         let connect = PgConnect {
-            recycling: self.recycling,
-            ..connect
+            recycling: target.recycling,
+            ..verify.clone()
         };
-        let shared = pool::Shared::build(
-            engine,
-            connect,
-            self.max_size,
-            self.timeouts,
-            auth_failure_wait,
-        )?;
-        Ok(VaultPgPool {
-            inner: Arc::new(shared),
-        })
+        let vault = lease.vault()?;
+        Self::build_with(lease, deadpool, vault, verify, connect).await
     }
 }
 

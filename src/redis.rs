@@ -25,7 +25,6 @@
 //! use.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::IntoConnectionInfo;
@@ -34,9 +33,9 @@ use secrecy::ExposeSecret;
 
 pub use ::redis;
 
-use crate::credentials::{Credentials, Generation};
+use crate::credentials::Credentials;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{BoxFuture, LeaseOptions, RotatingCredentials};
+use crate::lease::{BoxFuture, CredentialSource, DatabaseRole, KvCredentials};
 use crate::pool;
 pub use crate::pool::PoolStatus;
 
@@ -126,122 +125,22 @@ impl ::redis::aio::ConnectionLike for Client {
     }
 }
 
-/// A Redis pool on dynamic Vault credentials. Cheap to clone.
-#[derive(Clone)]
-pub struct VaultRedisPool {
-    inner: Arc<pool::Shared<RedisConnect>>,
-}
+/// A Redis pool on rotating Vault credentials: [`pool::VaultPool`] over
+/// [`RedisConnect`]. Cheap to clone.
+pub type VaultRedisPool = pool::VaultPool<RedisConnect>;
 
-impl fmt::Debug for VaultRedisPool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VaultRedisPool")
-            .field("role", &self.inner.engine.role())
-            .field("generation", &self.inner.engine.generation())
-            .field("pool", &self.inner.pool.status())
-            .finish()
-    }
-}
+/// Builds a [`VaultRedisPool`]: the leasing setters of [`pool::Builder`], deadpool's
+/// `max_size`/`timeouts`, and [`address`](Builder::address).
+pub type Builder = pool::Builder<pool::Deadpool<RedisTarget>>;
 
-impl VaultRedisPool {
-    /// A pool for `role` (a `redis-database-plugin` role): Vault from the Vault CLI's
-    /// variables, Redis from `REDIS_URL` (without password) or `REDIS_HOST`/`REDIS_PORT`.
-    ///
-    /// # Errors
-    /// As [`Builder::build`].
-    pub async fn new(role: impl Into<String>) -> Result<Self> {
-        Self::builder(role).build().await
-    }
-
-    /// A pool on static credentials kept in KV v2 — e.g. the seed's `redis/main` with
-    /// `host`, `port`, `password` and optionally `username` — re-read within 30 s of a
-    /// new KV version (`.kv_poll(…)` changes that), with no restart: connections of the
-    /// old version drain, new ones use the new password. The address comes from the
-    /// secret's `host`/`port` unless [`Builder::address`] is set.
-    pub fn builder_kv(path: impl Into<String>) -> Builder {
-        Builder {
-            kv: Some(KvSource {
-                mount: "secret".into(),
-                path: path.into(),
-                poll: Duration::from_secs(30),
-            }),
-            ..Self::builder("")
-        }
-    }
-
-    /// A builder for everything explicit.
-    pub fn builder(role: impl Into<String>) -> Builder {
-        Builder {
-            kv: None,
-            role: role.into(),
-            lease: LeaseOptions::default(),
-            info: None,
-            max_size: 16,
-            timeouts: deadpool::managed::Timeouts {
-                wait: Some(Duration::from_secs(10)),
-                create: Some(Duration::from_secs(5)),
-                recycle: Some(Duration::from_secs(2)),
-            },
-        }
-    }
-
-    /// A connection, opened as the current ACL user if none is idle.
-    ///
-    /// # Errors
-    /// [`ErrorKind::LeaseExpired`] naming the role when the credentials have run out;
-    /// [`ErrorKind::PoolTimeout`]; [`ErrorKind::Backend`] when Redis refuses or is down;
-    /// [`ErrorKind::Shutdown`] after [`close`](Self::close).
-    pub async fn get(&self) -> Result<Client> {
-        self.inner.get().await
-    }
-
-    /// The lease engine behind the pool.
-    pub fn credentials(&self) -> &RotatingCredentials {
-        &self.inner.engine
-    }
-
-    /// Rotate now; returns once the new generation is serving.
-    ///
-    /// # Errors
-    /// As [`RotatingCredentials::rotate`].
-    pub async fn rotate(&self) -> Result<Generation> {
-        self.inner.engine.rotate().await
-    }
-
-    /// Pool and lease status.
-    pub fn status(&self) -> PoolStatus {
-        self.inner.status()
-    }
-
-    /// Close: no new checkouts, then wait for connections in use (up to the drain
-    /// timeout) and revoke every lease (which deletes the ACL users).
-    pub async fn close(&self) {
-        self.inner.close().await;
-    }
-}
-
-/// Where static credentials live in KV v2.
-#[derive(Debug, Clone)]
-struct KvSource {
-    mount: String,
-    path: String,
-    poll: Duration,
-}
-
-/// Builds a [`VaultRedisPool`].
-#[must_use]
-pub struct Builder {
-    kv: Option<KvSource>,
-    role: String,
-    lease: LeaseOptions,
+/// Where the pool connects to Redis, as set on the [`Builder`].
+pub struct RedisTarget {
     info: Option<std::result::Result<::redis::ConnectionInfo, ::redis::RedisError>>,
-    max_size: usize,
-    timeouts: deadpool::managed::Timeouts,
 }
 
-impl fmt::Debug for Builder {
+impl fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
-            .field("role", &self.role)
+        f.debug_struct("RedisTarget")
             .field(
                 "addr",
                 &self
@@ -249,37 +148,61 @@ impl fmt::Debug for Builder {
                     .as_ref()
                     .map(|i| i.as_ref().map(|i| i.addr().to_string()).ok()),
             )
-            .field("max_size", &self.max_size)
-            .finish_non_exhaustive()
+            .finish()
+    }
+}
+
+impl VaultRedisPool {
+    /// A pool for `role` (a `redis-database-plugin` role on the mount `database`): Vault
+    /// from the Vault CLI's variables, Redis from `REDIS_URL` (without password) or
+    /// `REDIS_HOST`/`REDIS_PORT`.
+    ///
+    /// # Errors
+    /// As [`Builder::build`](pool::Builder::build).
+    pub async fn new(role: impl Into<String>) -> Result<Self> {
+        Self::builder(role).build().await
+    }
+
+    /// A builder for the dynamic ACL users of `role` on the mount `database`.
+    pub fn builder(role: impl Into<String>) -> Builder {
+        Self::builder_for(DatabaseRole::new(role))
+    }
+
+    /// A pool on static credentials kept in KV v2 — e.g. the seed's `redis/main` with
+    /// `host`, `port`, `password` and optionally `username` — re-read within 30 s of a
+    /// new KV version, with no restart: connections of the old version drain, new ones
+    /// use the new password. The address comes from the secret's `host`/`port` unless
+    /// [`address`](pool::Builder::address) is set. For another mount or poll interval,
+    /// use [`builder_for`](Self::builder_for) with a [`KvCredentials`].
+    pub fn builder_kv(path: impl Into<String>) -> Builder {
+        Self::builder_for(KvCredentials::new(path))
+    }
+
+    /// A builder for any [`CredentialSource`].
+    pub fn builder_for(source: impl Into<CredentialSource>) -> Builder {
+        pool::Builder::new(
+            source,
+            pool::Deadpool::new(
+                RedisTarget { info: None },
+                pool::Timeouts {
+                    wait: Some(Duration::from_secs(10)),
+                    create: Some(Duration::from_secs(5)),
+                    recycle: Some(Duration::from_secs(2)),
+                },
+            ),
+        )
     }
 }
 
 impl Builder {
-    crate::lease::lease_setters!();
-
     /// Where Redis is, e.g. `"redis://127.0.0.1:6379/0"`; a username or password in it
-    /// is refused (the lease supplies them). Default: from the environment.
+    /// is refused (the lease supplies them). Default: from the KV secret's `host`/`port`
+    /// for a KV source, else from the environment.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] (at [`build`](Self::build)) for an unparsable address.
+    /// [`ErrorKind::Config`] (at [`build`](pool::Builder::build)) for an unparsable address.
     pub fn address(mut self, addr: impl IntoConnectionInfo) -> Self {
-        self.info = Some(addr.into_connection_info());
-        self
-    }
-
-    /// For [`VaultRedisPool::builder_kv`]: the KV v2 mount (default `secret`) and how
-    /// often its version is checked (default 30 s, jittered ±10%).
-    pub fn kv_poll(mut self, mount: impl Into<String>, every: Duration) -> Self {
-        if let Some(kv) = &mut self.kv {
-            kv.mount = mount.into();
-            kv.poll = every;
-        }
-        self
-    }
-
-    /// The most connections open at once. Default 16 (each is multiplexed).
-    pub fn max_size(mut self, max_size: usize) -> Self {
-        self.max_size = max_size;
+        self.target.backend.info = Some(addr.into_connection_info());
         self
     }
 
@@ -290,17 +213,23 @@ impl Builder {
     /// [`ErrorKind::Config`] for a missing or invalid address; whatever leasing or the
     /// verifying connection fails with.
     pub async fn build(self) -> Result<VaultRedisPool> {
-        let info = match (self.info, &self.kv) {
-            (Some(Ok(i)), _) => i,
-            (Some(Err(e)), _) => {
+        let (lease, deadpool, target) = self.into_parts();
+        let given = match target.info {
+            Some(Ok(i)) => Some(i),
+            Some(Err(e)) => {
                 return Err(Error::new(
                     ErrorKind::Config,
                     "configuring Redis: the address given to .address(…) is not a redis:// URL",
                 )
                 .with_source(e));
             }
-            (None, Some(kv)) => {
-                let secret = self.lease.vault()?.read_kv(&kv.mount, &kv.path).await?;
+            None => None,
+        };
+        let vault = lease.vault()?;
+        let info = match (given, &lease.source) {
+            (Some(i), _) => i,
+            (None, CredentialSource::Kv(kv)) => {
+                let secret = vault.read_kv(kv.mount_name(), kv.path()).await?;
                 let field = |k: &str| {
                     secret
                         .get(k)
@@ -312,7 +241,7 @@ impl Builder {
                     _ => None,
                 })?
             }
-            (None, None) => redis_info_from_lookup(|k| std::env::var(k).ok())?,
+            (None, _) => redis_info_from_lookup(|k| std::env::var(k).ok())?,
         };
         let settings = info.redis_settings();
         if settings.username().is_some() || settings.password().is_some() {
@@ -323,32 +252,7 @@ impl Builder {
             ));
         }
         let connect = RedisConnect { info };
-        let auth_failure_wait = self.lease.auth_failure_wait;
-        let engine = match self.kv {
-            Some(kv) => {
-                RotatingCredentials::kv_static(self.lease.vault()?, kv.mount, kv.path, kv.poll)
-                    .policy(self.lease.policy)
-                    .drain_timeout(self.lease.drain_timeout)
-                    .verify_with(pool::verifier(connect.clone()))
-                    .build()
-                    .await?
-            }
-            None => {
-                self.lease
-                    .engine(self.role, pool::verifier(connect.clone()))
-                    .await?
-            }
-        };
-        let shared = pool::Shared::build(
-            engine,
-            connect,
-            self.max_size,
-            self.timeouts,
-            auth_failure_wait,
-        )?;
-        Ok(VaultRedisPool {
-            inner: Arc::new(shared),
-        })
+        Self::build_with(lease, deadpool, vault, connect.clone(), connect).await
     }
 }
 

@@ -7,7 +7,7 @@
 //!
 //! let pool = VaultSqlxPool::new("immune-readwrite").await?;
 //! // Pass `pool.pool()` to any sqlx code: it is a plain `sqlx::PgPool`.
-//! use vaultpool::sqlx::driver as sqlx; // or your own `sqlx` 0.9 dependency
+//! use vaultpool::sqlx::sqlx; // or your own `sqlx` 0.9 dependency
 //! let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
 //!     .fetch_one(pool.pool())
 //!     .await?;
@@ -36,11 +36,12 @@ use std::time::{Duration, Instant};
 use ::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use secrecy::ExposeSecret;
 
-pub use ::sqlx as driver;
+pub use ::sqlx;
 
 use crate::credentials::Generation;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{self, ConnectionGuard, Current, LeaseOptions, RotatingCredentials};
+use crate::lease::{self, ConnectionGuard, CredentialSource, Current, DatabaseRole, Engine};
+use crate::pool::{self, PoolStatus};
 
 /// Connects that were under way when the options were swapped finish within this.
 const SWAP_GRACE: Duration = Duration::from_millis(250);
@@ -80,7 +81,7 @@ pub struct VaultSqlxPool {
 
 struct Inner {
     pool: PgPool,
-    engine: RotatingCredentials,
+    engine: Engine,
     /// The generation whose credentials the pool's connect options hold.
     applied: tokio::sync::watch::Receiver<Generation>,
     auth_failure_wait: Duration,
@@ -96,7 +97,7 @@ impl Drop for Inner {
 impl fmt::Debug for VaultSqlxPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VaultSqlxPool")
-            .field("role", &self.inner.engine.role())
+            .field("source", &self.inner.engine.source())
             .field("generation", &self.inner.engine.generation())
             .field("size", &self.inner.pool.size())
             .finish()
@@ -125,16 +126,22 @@ impl VaultSqlxPool {
         Self::builder(role).build().await
     }
 
-    /// A builder for everything explicit.
+    /// A builder for the database role `role` on the mount `database`.
     pub fn builder(role: impl Into<String>) -> Builder {
-        Builder {
-            role: role.into(),
-            lease: LeaseOptions::default(),
-            connect: None,
-            pool_options: PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10)),
-        }
+        Self::builder_for(DatabaseRole::new(role))
+    }
+
+    /// A builder for any [`CredentialSource`].
+    pub fn builder_for(source: impl Into<CredentialSource>) -> Builder {
+        pool::Builder::new(
+            source,
+            SqlxTarget {
+                connect: None,
+                pool_options: PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(10)),
+            },
+        )
     }
 
     /// The `sqlx::PgPool`: the same pool for the whole life of this handle, whatever the
@@ -176,18 +183,18 @@ impl VaultSqlxPool {
             ::sqlx::Error::PoolClosed => ErrorKind::Shutdown,
             _ => ErrorKind::Backend,
         };
-        Error::new(kind, format!("{what} (role {})", self.inner.engine.role())).with_source(e)
+        Error::new(kind, format!("{what} ({})", self.inner.engine.source())).with_source(e)
     }
 
     /// The lease engine behind the pool.
-    pub fn credentials(&self) -> &RotatingCredentials {
+    pub fn engine(&self) -> &Engine {
         &self.inner.engine
     }
 
     /// Rotate now; returns once the new generation is serving (connect options swapped).
     ///
     /// # Errors
-    /// As [`RotatingCredentials::rotate`].
+    /// As [`Engine::rotate`].
     pub async fn rotate(&self) -> Result<Generation> {
         let g = self.inner.engine.rotate().await?;
         // The follow task applies the new options; wait until it has.
@@ -196,9 +203,16 @@ impl VaultSqlxPool {
         Ok(g)
     }
 
-    /// The lease engine's status.
-    pub fn status(&self) -> lease::Status {
-        self.inner.engine.status()
+    /// Pool and lease status (sqlx does not report waiting callers: `waiting` is 0).
+    pub fn status(&self) -> PoolStatus {
+        let pool = &self.inner.pool;
+        PoolStatus {
+            lease: self.inner.engine.status(),
+            size: pool.size() as usize,
+            available: pool.num_idle(),
+            waiting: 0,
+            max_size: pool.options().get_max_connections() as usize,
+        }
     }
 
     /// Close: wait for every connection to be returned and closed (sqlx's `close`), then
@@ -210,38 +224,29 @@ impl VaultSqlxPool {
     }
 }
 
-/// Builds a [`VaultSqlxPool`].
-#[must_use]
-pub struct Builder {
-    role: String,
-    lease: LeaseOptions,
+/// Builds a [`VaultSqlxPool`]: the leasing setters of [`pool::Builder`] and the sqlx
+/// ones below.
+pub type Builder = pool::Builder<SqlxTarget>;
+
+/// The sqlx settings of a [`Builder`].
+#[derive(Debug)]
+pub struct SqlxTarget {
     connect: Option<PgConnectOptions>,
     pool_options: PgPoolOptions,
 }
 
-impl fmt::Debug for Builder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
-            .field("role", &self.role)
-            .field("mount", &self.lease.mount)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Builder {
-    crate::lease::lease_setters!();
-
     /// Host, port, database, TLS; user and password are replaced by the lease's.
     /// Default: from `DATABASE_URL` or the libpq variables.
     pub fn connect_options(mut self, options: PgConnectOptions) -> Self {
-        self.connect = Some(options);
+        self.target.connect = Some(options);
         self
     }
 
     /// sqlx pool options (size, timeouts). Default: 16 connections, acquire timeout
     /// 10 s. Do not set `before_acquire`/`after_release` here: the pool installs its own.
     pub fn pool_options(mut self, options: PgPoolOptions) -> Self {
-        self.pool_options = options;
+        self.target.pool_options = options;
         self
     }
 
@@ -251,13 +256,14 @@ impl Builder {
     /// [`ErrorKind::Config`] for missing settings; whatever leasing or the verifying
     /// connection fails with.
     pub async fn build(self) -> Result<VaultSqlxPool> {
-        let base = match self.connect {
+        let (lease, target) = (self.lease, self.target);
+        let base = match target.connect {
             Some(o) => o,
             None => options_from_env()?,
         };
         let verify = {
             let base = base.clone();
-            let role = self.role.clone();
+            let role = lease.source.to_string();
             Arc::new(move |creds: crate::Credentials| {
                 let options = base
                     .clone()
@@ -268,7 +274,7 @@ impl Builder {
                     use ::sqlx::Connection;
                     let what = || {
                         format!(
-                            "verifying new credentials of role {role} against PostgreSQL at {}:{}",
+                            "verifying new credentials of {role} against PostgreSQL at {}:{}",
                             options.get_host(),
                             options.get_port()
                         )
@@ -282,8 +288,9 @@ impl Builder {
                 }) as lease::BoxFuture<'static, Result<()>>
             }) as lease::Verifier
         };
-        let auth_failure_wait = self.lease.auth_failure_wait;
-        let engine = self.lease.engine(self.role, verify).await?;
+        let auth_failure_wait = lease.auth_failure_wait;
+        let vault = lease.vault()?;
+        let engine = lease.engine(vault, verify).await?;
         let swap = Arc::new(Swap {
             base: Instant::now(),
             stale_before_ns: AtomicU64::new(0),
@@ -294,7 +301,7 @@ impl Builder {
         // checkout), but without it a stale connection released under load goes back
         // into circulation until its next acquire, and draining takes longer than the
         // gap between two rotations (seen: three users alive at once).
-        let pool = self
+        let pool = target
             .pool_options
             .before_acquire(move |_conn, meta| {
                 let fresh = !on_acquire.is_stale(meta.age);
@@ -329,7 +336,7 @@ impl Builder {
 
 /// Apply every new generation to the pool and drain the old one.
 async fn follow(
-    engine: RotatingCredentials,
+    engine: Engine,
     pool: PgPool,
     base: PgConnectOptions,
     swap: Arc<Swap>,

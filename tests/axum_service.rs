@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-use vaultpool::axum::Health;
+use vaultpool::axum::HealthCheck;
 use vaultpool::postgres::VaultPgPool;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,7 +26,7 @@ async fn crud_and_health_stay_200_across_rotations_and_turn_503_when_vault_is_go
         .build()
         .await
         .unwrap();
-    let health = Health::new(client).with(db.credentials());
+    let health = HealthCheck::new(client).with(db.engine());
     let app = axum_service::app(axum_service::AppState {
         db: db.clone(),
         health,
@@ -105,11 +105,11 @@ async fn crud_and_health_stay_200_across_rotations_and_turn_503_when_vault_is_go
     assert_eq!(h["vault"]["reachable"], true);
     assert_eq!(h["vault"]["sealed"], false);
     let pool = &h["pools"][0];
-    assert_eq!(pool["role"], "app");
+    assert_eq!(pool["source"], "database role app");
     assert_eq!(pool["can_serve"], true);
     assert!(pool["generation"].as_u64().unwrap() >= 3);
-    assert!(pool["lease_seconds_left"].as_f64().unwrap() > 0.0);
-    assert!(pool["connections"].is_array());
+    assert!(pool["ttl_remaining"].as_f64().unwrap() > 0.0);
+    assert!(pool["generations"].is_array());
 
     // Vault gone past the lease's end: 503s with a short body, and a health JSON that
     // says why.
@@ -129,7 +129,7 @@ async fn crud_and_health_stay_200_across_rotations_and_turn_503_when_vault_is_go
     assert_eq!(h["status"], "unavailable");
     assert_eq!(h["vault"]["reachable"], false);
     assert_eq!(h["pools"][0]["can_serve"], false);
-    assert_eq!(h["pools"][0]["state"], "expired");
+    assert_eq!(h["pools"][0]["health"], "expired");
     let r = http
         .post(format!("{base}/items"))
         .json(&json!({"name": "c"}))

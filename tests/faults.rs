@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vaultpool::{Generation, RotatingCredentials};
+use vaultpool::Generation;
+use vaultpool::lease::{DatabaseRole, Engine};
 
 /// One fault at a time: each test times renewals against its own Vault, and two of them
 /// side by side on a 2-core machine (200 engines next to a seal/unseal) measure the
@@ -215,7 +216,7 @@ async fn two_hundred_pools_after_an_outage_renew_spread_out_not_in_step() {
             .build()
             .unwrap();
         engines.push(
-            RotatingCredentials::builder(client, "app")
+            Engine::builder(client, DatabaseRole::new("app"))
                 .policy(policy)
                 .build()
                 .await

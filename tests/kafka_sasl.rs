@@ -15,6 +15,7 @@ use vaultpool::kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use vaultpool::kafka::rdkafka::message::Message;
 use vaultpool::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use vaultpool::kafka::{KafkaSasl, RotatingClient, SaslConfig, verifier, verify};
+use vaultpool::lease::KvCredentials;
 
 /// A reader with the infrastructure AppRole (its policy reads `secret/kafka/*`).
 fn vault() -> vaultpool::vault::Client {
@@ -40,8 +41,7 @@ async fn rotation_under_a_running_producer_and_consumer_loses_no_message() {
     kv_put(&path, kafka_secret(&bootstrap, &user, &p1, "SCRAM-SHA-512")).await;
 
     let sasl = KafkaSasl::builder(vault())
-        .path(&path)
-        .poll_interval(Duration::from_secs(1))
+        .secret(KvCredentials::new(&path).poll_interval(Duration::from_secs(1)))
         .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
         .build()
         .await
@@ -206,9 +206,9 @@ async fn rotation_under_a_running_producer_and_consumer_loses_no_message() {
     assert!(producer.last_error().is_none() && consumer.last_error().is_none());
     stop.store(true, Ordering::Relaxed);
     consume.abort();
-    producer.close();
-    consumer.close();
-    sasl.close();
+    producer.close().await;
+    consumer.close().await;
+    sasl.close().await;
 }
 
 /// Wait until every client (its applied KV version) has reached `version`.
@@ -237,7 +237,7 @@ async fn a_wrong_password_or_unknown_user_is_a_typed_error() {
         let path = format!("kafka/bad-{id}");
         kv_put(&path, kafka_secret(&bootstrap, who, pw, "SCRAM-SHA-512")).await;
         let e = KafkaSasl::builder(vault())
-            .path(&path)
+            .secret(KvCredentials::new(&path))
             .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
             .build()
             .await
@@ -259,12 +259,13 @@ async fn a_wrong_password_or_unknown_user_is_a_typed_error() {
     )
     .await;
     KafkaSasl::builder(vault())
-        .path(&path)
+        .secret(KvCredentials::new(&path))
         .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
         .build()
         .await
         .unwrap()
-        .close();
+        .close()
+        .await;
 }
 
 #[tokio::test]
@@ -274,13 +275,13 @@ async fn a_new_kv_version_is_published_within_the_poll_interval() {
     kv_put(&path, v(1)).await;
     let every = Duration::from_secs(2);
     let sasl = KafkaSasl::builder(vault())
-        .path(&path)
-        .poll_interval(every)
+        .secret(KvCredentials::new(&path).poll_interval(every))
         .build()
         .await
         .unwrap();
     let mut rx = sasl.subscribe();
-    assert_eq!(rx.borrow_and_update().version, 1);
+    rx.borrow_and_update();
+    assert_eq!(sasl.current().version, 1);
     let mut seen = Vec::new();
     for n in 2..=4 {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..1500))).await;
@@ -297,7 +298,8 @@ async fn a_new_kv_version_is_published_within_the_poll_interval() {
         // machine cannot make it flaky; the times are printed below.
         let polls = sasl.status().polls - polls_before;
         assert!(polls <= 2, "version {n} published after {polls} polls");
-        let config: Arc<SaslConfig> = rx.borrow_and_update().clone();
+        rx.borrow_and_update();
+        let config: Arc<SaslConfig> = sasl.current();
         assert_eq!(config.version, u64::from(n));
         assert_eq!(sasl.current().version, u64::from(n));
         seen.push((picked, polls));
@@ -306,10 +308,10 @@ async fn a_new_kv_version_is_published_within_the_poll_interval() {
     println!(
         "kafka KV poll every {every:?}: new versions seen after (time, polls since the write) \
          {seen:?}; {} polls, {} changes",
-        status.polls, status.changes
+        status.polls, status.rotations
     );
-    assert_eq!(status.changes, 3);
-    assert_eq!(status.version, 4);
+    assert_eq!(status.rotations, 3);
+    assert_eq!(sasl.current().version, 4);
 
     // A broken version is not published; the good one stays, the error is reported.
     kv_put(&path, serde_json::json!({ "bootstrap_servers": "nope", "sasl_username": "svc", "sasl_password": "x" })).await;
@@ -318,5 +320,5 @@ async fn a_new_kv_version_is_published_within_the_poll_interval() {
     assert!(e.to_string().contains("bootstrap_servers"), "{e}");
     assert_eq!(sasl.current().version, 4);
     assert!(sasl.status().last_error.is_some());
-    sasl.close();
+    sasl.close().await;
 }

@@ -23,8 +23,8 @@ async fn query(pool: &VaultPgPool) -> Result<i64, String> {
 }
 
 impl TestPool for VaultPgPool {
-    fn engine(&self) -> &vaultpool::RotatingCredentials {
-        self.credentials()
+    fn engine(&self) -> &vaultpool::lease::Engine {
+        self.engine()
     }
     fn rotate(&self) -> BoxFut<'_, vaultpool::Result<Generation>> {
         Box::pin(VaultPgPool::rotate(self))
@@ -216,7 +216,7 @@ async fn vault_down_past_expiry_gives_a_typed_error_then_heals() {
         "vault_down_past_expiry: error seen: {err}; healed {:?} after restart",
         restarted.elapsed()
     );
-    assert!(pool.credentials().generation() >= Generation(2));
+    assert!(pool.engine().generation() >= Generation(2));
     assert_eq!(pool.status().lease.health, Health::Serving);
     pool.close().await;
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
+use vaultpool::lease::KvCredentials;
 use vaultpool::redis::VaultRedisPool;
 use vaultpool::redis::redis::AsyncCommands;
 use vaultpool::{ErrorKind, Generation};
@@ -44,17 +45,17 @@ async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
     let role = create_redis_role("10s", "10s").await;
     let pool = pool_for(&role, approle_client("IMMUNE_SYSTEM")).await;
     let users = Arc::new(std::sync::Mutex::new(vec![
-        pool.credentials().current().credentials.username.clone(),
+        pool.engine().current().credentials.username.clone(),
     ]));
     let watcher = {
         let (pool, users) = (pool.clone(), users.clone());
         tokio::spawn(async move {
-            let mut rx = pool.credentials().subscribe();
+            let mut rx = pool.engine().subscribe();
             while rx.changed().await.is_ok() {
                 users
                     .lock()
                     .unwrap()
-                    .push(pool.credentials().current().credentials.username.clone());
+                    .push(pool.engine().current().credentials.username.clone());
             }
         })
     };
@@ -127,7 +128,7 @@ async fn redis_user_deleted_from_outside_is_replaced() {
     let role = create_redis_role("1h", "2h").await;
     let pool = pool_for(&role, approle_client("IMMUNE_SYSTEM")).await;
     set_get(&pool, "app:outside").await.unwrap();
-    let user = pool.credentials().current().credentials.username.clone();
+    let user = pool.engine().current().credentials.username.clone();
     // ACL DELUSER closes the user's connections at once, like a revocation.
     let reply = redis_admin(&["ACL", "DELUSER", &user]).await;
     assert!(reply.starts_with(":1"), "{reply}");
@@ -148,7 +149,7 @@ async fn redis_user_deleted_from_outside_is_replaced() {
         t.elapsed(),
         failures.len()
     );
-    assert_eq!(pool.credentials().generation(), Generation(2));
+    assert_eq!(pool.engine().generation(), Generation(2));
     pool.close().await;
 }
 
@@ -158,7 +159,7 @@ async fn refused_credentials_with_vault_gone_give_a_typed_error() {
     vault.configure_redis("app", "1h").await;
     let pool = pool_for("app", vault.client().build().unwrap()).await;
     set_get(&pool, "app:typed").await.unwrap();
-    let user = pool.credentials().current().credentials.username.clone();
+    let user = pool.engine().current().credentials.username.clone();
     drop(vault); // Vault gone: no re-lease possible
     redis_admin(&["ACL", "DELUSER", &user]).await;
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -204,14 +205,15 @@ async fn static_kv_password_rotation_is_picked_up_without_restart() {
         })
     };
     kv_put(&path, secret(&p1)).await;
-    let pool = VaultRedisPool::builder_kv(&path)
-        .vault(root_client())
-        .kv_poll("secret", Duration::from_secs(1))
-        .build()
-        .await
-        .unwrap();
+    let pool = VaultRedisPool::builder_for(
+        KvCredentials::new(&path).poll_interval(Duration::from_secs(1)),
+    )
+    .vault(root_client())
+    .build()
+    .await
+    .unwrap();
     set_get(&pool, "app:kv").await.unwrap();
-    assert_eq!(pool.credentials().generation(), Generation(1));
+    assert_eq!(pool.engine().generation(), Generation(1));
 
     // Commands keep flowing while the password changes underneath.
     let stop = Arc::new(AtomicBool::new(false));
@@ -240,7 +242,7 @@ async fn static_kv_password_rotation_is_picked_up_without_restart() {
     let t = Instant::now();
     kv_put(&path, secret(&p2)).await;
     let g = pool
-        .credentials()
+        .engine()
         .wait_newer(Generation(1), Duration::from_secs(10))
         .await;
     let picked_up = t.elapsed();

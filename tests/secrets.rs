@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use secrecy::ExposeSecret;
 use serde_json::json;
+use vaultpool::lease::KvCredentials;
 use vaultpool::postgres::VaultPgPool;
 use vaultpool::vault::{AuthMethod, Client};
 
@@ -96,7 +97,7 @@ fn a_full_rotation_scenario_leaks_no_secret_anywhere() {
             .await
             .unwrap();
         for _ in 0..3 {
-            let current = pool.credentials().current();
+            let current = pool.engine().current();
             secrets.push(current.credentials.password.expose_secret().to_owned());
             seen.push(format!("{current:?}"));
             seen.push(format!("{:?}", current.credentials));
@@ -107,7 +108,7 @@ fn a_full_rotation_scenario_leaks_no_secret_anywhere() {
             pool.rotate().await.unwrap();
         }
         secrets.push(
-            pool.credentials()
+            pool.engine()
                 .current()
                 .credentials
                 .password
@@ -116,7 +117,7 @@ fn a_full_rotation_scenario_leaks_no_secret_anywhere() {
         );
         seen.push(format!("{pool:?}"));
         seen.push(format!("{:?}", pool.status()));
-        seen.push(format!("{:?}", pool.credentials()));
+        seen.push(format!("{:?}", pool.engine()));
         let leased = client.database_creds("database", &role).await.unwrap();
         secrets.push(leased.value.password.expose_secret().to_owned());
         seen.push(format!("{leased:?}"));
@@ -219,8 +220,7 @@ async fn kafka_part(secrets: &mut Vec<String>, seen: &mut Vec<String>) {
     let secret = |pw: &str| kafka_secret(&bootstrap, &user, pw, "SCRAM-SHA-512");
     kv_put(&path, secret(&p1)).await;
     let sasl = KafkaSasl::builder(root_client())
-        .path(&path)
-        .poll_interval(Duration::from_secs(1))
+        .secret(KvCredentials::new(&path).poll_interval(Duration::from_secs(1)))
         .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
         .build()
         .await
@@ -251,6 +251,6 @@ async fn kafka_part(secrets: &mut Vec<String>, seen: &mut Vec<String>) {
     kv_put(&path, secret(&p1)).await;
     let e = sasl.check_now().await.unwrap_err();
     seen.push(format!("{e} | {e:?} | {:?}", sasl.status()));
-    producer.close();
-    sasl.close();
+    producer.close().await;
+    sasl.close().await;
 }

@@ -9,20 +9,20 @@ use std::time::Duration;
 use common::scenarios::{self, BoxFut, TestPool};
 use common::*;
 use vaultpool::sqlx::VaultSqlxPool;
-use vaultpool::sqlx::driver::postgres::{PgConnectOptions, PgPoolOptions};
+use vaultpool::sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vaultpool::{ErrorKind, Generation};
 
 async fn query(pool: &VaultSqlxPool) -> Result<i64, String> {
     let mut conn = pool.acquire().await.map_err(|e| format!("acquire: {e}"))?;
-    vaultpool::sqlx::driver::query_scalar("SELECT count(*) FROM items")
+    vaultpool::sqlx::sqlx::query_scalar("SELECT count(*) FROM items")
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| format!("query: {e}"))
 }
 
 impl TestPool for VaultSqlxPool {
-    fn engine(&self) -> &vaultpool::RotatingCredentials {
-        self.credentials()
+    fn engine(&self) -> &vaultpool::lease::Engine {
+        self.engine()
     }
     fn rotate(&self) -> BoxFut<'_, vaultpool::Result<Generation>> {
         Box::pin(VaultSqlxPool::rotate(self))
@@ -80,17 +80,17 @@ async fn the_pg_pool_keeps_its_identity_and_old_connections_are_retired() {
     assert!(std::ptr::eq(before, pool.pool()));
     // The old lease waits for the held connection.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(pool.status().revocations, 0, "revoked while in use");
+    assert_eq!(pool.status().lease.revocations, 0, "revoked while in use");
     drop(held);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while pool.status().revocations == 0 {
+    while pool.status().lease.revocations == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "old lease never revoked"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let n: i64 = vaultpool::sqlx::driver::query_scalar("SELECT count(*) FROM items")
+    let n: i64 = vaultpool::sqlx::sqlx::query_scalar("SELECT count(*) FROM items")
         .fetch_one(pool.pool())
         .await
         .unwrap();

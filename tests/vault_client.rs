@@ -8,7 +8,7 @@ use common::*;
 use secrecy::ExposeSecret;
 use serde_json::json;
 use vaultpool::ErrorKind;
-use vaultpool::vault::{BreakerConfig, Client, HealthState, RetryConfig};
+use vaultpool::vault::{BreakerConfig, Client, RetryConfig, ServerState};
 
 fn fast_retry(max_retries: usize) -> RetryConfig {
     let mut r = RetryConfig::default();
@@ -280,7 +280,7 @@ async fn bad_token_and_bad_secret_id_are_permission_denied_without_echoing_them(
 #[tokio::test]
 async fn health_of_the_stack_is_active() {
     let h = root_client().health().await.unwrap();
-    assert_eq!(h.state, HealthState::Active);
+    assert_eq!(h.state, ServerState::Active);
     assert!(h.state.can_serve());
     assert!(!h.version.is_empty());
 }
@@ -306,7 +306,7 @@ async fn sealed_vault_gives_typed_errors_and_recovers_after_unseal() {
     assert_eq!(err.vault_status(), Some(503));
     assert!(err.to_string().contains("unseal"), "{err}");
     let h = client.health().await.unwrap();
-    assert_eq!(h.state, HealthState::Sealed);
+    assert_eq!(h.state, ServerState::Sealed);
     assert_eq!(h.status, 503);
 
     vault.unseal().await;
@@ -314,7 +314,7 @@ async fn sealed_vault_gives_typed_errors_and_recovers_after_unseal() {
         client.read_kv("secret", "app/cfg").await.unwrap().version(),
         1
     );
-    assert_eq!(client.health().await.unwrap().state, HealthState::Active);
+    assert_eq!(client.health().await.unwrap().state, ServerState::Active);
 }
 
 #[tokio::test]

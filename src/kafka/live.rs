@@ -325,7 +325,7 @@ impl<C: SaslClient> RotatingClient<C> {
         });
         tokio::spawn(follow(
             Arc::downgrade(&inner),
-            sasl.subscribe(),
+            sasl.clone(),
             inner.cancel.clone(),
         ));
         Ok(Self { inner })
@@ -357,9 +357,16 @@ impl<C: SaslClient> RotatingClient<C> {
     }
 
     /// Stop following new versions. The client keeps working with the credentials it
-    /// has.
-    pub fn close(&self) {
+    /// has. Calling it twice is harmless; dropping the last clone does the same.
+    pub async fn close(&self) {
         self.inner.cancel.cancel();
+    }
+}
+
+impl<C> Drop for Inner<C> {
+    fn drop(&mut self) {
+        // The last handle is gone: stop the follow task (it holds only a `Weak`).
+        self.cancel.cancel();
     }
 }
 
@@ -405,17 +412,21 @@ fn create<C>(
 /// How long a retired producer may take to deliver what it holds.
 const RETIRE_FLUSH: Duration = Duration::from_secs(30);
 
+/// Follow `sasl` (kept alive by this task, so its poller runs as long as the client
+/// follows it) until the client is closed or dropped.
 async fn follow<C: SaslClient>(
     inner: std::sync::Weak<Inner<C>>,
-    mut updates: tokio::sync::watch::Receiver<Arc<SaslConfig>>,
+    sasl: KafkaSasl,
     cancel: CancellationToken,
 ) {
+    let mut updates = sasl.subscribe();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             changed = updates.changed() => if changed.is_err() { return },
         }
-        let next = updates.borrow_and_update().clone();
+        updates.borrow_and_update();
+        let next = sasl.current();
         let Some(inner) = inner.upgrade() else { return };
         if let Err(e) = inner.apply(next) {
             tracing::warn!(target = %inner.target, error = %e, "Kafka client kept its credentials");

@@ -2,9 +2,10 @@
 //!
 //! Kafka has no dynamic secrets engine: the SASL user and password live in a KV v2 secret
 //! (by default `secret/kafka/main`) and are rotated by writing a new version after the
-//! broker's SCRAM credentials changed. [`KafkaSasl`] reads that secret, polls its
-//! metadata (one cheap call, jittered) and publishes each new, verified version as a
-//! [`SaslConfig`] on a [`watch`] channel.
+//! broker's SCRAM credentials changed. [`KafkaSasl`] is a lease [`Engine`] over that
+//! secret ([`KvCredentials`]): it polls the metadata (one cheap call, jittered), reads,
+//! parses and verifies each new version and publishes it; [`KafkaSasl::current`] gives it
+//! as a [`SaslConfig`].
 //!
 //! The password is a [`SecretString`]: redacted in `Debug`, never logged, and handed
 //! only to the Kafka client library (with the `rdkafka` feature,
@@ -26,12 +27,11 @@
 //! use vaultpool::kafka::KafkaSasl;
 //! use vaultpool::vault::Client;
 //!
-//! let sasl = KafkaSasl::builder(Client::from_env()?).path("kafka/main").build().await?;
+//! let sasl = KafkaSasl::builder(Client::from_env()?).build().await?; // secret/kafka/main
 //! let mut updates = sasl.subscribe();
 //! println!("Kafka at {} as {}", sasl.current().bootstrap_servers, sasl.current().username);
 //! while updates.changed().await.is_ok() {
-//!     let config = updates.borrow_and_update().clone();
-//!     println!("KV version {} published", config.version);
+//!     println!("KV version {} published", sasl.current().version);
 //! }
 //! # Ok(()) }
 //! ```
@@ -40,15 +40,14 @@
 mod live;
 
 use std::fmt;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
+use crate::credentials::{Credentials, Generation};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::BoxFuture;
+use crate::lease::{self, BoxFuture, Engine, KvCredentials, Verifier};
 use crate::vault::{Client, KvSecret};
 
 /// The rdkafka crate this module builds on.
@@ -81,6 +80,17 @@ pub struct SaslConfig {
 }
 
 impl SaslConfig {
+    /// The settings of credentials read from KV by a [`KvCredentials`] source.
+    fn from_credentials(creds: &Credentials, default_protocol: &str) -> Result<Self> {
+        let kv = creds.kv_secret().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "reading Kafka SASL settings: the credentials were not read from KV v2",
+            )
+        })?;
+        Self::from_kv(kv, default_protocol)
+    }
+
     fn from_kv(kv: &KvSecret, default_protocol: &str) -> Result<Self> {
         let bad = |key: &str, why: String| {
             Error::new(
@@ -166,9 +176,7 @@ pub type SaslVerifier =
 #[must_use]
 pub struct Builder {
     client: Client,
-    mount: String,
-    path: String,
-    poll: Duration,
+    secret: KvCredentials,
     security_protocol: String,
     verify: Option<SaslVerifier>,
 }
@@ -176,9 +184,7 @@ pub struct Builder {
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
-            .field("mount", &self.mount)
-            .field("path", &self.path)
-            .field("poll", &self.poll)
+            .field("secret", &self.secret)
             .field("security_protocol", &self.security_protocol)
             .field("verify", &self.verify.is_some())
             .finish()
@@ -186,22 +192,11 @@ impl fmt::Debug for Builder {
 }
 
 impl Builder {
-    /// The KV v2 mount. Default `secret`.
-    pub fn mount(mut self, mount: impl Into<String>) -> Self {
-        self.mount = mount.into();
-        self
-    }
-
-    /// The secret's path below the mount. Default `kafka/main`.
-    pub fn path(mut self, path: impl Into<String>) -> Self {
-        self.path = path.into();
-        self
-    }
-
-    /// How often the secret's metadata is polled for a new version (each wait jittered
-    /// by ±10% so that many services do not poll in step). Default 30 s.
-    pub fn poll_interval(mut self, every: Duration) -> Self {
-        self.poll = every;
+    /// Where the settings live and how often they are checked for a new version.
+    /// Default `KvCredentials::new("kafka/main")`: `secret/kafka/main`, polled every
+    /// 30 s (jittered ±10%). The keys are always `sasl_username` and `sasl_password`.
+    pub fn secret(mut self, secret: KvCredentials) -> Self {
+        self.secret = secret;
         self
     }
 
@@ -214,8 +209,9 @@ impl Builder {
 
     /// Check each version before publishing it (the first one included). A version that
     /// fails is not published, and is checked again at every poll until it passes or a
-    /// newer one is written. Default: none. With the `rdkafka` feature,
-    /// [`verifier`] authenticates against the brokers.
+    /// newer one is written. Default: none (a version is still parsed and checked for
+    /// missing keys). With the `rdkafka` feature, [`verifier`] authenticates against the
+    /// brokers.
     pub fn verify_with(mut self, verify: SaslVerifier) -> Self {
         self.verify = Some(verify);
         self
@@ -229,13 +225,11 @@ impl Builder {
     /// [`ErrorKind::PermissionDenied`] / transport kinds from Vault; whatever the
     /// verifier returns (e.g. [`ErrorKind::AuthenticationFailed`]).
     pub async fn build(self) -> Result<KafkaSasl> {
-        let target = format!("{}/{}", self.mount, self.path);
-        if self.poll.is_zero() {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("watching Kafka SASL settings at {target}: the poll interval is zero"),
-            ));
-        }
+        let secret = self
+            .secret
+            .keys("sasl_username", "sasl_password")
+            .require_username();
+        let target = format!("{}/{}", secret.mount_name(), secret.path());
         if !PROTOCOLS.contains(&self.security_protocol.as_str()) {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -246,75 +240,60 @@ impl Builder {
                 ),
             ));
         }
-        let reader = Reader {
-            client: self.client,
-            mount: self.mount,
-            path: self.path,
-            security_protocol: self.security_protocol,
-            verify: self.verify,
+        let protocol = self.security_protocol;
+        let verify: Verifier = {
+            let (protocol, user_verify) = (protocol.clone(), self.verify);
+            Arc::new(move |creds: Credentials| {
+                let (protocol, user_verify) = (protocol.clone(), user_verify.clone());
+                Box::pin(async move {
+                    let config = Arc::new(SaslConfig::from_credentials(&creds, &protocol)?);
+                    match user_verify {
+                        Some(verify) => verify(config.clone()).await.map_err(|e| {
+                            e.context(format!(
+                                "verifying Kafka SASL settings {} version {}",
+                                creds.kv_secret().map_or("", |kv| kv.path()),
+                                config.version
+                            ))
+                        }),
+                        None => Ok(()),
+                    }
+                }) as BoxFuture<'static, Result<()>>
+            })
         };
-        let first = reader.read_verified().await?;
-        tracing::info!(path = %reader.path, version = first.version, user = %first.username, "Kafka SASL settings published");
-        let stats = SaslStatus {
-            version: first.version,
-            ..SaslStatus::default()
-        };
-        let inner = Arc::new(Inner {
-            reader,
-            poll: self.poll,
-            tx: watch::channel(first).0,
-            check: tokio::sync::Mutex::new(()),
-            stats: Mutex::new(stats),
-            cancel: CancellationToken::new(),
-        });
-        tokio::spawn(poll(Arc::downgrade(&inner), inner.cancel.clone()));
-        Ok(KafkaSasl { inner })
+        let engine = Engine::builder(self.client, secret)
+            .verify_with(verify)
+            .build()
+            .await?;
+        let first = engine.current();
+        let config = Arc::new(SaslConfig::from_credentials(&first.credentials, &protocol)?);
+        tracing::info!(path = %target, version = config.version, user = %config.username, "Kafka SASL settings published");
+        Ok(KafkaSasl {
+            inner: Arc::new(Inner {
+                engine,
+                target,
+                protocol,
+                published: Mutex::new((first.generation, config)),
+            }),
+        })
     }
 }
 
 /// Kafka SASL settings from KV v2, re-read when the secret gets a new version.
 ///
-/// Cheap to clone. Polling stops on [`close`](Self::close) or when the last clone is
-/// dropped.
+/// It is a lease [`Engine`] over a [`KvCredentials`] source (the same poll, verify,
+/// swap and status as every other source), seen as [`SaslConfig`]s. Cheap to clone.
+/// Polling stops on [`close`](Self::close) or when the last clone is dropped.
 #[derive(Clone)]
 pub struct KafkaSasl {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    reader: Reader,
-    poll: Duration,
-    tx: watch::Sender<Arc<SaslConfig>>,
-    /// One check at a time (the poller, `check_now`).
-    check: tokio::sync::Mutex<()>,
-    stats: Mutex<SaslStatus>,
-    cancel: CancellationToken,
-}
-
-/// Reads (and verifies) the newest version of the secret.
-struct Reader {
-    client: Client,
-    mount: String,
-    path: String,
-    security_protocol: String,
-    verify: Option<SaslVerifier>,
-}
-
-/// What the watcher has done, for health endpoints and tests.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct SaslStatus {
-    /// The KV version published now.
-    pub version: u64,
-    /// Metadata polls made.
-    pub polls: u64,
-    /// New versions published after the first.
-    pub changes: u64,
-    /// When the last new version was published.
-    pub last_change: Option<Instant>,
-    /// The last failure (a poll, a read, a version that failed verification), if the
-    /// watcher has not succeeded since.
-    pub last_error: Option<String>,
+    engine: Engine,
+    target: String,
+    protocol: String,
+    /// The generation last parsed, and its settings.
+    published: Mutex<(Generation, Arc<SaslConfig>)>,
 }
 
 impl KafkaSasl {
@@ -322,9 +301,7 @@ impl KafkaSasl {
     pub fn builder(client: Client) -> Builder {
         Builder {
             client,
-            mount: "secret".into(),
-            path: "kafka/main".into(),
-            poll: Duration::from_secs(30),
+            secret: KvCredentials::new("kafka/main"),
             security_protocol: PROTOCOLS[0].into(),
             verify: None,
         }
@@ -332,12 +309,26 @@ impl KafkaSasl {
 
     /// The settings published now.
     pub fn current(&self) -> Arc<SaslConfig> {
-        self.inner.tx.borrow().clone()
+        let current = self.inner.engine.current();
+        let mut published = self
+            .inner
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if published.0 != current.generation {
+            // The engine verified exactly this parse before swapping it in.
+            match SaslConfig::from_credentials(&current.credentials, &self.inner.protocol) {
+                Ok(config) => *published = (current.generation, Arc::new(config)),
+                Err(e) => tracing::error!(path = %self.inner.target, "Kafka SASL settings: {e}"),
+            }
+        }
+        published.1.clone()
     }
 
-    /// A receiver that sees every newly published version.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<SaslConfig>> {
-        self.inner.tx.subscribe()
+    /// A receiver that sees every newly published version; read it with
+    /// [`current`](Self::current).
+    pub fn subscribe(&self) -> watch::Receiver<Generation> {
+        self.inner.engine.subscribe()
     }
 
     /// Poll now instead of waiting for the next tick. `Ok(true)` when a new version was
@@ -346,131 +337,39 @@ impl KafkaSasl {
     /// # Errors
     /// As [`Builder::build`], for the new version; the published one stays.
     pub async fn check_now(&self) -> Result<bool> {
-        self.inner.check().await
+        self.inner.engine.check_now().await
     }
 
-    /// The published version, counters and the last error.
-    pub fn status(&self) -> SaslStatus {
-        self.inner.stats.lock().expect("stats lock").clone()
+    /// The engine's status: `polls`, `rotations` (new versions published after the
+    /// first), `last_error` (a poll, a read, a version that failed verification, until
+    /// the next success).
+    pub fn status(&self) -> lease::Status {
+        self.inner.engine.status()
+    }
+
+    /// The lease engine behind the settings.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
     }
 
     /// Where the settings are read from (`mount/path`).
     pub fn target(&self) -> String {
-        format!("{}/{}", self.inner.reader.mount, self.inner.reader.path)
+        self.inner.target.clone()
     }
 
-    /// Stop polling. The published settings stay readable; receivers see no more changes
-    /// (their `changed()` ends once the last handle is dropped).
-    pub fn close(&self) {
-        self.inner.cancel.cancel();
+    /// Stop polling. The published settings stay readable; receivers see no more changes.
+    /// Calling it twice is harmless.
+    pub async fn close(&self) {
+        self.inner.engine.close().await;
     }
 }
 
 impl fmt::Debug for KafkaSasl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaSasl")
-            .field("target", &self.target())
-            .field("poll", &self.inner.poll)
+            .field("target", &self.inner.target)
             .field("current", &self.current())
             .finish_non_exhaustive()
-    }
-}
-
-impl Reader {
-    async fn read_verified(&self) -> Result<Arc<SaslConfig>> {
-        let what = || {
-            format!(
-                "reading Kafka SASL settings from {}/{}",
-                self.mount, self.path
-            )
-        };
-        // Always the newest version, never the cache.
-        self.client.invalidate_kv(&self.mount, &self.path);
-        let kv = self
-            .client
-            .read_kv(&self.mount, &self.path)
-            .await
-            .map_err(|e| e.context(what()))?;
-        let config = Arc::new(SaslConfig::from_kv(&kv, &self.security_protocol)?);
-        if let Some(verify) = &self.verify {
-            verify(config.clone()).await.map_err(|e| {
-                e.context(format!(
-                    "verifying Kafka SASL settings {}/{} version {}",
-                    self.mount, self.path, config.version
-                ))
-            })?;
-        }
-        Ok(config)
-    }
-}
-
-impl Inner {
-    fn publish(&self, config: Arc<SaslConfig>) {
-        let mut stats = self.stats.lock().expect("stats lock");
-        stats.changes += 1;
-        stats.last_change = Some(Instant::now());
-        stats.version = config.version;
-        stats.last_error = None;
-        drop(stats);
-        tracing::info!(
-            path = %self.reader.path,
-            version = config.version,
-            user = %config.username,
-            "Kafka SASL settings published"
-        );
-        self.tx.send_replace(config);
-    }
-
-    async fn check(&self) -> Result<bool> {
-        let _one = self.check.lock().await;
-        let serving = self.tx.borrow().version;
-        let reader = &self.reader;
-        let result = async {
-            let meta = reader
-                .client
-                .read_kv_metadata(&reader.mount, &reader.path)
-                .await?;
-            if meta.current_version == serving {
-                return Ok(None);
-            }
-            reader.read_verified().await.map(Some)
-        }
-        .await;
-        let mut stats = self.stats.lock().expect("stats lock");
-        stats.polls += 1;
-        match result {
-            Ok(None) => {
-                stats.last_error = None;
-                Ok(false)
-            }
-            Ok(Some(config)) if config.version == serving => Ok(false),
-            Ok(Some(config)) => {
-                drop(stats);
-                self.publish(config);
-                Ok(true)
-            }
-            Err(e) => {
-                stats.last_error = Some(e.to_string());
-                Err(e)
-            }
-        }
-    }
-}
-
-async fn poll(inner: Weak<Inner>, cancel: CancellationToken) {
-    loop {
-        let Some(every) = inner.upgrade().map(|i| i.poll) else {
-            return;
-        };
-        let wait = every.mul_f64(0.9 + fastrand::f64() * 0.2);
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        let Some(inner) = inner.upgrade() else { return };
-        if let Err(e) = inner.check().await {
-            tracing::warn!(path = %inner.reader.path, error = %e, "Kafka SASL settings: poll failed; the published version stays");
-        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The lease lifecycle engine: one set of credentials at a time, kept alive and replaced
 //! before it can die.
 //!
-//! [`RotatingCredentials`] holds the current credentials in an [`ArcSwap`] together with a
+//! [`Engine`] holds the current credentials in an [`ArcSwap`] together with a
 //! [`Generation`]. A background task renews the lease at about two thirds of its TTL
 //! (jittered), rotates — issue, verify, swap, bump the generation — when the lease cannot
 //! be renewed any further, and revokes a retired generation's lease once its connections
@@ -22,15 +22,15 @@
 //!
 //! ## Shutdown
 //!
-//! [`close`](RotatingCredentials::close) stops the worker, waits (up to the drain
+//! [`close`](Engine::close) stops the worker, waits (up to the drain
 //! timeout) for connections to be returned, and revokes every lease it holds. Dropping
 //! every handle stops the worker too, but nothing can be awaited in `Drop`: the leases
 //! are then left to expire by their TTL.
 //!
-//! [`current`]: RotatingCredentials::current
-//! [`subscribe`]: RotatingCredentials::subscribe
+//! [`current`]: Engine::current
+//! [`subscribe`]: Engine::subscribe
 
-pub mod policy;
+mod policy;
 mod source;
 mod worker;
 
@@ -46,6 +46,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use policy::Policy;
+pub use source::{CredentialSource, DatabaseRole, KvCredentials};
 
 use crate::credentials::{Credentials, Generation, Lease};
 use crate::error::{Error, ErrorKind, Result};
@@ -123,8 +124,9 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// How the engine is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the engine is doing. Serialized in lowercase (`"serving"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Health {
     /// The lease is valid and the last renewal or rotation succeeded.
@@ -133,12 +135,35 @@ pub enum Health {
     Degraded,
     /// The lease has ended and no new credentials could be obtained yet.
     Expired,
-    /// [`RotatingCredentials::close`] was called.
+    /// [`Engine::close`] was called.
     Closed,
 }
 
+impl Health {
+    /// Whether the credentials can be used: serving, or degraded but still valid.
+    pub fn can_serve(self) -> bool {
+        matches!(self, Self::Serving | Self::Degraded)
+    }
+}
+
+/// Durations as seconds (`1.5`) in the status JSON.
+mod secs {
+    use std::time::Duration;
+
+    pub(super) fn one<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// Connections of one generation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct GenerationStatus {
     /// The generation.
@@ -151,12 +176,13 @@ pub struct GenerationStatus {
     pub retiring: bool,
 }
 
-/// A snapshot of the engine, for health endpoints and logs. Holds no secret.
-#[derive(Debug, Clone)]
+/// A snapshot of the engine, for health endpoints and logs. Holds no secret; serializes
+/// to the JSON the axum health handler shows (durations in seconds).
+#[derive(Debug, Clone, serde::Serialize)]
 #[non_exhaustive]
 pub struct Status {
-    /// The Vault role.
-    pub role: String,
+    /// What is leased: "database role app", "KV secret secret/redis/main".
+    pub source: String,
     /// Serving, degraded, expired or closed.
     pub health: Health,
     /// The current generation.
@@ -164,6 +190,7 @@ pub struct Status {
     /// The current lease id.
     pub lease_id: String,
     /// Time until the current lease ends (`None`: it never does).
+    #[serde(serialize_with = "secs::opt")]
     pub ttl_remaining: Option<Duration>,
     /// Whether the current lease is renewable.
     pub renewable: bool,
@@ -175,6 +202,8 @@ pub struct Status {
     pub rotations: u64,
     /// Successful renewals so far.
     pub renewals: u64,
+    /// Checks of a polled source (a KV secret's version) so far.
+    pub polls: u64,
     /// Failed renewal or rotation attempts so far.
     pub failures: u64,
     /// Leases revoked so far.
@@ -184,16 +213,20 @@ pub struct Status {
 }
 
 /// The phases of one rotation, from the decision to "new generation serving".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct RotationTiming {
     /// Issuing new credentials in Vault (which creates the database user).
+    #[serde(serialize_with = "secs::one")]
     pub issue: Duration,
     /// Verifying them (one real connection).
+    #[serde(serialize_with = "secs::one")]
     pub verify: Duration,
     /// Swapping them in and notifying subscribers.
+    #[serde(serialize_with = "secs::one")]
     pub swap: Duration,
     /// All of it.
+    #[serde(serialize_with = "secs::one")]
     pub total: Duration,
 }
 
@@ -222,6 +255,8 @@ impl fmt::Display for Reason {
 pub(crate) enum Command {
     Rotate(oneshot::Sender<Result<Generation>>),
     AuthFailure(Generation),
+    /// Poll a polled source now; `Ok(true)` when it rotated to a new version.
+    Check(oneshot::Sender<Result<bool>>),
 }
 
 #[derive(Default)]
@@ -230,6 +265,7 @@ struct Stats {
     degraded: bool,
     rotations: u64,
     renewals: u64,
+    polls: u64,
     failures: u64,
     revocations: u64,
     last_rotation: Option<RotationTiming>,
@@ -237,7 +273,10 @@ struct Stats {
 }
 
 pub(crate) struct Shared {
-    role: String,
+    /// What is leased, for messages: "database role app", "KV secret secret/redis/main".
+    source_name: String,
+    /// A short name for metrics labels and log fields: the role or the KV path.
+    label: String,
     source: Box<dyn Source>,
     policy: Policy,
     drain_timeout: Duration,
@@ -247,7 +286,7 @@ pub(crate) struct Shared {
     generation: AtomicU64,
     generation_tx: watch::Sender<Generation>,
     commands: mpsc::UnboundedSender<Command>,
-    relase_requested: AtomicU64,
+    re_lease_requested: AtomicU64,
     stats: Mutex<Stats>,
     closed: AtomicBool,
     cancel: CancellationToken,
@@ -260,31 +299,30 @@ impl Shared {
     }
 }
 
-/// A handle on rotating credentials for one Vault role. Cheap to clone; not generic.
+/// The lease engine: a handle on the rotating credentials of one [`CredentialSource`].
+/// Cheap to clone; not generic.
 ///
-/// Build one with [`RotatingCredentials::builder`]; pools do this for you.
+/// Build one with [`Engine::builder`]; pools do this for you and hand it out as
+/// `pool.engine()`.
 #[derive(Clone)]
-pub struct RotatingCredentials {
+pub struct Engine {
     shared: Arc<Shared>,
 }
 
-impl fmt::Debug for RotatingCredentials {
+impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RotatingCredentials")
-            .field("role", &self.shared.role)
+        f.debug_struct("Engine")
+            .field("source", &self.shared.source_name)
             .field("generation", &self.shared.current.load().generation)
             .finish_non_exhaustive()
     }
 }
 
-/// Builds [`RotatingCredentials`].
+/// Builds an [`Engine`].
 #[must_use]
 pub struct Builder {
     client: Client,
-    mount: String,
-    role: String,
-    /// Static credentials from KV v2 at `role` (a path), polled at this interval.
-    kv_poll: Option<Duration>,
+    source: CredentialSource,
     policy: Policy,
     drain_timeout: Duration,
     verify: Option<Verifier>,
@@ -293,8 +331,7 @@ pub struct Builder {
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
-            .field("mount", &self.mount)
-            .field("role", &self.role)
+            .field("source", &self.source)
             .field("policy", &self.policy)
             .field("drain_timeout", &self.drain_timeout)
             .field("verify", &self.verify.is_some())
@@ -303,12 +340,6 @@ impl fmt::Debug for Builder {
 }
 
 impl Builder {
-    /// The database secrets engine mount. Default `database`.
-    pub fn mount(mut self, mount: impl Into<String>) -> Self {
-        self.mount = mount.into();
-        self
-    }
-
     /// Renewal and rotation timing. Default [`Policy::default`].
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
@@ -316,7 +347,7 @@ impl Builder {
     }
 
     /// How long a retired generation may keep connections before its lease is revoked
-    /// anyway (and how long [`close`](RotatingCredentials::close) waits). Default 30 s;
+    /// anyway (and how long [`close`](Engine::close) waits). Default 30 s;
     /// never later than the lease's own end.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
@@ -333,24 +364,15 @@ impl Builder {
     /// Issue (and verify) the first credentials, then start the background worker.
     ///
     /// # Errors
-    /// Whatever issuing or verifying the first credentials fails with, e.g.
+    /// [`ErrorKind::Config`] for an invalid role, mount or poll interval; whatever
+    /// issuing or verifying the first credentials fails with, e.g.
     /// [`ErrorKind::PermissionDenied`] for a role the token may not use.
-    pub async fn build(self) -> Result<RotatingCredentials> {
-        let source: Box<dyn Source> = match self.kv_poll {
-            Some(poll) => Box::new(source::KvStatic::new(
-                self.client,
-                self.mount,
-                self.role.clone(),
-                poll,
-            )),
-            None => Box::new(source::VaultDatabase::new(
-                self.client,
-                self.mount,
-                self.role.clone(),
-            )?),
-        };
-        build_with_source(
-            self.role,
+    pub async fn build(self) -> Result<Engine> {
+        let name = self.source.to_string();
+        let label = self.source.name().to_owned();
+        let source = self.source.into_source(self.client)?;
+        start(
+            (name, label),
             source,
             self.policy,
             self.drain_timeout,
@@ -360,16 +382,17 @@ impl Builder {
     }
 }
 
-pub(crate) async fn build_with_source(
-    role: String,
+/// Issue and verify the first credentials from `source`, then start the worker.
+pub(crate) async fn start(
+    (source_name, label): (String, String),
     source: Box<dyn Source>,
     policy: Policy,
     drain_timeout: Duration,
     verify: Option<Verifier>,
-) -> Result<RotatingCredentials> {
-    let (first, _, _) = worker::issue_verified(source.as_ref(), verify.as_ref(), &role)
+) -> Result<Engine> {
+    let (first, _, _) = worker::issue_verified(source.as_ref(), verify.as_ref(), &source_name)
         .await
-        .map_err(|e| e.context(format!("obtaining the first credentials for role {role}")))?;
+        .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?;
     let book = worker::Book::new(&first.lease, source.issuing_token());
     let current = Current {
         generation: Generation(1),
@@ -381,7 +404,8 @@ pub(crate) async fn build_with_source(
     let (commands, rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
-        role,
+        source_name,
+        label,
         source,
         policy,
         drain_timeout,
@@ -390,7 +414,7 @@ pub(crate) async fn build_with_source(
         generation: AtomicU64::new(1),
         generation_tx,
         commands,
-        relase_requested: AtomicU64::new(0),
+        re_lease_requested: AtomicU64::new(0),
         stats: Mutex::new(Stats::default()),
         closed: AtomicBool::new(false),
         cancel: cancel.clone(),
@@ -398,47 +422,30 @@ pub(crate) async fn build_with_source(
     });
     let handle = tokio::spawn(worker::run(Arc::downgrade(&shared), rx, cancel, book));
     *shared.worker.lock().await = Some(handle);
-    Ok(RotatingCredentials { shared })
+    Ok(Engine { shared })
 }
 
-impl RotatingCredentials {
-    /// A builder for credentials of `role` (a database secrets engine role).
-    pub fn builder(client: Client, role: impl Into<String>) -> Builder {
+impl Engine {
+    /// A builder for the credentials of `source`, e.g. a [`DatabaseRole`] or
+    /// [`KvCredentials`], leased through `client`.
+    pub fn builder(client: Client, source: impl Into<CredentialSource>) -> Builder {
         Builder {
             client,
-            mount: "database".into(),
-            role: role.into(),
-            kv_poll: None,
+            source: source.into(),
             policy: Policy::default(),
             drain_timeout: Duration::from_secs(30),
             verify: None,
         }
     }
 
-    /// A builder for static credentials kept in KV v2 at `{mount}/{path}` (keys
-    /// `username`, default `default`, and `password`). A new KV version is picked up as a
-    /// rotation within `poll` (jittered ±10%; the poll reads only metadata). Nothing is
-    /// renewed or revoked: the credentials live as long as the secret says.
-    pub fn kv_static(
-        client: Client,
-        mount: impl Into<String>,
-        path: impl Into<String>,
-        poll: Duration,
-    ) -> Builder {
-        Builder {
-            client,
-            mount: mount.into(),
-            role: path.into(),
-            kv_poll: Some(poll),
-            policy: Policy::default(),
-            drain_timeout: Duration::from_secs(30),
-            verify: None,
-        }
+    /// What is leased, for messages: "database role app", "KV secret secret/redis/main".
+    pub fn source(&self) -> &str {
+        &self.shared.source_name
     }
 
-    /// The Vault role.
-    pub fn role(&self) -> &str {
-        &self.shared.role
+    /// A short name for metrics labels and log fields: the role, or the KV path.
+    pub fn label(&self) -> &str {
+        &self.shared.label
     }
 
     /// The credentials serving now: one atomic load and a reference count. They may have
@@ -463,8 +470,8 @@ impl RotatingCredentials {
             return Err(Error::new(
                 ErrorKind::Shutdown,
                 format!(
-                    "using credentials for role {}: the pool was closed",
-                    self.shared.role
+                    "using credentials of {}: the pool was closed",
+                    self.shared.source_name
                 ),
             ));
         }
@@ -474,10 +481,10 @@ impl RotatingCredentials {
             return Err(Error::new(
                 ErrorKind::LeaseExpired,
                 format!(
-                    "using credentials for role {}: the lease of generation {} has ended and \
+                    "using credentials of {}: the lease of generation {} has ended and \
                      no new credentials could be obtained from Vault{}; retrying in the \
                      background",
-                    self.shared.role,
+                    self.shared.source_name,
                     current.generation.0,
                     last.map(|e| format!(" (last error: {e})"))
                         .unwrap_or_default()
@@ -503,12 +510,39 @@ impl RotatingCredentials {
         let shut = || {
             Error::new(
                 ErrorKind::Shutdown,
-                format!("rotating credentials for role {}: closed", self.shared.role),
+                format!(
+                    "rotating credentials of {}: closed",
+                    self.shared.source_name
+                ),
             )
         };
         self.shared
             .commands
             .send(Command::Rotate(tx))
+            .map_err(|_| shut())?;
+        rx.await.map_err(|_| shut())?
+    }
+
+    /// For a polled source (a KV secret): check for a new version now instead of at the
+    /// next poll, and rotate to it. `Ok(true)` when a new version is serving.
+    ///
+    /// # Errors
+    /// Whatever reading or verifying the new version failed with (the current
+    /// credentials stay); [`ErrorKind::Shutdown`] after [`close`](Self::close).
+    pub async fn check_now(&self) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        let shut = || {
+            Error::new(
+                ErrorKind::Shutdown,
+                format!(
+                    "checking {} for a new version: closed",
+                    self.shared.source_name
+                ),
+            )
+        };
+        self.shared
+            .commands
+            .send(Command::Check(tx))
             .map_err(|_| shut())?;
         rx.await.map_err(|_| shut())?
     }
@@ -522,11 +556,11 @@ impl RotatingCredentials {
         }
         let previous = self
             .shared
-            .relase_requested
+            .re_lease_requested
             .fetch_max(generation.0, Ordering::AcqRel);
         if previous < generation.0 {
             tracing::warn!(
-                role = %self.shared.role,
+                source = %self.shared.label,
                 generation = generation.0,
                 "login refused with current credentials; re-leasing"
             );
@@ -573,7 +607,7 @@ impl RotatingCredentials {
             }
         }));
         Status {
-            role: shared.role.clone(),
+            source: shared.source_name.clone(),
             health,
             generation: current.generation,
             lease_id: current.lease.id.clone(),
@@ -583,6 +617,7 @@ impl RotatingCredentials {
             last_error: stats.last_error.clone(),
             rotations: stats.rotations,
             renewals: stats.renewals,
+            polls: stats.polls,
             failures: stats.failures,
             revocations: stats.revocations,
             last_rotation: stats.last_rotation,
@@ -600,94 +635,3 @@ impl RotatingCredentials {
         }
     }
 }
-
-/// What every pool builder sets about leasing: the Vault client, the mount, the timing.
-#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
-#[derive(Debug, Clone)]
-pub(crate) struct LeaseOptions {
-    pub(crate) vault: Option<Client>,
-    pub(crate) mount: String,
-    pub(crate) policy: Policy,
-    pub(crate) drain_timeout: Duration,
-    pub(crate) auth_failure_wait: Duration,
-}
-
-#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
-impl Default for LeaseOptions {
-    fn default() -> Self {
-        Self {
-            vault: None,
-            mount: "database".into(),
-            policy: Policy::default(),
-            drain_timeout: Duration::from_secs(30),
-            auth_failure_wait: Duration::from_secs(5),
-        }
-    }
-}
-
-#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
-impl LeaseOptions {
-    /// The given Vault client, or one from the environment.
-    pub(crate) fn vault(&self) -> Result<Client> {
-        match &self.vault {
-            Some(v) => Ok(v.clone()),
-            None => Client::from_env(),
-        }
-    }
-
-    /// Lease and verify the first credentials for `role` and start the engine; the Vault
-    /// client comes from the environment unless one was given.
-    pub(crate) async fn engine(
-        self,
-        role: String,
-        verify: Verifier,
-    ) -> Result<RotatingCredentials> {
-        RotatingCredentials::builder(self.vault()?, role)
-            .mount(self.mount)
-            .policy(self.policy)
-            .drain_timeout(self.drain_timeout)
-            .verify_with(verify)
-            .build()
-            .await
-    }
-}
-
-/// The setters of `LeaseOptions`, for a pool builder with a `lease: LeaseOptions` field.
-#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
-macro_rules! lease_setters {
-    () => {
-        /// The Vault client. Default: [`Client::from_env`](crate::vault::Client::from_env).
-        pub fn vault(mut self, client: $crate::vault::Client) -> Self {
-            self.lease.vault = Some(client);
-            self
-        }
-
-        /// The database secrets engine mount. Default `database`.
-        pub fn mount(mut self, mount: impl Into<String>) -> Self {
-            self.lease.mount = mount.into();
-            self
-        }
-
-        /// Renewal and rotation timing. Default [`Policy::default`](crate::lease::Policy).
-        pub fn policy(mut self, policy: $crate::lease::Policy) -> Self {
-            self.lease.policy = policy;
-            self
-        }
-
-        /// How long a retired generation's connections may stay in use before its lease
-        /// is revoked anyway; also how long `close()` waits. Default 30 s.
-        pub fn drain_timeout(mut self, timeout: std::time::Duration) -> Self {
-            self.lease.drain_timeout = timeout;
-            self
-        }
-
-        /// After the server refuses credentials whose lease should be valid, how long a
-        /// connect waits for the re-lease. Default 5 s.
-        pub fn auth_failure_wait(mut self, wait: std::time::Duration) -> Self {
-            self.lease.auth_failure_wait = wait;
-            self
-        }
-    };
-}
-#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
-pub(crate) use lease_setters;

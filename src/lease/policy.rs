@@ -76,28 +76,28 @@ const LAST_TRY_BEFORE_END: Duration = Duration::from_millis(100);
 
 /// What is known about the current lease.
 #[derive(Debug, Clone, Copy)]
-pub struct LeaseState {
+pub(crate) struct LeaseState {
     /// When the lease was issued or last renewed.
-    pub renewed_at: Instant,
+    pub(crate) renewed_at: Instant,
     /// Its TTL from `renewed_at`; zero for a lease that never expires.
-    pub ttl: Duration,
+    pub(crate) ttl: Duration,
     /// The TTL it was issued with (what renewals ask for).
-    pub full_ttl: Duration,
+    pub(crate) full_ttl: Duration,
     /// Whether Vault allows renewing it.
-    pub renewable: bool,
+    pub(crate) renewable: bool,
     /// The last renewal returned less than asked: the lease is at its max_ttl.
-    pub capped: bool,
+    pub(crate) capped: bool,
     /// An end imposed from outside, e.g. the issuing token's hard expiry.
-    pub hard_end: Option<Instant>,
+    pub(crate) hard_end: Option<Instant>,
     /// Consecutive failed attempts (renew or rotate) since the last success.
-    pub failures: u32,
+    pub(crate) failures: u32,
     /// When the last attempt failed.
-    pub last_failure: Option<Instant>,
+    pub(crate) last_failure: Option<Instant>,
 }
 
 impl LeaseState {
     /// The moment the lease ends, or `None` for a lease without expiry.
-    pub fn end(&self) -> Option<Instant> {
+    pub(crate) fn end(&self) -> Option<Instant> {
         let natural = (!self.ttl.is_zero()).then(|| self.renewed_at + self.ttl);
         match (natural, self.hard_end) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -108,7 +108,7 @@ impl LeaseState {
 
 /// What to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Renew the lease.
     Renew,
     /// Obtain new credentials and switch to them.
@@ -119,16 +119,21 @@ pub enum Action {
 
 /// The next step: `action` at `at`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// What to do.
-    pub action: Action,
+    pub(crate) action: Action,
     /// When (never before `now`).
-    pub at: Instant,
+    pub(crate) at: Instant,
 }
 
 /// Plan the next step for `lease` at `now`. `jitter_unit` is a random sample in
 /// `[0, 1)`. `None` means nothing is ever due (a lease without expiry).
-pub fn plan(policy: &Policy, lease: &LeaseState, now: Instant, jitter_unit: f64) -> Option<Plan> {
+pub(crate) fn plan(
+    policy: &Policy,
+    lease: &LeaseState,
+    now: Instant,
+    jitter_unit: f64,
+) -> Option<Plan> {
     let end = lease.end()?;
     let retry_at = (lease.failures > 0).then(|| {
         let from = lease.last_failure.unwrap_or(now);

@@ -1,13 +1,216 @@
-//! Where credentials come from. The engine only needs issue, renew and revoke; the Vault
-//! database secrets engine is the real source, tests may plug in another.
+//! What is leased. [`CredentialSource`] names it — a dynamic database role or a KV v2
+//! secret — so that builders, messages and [`Status`](super::Status) say which; the
+//! crate-private [`Source`] trait is what the engine calls on it (issue, renew, revoke,
+//! and for KV, "has a new version been written?").
+//!
+//! The trait is kept small so that more sources fit it later (static database roles,
+//! credentials minted by the user's own code) without the engine changing.
 
+use std::fmt;
 use std::time::{Duration, Instant};
+
+use secrecy::ExposeSecret;
 
 use super::BoxFuture;
 use crate::credentials::{Credentials, Lease, Leased};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::vault::Client;
 
+/// What a pool (or [`Engine`](super::Engine)) leases.
+///
+/// ```
+/// use std::time::Duration;
+/// use vaultpool::lease::{CredentialSource, DatabaseRole, KvCredentials};
+///
+/// let dynamic: CredentialSource = DatabaseRole::new("immune-readwrite").into();
+/// assert_eq!(dynamic.to_string(), "database role immune-readwrite");
+/// let from_kv: CredentialSource = KvCredentials::new("redis/main")
+///     .poll_interval(Duration::from_secs(10))
+///     .into();
+/// assert_eq!(from_kv.to_string(), "KV secret secret/redis/main");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CredentialSource {
+    /// Dynamic credentials from the database secrets engine: a new user per lease.
+    DatabaseRole(DatabaseRole),
+    /// Static credentials kept in a KV v2 secret; a new version is a rotation.
+    Kv(KvCredentials),
+}
+
+impl CredentialSource {
+    /// A short name for logs and metrics labels: the role, or the KV path.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::DatabaseRole(r) => &r.role,
+            Self::Kv(k) => &k.path,
+        }
+    }
+
+    /// Check names and settings before anything is sent.
+    pub(crate) fn validate(&self) -> Result<()> {
+        match self {
+            Self::DatabaseRole(r) => {
+                crate::vault::check_name("the database secrets mount", &r.mount)?;
+                crate::vault::check_name("the database role", &r.role)
+            }
+            Self::Kv(k) => {
+                if k.poll.is_zero() {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "watching KV secret {}/{}: the poll interval is zero; use at least \
+                             a second (default 30 s)",
+                            k.mount, k.path
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn into_source(self, client: Client) -> Result<Box<dyn Source>> {
+        self.validate()?;
+        Ok(match self {
+            Self::DatabaseRole(r) => Box::new(VaultDatabase { client, role: r }),
+            Self::Kv(k) => Box::new(KvStatic { client, kv: k }),
+        })
+    }
+}
+
+impl fmt::Display for CredentialSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DatabaseRole(r) if r.mount == "database" => {
+                write!(f, "database role {}", r.role)
+            }
+            Self::DatabaseRole(r) => write!(f, "database role {} (mount {})", r.role, r.mount),
+            Self::Kv(k) => write!(f, "KV secret {}/{}", k.mount, k.path),
+        }
+    }
+}
+
+impl From<DatabaseRole> for CredentialSource {
+    fn from(role: DatabaseRole) -> Self {
+        Self::DatabaseRole(role)
+    }
+}
+
+impl From<KvCredentials> for CredentialSource {
+    fn from(kv: KvCredentials) -> Self {
+        Self::Kv(kv)
+    }
+}
+
+/// A role of the database secrets engine: `GET {mount}/creds/{role}` issues a new user
+/// with its own lease, renewed and finally revoked by the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseRole {
+    mount: String,
+    role: String,
+}
+
+impl DatabaseRole {
+    /// The role `role` on the mount `database`.
+    pub fn new(role: impl Into<String>) -> Self {
+        Self {
+            mount: "database".into(),
+            role: role.into(),
+        }
+    }
+
+    /// The secrets engine's mount. Default `database`.
+    #[must_use]
+    pub fn mount(mut self, mount: impl Into<String>) -> Self {
+        self.mount = mount.into();
+        self
+    }
+
+    /// The role's name.
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+}
+
+/// Static credentials in a KV v2 secret (e.g. the seed's `secret/redis/main`): reading
+/// the newest version is "issuing"; a new version is a rotation, noticed by polling the
+/// secret's metadata. Nothing is renewed or revoked: the credentials live as long as the
+/// secret says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvCredentials {
+    mount: String,
+    path: String,
+    poll: Duration,
+    username_key: String,
+    password_key: String,
+    default_username: Option<String>,
+}
+
+impl KvCredentials {
+    /// The secret at `path` on the mount `secret`.
+    pub fn new(path: impl Into<String>) -> Self {
+        Self {
+            mount: "secret".into(),
+            path: path.into(),
+            poll: Duration::from_secs(30),
+            username_key: "username".into(),
+            password_key: "password".into(),
+            default_username: Some("default".into()),
+        }
+    }
+
+    /// The KV v2 mount. Default `secret`.
+    #[must_use]
+    pub fn mount(mut self, mount: impl Into<String>) -> Self {
+        self.mount = mount.into();
+        self
+    }
+
+    /// How often the secret's metadata is read to notice a new version; each wait is
+    /// jittered by ±10% so that many services do not poll in step. Default 30 s; zero is
+    /// refused at build.
+    #[must_use]
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll = every;
+        self
+    }
+
+    /// The keys holding the username and the password. Default `username` and
+    /// `password`; a missing username key means the user `default` (Redis' default
+    /// user), unless [`require_username`](Self::require_username) is set.
+    #[must_use]
+    pub fn keys(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
+        self.username_key = username.into();
+        self.password_key = password.into();
+        self
+    }
+
+    /// Refuse a secret without the username key instead of using `default`.
+    #[must_use]
+    pub fn require_username(mut self) -> Self {
+        self.default_username = None;
+        self
+    }
+
+    /// The KV v2 mount's name.
+    pub fn mount_name(&self) -> &str {
+        &self.mount
+    }
+
+    /// The secret's path below the mount.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The poll interval.
+    pub fn poll(&self) -> Duration {
+        self.poll
+    }
+}
+
+/// What the engine calls on a source. Issue, renew and revoke are all a lease needs; the
+/// rest has defaults for sources without a Vault token or without polling.
 pub(crate) trait Source: Send + Sync {
     /// Issue new credentials with their lease.
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>>;
@@ -43,27 +246,17 @@ pub(crate) trait Source: Send + Sync {
 }
 
 /// `{mount}/creds/{role}` of the database secrets engine.
-pub(crate) struct VaultDatabase {
+struct VaultDatabase {
     client: Client,
-    mount: String,
-    role: String,
-}
-
-impl VaultDatabase {
-    pub(crate) fn new(client: Client, mount: String, role: String) -> Result<Self> {
-        crate::vault::check_name("the database secrets mount", &mount)?;
-        crate::vault::check_name("the database role", &role)?;
-        Ok(Self {
-            client,
-            mount,
-            role,
-        })
-    }
+    role: DatabaseRole,
 }
 
 impl Source for VaultDatabase {
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
-        Box::pin(self.client.database_creds(&self.mount, &self.role))
+        Box::pin(
+            self.client
+                .database_creds(&self.role.mount, &self.role.role),
+        )
     }
 
     fn renew<'a>(&'a self, lease: &'a Lease, increment: Duration) -> BoxFuture<'a, Result<Lease>> {
@@ -91,44 +284,40 @@ impl Source for VaultDatabase {
     }
 }
 
-/// Static credentials kept in KV v2 (e.g. `secret/redis/main`): "issuing" reads the
-/// newest version; a new KV version is a rotation. Nothing to renew or revoke.
-pub(crate) struct KvStatic {
+/// A KV v2 secret: "issuing" reads the newest version (never the cache); polling reads
+/// only the metadata.
+struct KvStatic {
     client: Client,
-    mount: String,
-    path: String,
-    username_key: String,
-    password_key: String,
-    poll: Duration,
+    kv: KvCredentials,
 }
 
-impl KvStatic {
-    pub(crate) fn new(client: Client, mount: String, path: String, poll: Duration) -> Self {
-        Self {
-            client,
-            mount,
-            path,
-            username_key: "username".into(),
-            password_key: "password".into(),
-            poll,
-        }
-    }
+/// The KV version a lease id of [`KvStatic`] names (`kv:{mount}/{path}@v{N}`).
+fn kv_version(lease: &Lease) -> Option<u64> {
+    lease
+        .id
+        .rsplit_once("@v")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
 }
 
 impl Source for KvStatic {
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
         Box::pin(async move {
-            // Always the newest version, never the cache.
-            self.client.invalidate_kv(&self.mount, &self.path);
-            let kv = self.client.read_kv(&self.mount, &self.path).await?;
-            let username = kv
-                .get(&self.username_key)
-                .map(|u| secrecy::ExposeSecret::expose_secret(u).to_owned())
-                .unwrap_or_else(|| "default".into());
-            let password = kv.require(&self.password_key)?.clone();
-            let id = format!("kv:{}/{}@v{}", self.mount, self.path, kv.version());
+            let KvCredentials { mount, path, .. } = &self.kv;
+            self.client.invalidate_kv(mount, path);
+            let secret = self.client.read_kv(mount, path).await?;
+            let username = match (secret.get(&self.kv.username_key), &self.kv.default_username) {
+                (Some(u), _) => u.expose_secret().trim().to_owned(),
+                (None, Some(default)) => default.clone(),
+                // Missing and required: `require` says which key of which secret.
+                (None, None) => secret
+                    .require(&self.kv.username_key)?
+                    .expose_secret()
+                    .to_owned(),
+            };
+            let password = secret.require(&self.kv.password_key)?.clone();
+            let id = format!("kv:{mount}/{path}@v{}", secret.version());
             Ok(Leased::new(
-                Credentials::new(username, password),
+                Credentials::new(username, password).with_kv(secret),
                 Lease::new(id, Duration::ZERO, false),
             ))
         })
@@ -143,22 +332,44 @@ impl Source for KvStatic {
     }
 
     fn poll_interval(&self) -> Option<Duration> {
-        Some(self.poll)
+        Some(self.kv.poll)
     }
 
-    /// Compares with the version in the serving lease's id (`kv:…@vN`): a version that
-    /// failed verification is tried again at every poll until KV holds a good one.
+    /// Compares with the version the serving lease names: a version that failed
+    /// verification is tried again at every poll until KV holds a good one.
     fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let meta = self
                 .client
-                .read_kv_metadata(&self.mount, &self.path)
+                .read_kv_metadata(&self.kv.mount, &self.kv.path)
                 .await?;
-            let serving = current
-                .id
-                .rsplit_once("@v")
-                .and_then(|(_, v)| v.parse::<u64>().ok());
-            Ok(serving != Some(meta.current_version))
+            Ok(kv_version(current) != Some(meta.current_version))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_zero_polls_refused() {
+        let bad: CredentialSource = DatabaseRole::new("a/b").into();
+        assert_eq!(bad.validate().unwrap_err().kind(), ErrorKind::Config);
+        let zero: CredentialSource = KvCredentials::new("redis/main")
+            .poll_interval(Duration::ZERO)
+            .into();
+        let e = zero.validate().unwrap_err();
+        assert!(e.to_string().contains("secret/redis/main"), "{e}");
+        let other: CredentialSource = DatabaseRole::new("app").mount("pg").into();
+        assert_eq!(other.to_string(), "database role app (mount pg)");
+        assert_eq!(other.name(), "app");
+    }
+
+    #[test]
+    fn kv_lease_ids_name_their_version() {
+        let lease = Lease::new("kv:secret/redis/main@v12", Duration::ZERO, false);
+        assert_eq!(kv_version(&lease), Some(12));
+        assert_eq!(kv_version(&Lease::new("x", Duration::ZERO, false)), None);
     }
 }

@@ -1,6 +1,6 @@
 //! The background task: follows the [`policy`](super::policy) schedule, renews, rotates,
 //! drains and revokes. It holds only a `Weak` to the shared state and stops when the last
-//! handle is dropped or on [`close`](super::RotatingCredentials::close).
+//! handle is dropped or on [`close`](super::Engine::close).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -83,10 +83,10 @@ impl Book {
         stats.degraded = true;
         stats.last_error = Some(e.to_string());
         drop(stats);
-        metrics::counter!("vaultpool_lease_failures_total", "role" => shared.role.clone())
+        metrics::counter!("vaultpool_lease_failures_total", "role" => shared.label.clone())
             .increment(1);
         tracing::warn!(
-            role = %shared.role,
+            source = %shared.label,
             failures = self.failures,
             "{what} failed, will retry: {e}"
         );
@@ -106,18 +106,18 @@ impl Book {
 pub(crate) async fn issue_verified(
     source: &dyn Source,
     verify: Option<&Verifier>,
-    role: &str,
+    what: &str,
 ) -> Result<(Leased<Credentials>, Duration, Duration)> {
     let started = now();
     let leased = source.issue().await?;
     let issued = now();
     if let Some(verify) = verify {
         if let Err(e) = verify(leased.value.clone()).await {
-            tracing::warn!(role, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
+            tracing::warn!(source = what, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
             if let Err(re) = source.revoke(&leased.lease).await {
-                tracing::warn!(role, lease_id = %leased.lease.id, "revoking unverified credentials failed: {re}");
+                tracing::warn!(source = what, lease_id = %leased.lease.id, "revoking unverified credentials failed: {re}");
             }
-            return Err(e.context(format!("verifying new credentials for role {role}")));
+            return Err(e.context(format!("verifying new credentials of {what}")));
         }
     }
     Ok((leased, issued - started, now() - issued))
@@ -130,10 +130,10 @@ pub(crate) async fn run(
     mut book: Book,
 ) {
     let role = match weak.upgrade() {
-        Some(s) => s.role.clone(),
+        Some(s) => s.label.clone(),
         None => return,
     };
-    let span = tracing::info_span!("vaultpool_lease", role = %role);
+    let span = tracing::info_span!("vaultpool_lease", source = %role);
     async move {
         loop {
             let Some(shared) = weak.upgrade() else {
@@ -195,6 +195,10 @@ pub(crate) async fn run(
                                 let _ = rotate(&shared, &mut book, Reason::AuthFailure).await;
                             }
                         }
+                        Command::Check(reply) => {
+                            book.next_poll = None;
+                            let _ = reply.send(check(&shared, &mut book).await);
+                        }
                     }
                 }
                 _ = sleep => {
@@ -209,15 +213,7 @@ pub(crate) async fn run(
                     retire(&shared, &mut book, false).await;
                     if poll_at.is_some_and(|t| now >= t) {
                         book.next_poll = None;
-                        let current = shared.current.load_full();
-                        match shared.source.changed(&current.lease).await {
-                            Ok(true) => {
-                                let _ = rotate(&shared, &mut book, Reason::SourceChanged).await;
-                            }
-                            Ok(false) if book.failures > 0 => book.succeeded(&shared),
-                            Ok(false) => {}
-                            Err(e) => book.failed(&shared, "checking the KV version", &e),
-                        }
+                        let _ = check(&shared, &mut book).await;
                     }
                     if let Some(plan) = plan.filter(|p| now >= p.at) {
                         match plan.action {
@@ -237,9 +233,32 @@ pub(crate) async fn run(
     .await
 }
 
+/// Ask a polled source whether it holds other credentials, and rotate to them if so.
+async fn check(shared: &Shared, book: &mut Book) -> Result<bool> {
+    let current = shared.current.load_full();
+    let changed = shared.source.changed(&current.lease).await;
+    shared.stats().polls += 1;
+    match changed {
+        Ok(true) => rotate(shared, book, Reason::SourceChanged)
+            .await
+            .map(|_| true),
+        Ok(false) => {
+            if book.failures > 0 {
+                book.succeeded(shared);
+            }
+            Ok(false)
+        }
+        Err(e) => {
+            let e = e.context(format!("checking {} for a new version", shared.source_name));
+            book.failed(shared, "checking for a new version", &e);
+            Err(e)
+        }
+    }
+}
+
 fn publish_ttl(shared: &Shared, current: &Current, now: Instant) {
     if let Some(left) = current.lease.remaining_at(now) {
-        metrics::gauge!("vaultpool_lease_seconds_remaining", "role" => shared.role.clone())
+        metrics::gauge!("vaultpool_lease_seconds_remaining", "role" => shared.label.clone())
             .set(left.as_secs_f64());
     }
 }
@@ -251,7 +270,7 @@ async fn renew(shared: &Shared, book: &mut Book) {
             book.capped = lease.duration < book.full_ttl;
             book.succeeded(shared);
             shared.stats().renewals += 1;
-            metrics::counter!("vaultpool_renewals_total", "role" => shared.role.clone())
+            metrics::counter!("vaultpool_renewals_total", "role" => shared.label.clone())
                 .increment(1);
             tracing::debug!(
                 generation = current.generation.0,
@@ -280,14 +299,18 @@ async fn renew(shared: &Shared, book: &mut Book) {
 
 async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Generation> {
     let started = now();
-    let issued = issue_verified(shared.source.as_ref(), shared.verify.as_ref(), &shared.role)
-        .await
-        .map_err(|e| {
-            e.context(format!(
-                "rotating credentials for role {} ({reason})",
-                shared.role
-            ))
-        });
+    let issued = issue_verified(
+        shared.source.as_ref(),
+        shared.verify.as_ref(),
+        &shared.source_name,
+    )
+    .await
+    .map_err(|e| {
+        e.context(format!(
+            "rotating credentials of {} ({reason})",
+            shared.source_name
+        ))
+    });
     let (leased, issue_took, verify_took) = match issued {
         Ok(l) => l,
         Err(e) => {
@@ -342,7 +365,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
             old.connections.clone(),
         ));
     }
-    metrics::counter!("vaultpool_rotations_total", "role" => shared.role.clone()).increment(1);
+    metrics::counter!("vaultpool_rotations_total", "role" => shared.label.clone()).increment(1);
     tracing::info!(
         reason = %reason,
         old_generation = old.generation.0,
@@ -376,7 +399,7 @@ async fn retire(shared: &Shared, book: &mut Book, all: bool) {
                     drained,
                     "revoked retired lease"
                 );
-                metrics::counter!("vaultpool_revocations_total", "role" => shared.role.clone())
+                metrics::counter!("vaultpool_revocations_total", "role" => shared.label.clone())
                     .increment(1);
                 let generation = r.generation;
                 book.retiring.remove(i);
@@ -447,7 +470,7 @@ async fn shutdown(shared: &Shared, book: &mut Book) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Policy, RotatingCredentials, build_with_source};
+    use super::super::{Engine, Policy, start};
     use super::*;
     use crate::error::Error;
     use std::sync::Mutex;
@@ -510,9 +533,9 @@ mod tests {
         }
     }
 
-    async fn engine(fake: &Arc<Fake>) -> RotatingCredentials {
-        build_with_source(
-            "fake-role".into(),
+    async fn engine(fake: &Arc<Fake>) -> Engine {
+        start(
+            ("fake role".into(), "fake-role".into()),
             Box::new(fake.clone()),
             Policy::default(),
             Duration::from_secs(30),
@@ -594,7 +617,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(15)).await;
         let err = engine.usable().unwrap_err();
         assert_eq!(err.kind(), ErrorKind::LeaseExpired);
-        assert!(err.to_string().contains("fake-role"), "{err}");
+        assert!(err.to_string().contains("fake role"), "{err}");
         fake.down.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(6)).await;
         let current = engine.usable().expect("healed once Vault is back");

@@ -1,4 +1,5 @@
-//! Authentication: a static token or AppRole, and the client's own token as a lease.
+//! Authentication: a static token or AppRole, the client's own token as a lease, and
+//! the public calls about it ([`Client::login`], [`Client::token_info`]).
 //!
 //! The token is renewed (`auth/token/renew-self`) once two thirds of its TTL have passed.
 //! When a renewal comes back capped by the token's max TTL, an AppRole client logs in
@@ -466,6 +467,29 @@ async fn lookup_self(client: &Client, token: &SecretString) -> Result<TokenInfo>
         logins: 0,
         renewals: 0,
     })
+}
+
+impl Client {
+    /// Log in (or check the token) now, so that bad credentials fail at startup rather
+    /// than at the first secret. Returns what is known of the token.
+    ///
+    /// # Errors
+    /// [`ErrorKind::PermissionDenied`] for a bad token or AppRole credentials, the
+    /// transport kinds when Vault cannot be reached.
+    pub async fn login(&self) -> Result<TokenInfo> {
+        self.client_token().await?;
+        self.inner.auth.info().ok_or_else(|| {
+            Error::new(
+                ErrorKind::CredentialsUnavailable,
+                "logging in to Vault: no token after login",
+            )
+        })
+    }
+
+    /// What the client knows of its own token, if it has one yet.
+    pub fn token_info(&self) -> Option<TokenInfo> {
+        self.inner.auth.info()
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use super::path::check_name;
 use super::{Call, Client};
 use crate::credentials::{Credentials, Leased};
 use crate::error::{Error, ErrorKind, Result};
@@ -11,24 +12,6 @@ use crate::error::{Error, ErrorKind, Result};
 pub(crate) struct CredsData {
     username: String,
     password: SecretString,
-}
-
-/// Role and mount names Vault accepts in a path: letters, digits, `-`, `_`, `.`.
-pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::new(
-            ErrorKind::Config,
-            format!("{what} {name:?} is not a valid name (letters, digits, '-', '_', '.')"),
-        ))
-    }
 }
 
 impl Client {
@@ -70,23 +53,5 @@ impl Client {
             Credentials::new(data.username, data.password),
             lease,
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_checked() {
-        assert!(check_name("role", "immune-readwrite").is_ok());
-        assert!(check_name("role", "a.b_c").is_ok());
-        for bad in ["", "..", "a/b", "a?b", "rôle", "a b"] {
-            assert_eq!(
-                check_name("role", bad).unwrap_err().kind(),
-                ErrorKind::Config,
-                "{bad}"
-            );
-        }
     }
 }

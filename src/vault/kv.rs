@@ -9,6 +9,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::path::check_segment;
 use super::{Call, Client};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -182,16 +183,6 @@ impl Cache {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.remove(key);
     }
-}
-
-fn check_segment(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() || value.split('/').any(|s| s == ".." || s == ".") {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!("{what} {value:?} is not a valid Vault path"),
-        ));
-    }
-    Ok(())
 }
 
 impl Client {

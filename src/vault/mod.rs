@@ -24,28 +24,25 @@ mod config;
 mod database;
 mod envelope;
 mod kv;
+mod path;
 mod sys;
+mod transport;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use backon::{ExponentialBuilder, Retryable};
-use reqwest::{Method, StatusCode};
-use secrecy::ExposeSecret;
-use serde::de::DeserializeOwned;
-use serde_json::Value;
-use zeroize::Zeroizing;
-
-pub use auth::{AuthMethod, TokenInfo};
+pub use auth::{AuthMethod, SecretIdSource, TokenInfo};
 pub use breaker::BreakerConfig;
 pub use config::{ClientBuilder, RetryConfig};
 pub use kv::{KvMetadata, KvSecret};
-pub use sys::{Health, HealthState, LeaseInfo};
+pub use sys::{LeaseInfo, ServerHealth, ServerState};
 
-use crate::error::{Error, ErrorKind, Result};
-use breaker::{Admission, Breaker};
-pub(crate) use database::check_name;
-use envelope::Envelope;
+use crate::error::Result;
+use breaker::Breaker;
+pub(crate) use path::check_name;
+pub(crate) use transport::Call;
+#[cfg(fuzzing)]
+use transport::status_error;
 
 /// A Vault/OpenBao client: cheap to clone, safe to share between tasks.
 ///
@@ -77,73 +74,6 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// One request to Vault, described for sending and for error messages.
-pub(crate) struct Call<'a> {
-    method: Method,
-    path: &'a str,
-    body: Option<&'a Value>,
-    /// Send the client token.
-    authed: bool,
-    /// Send this token instead of the client's (token renew/lookup of the token itself).
-    token: Option<&'a secrecy::SecretString>,
-    /// Treat every HTTP status as an answer to decode (sys/health).
-    any_status: bool,
-    /// Never retry (e.g. a login that carries a one-time secret_id is safe to retry,
-    /// but a health probe should answer at once).
-    no_retry: bool,
-}
-
-impl<'a> Call<'a> {
-    pub(crate) fn new(method: Method, path: &'a str) -> Self {
-        Self {
-            method,
-            path,
-            body: None,
-            authed: true,
-            token: None,
-            any_status: false,
-            no_retry: false,
-        }
-    }
-    pub(crate) fn get(path: &'a str) -> Self {
-        Self::new(Method::GET, path)
-    }
-    pub(crate) fn put(path: &'a str, body: &'a Value) -> Self {
-        Self::new(Method::PUT, path).body(body)
-    }
-    pub(crate) fn body(mut self, body: &'a Value) -> Self {
-        self.body = Some(body);
-        self
-    }
-    pub(crate) fn unauthenticated(mut self) -> Self {
-        self.authed = false;
-        self
-    }
-    pub(crate) fn with_token(mut self, token: &'a secrecy::SecretString) -> Self {
-        self.token = Some(token);
-        self
-    }
-    pub(crate) fn any_status(mut self) -> Self {
-        self.any_status = true;
-        self
-    }
-    pub(crate) fn no_retry(mut self) -> Self {
-        self.no_retry = true;
-        self
-    }
-}
-
-/// A raw answer: status, body and when it arrived. The body (it carries tokens and
-/// passwords) is zeroized when dropped.
-pub(crate) struct Answer {
-    pub(crate) status: StatusCode,
-    pub(crate) body: Zeroizing<Vec<u8>>,
-    pub(crate) received: Instant,
-}
-
-/// The most we read of a response body; Vault's answers are a few KiB.
-const MAX_BODY: usize = 4 * 1024 * 1024;
-
 impl Client {
     /// A builder with every default (see [`ClientBuilder`]).
     pub fn builder() -> ClientBuilder {
@@ -171,39 +101,6 @@ impl Client {
         self.inner.addrs.iter().map(url::Url::as_str)
     }
 
-    fn base(&self) -> (usize, &url::Url) {
-        let i = self
-            .inner
-            .current
-            .load(std::sync::atomic::Ordering::Acquire)
-            % self.inner.addrs.len();
-        (i, &self.inner.addrs[i])
-    }
-
-    /// `addrs[failed]` could not be reached: move to the next address (once, even when
-    /// many requests saw the same failure). The retry then goes there.
-    fn fail_over(&self, failed: usize) {
-        let n = self.inner.addrs.len();
-        if n > 1
-            && self
-                .inner
-                .current
-                .compare_exchange(
-                    failed,
-                    (failed + 1) % n,
-                    std::sync::atomic::Ordering::AcqRel,
-                    std::sync::atomic::Ordering::Acquire,
-                )
-                .is_ok()
-        {
-            tracing::warn!(
-                from = %self.inner.addrs[failed],
-                to = %self.inner.addrs[(failed + 1) % n],
-                "vault node unreachable, moving to the next address"
-            );
-        }
-    }
-
     /// When the token with this accessor ends for good, if known (it was replaced by a
     /// fresh login, or its renewal was capped by its max TTL).
     pub(crate) fn token_end(&self, accessor: &str) -> Option<Instant> {
@@ -219,320 +116,6 @@ impl Client {
     pub fn circuit_open(&self) -> bool {
         self.inner.breaker.is_open()
     }
-
-    fn what(&self, call: &Call<'_>) -> String {
-        format!(
-            "{} {} at {}",
-            call.method,
-            call.path,
-            self.address().trim_end_matches('/')
-        )
-    }
-
-    /// Send a call with retries and the breaker; map non-2xx answers to errors.
-    ///
-    /// An AppRole client whose token is refused (403) logs in again and tries once more:
-    /// the token may have been revoked from outside.
-    pub(crate) async fn send(&self, call: Call<'_>) -> Result<Answer> {
-        let uses_client_token = call.authed && call.token.is_none();
-        match self.send_with_retries(&call).await {
-            Err(e)
-                if e.kind() == ErrorKind::PermissionDenied
-                    && uses_client_token
-                    && self.inner.auth.method_name() == "approle" =>
-            {
-                tracing::info!(
-                    path = call.path,
-                    "vault refused the token; logging in again"
-                );
-                self.inner.auth.invalidate();
-                self.send_with_retries(&call).await
-            }
-            other => other,
-        }
-    }
-
-    async fn send_with_retries(&self, call: &Call<'_>) -> Result<Answer> {
-        // The token first, once: a renewal or login is a call of its own, with its own
-        // retries and admission; retrying it again here would multiply attempts.
-        let fetched;
-        let token = match (call.token, call.authed) {
-            (Some(t), _) => Some(t),
-            (None, true) => {
-                fetched = self.client_token().await?;
-                Some(&fetched)
-            }
-            (None, false) => None,
-        };
-        let retry = &self.inner.retry;
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(retry.min_delay)
-            .with_max_delay(retry.max_delay)
-            .with_max_times(if call.no_retry { 0 } else { retry.max_retries })
-            .with_jitter();
-        (|| async move { self.send_once(call, token).await })
-            .retry(backoff)
-            .when(|e: &Error| e.is_transient())
-            .adjust(|e: &Error, planned| {
-                planned.map(|d| {
-                    e.retry_after()
-                        .map_or(d, |after| after.max(d).min(retry.max_delay))
-                })
-            })
-            .notify(|e: &Error, after: Duration| {
-                tracing::warn!(
-                    path = call.path,
-                    kind = ?e.kind(),
-                    status = e.vault_status(),
-                    retry_in_ms = after.as_millis() as u64,
-                    "vault request failed, retrying: {e}"
-                );
-            })
-            .await
-    }
-
-    async fn send_once(
-        &self,
-        call: &Call<'_>,
-        token: Option<&secrecy::SecretString>,
-    ) -> Result<Answer> {
-        let inner = &self.inner;
-        let probe = match inner.breaker.admit(Instant::now()) {
-            Admission::Reject(after) => {
-                return Err(
-                    Error::new(ErrorKind::CircuitOpen, self.what(call)).with_retry_after(after)
-                );
-            }
-            Admission::Probe => {
-                tracing::info!(path = call.path, "vault circuit breaker: sending a probe");
-                Some(ProbeGuard(&inner.breaker))
-            }
-            Admission::Pass => None,
-        };
-        let (index, base) = self.base();
-        let result = self.exchange(base, call, token).await;
-        let kind = result.as_ref().err().map(Error::kind);
-        if kind == Some(ErrorKind::Transport) {
-            inner.breaker.on_transport_failure(Instant::now());
-        } else {
-            // Any other outcome, a refused certificate included, came from a live server:
-            // it is the probe's verdict too (the guard below is forgotten, not released).
-            inner.breaker.on_success();
-        }
-        // Another node may be reachable, or present a certificate this client accepts.
-        if matches!(kind, Some(ErrorKind::Transport | ErrorKind::Tls)) {
-            self.fail_over(index);
-        }
-        if let Some(p) = probe {
-            std::mem::forget(p);
-        }
-        result
-    }
-
-    /// The client's token: the cached one, or a renewal/login. The refresh is boxed
-    /// behind an explicit `dyn Future + Send`: a login is itself a call, and the future
-    /// would otherwise contain itself.
-    async fn client_token(&self) -> Result<secrecy::SecretString> {
-        match self.inner.auth.cached(Instant::now()) {
-            Some(token) => Ok(token),
-            None => self.refresh_token().await,
-        }
-    }
-
-    fn refresh_token(
-        &self,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<secrecy::SecretString>> + Send + '_>> {
-        Box::pin(self.inner.auth.token(self))
-    }
-
-    async fn exchange(
-        &self,
-        base: &url::Url,
-        call: &Call<'_>,
-        token: Option<&secrecy::SecretString>,
-    ) -> Result<Answer> {
-        let inner = &self.inner;
-        let url = base
-            .join(&format!("v1/{}", call.path.trim_start_matches('/')))
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("building the URL for {}", call.path),
-                )
-                .with_source(e)
-            })?;
-        let mut req = inner
-            .http
-            .request(call.method.clone(), url)
-            .header("X-Vault-Request", "true");
-        if let Some(ns) = &inner.namespace {
-            req = req.header("X-Vault-Namespace", ns);
-        }
-        if let Some(token) = token {
-            let mut value = reqwest::header::HeaderValue::from_str(token.expose_secret())
-                .map_err(|_| {
-                    Error::new(
-                        ErrorKind::Config,
-                        "using the Vault token: it contains characters not allowed in an HTTP header",
-                    )
-                })?;
-            value.set_sensitive(true);
-            req = req.header("X-Vault-Token", value);
-        }
-        if let Some(body) = call.body {
-            req = req.json(body);
-        }
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| transport_error(self.what(call), e))?;
-        let status = resp.status();
-        // Sized once from Content-Length where given; a buffer outgrown is zeroized
-        // before it is freed, so no copy of a secret is left behind in the heap.
-        let hint = resp.content_length().unwrap_or(0).min(MAX_BODY as u64) as usize;
-        let mut body = Zeroizing::new(Vec::with_capacity(hint.max(1024)));
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| transport_error(self.what(call), e))?
-        {
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(Error::new(
-                    ErrorKind::Decode,
-                    format!(
-                        "{}: the response is larger than {MAX_BODY} bytes",
-                        self.what(call)
-                    ),
-                ));
-            }
-            if body.len() + chunk.len() > body.capacity() {
-                let mut bigger =
-                    Vec::with_capacity((body.len() + chunk.len()).max(2 * body.capacity()));
-                bigger.extend_from_slice(&body);
-                body = Zeroizing::new(bigger); // the old buffer is zeroized as it drops
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let answer = Answer {
-            status,
-            body,
-            received: Instant::now(),
-        };
-        if status.is_success() || call.any_status {
-            return Ok(answer);
-        }
-        let err = status_error(self.what(call), status, &answer.body);
-        if err.kind() == ErrorKind::Sealed && self.uninitialized().await {
-            // An uninitialized server answers "sealed" to everything but sys/init.
-            return Err(Error::new(ErrorKind::Uninitialized, self.what(call))
-                .with_vault(status.as_u16(), vec!["Vault is not initialized".into()]));
-        }
-        Err(err)
-    }
-
-    /// Whether `sys/init` says the server was never initialized (one quick, unauthenticated
-    /// request, only after a "sealed" answer).
-    async fn uninitialized(&self) -> bool {
-        #[derive(serde::Deserialize)]
-        struct Init {
-            initialized: bool,
-        }
-        let Ok(url) = self.base().1.join("v1/sys/init") else {
-            return false;
-        };
-        let answer = self
-            .inner
-            .http
-            .get(url)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
-        match answer {
-            Ok(r) if r.status().is_success() => {
-                r.json::<Init>().await.is_ok_and(|init| !init.initialized)
-            }
-            _ => false,
-        }
-    }
-
-    /// Send and decode the envelope.
-    pub(crate) async fn call<T: DeserializeOwned>(
-        &self,
-        call: Call<'_>,
-    ) -> Result<(Envelope<T>, Instant)> {
-        let what = format!("{} {}", call.method, call.path);
-        let answer = self.send(call).await?;
-        Ok((Envelope::decode(&answer.body, &what)?, answer.received))
-    }
-}
-
-/// Releases a half-open probe if the request future is dropped mid-flight.
-struct ProbeGuard<'a>(&'a Breaker);
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.release_probe();
-    }
-}
-
-fn transport_error(what: String, e: reqwest::Error) -> Error {
-    // A TLS failure says why (rustls: "invalid peer certificate: UnknownIssuer") and
-    // what to check; the chain of sources holds no secret.
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
-    let mut tls = None;
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if text.contains("certificate") || text.contains("tls") || text.contains("TLS") {
-            tls = Some(text);
-        }
-        cause = c.source();
-    }
-    let (kind, detail) = match (tls, e.is_timeout(), e.is_connect()) {
-        (Some(why), _, _) => (ErrorKind::Tls, format!("TLS handshake: {why}")),
-        (None, true, _) => (ErrorKind::Transport, "timed out".into()),
-        (None, false, true) => (ErrorKind::Transport, "connection failed".into()),
-        (None, false, false) => (ErrorKind::Transport, "connection error".into()),
-    };
-    // reqwest's Display names the URL (no token: tokens travel in headers).
-    Error::new(kind, format!("{what}: {detail}")).with_source(e.without_url())
-}
-
-/// Map a non-2xx answer to an error of the right kind.
-pub(crate) fn status_error(what: String, status: StatusCode, body: &[u8]) -> Error {
-    let errors = envelope::error_strings(body);
-    let joined = errors.join(" ").to_ascii_lowercase();
-    let kind = match status.as_u16() {
-        400 if joined.contains("lease expired") => ErrorKind::LeaseExpired,
-        400 if joined.contains("unknown role")
-            || joined.contains("lease not found")
-            || joined.contains("invalid lease") =>
-        {
-            ErrorKind::NotFound
-        }
-        400 if joined.contains("invalid role or secret id")
-            || joined.contains("invalid secret id")
-            || joined.contains("invalid role id") =>
-        {
-            ErrorKind::PermissionDenied
-        }
-        401 | 403 => ErrorKind::PermissionDenied,
-        404 => ErrorKind::NotFound,
-        429 => ErrorKind::RateLimited,
-        501 => ErrorKind::Uninitialized,
-        503 if joined.contains("sealed") => ErrorKind::Sealed,
-        503 if joined.contains("not initialized") => ErrorKind::Uninitialized,
-        400..=499 => ErrorKind::InvalidRequest,
-        _ => ErrorKind::Server,
-    };
-    let mut err = Error::new(kind, what).with_vault(status.as_u16(), errors);
-    if kind == ErrorKind::NotFound
-        && status == StatusCode::NOT_FOUND
-        && err.vault_errors().is_empty()
-    {
-        // KV's 404 has an empty errors list; say it plainly.
-        err = err.with_vault(404, vec!["no secret or mount at this path".into()]);
-    }
-    err
 }
 
 /// Every decoder of Vault answers over one body, for the fuzz target in `fuzz/`
@@ -541,6 +124,9 @@ pub(crate) fn status_error(what: String, status: StatusCode, body: &[u8]) -> Err
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub fn fuzz_decode(body: &[u8]) {
+    use envelope::Envelope;
+    use reqwest::StatusCode;
+    use serde_json::Value;
     fn check<T>(r: Result<T>) -> Option<T> {
         match r {
             Ok(v) => Some(v),
@@ -569,77 +155,5 @@ pub fn fuzz_decode(body: &[u8]) {
     for status in [400, 403, 404, 429, 500, 503] {
         let e = status_error(what.into(), StatusCode::from_u16(status).unwrap(), body);
         check::<()>(Err(e));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn kind(status: u16, body: &str) -> ErrorKind {
-        status_error(
-            "x".into(),
-            StatusCode::from_u16(status).unwrap(),
-            body.as_bytes(),
-        )
-        .kind()
-    }
-
-    #[test]
-    fn maps_vault_answers_to_kinds() {
-        assert_eq!(
-            kind(400, r#"{"errors":["unknown role: nope"]}"#),
-            ErrorKind::NotFound
-        );
-        assert_eq!(
-            kind(400, r#"{"errors":["lease not found"]}"#),
-            ErrorKind::NotFound
-        );
-        assert_eq!(
-            kind(400, r#"{"errors":["invalid lease"]}"#),
-            ErrorKind::NotFound
-        );
-        assert_eq!(
-            kind(400, r#"{"errors":["lease expired"]}"#),
-            ErrorKind::LeaseExpired
-        );
-        assert_eq!(
-            kind(400, r#"{"errors":["invalid role or secret ID"]}"#),
-            ErrorKind::PermissionDenied
-        );
-        assert_eq!(
-            kind(400, r#"{"errors":["lease_id must be specified"]}"#),
-            ErrorKind::InvalidRequest
-        );
-        assert_eq!(
-            kind(403, r#"{"errors":["permission denied"]}"#),
-            ErrorKind::PermissionDenied
-        );
-        assert_eq!(kind(404, r#"{"errors":[]}"#), ErrorKind::NotFound);
-        assert_eq!(kind(429, ""), ErrorKind::RateLimited);
-        assert_eq!(
-            kind(503, r#"{"errors":["Vault is sealed"]}"#),
-            ErrorKind::Sealed
-        );
-        assert_eq!(kind(500, "<html>"), ErrorKind::Server);
-        assert_eq!(kind(502, ""), ErrorKind::Server);
-    }
-
-    #[test]
-    fn transient_kinds_are_retried_and_client_errors_are_not() {
-        assert!(ErrorKind::Server.is_transient());
-        assert!(ErrorKind::Transport.is_transient());
-        assert!(ErrorKind::RateLimited.is_transient());
-        assert!(ErrorKind::Sealed.is_transient());
-        for k in [
-            ErrorKind::InvalidRequest,
-            ErrorKind::PermissionDenied,
-            ErrorKind::NotFound,
-            ErrorKind::CircuitOpen,
-            ErrorKind::Decode,
-            ErrorKind::Tls,
-        ] {
-            assert!(!k.is_transient(), "{k:?}");
-        }
     }
 }

@@ -6,14 +6,15 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::envelope::{Envelope, ttl};
-use super::{Call, Client, TokenInfo};
+use super::path::check_lease_id;
+use super::{Call, Client};
 use crate::credentials::Lease;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 
 /// The server's state as `sys/health` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum HealthState {
+pub enum ServerState {
     /// Initialized, unsealed, active: serves everything.
     Active,
     /// An unsealed standby of an HA cluster (HTTP 429).
@@ -28,7 +29,7 @@ pub enum HealthState {
     Uninitialized,
 }
 
-impl HealthState {
+impl ServerState {
     /// Whether requests for secrets can be served (active or standby).
     pub fn can_serve(self) -> bool {
         matches!(
@@ -41,9 +42,9 @@ impl HealthState {
 /// The answer of `sys/health`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Health {
+pub struct ServerHealth {
     /// The state, from the body (not only the status code).
-    pub state: HealthState,
+    pub state: ServerState,
     /// The HTTP status of the answer.
     pub status: u16,
     /// The server's version, e.g. `2.7.2`.
@@ -105,38 +106,7 @@ pub(crate) struct LookupData {
     last_renewal: Option<String>,
 }
 
-fn check_lease_id(what: &str, lease_id: &str) -> Result<()> {
-    if lease_id.is_empty() || lease_id.split('/').any(|s| s == ".." || s.is_empty()) {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!("{what}: {lease_id:?} is not a lease id"),
-        ));
-    }
-    Ok(())
-}
-
 impl Client {
-    /// Log in (or check the token) now, so that bad credentials fail at startup rather
-    /// than at the first secret. Returns what is known of the token.
-    ///
-    /// # Errors
-    /// [`ErrorKind::PermissionDenied`] for a bad token or AppRole credentials, the
-    /// transport kinds when Vault cannot be reached.
-    pub async fn login(&self) -> Result<TokenInfo> {
-        self.client_token().await?;
-        self.inner.auth.info().ok_or_else(|| {
-            Error::new(
-                ErrorKind::CredentialsUnavailable,
-                "logging in to Vault: no token after login",
-            )
-        })
-    }
-
-    /// What the client knows of its own token, if it has one yet.
-    pub fn token_info(&self) -> Option<TokenInfo> {
-        self.inner.auth.info()
-    }
-
     /// Renew a lease: `PUT sys/leases/renew`. `increment` asks for a new TTL counted
     /// from now; Vault may cap it at the role's max TTL — compare the returned
     /// [`Lease::duration`] with what you asked and read [`Lease::warnings`].
@@ -254,7 +224,7 @@ impl Client {
     /// # Errors
     /// The transport kinds when Vault cannot be reached, [`ErrorKind::Decode`] when the
     /// answer is not Vault's health JSON.
-    pub async fn health(&self) -> Result<Health> {
+    pub async fn health(&self) -> Result<ServerHealth> {
         let what = format!("checking the health of Vault at {}", self.address());
         let answer = self
             .send(
@@ -268,41 +238,28 @@ impl Client {
         let body: HealthBody = super::envelope::decode_json(&answer.body, "GET sys/health")
             .map_err(|e| e.context(&what))?;
         let state = if !body.initialized {
-            HealthState::Uninitialized
+            ServerState::Uninitialized
         } else if body.sealed {
-            HealthState::Sealed
+            ServerState::Sealed
         } else if body.performance_standby {
-            HealthState::PerformanceStandby
+            ServerState::PerformanceStandby
         } else if body.standby {
-            HealthState::Standby
+            ServerState::Standby
         } else if body
             .replication_dr_mode
             .as_deref()
             .is_some_and(|m| m == "secondary")
         {
-            HealthState::DrSecondary
+            ServerState::DrSecondary
         } else {
-            HealthState::Active
+            ServerState::Active
         };
-        Ok(Health {
+        Ok(ServerHealth {
             state,
             status: answer.status.as_u16(),
             version: body.version,
             cluster_name: body.cluster_name,
             server_time_utc: body.server_time_utc,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lease_ids_are_checked() {
-        assert!(check_lease_id("x", "database/creds/app/AbC123").is_ok());
-        for bad in ["", "database/../sys", "a//b"] {
-            assert!(check_lease_id("x", bad).is_err(), "{bad}");
-        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use vaultpool::lease::RotatingCredentials;
+use vaultpool::lease::Engine;
 use vaultpool::{Generation, Result};
 
 use super::*;
@@ -15,7 +15,7 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What the scenarios need of a pool.
 pub trait TestPool: Clone + Send + Sync + 'static {
-    fn engine(&self) -> &RotatingCredentials;
+    fn engine(&self) -> &Engine;
     fn rotate(&self) -> BoxFut<'_, Result<Generation>>;
     /// Check out a connection and run `SELECT count(*) FROM items`.
     fn query(&self) -> BoxFut<'_, std::result::Result<i64, String>>;
@@ -78,7 +78,7 @@ pub fn spawn_load<P: TestPool>(
 
 /// Every username the engine has used, collected as generations change.
 fn record_usernames(
-    engine: &RotatingCredentials,
+    engine: &Engine,
 ) -> (
     Arc<std::sync::Mutex<Vec<String>>>,
     tokio::task::JoinHandle<()>,

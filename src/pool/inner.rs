@@ -1,10 +1,7 @@
-//! The machinery every deadpool-based adapter shares: a deadpool [`Manager`] that opens
+//! The machinery under [`VaultPool`](super::VaultPool): a deadpool [`Manager`] that opens
 //! connections with the engine's current credentials and tags them with their
 //! generation, the pooled handle that closes a retired connection instead of returning
 //! it, and the task that closes idle connections of retired generations.
-//!
-//! A backend only says how to open one connection ([`Connect`]); see `postgres` and
-//! `redis`.
 //!
 //! [`Manager`]: deadpool::managed::Manager
 
@@ -16,7 +13,7 @@ use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleR
 
 use crate::credentials::{Credentials, Generation};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{BoxFuture, ConnectionGuard, Current, RotatingCredentials};
+use crate::lease::{BoxFuture, ConnectionGuard, Current, Engine};
 
 /// How a backend opens and checks one connection.
 pub trait Connect: Send + Sync + 'static {
@@ -43,13 +40,13 @@ pub trait Connect: Send + Sync + 'static {
 pub struct Tagged<C: Connect> {
     conn: C::Conn,
     generation: Generation,
-    engine: RotatingCredentials,
+    engine: Engine,
     _guard: ConnectionGuard,
 }
 
 /// The deadpool manager over a [`Connect`].
 pub struct RotatingManager<C: Connect> {
-    engine: RotatingCredentials,
+    engine: Engine,
     connect: C,
     auth_failure_wait: Duration,
 }
@@ -57,23 +54,24 @@ pub struct RotatingManager<C: Connect> {
 impl<C: Connect> fmt::Debug for RotatingManager<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RotatingManager")
-            .field("role", &self.engine.role())
+            .field("source", &self.engine.source())
             .field("target", &self.connect.target())
             .finish()
     }
 }
 
 impl<C: Connect> RotatingManager<C> {
-    pub(crate) fn new(
-        engine: RotatingCredentials,
-        connect: C,
-        auth_failure_wait: Duration,
-    ) -> Self {
+    pub(crate) fn new(engine: Engine, connect: C, auth_failure_wait: Duration) -> Self {
         Self {
             engine,
             connect,
             auth_failure_wait,
         }
+    }
+
+    /// What the connections go to, for messages.
+    pub(crate) fn target(&self) -> String {
+        self.connect.target()
     }
 
     async fn open(&self, current: &Current) -> Result<Tagged<C>, C::Error> {
@@ -90,9 +88,9 @@ impl<C: Connect> RotatingManager<C> {
         Error::new(
             ErrorKind::Backend,
             format!(
-                "connecting to {} as role {} (generation {})",
+                "connecting to {} with {} (generation {})",
                 self.connect.target(),
-                self.engine.role(),
+                self.engine.source(),
                 generation.0
             ),
         )
@@ -120,10 +118,10 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
                     return Err(Error::new(
                         ErrorKind::CredentialsUnavailable,
                         format!(
-                            "{} refused role {}'s credentials (generation {}) and no new ones \
+                            "{} refused the credentials of {} (generation {}) and no new ones \
                              could be leased within {:?}",
                             self.connect.target(),
-                            self.engine.role(),
+                            self.engine.source(),
                             current.generation.0,
                             self.auth_failure_wait
                         ),
@@ -232,27 +230,10 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
 /// The pool type of an adapter.
 pub(crate) type Pool<C> = managed::Pool<RotatingManager<C>, Pooled<C>>;
 
-/// Pool and lease status together.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct PoolStatus {
-    /// The lease engine's status (generation, lease, TTL left, connections per
-    /// generation, last error).
-    pub lease: crate::lease::Status,
-    /// Connections open (idle and in use).
-    pub size: usize,
-    /// Idle connections.
-    pub available: usize,
-    /// Callers waiting for a connection.
-    pub waiting: usize,
-    /// The pool's maximum size.
-    pub max_size: usize,
-}
-
 /// A pool plus the task retiring idle connections; what each adapter handle wraps.
 pub(crate) struct Shared<C: Connect> {
     pub(crate) pool: Pool<C>,
-    pub(crate) engine: RotatingCredentials,
+    pub(crate) engine: Engine,
     retire_task: tokio::task::JoinHandle<()>,
 }
 
@@ -266,13 +247,13 @@ impl<C: Connect> Shared<C> {
     /// Build the deadpool pool over `connect` and start retiring idle connections of old
     /// generations.
     pub(crate) fn build(
-        engine: RotatingCredentials,
+        engine: Engine,
         connect: C,
         max_size: usize,
         timeouts: deadpool::managed::Timeouts,
         auth_failure_wait: Duration,
     ) -> Result<Self> {
-        let role = engine.role().to_owned();
+        let source = engine.source().to_owned();
         let manager = RotatingManager::new(engine.clone(), connect, auth_failure_wait);
         let pool = Pool::<C>::builder(manager)
             .max_size(max_size)
@@ -280,11 +261,8 @@ impl<C: Connect> Shared<C> {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("building the pool for role {role}"),
-                )
-                .with_source(e)
+                Error::new(ErrorKind::Config, format!("building the pool for {source}"))
+                    .with_source(e)
             })?;
         let retire_task = tokio::spawn(retire_idle(engine.subscribe(), pool.weak()));
         Ok(Self {
@@ -298,9 +276,9 @@ impl<C: Connect> Shared<C> {
         self.pool.get().await.map_err(|e| self.pool_error(e))
     }
 
-    pub(crate) fn status(&self) -> PoolStatus {
+    pub(crate) fn status(&self) -> super::PoolStatus {
         let pool = self.pool.status();
-        PoolStatus {
+        super::PoolStatus {
             lease: self.engine.status(),
             size: pool.size,
             available: pool.available,
@@ -315,32 +293,32 @@ impl<C: Connect> Shared<C> {
     }
 
     fn pool_error(&self, e: PoolError<Error>) -> Error {
-        let role = self.engine.role();
+        let role = self.engine.source();
         let target = self.pool.manager().connect.target();
         match e {
             PoolError::Backend(e) => e,
             PoolError::Timeout(managed::TimeoutType::Wait) => Error::new(
                 ErrorKind::PoolTimeout,
                 format!(
-                    "waiting for a connection to {target} (role {role}): all {} connections \
+                    "waiting for a connection to {target} ({role}): all {} connections \
                      stayed busy for the wait timeout; raise max_size or the wait timeout",
                     self.pool.status().max_size
                 ),
             ),
             PoolError::Timeout(t) => Error::new(
                 ErrorKind::PoolTimeout,
-                format!("{t:?} a connection to {target} (role {role}) timed out"),
+                format!("{t:?} a connection to {target} ({role}) timed out"),
             ),
             PoolError::Closed => Error::new(
                 ErrorKind::Shutdown,
-                format!("getting a connection to {target} (role {role}): the pool was closed"),
+                format!("getting a connection to {target} ({role}): the pool was closed"),
             ),
             PoolError::NoRuntimeSpecified => {
                 Error::new(ErrorKind::Config, "getting a connection: no async runtime")
             }
             PoolError::PostCreateHook(h) => Error::new(
                 ErrorKind::Backend,
-                format!("getting a connection to {target} (role {role}): post-create hook: {h}"),
+                format!("getting a connection to {target} ({role}): post-create hook: {h}"),
             ),
         }
     }

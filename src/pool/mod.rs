@@ -1,0 +1,154 @@
+//! One pool handle for every backend, and one builder.
+//!
+//! - [`VaultPool<C>`](VaultPool) is the handle: `get`, `engine`, `rotate`, `status`,
+//!   `close`, written once. `postgres::VaultPgPool` and `redis::VaultRedisPool` are
+//!   this type over their backend's [`Connect`]; a new deadpool-based backend is a
+//!   `Connect` impl and a few lines (deadpool-postgres does the same with its
+//!   `Manager`).
+//! - [`Builder<T>`](Builder) holds what every pool sets about leasing — the
+//!   [`CredentialSource`], the Vault client, the [`Policy`], the drain timeout — with its
+//!   setters written once here; `T` is the backend's own settings (its target, and for
+//!   deadpool pools [`Deadpool`]'s size and timeouts), whose setters live in the
+//!   backend's module.
+//! - [`PoolStatus`] is what every pool's `status()` returns, the sqlx flavour included.
+//!
+//! The machinery (the deadpool manager, the generation-tagged connection, the task that
+//! retires idle connections) is in `inner.rs`; the deadpool handle in `handle.rs`.
+
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod handle;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod inner;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::lease::{self, CredentialSource, Engine, Policy, Verifier};
+use crate::vault::Client;
+
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub use ::deadpool::managed::Timeouts;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub use handle::{Deadpool, VaultPool};
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub use inner::{Connect, Pooled, RotatingManager, Tagged};
+
+/// Pool and lease status together; every pool's `status()` returns it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// The lease engine's status (source, generation, lease, TTL left, connections per
+    /// generation, last error).
+    pub lease: lease::Status,
+    /// Connections open (idle and in use).
+    pub size: usize,
+    /// Idle connections.
+    pub available: usize,
+    /// Callers waiting for a connection (the sqlx flavour cannot tell: 0).
+    pub waiting: usize,
+    /// The pool's maximum size.
+    pub max_size: usize,
+}
+
+/// Builds a pool: the leasing settings shared by every backend, plus the backend's own
+/// settings `T` (see each backend's `Builder` alias).
+#[must_use]
+pub struct Builder<T> {
+    pub(crate) lease: LeaseOptions,
+    pub(crate) target: T,
+}
+
+impl<T: fmt::Debug> fmt::Debug for Builder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("source", &self.lease.source)
+            .field("vault", &self.lease.vault)
+            .field("policy", &self.lease.policy)
+            .field("drain_timeout", &self.lease.drain_timeout)
+            .field("auth_failure_wait", &self.lease.auth_failure_wait)
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+/// What every pool builder sets about leasing, with its defaults.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseOptions {
+    /// What is leased.
+    pub(crate) source: CredentialSource,
+    /// Default: `Client::from_env()` at build.
+    pub(crate) vault: Option<Client>,
+    /// Default `Policy::default()`.
+    pub(crate) policy: Policy,
+    /// Default 30 s.
+    pub(crate) drain_timeout: Duration,
+    /// Default 5 s.
+    pub(crate) auth_failure_wait: Duration,
+}
+
+impl LeaseOptions {
+    /// The given Vault client, or one from the Vault CLI's environment variables.
+    pub(crate) fn vault(&self) -> Result<Client> {
+        match &self.vault {
+            Some(v) => Ok(v.clone()),
+            None => Client::from_env(),
+        }
+    }
+
+    /// Lease and verify the first credentials and start the engine.
+    pub(crate) async fn engine(self, vault: Client, verify: Verifier) -> Result<Engine> {
+        Engine::builder(vault, self.source)
+            .policy(self.policy)
+            .drain_timeout(self.drain_timeout)
+            .verify_with(verify)
+            .build()
+            .await
+    }
+}
+
+impl<T> Builder<T> {
+    pub(crate) fn new(source: impl Into<CredentialSource>, target: T) -> Self {
+        Self {
+            lease: LeaseOptions {
+                source: source.into(),
+                vault: None,
+                policy: Policy::default(),
+                drain_timeout: Duration::from_secs(30),
+                auth_failure_wait: Duration::from_secs(5),
+            },
+            target,
+        }
+    }
+
+    /// What the pool leases.
+    pub fn source(&self) -> &CredentialSource {
+        &self.lease.source
+    }
+
+    /// The Vault client. Default: [`Client::from_env`], made at build.
+    pub fn vault(mut self, client: Client) -> Self {
+        self.lease.vault = Some(client);
+        self
+    }
+
+    /// Renewal and rotation timing. Default [`Policy::default`].
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.lease.policy = policy;
+        self
+    }
+
+    /// How long a retired generation's connections may stay in use before its lease is
+    /// revoked anyway; also how long `close()` waits. Default 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.lease.drain_timeout = timeout;
+        self
+    }
+
+    /// After the server refuses credentials whose lease should be valid (revoked from
+    /// outside), how long a connect waits for the re-lease. Default 5 s.
+    pub fn auth_failure_wait(mut self, wait: Duration) -> Self {
+        self.lease.auth_failure_wait = wait;
+        self
+    }
+}

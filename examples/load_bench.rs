@@ -222,10 +222,10 @@ async fn load_run(approach: &'static str, role: &str, workers: usize, s: &Settin
                 let t = Instant::now();
                 let r = subject.query().await;
                 let at_ms = start.elapsed().as_millis() as u32;
-                if let Err(e) = &r {
-                    if errors.len() < 3 {
-                        errors.push(e.clone());
-                    }
+                if let Err(e) = &r
+                    && errors.len() < 3
+                {
+                    errors.push(e.clone());
                 }
                 samples.push(Sample {
                     at_ms,

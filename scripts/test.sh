@@ -7,7 +7,7 @@
 # fixed time (VAULTPOOL_FUZZ_SECONDS, default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.85 or newer)" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.94 or newer)" >&2; exit 1; }
 scripts/stack.sh up --kafka
 # Supply chain: licences, bans, sources always; advisories whenever the RustSec database
 # (GitHub) can be reached: then a known-vulnerable or yanked crate fails the run. Where it

@@ -7,35 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::scenarios::{self, BoxFut, LoadReport, TestPool, spawn_load};
+use common::scenarios;
 use common::*;
 use vaultpool::lease::Health;
 use vaultpool::postgres::VaultPgPool;
 use vaultpool::{ErrorKind, Generation};
-
-async fn query(pool: &VaultPgPool) -> Result<i64, String> {
-    let client = pool.get().await.map_err(|e| format!("get: {e}"))?;
-    let row = client
-        .query_one("SELECT count(*) FROM items", &[])
-        .await
-        .map_err(|e| format!("query (gen {}): {e}", client.generation().0))?;
-    Ok(row.get(0))
-}
-
-impl TestPool for VaultPgPool {
-    fn engine(&self) -> &vaultpool::lease::Engine {
-        self.engine()
-    }
-    fn rotate(&self) -> BoxFut<'_, vaultpool::Result<Generation>> {
-        Box::pin(VaultPgPool::rotate(self))
-    }
-    fn query(&self) -> BoxFut<'_, Result<i64, String>> {
-        Box::pin(query(self))
-    }
-    fn close(&self) -> BoxFut<'_, ()> {
-        Box::pin(VaultPgPool::close(self))
-    }
-}
 
 async fn pool_for(role: &str, max_size: usize) -> VaultPgPool {
     VaultPgPool::builder(role)
@@ -46,14 +22,6 @@ async fn pool_for(role: &str, max_size: usize) -> VaultPgPool {
         .build()
         .await
         .unwrap()
-}
-
-fn load(
-    pool: &VaultPgPool,
-    tasks: usize,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<LoadReport> {
-    spawn_load(pool, tasks, stop)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +104,7 @@ async fn vault_down_shorter_than_the_lease_loses_no_query_and_renewals_resume() 
         .await
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let load = load(&pool, 8, stop.clone());
+    let load = spawn_load(&pool, 8, stop.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     vault.kill();
@@ -156,7 +124,9 @@ async fn vault_down_shorter_than_the_lease_loses_no_query_and_renewals_resume() 
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
-    let LoadReport { ok, failed, errors } = load.await.unwrap();
+    let LoadReport {
+        ok, failed, errors, ..
+    } = load.await.unwrap();
     let after = pool.status();
     println!(
         "vault_down: queries ok {ok}, failed {failed}, renew/rotate failures while down {}, \
@@ -186,7 +156,7 @@ async fn vault_down_past_expiry_gives_a_typed_error_then_heals() {
         .build()
         .await
         .unwrap();
-    query(&pool).await.unwrap();
+    pool.query().await.unwrap();
     vault.kill();
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -206,7 +176,7 @@ async fn vault_down_past_expiry_gives_a_typed_error_then_heals() {
     let restarted = Instant::now();
     let deadline = restarted + Duration::from_secs(30);
     loop {
-        if query(&pool).await.is_ok() {
+        if pool.query().await.is_ok() {
             break;
         }
         assert!(Instant::now() < deadline, "the pool did not heal");

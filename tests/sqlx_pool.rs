@@ -6,34 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::scenarios::{self, BoxFut, TestPool};
+use common::scenarios;
 use common::*;
 use vaultpool::sqlx::VaultSqlxPool;
 use vaultpool::sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vaultpool::{ErrorKind, Generation};
-
-async fn query(pool: &VaultSqlxPool) -> Result<i64, String> {
-    let mut conn = pool.acquire().await.map_err(|e| format!("acquire: {e}"))?;
-    vaultpool::sqlx::sqlx::query_scalar("SELECT count(*) FROM items")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| format!("query: {e}"))
-}
-
-impl TestPool for VaultSqlxPool {
-    fn engine(&self) -> &vaultpool::lease::Engine {
-        self.engine()
-    }
-    fn rotate(&self) -> BoxFut<'_, vaultpool::Result<Generation>> {
-        Box::pin(VaultSqlxPool::rotate(self))
-    }
-    fn query(&self) -> BoxFut<'_, Result<i64, String>> {
-        Box::pin(query(self))
-    }
-    fn close(&self) -> BoxFut<'_, ()> {
-        Box::pin(VaultSqlxPool::close(self))
-    }
-}
 
 async fn pool_for(role: &str, max: u32) -> VaultSqlxPool {
     VaultSqlxPool::builder(role)

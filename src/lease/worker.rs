@@ -111,14 +111,14 @@ pub(crate) async fn issue_verified(
     let started = now();
     let leased = source.issue().await?;
     let issued = now();
-    if let Some(verify) = verify {
-        if let Err(e) = verify(leased.value.clone()).await {
-            tracing::warn!(source = what, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
-            if let Err(re) = source.revoke(&leased.lease).await {
-                tracing::warn!(source = what, lease_id = %leased.lease.id, "revoking unverified credentials failed: {re}");
-            }
-            return Err(e.context(format!("verifying new credentials of {what}")));
+    if let Some(verify) = verify
+        && let Err(e) = verify(leased.value.clone()).await
+    {
+        tracing::warn!(source = what, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
+        if let Err(re) = source.revoke(&leased.lease).await {
+            tracing::warn!(source = what, lease_id = %leased.lease.id, "revoking unverified credentials failed: {re}");
         }
+        return Err(e.context(format!("verifying new credentials of {what}")));
     }
     Ok((leased, issued - started, now() - issued))
 }
@@ -204,10 +204,10 @@ pub(crate) async fn run(
                 _ = sleep => {
                     let Some(shared) = weak.upgrade() else { return };
                     let now = self::now();
-                    if shared.source.token_refresh_at().is_some_and(|t| now >= t) {
-                        if let Err(e) = shared.source.refresh_token().await {
-                            tracing::warn!("refreshing the Vault token failed: {e}");
-                        }
+                    if shared.source.token_refresh_at().is_some_and(|t| now >= t)
+                        && let Err(e) = shared.source.refresh_token().await
+                    {
+                        tracing::warn!("refreshing the Vault token failed: {e}");
                     }
                     // Revoke what has drained before creating anything new.
                     retire(&shared, &mut book, false).await;

@@ -187,11 +187,11 @@ impl<C: Connect> DerefMut for Pooled<C> {
 
 impl<C: Connect> Drop for Pooled<C> {
     fn drop(&mut self) {
-        if let Some(obj) = self.obj.take() {
-            if obj.generation != obj.engine.generation() {
-                // Retired while checked out: close it instead of returning it.
-                drop(Object::take(obj));
-            }
+        if let Some(obj) = self.obj.take()
+            && obj.generation != obj.engine.generation()
+        {
+            // Retired while checked out: close it instead of returning it.
+            drop(Object::take(obj));
         }
     }
 }

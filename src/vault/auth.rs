@@ -228,10 +228,10 @@ impl TokenManager {
         }
         let _one_at_a_time = self.refresh.lock().await;
         let old = self.current.load_full();
-        if let Some(s) = &old {
-            if Self::usable(s, Instant::now()) {
-                return Ok(s.token.clone());
-            }
+        if let Some(s) = &old
+            && Self::usable(s, Instant::now())
+        {
+            return Ok(s.token.clone());
         }
         let new = Arc::new(self.refresh(client, old.as_deref()).await?);
         if let Some(old) = &old {

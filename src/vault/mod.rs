@@ -84,7 +84,7 @@ impl Client {
     /// (see [`ClientBuilder::from_env`]).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] when `VAULT_ADDR` is missing or invalid, no auth method is
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) when `VAULT_ADDR` is missing or invalid, no auth method is
     /// configured, or a CA file cannot be read.
     pub fn from_env() -> Result<Self> {
         ClientBuilder::from_env()?.build()

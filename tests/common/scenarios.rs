@@ -1,80 +1,13 @@
-//! Scenarios every pool flavour must pass, written once against a small trait.
+//! Scenarios every pool flavour must pass, written once against [`TestPool`].
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use vaultpool::Generation;
 use vaultpool::lease::Engine;
-use vaultpool::{Generation, Result};
 
 use super::*;
-
-pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// What the scenarios need of a pool.
-pub trait TestPool: Clone + Send + Sync + 'static {
-    fn engine(&self) -> &Engine;
-    fn rotate(&self) -> BoxFut<'_, Result<Generation>>;
-    /// Check out a connection and run `SELECT count(*) FROM items`.
-    fn query(&self) -> BoxFut<'_, std::result::Result<i64, String>>;
-    fn close(&self) -> BoxFut<'_, ()>;
-}
-
-pub struct LoadReport {
-    pub ok: u64,
-    pub failed: u64,
-    pub errors: Vec<String>,
-}
-
-/// `tasks` query loops until `stop`.
-pub fn spawn_load<P: TestPool>(
-    pool: &P,
-    tasks: usize,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<LoadReport> {
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut handles = Vec::new();
-        for _ in 0..tasks {
-            let (pool, stop, ok, failed, errors) = (
-                pool.clone(),
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                errors.clone(),
-            );
-            handles.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match pool.query().await {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            let mut errs = errors.lock().unwrap();
-                            if errs.len() < 10 {
-                                errs.push(e);
-                            }
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }));
-        }
-        for h in handles {
-            h.await.unwrap();
-        }
-        let errors = errors.lock().unwrap().clone();
-        LoadReport {
-            ok: ok.load(Ordering::Relaxed),
-            failed: failed.load(Ordering::Relaxed),
-            errors,
-        }
-    })
-}
 
 /// Every username the engine has used, collected as generations change.
 fn record_usernames(

@@ -1,0 +1,132 @@
+//! The stack's PostgreSQL: admin connections, database roles of a test's own, what is
+//! left behind, and the small pool the fault tests share.
+
+use super::*;
+
+/// A superuser connection to the stack's PostgreSQL (database `db`).
+pub async fn pg_admin(db: &str) -> tokio_postgres::Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(var("PGHOST"))
+        .port(var("PGPORT").parse().unwrap())
+        .user("postgres")
+        .password(var("VAULTPOOL_PG_SUPER_PASSWORD"))
+        .dbname(db);
+    let (client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("pg admin connect");
+    tokio::spawn(conn);
+    client
+}
+
+pub async fn pg_role_exists(name: &str) -> bool {
+    let pg = pg_admin("postgres").await;
+    let rows = pg
+        .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+        .await
+        .unwrap();
+    !rows.is_empty()
+}
+
+/// The creation and revocation statements the stack uses (see scripts/stack.sh).
+pub fn pg_statements() -> (String, String) {
+    let creation = r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{{name}}"; GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{{name}}";"#;
+    let revocation = r#"GRANT "{{name}}" TO vault_admin; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}'; REASSIGN OWNED BY "{{name}}" TO app_owner; DROP OWNED BY "{{name}}"; DROP ROLE IF EXISTS "{{name}}";"#;
+    (creation.to_string(), revocation.to_string())
+}
+
+/// A database role of the test's own on the stack's Vault (named `test-…`, which the
+/// immune-system policy may lease), so revoke-prefix and counting stay per test.
+pub async fn create_role(ttl: &str, max_ttl: &str) -> String {
+    let name = format!("test-{}", unique());
+    vault_write(
+        &var("VAULT_ADDR"),
+        &var("VAULTPOOL_ROOT_TOKEN"),
+        reqwest::Method::POST,
+        &format!("database/roles/{name}"),
+        pg_role(ttl, max_ttl),
+    )
+    .await;
+    name
+}
+
+/// A database role on `adaptive_immunity` with the stack's statements.
+pub fn pg_role(ttl: &str, max_ttl: &str) -> serde_json::Value {
+    let (creation, revocation) = pg_statements();
+    serde_json::json!({
+        "db_name": "adaptive_immunity",
+        "default_ttl": ttl,
+        "max_ttl": max_ttl,
+        "creation_statements": creation,
+        "revocation_statements": revocation,
+    })
+}
+
+/// Lease ids Vault still holds under `database/creds/{role}/`.
+pub async fn leases_of(role: &str) -> Vec<String> {
+    let r = reqwest::Client::new()
+        .request(
+            reqwest::Method::from_bytes(b"LIST").unwrap(),
+            format!(
+                "{}/v1/sys/leases/lookup/database/creds/{role}/",
+                var("VAULT_ADDR")
+            ),
+        )
+        .header("X-Vault-Token", var("VAULTPOOL_ROOT_TOKEN"))
+        .send()
+        .await
+        .unwrap();
+    if r.status() == reqwest::StatusCode::NOT_FOUND {
+        return Vec::new();
+    }
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["data"]["keys"]
+        .as_array()
+        .map(|a| a.iter().map(|k| k.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Which of `names` exist in pg_roles.
+pub async fn roles_alive(pg: &tokio_postgres::Client, names: &[String]) -> Vec<String> {
+    let rows = pg
+        .query(
+            "SELECT rolname FROM pg_roles WHERE rolname = ANY($1)",
+            &[&names],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get::<_, String>(0)).collect()
+}
+
+/// The stack's `adaptive_immunity` database as a tokio-postgres target (no login).
+#[cfg(feature = "postgres")]
+pub fn pg_target() -> vaultpool::postgres::tokio_postgres::Config {
+    let mut c = vaultpool::postgres::tokio_postgres::Config::new();
+    c.host(var("PGHOST"))
+        .port(var("PGPORT").parse().unwrap())
+        .dbname("adaptive_immunity");
+    c
+}
+
+/// A 4-connection pool on the stack's `adaptive_immunity` database with quick retries.
+#[cfg(feature = "postgres")]
+pub async fn small_pool(role: &str, vault: Client) -> vaultpool::postgres::VaultPgPool {
+    small_pool_with(role, vault, fast_policy()).await
+}
+
+/// [`small_pool`] with a policy of the test's own.
+#[cfg(feature = "postgres")]
+pub async fn small_pool_with(
+    role: &str,
+    vault: Client,
+    policy: vaultpool::lease::Policy,
+) -> vaultpool::postgres::VaultPgPool {
+    vaultpool::postgres::VaultPgPool::builder(role)
+        .vault(vault)
+        .pg_config(pg_target())
+        .policy(policy)
+        .max_size(4)
+        .build()
+        .await
+        .unwrap()
+}

@@ -79,12 +79,8 @@ impl pool::Connect for PgConnect {
     }
 
     fn is_auth_failure(&self, e: &tokio_postgres::Error) -> bool {
-        use tokio_postgres::error::SqlState;
-        matches!(
-            e.code(),
-            Some(c) if *c == SqlState::INVALID_PASSWORD
-                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-        )
+        e.code()
+            .is_some_and(|c| pool::PG_AUTH_FAILURE.contains(&c.code()))
     }
 
     fn check<'a>(&'a self, conn: &'a mut ClientWrapper) -> BoxFuture<'a, Result<(), String>> {
@@ -233,6 +229,7 @@ impl Builder {
     /// connection fails with.
     pub async fn build(self) -> Result<VaultPgPool> {
         let (lease, deadpool, target) = self.into_parts();
+        lease.source.validate()?;
         let mut config = match target.pg {
             Some(c) => c,
             None => pg_config_from_lookup(|k| std::env::var(k).ok())?,

@@ -173,9 +173,10 @@ impl VaultRedisPool {
     /// new KV version, with no restart: connections of the old version drain, new ones
     /// use the new password. The address comes from the secret's `host`/`port` unless
     /// [`address`](pool::Builder::address) is set. For another mount or poll interval,
-    /// use [`builder_for`](Self::builder_for) with a [`KvCredentials`].
+    /// use [`builder_for`](Self::builder_for) with a [`KvCredentials`] (and
+    /// `.default_username("default")` if the secret may lack `username`).
     pub fn builder_kv(path: impl Into<String>) -> Builder {
-        Self::builder_for(KvCredentials::new(path))
+        Self::builder_for(KvCredentials::new(path).default_username("default"))
     }
 
     /// A builder for any [`CredentialSource`].
@@ -214,6 +215,7 @@ impl Builder {
     /// verifying connection fails with.
     pub async fn build(self) -> Result<VaultRedisPool> {
         let (lease, deadpool, target) = self.into_parts();
+        lease.source.validate()?;
         let given = match target.info {
             Some(Ok(i)) => Some(i),
             Some(Err(e)) => {
@@ -225,11 +227,18 @@ impl Builder {
             }
             None => None,
         };
+        // The environment before Vault (as for PostgreSQL): its errors come first.
+        let given = match (given, &lease.source) {
+            (None, CredentialSource::Kv(_)) => None,
+            (None, _) => Some(redis_info_from_lookup(|k| std::env::var(k).ok())?),
+            (given, _) => given,
+        };
         let vault = lease.vault()?;
         let info = match (given, &lease.source) {
             (Some(i), _) => i,
             (None, CredentialSource::Kv(kv)) => {
-                let secret = vault.read_kv(kv.mount_name(), kv.path()).await?;
+                // The address lives in the secret itself (`host`, `port`).
+                let secret = vault.read_kv(kv.get_mount(), kv.get_path()).await?;
                 let field = |k: &str| {
                     secret
                         .get(k)
@@ -241,7 +250,12 @@ impl Builder {
                     _ => None,
                 })?
             }
-            (None, _) => redis_info_from_lookup(|k| std::env::var(k).ok())?,
+            (None, other) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("configuring Redis for {other}: no address; set REDIS_URL or .address(…)"),
+                ));
+            }
         };
         let settings = info.redis_settings();
         if settings.username().is_some() || settings.password().is_some() {

@@ -113,7 +113,7 @@ fn options_for(base: &PgConnectOptions, current: &Current) -> PgConnectOptions {
 fn is_auth_failure(e: &::sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
-        .is_some_and(|c| c == "28P01" || c == "28000")
+        .is_some_and(|c| pool::PG_AUTH_FAILURE.contains(&c.as_ref()))
 }
 
 impl VaultSqlxPool {
@@ -229,10 +229,28 @@ impl VaultSqlxPool {
 pub type Builder = pool::Builder<SqlxTarget>;
 
 /// The sqlx settings of a [`Builder`].
-#[derive(Debug)]
 pub struct SqlxTarget {
     connect: Option<PgConnectOptions>,
     pool_options: PgPoolOptions,
+}
+
+/// Host, port and database only: sqlx's own `Debug` of `PgConnectOptions` prints a
+/// password (e.g. one picked up from `PGPASSWORD`).
+impl fmt::Debug for SqlxTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = self.connect.as_ref().map(|o| {
+            format!(
+                "{}:{}/{}",
+                o.get_host(),
+                o.get_port(),
+                o.get_database().unwrap_or("(default database)")
+            )
+        });
+        f.debug_struct("SqlxTarget")
+            .field("connect", &target)
+            .field("max_connections", &self.pool_options.get_max_connections())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Builder {
@@ -257,6 +275,21 @@ impl Builder {
     /// connection fails with.
     pub async fn build(self) -> Result<VaultSqlxPool> {
         let (lease, target) = (self.lease, self.target);
+        lease.source.validate()?;
+        if let CredentialSource::Kv(kv) = &lease.source {
+            // The sqlx flavour tells generations apart by user (pg_stat_activity); every
+            // version of a KV secret has the same user, so a drain could never end.
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "building a sqlx pool on KV secret {}/{}: the sqlx flavour needs a new \
+                     user per generation (a database role); use VaultPgPool for static \
+                     credentials kept in KV",
+                    kv.get_mount(),
+                    kv.get_path()
+                ),
+            ));
+        }
         let base = match target.connect {
             Some(o) => o,
             None => options_from_env()?,
@@ -281,7 +314,14 @@ impl Builder {
                     };
                     let mut conn = ::sqlx::PgConnection::connect_with(&options)
                         .await
-                        .map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))?;
+                        .map_err(|e| {
+                            let kind = if is_auth_failure(&e) {
+                                ErrorKind::AuthenticationFailed
+                            } else {
+                                ErrorKind::Backend
+                            };
+                            Error::new(kind, what()).with_source(e)
+                        })?;
                     let pinged = conn.ping().await;
                     let _ = conn.close().await;
                     pinged.map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))
@@ -424,6 +464,27 @@ fn options_from_env() -> Result<PgConnectOptions> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builder_debug_never_shows_a_password() {
+        let b = VaultSqlxPool::builder("r").connect_options(
+            PgConnectOptions::new_without_pgpass()
+                .host("db.internal")
+                .password("hunter2-sqlx"),
+        );
+        let d = format!("{b:?}");
+        assert!(d.contains("db.internal:5432") && !d.contains("hunter2"), "{d}");
+    }
+
+    #[tokio::test]
+    async fn a_kv_source_is_refused_before_anything_is_read() {
+        let e = VaultSqlxPool::builder_for(crate::lease::KvCredentials::new("pg/static"))
+            .build()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains("VaultPgPool"), "{e}");
+    }
 
     #[test]
     fn connections_older_than_the_swap_are_stale() {

@@ -231,3 +231,94 @@ async fn statement_cache_and_transactions_work_like_deadpool() {
     drop(client);
     pool.close().await;
 }
+
+/// A connection in a transaction longer than the old fixed 30 s drain deadline, across a
+/// forced rotation of a lease with minutes left: the transaction completes (its lease is
+/// not revoked under it), and the old lease is revoked once the connection is returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_across_a_forced_rotation_completes() {
+    let role = create_role("10m", "1h").await;
+    let pool = pool_for(&role, 4).await;
+    let client = pool.get().await.unwrap();
+    let tx = tokio::spawn(async move {
+        let started = Instant::now();
+        let run = async {
+            client.batch_execute("BEGIN").await?;
+            client.query_one("SELECT pg_sleep(35)::text", &[]).await?;
+            client.query_one("SELECT count(*) FROM items", &[]).await?;
+            client.batch_execute("COMMIT").await
+        };
+        let result = run.await.map_err(|e| e.to_string());
+        (result, started.elapsed(), client)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(pool.rotate().await.unwrap(), Generation(2));
+    let (result, took, client) = tx.await.unwrap();
+    let status = pool.status().lease;
+    println!(
+        "long transaction across a forced rotation: {result:?} after {took:?}; revocations \
+         while it ran: {}",
+        status.revocations
+    );
+    result.expect("the transaction on the old generation must complete");
+    assert_eq!(status.revocations, 0, "revoked while in use: {status:?}");
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.status().lease.revocations == 0 {
+        assert!(Instant::now() < deadline, "old lease not revoked after return");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.close().await;
+    assert!(leases_of(&role).await.is_empty());
+}
+
+/// An AppRole whose policy may lease and renew but not revoke (Vault's default policy has
+/// no `sys/leases/revoke`): every refused revoke is final — not retried, no new login —
+/// and `status()` says why; the leases are left to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_without_revoke_is_reported_and_never_logs_in_again() {
+    let role = create_role("2m", "10m").await;
+    let name = format!("no-revoke-{}", unique());
+    let hcl = format!("path \"database/creds/{role}\" {{ capabilities = [\"read\"] }}");
+    let (role_id, secret_id) = approle(
+        &var("VAULT_ADDR"),
+        &var("VAULTPOOL_ROOT_TOKEN"),
+        &name,
+        &hcl,
+        ("1h", "4h"),
+    )
+    .await;
+    let client = builder().app_role(role_id, secret_id).build().unwrap();
+    let pool = small_pool(&role, client.clone()).await;
+    for _ in 0..3 {
+        pool.rotate().await.unwrap();
+        pool.query().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.status().lease.revocations_refused < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "refusals not recorded: {:?}",
+            pool.status().lease
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = pool.status().lease;
+    let logins = client.token_info().unwrap().logins;
+    println!(
+        "policy without revoke, 3 forced rotations: {logins} login(s), {} revocations, {} \
+         refused, health {:?}; status says: {:?}",
+        status.revocations, status.revocations_refused, status.health, status.revoke_refused
+    );
+    assert_eq!(logins, 1, "a refused revoke must not throw the token away");
+    assert_eq!(status.revocations, 0);
+    assert_eq!(status.health, Health::Serving);
+    let why = status.revoke_refused.expect("the refusal is shown in status()");
+    assert!(why.contains("sys/leases/revoke"), "{why}");
+    pool.close().await;
+    assert_eq!(client.token_info().unwrap().logins, 1);
+    root_client()
+        .revoke_lease_prefix(&format!("database/creds/{role}"))
+        .await
+        .unwrap();
+}

@@ -225,11 +225,8 @@ impl Builder {
     /// [`ErrorKind::PermissionDenied`] / transport kinds from Vault; whatever the
     /// verifier returns (e.g. [`ErrorKind::AuthenticationFailed`]).
     pub async fn build(self) -> Result<KafkaSasl> {
-        let secret = self
-            .secret
-            .keys("sasl_username", "sasl_password")
-            .require_username();
-        let target = format!("{}/{}", secret.mount_name(), secret.path());
+        let secret = self.secret.keys("sasl_username", "sasl_password");
+        let target = format!("{}/{}", secret.get_mount(), secret.get_path());
         if !PROTOCOLS.contains(&self.security_protocol.as_str()) {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -315,7 +312,9 @@ impl KafkaSasl {
             .published
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if published.0 != current.generation {
+        // Only ever forward: a caller that loaded an older generation before taking the
+        // lock must not replace a newer one.
+        if current.generation > published.0 {
             // The engine verified exactly this parse before swapping it in.
             match SaslConfig::from_credentials(&current.credentials, &self.inner.protocol) {
                 Ok(config) => *published = (current.generation, Arc::new(config)),

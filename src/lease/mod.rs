@@ -5,7 +5,7 @@
 //! [`Generation`]. A background task renews the lease at about two thirds of its TTL
 //! (jittered), rotates — issue, verify, swap, bump the generation — when the lease cannot
 //! be renewed any further, and revokes a retired generation's lease once its connections
-//! are gone (or at the drain deadline). Adapters (the pools) read [`current`] when they
+//! are gone (or at the drain deadline: by default just before that lease's own end). Adapters (the pools) read [`current`] when they
 //! open a connection, count their connections per generation with [`Current::track`],
 //! and watch [`subscribe`] to retire old connections. The engine never knows what a
 //! connection is.
@@ -137,6 +137,9 @@ pub enum Health {
     Expired,
     /// [`Engine::close`] was called.
     Closed,
+    /// The engine's background task stopped unexpectedly (a bug: see the log). Nothing
+    /// renews or rotates any more; restart the service.
+    Failed,
 }
 
 impl Health {
@@ -168,7 +171,9 @@ mod secs {
 pub struct GenerationStatus {
     /// The generation.
     pub generation: Generation,
-    /// Its lease id.
+    /// Its lease id (not in the health JSON: an endpoint anyone may read need not list
+    /// them).
+    #[serde(skip)]
     pub lease_id: String,
     /// Open connections.
     pub connections: usize,
@@ -183,11 +188,12 @@ pub struct GenerationStatus {
 pub struct Status {
     /// What is leased: "database role app", "KV secret secret/redis/main".
     pub source: String,
-    /// Serving, degraded, expired or closed.
+    /// Serving, degraded, expired, closed or failed.
     pub health: Health,
     /// The current generation.
     pub generation: Generation,
-    /// The current lease id.
+    /// The current lease id (not in the health JSON).
+    #[serde(skip)]
     pub lease_id: String,
     /// Time until the current lease ends (`None`: it never does).
     #[serde(serialize_with = "secs::opt")]
@@ -208,6 +214,12 @@ pub struct Status {
     pub failures: u64,
     /// Leases revoked so far.
     pub revocations: u64,
+    /// Revocations Vault refused (HTTP 403: the token's policy has no revoke), so far.
+    /// Refused leases are left to expire by their TTL.
+    pub revocations_refused: u64,
+    /// Why the last revocation was refused, and what to add to the policy. It stays:
+    /// a policy without revoke is a lasting condition, not a passing failure.
+    pub revoke_refused: Option<String>,
     /// How long the last rotation took, by phase.
     pub last_rotation: Option<RotationTiming>,
 }
@@ -268,6 +280,8 @@ struct Stats {
     polls: u64,
     failures: u64,
     revocations: u64,
+    revocations_refused: u64,
+    revoke_refused: Option<String>,
     last_rotation: Option<RotationTiming>,
     retiring: Vec<(Generation, String, Arc<AtomicUsize>)>,
 }
@@ -279,7 +293,8 @@ pub(crate) struct Shared {
     label: String,
     source: Box<dyn Source>,
     policy: Policy,
-    drain_timeout: Duration,
+    /// A cap on how long a retired generation may drain; `None`: until its lease's end.
+    drain_timeout: Option<Duration>,
     verify: Option<Verifier>,
     current: ArcSwap<Current>,
     /// The current generation, mirrored for the cheapest possible read.
@@ -289,6 +304,8 @@ pub(crate) struct Shared {
     re_lease_requested: AtomicU64,
     stats: Mutex<Stats>,
     closed: AtomicBool,
+    /// False once the worker has stopped (by `close`, or unexpectedly).
+    worker_alive: AtomicBool,
     cancel: CancellationToken,
     worker: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -324,7 +341,7 @@ pub struct Builder {
     client: Client,
     source: CredentialSource,
     policy: Policy,
-    drain_timeout: Duration,
+    drain_timeout: Option<Duration>,
     verify: Option<Verifier>,
 }
 
@@ -347,10 +364,13 @@ impl Builder {
     }
 
     /// How long a retired generation may keep connections before its lease is revoked
-    /// anyway (and how long [`close`](Engine::close) waits). Default 30 s;
-    /// never later than the lease's own end.
+    /// anyway, cutting them (revocation ends the user's sessions), and how long
+    /// [`close`](Engine::close) waits for connections in use. Default: no cap — a
+    /// retired generation drains until its lease's end (less [`Policy::min_margin`], at
+    /// most half the time left), so a long transaction across a rotation completes;
+    /// `close()` then waits up to 30 s.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
+        self.drain_timeout = Some(timeout);
         self
     }
 
@@ -368,6 +388,7 @@ impl Builder {
     /// issuing or verifying the first credentials fails with, e.g.
     /// [`ErrorKind::PermissionDenied`] for a role the token may not use.
     pub async fn build(self) -> Result<Engine> {
+        self.policy.validate()?;
         let name = self.source.to_string();
         let label = self.source.name().to_owned();
         let source = self.source.into_source(self.client)?;
@@ -387,7 +408,7 @@ pub(crate) async fn start(
     (source_name, label): (String, String),
     source: Box<dyn Source>,
     policy: Policy,
-    drain_timeout: Duration,
+    drain_timeout: Option<Duration>,
     verify: Option<Verifier>,
 ) -> Result<Engine> {
     let (first, _, _) = worker::issue_verified(source.as_ref(), verify.as_ref(), &source_name)
@@ -417,6 +438,7 @@ pub(crate) async fn start(
         re_lease_requested: AtomicU64::new(0),
         stats: Mutex::new(Stats::default()),
         closed: AtomicBool::new(false),
+        worker_alive: AtomicBool::new(true),
         cancel: cancel.clone(),
         worker: tokio::sync::Mutex::new(None),
     });
@@ -433,7 +455,7 @@ impl Engine {
             client,
             source: source.into(),
             policy: Policy::default(),
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: None,
             verify: None,
         }
     }
@@ -470,7 +492,18 @@ impl Engine {
             return Err(Error::new(
                 ErrorKind::Shutdown,
                 format!(
-                    "using credentials of {}: the pool was closed",
+                    "using credentials of {}: closed (close() was called)",
+                    self.shared.source_name
+                ),
+            ));
+        }
+        if !self.shared.worker_alive.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::CredentialsUnavailable,
+                format!(
+                    "using credentials of {}: the lease engine's background task stopped \
+                     unexpectedly, so nothing renews or rotates them (see the log for why); \
+                     restart the service",
                     self.shared.source_name
                 ),
             ));
@@ -585,6 +618,8 @@ impl Engine {
         let stats = shared.stats();
         let health = if shared.closed.load(Ordering::Acquire) {
             Health::Closed
+        } else if !shared.worker_alive.load(Ordering::Acquire) {
+            Health::Failed
         } else if current.expired_at(now) {
             Health::Expired
         } else if stats.degraded {
@@ -620,6 +655,8 @@ impl Engine {
             polls: stats.polls,
             failures: stats.failures,
             revocations: stats.revocations,
+            revocations_refused: stats.revocations_refused,
+            revoke_refused: stats.revoke_refused.clone(),
             last_rotation: stats.last_rotation,
         }
     }

@@ -52,6 +52,45 @@ impl Default for Policy {
 }
 
 impl Policy {
+    /// Check that every field is in range, so that no arithmetic on it can panic and no
+    /// retry can be immediate.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) naming the field and its range.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |what: String| {
+            Err(crate::Error::new(
+                crate::ErrorKind::Config,
+                format!("checking the lease policy: {what}"),
+            ))
+        };
+        if !(self.renew_fraction.is_finite() && self.renew_fraction > 0.0 && self.renew_fraction < 1.0)
+        {
+            return bad(format!(
+                "renew_fraction is {}; use a fraction between 0 and 1 (default 2/3)",
+                self.renew_fraction
+            ));
+        }
+        if !(self.jitter.is_finite() && (0.0..1.0).contains(&self.jitter)) {
+            return bad(format!(
+                "jitter is {}; use a fraction from 0 up to (not including) 1 (default 0.1)",
+                self.jitter
+            ));
+        }
+        if self.retry_min.is_zero() {
+            return bad("retry_min is zero: a failing call would be retried at once, in a \
+                        loop; use at least a millisecond (default 250 ms)"
+                .into());
+        }
+        if self.retry_max < self.retry_min {
+            return bad(format!(
+                "retry_max ({:?}) is below retry_min ({:?})",
+                self.retry_max, self.retry_min
+            ));
+        }
+        Ok(())
+    }
+
     /// The rotation margin for a lease whose full TTL is `ttl`.
     pub fn margin_for(&self, ttl: Duration) -> Duration {
         let m = self
@@ -200,6 +239,28 @@ pub(crate) fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_range_settings_are_config_errors_naming_the_field() {
+        type Case = (&'static str, fn(&mut Policy));
+        let cases: [Case; 7] = [
+            ("renew_fraction", |p| p.renew_fraction = 0.0),
+            ("renew_fraction", |p| p.renew_fraction = 1.5),
+            ("renew_fraction", |p| p.renew_fraction = f64::NAN),
+            ("jitter", |p| p.jitter = -0.1),
+            ("jitter", |p| p.jitter = 1.0),
+            ("retry_min", |p| p.retry_min = Duration::ZERO),
+            ("retry_max", |p| p.retry_max = Duration::from_millis(1)),
+        ];
+        for (field, set) in cases {
+            let mut p = Policy::default();
+            set(&mut p);
+            let e = p.validate().unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Config);
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+        assert!(Policy::default().validate().is_ok());
+    }
 
     const S: Duration = Duration::from_secs(1);
 

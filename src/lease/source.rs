@@ -16,6 +16,11 @@ use crate::credentials::{Credentials, Lease, Leased};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::Client;
 
+/// The shortest poll interval a KV source accepts.
+const MIN_POLL: Duration = Duration::from_millis(100);
+/// The longest poll interval a KV source accepts.
+const MAX_POLL: Duration = Duration::from_secs(24 * 3600);
+
 /// What a pool (or [`Engine`](super::Engine)) leases.
 ///
 /// ```
@@ -55,13 +60,23 @@ impl CredentialSource {
                 crate::vault::check_name("the database role", &r.role)
             }
             Self::Kv(k) => {
-                if k.poll.is_zero() {
+                if k.poll > MAX_POLL {
                     return Err(Error::new(
                         ErrorKind::Config,
                         format!(
-                            "watching KV secret {}/{}: the poll interval is zero; use at least \
-                             a second (default 30 s)",
-                            k.mount, k.path
+                            "watching KV secret {}/{}: the poll interval {:?} is longer than a \
+                             day; a new version would go unnoticed that long",
+                            k.mount, k.path, k.poll
+                        ),
+                    ));
+                }
+                if k.poll < MIN_POLL {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "watching KV secret {}/{}: the poll interval {:?} is shorter than \
+                             {MIN_POLL:?}; it would keep Vault busy (default 30 s)",
+                            k.mount, k.path, k.poll
                         ),
                     ));
                 }
@@ -128,8 +143,13 @@ impl DatabaseRole {
     }
 
     /// The role's name.
-    pub fn role(&self) -> &str {
+    pub fn get_role(&self) -> &str {
         &self.role
+    }
+
+    /// The secrets engine's mount.
+    pub fn get_mount(&self) -> &str {
+        &self.mount
     }
 }
 
@@ -156,7 +176,7 @@ impl KvCredentials {
             poll: Duration::from_secs(30),
             username_key: "username".into(),
             password_key: "password".into(),
-            default_username: Some("default".into()),
+            default_username: None,
         }
     }
 
@@ -168,8 +188,8 @@ impl KvCredentials {
     }
 
     /// How often the secret's metadata is read to notice a new version; each wait is
-    /// jittered by ±10% so that many services do not poll in step. Default 30 s; zero is
-    /// refused at build.
+    /// jittered by ±10% so that many services do not poll in step. Default 30 s; less
+    /// than 100 ms or more than a day is refused at build.
     #[must_use]
     pub fn poll_interval(mut self, every: Duration) -> Self {
         self.poll = every;
@@ -177,8 +197,8 @@ impl KvCredentials {
     }
 
     /// The keys holding the username and the password. Default `username` and
-    /// `password`; a missing username key means the user `default` (Redis' default
-    /// user), unless [`require_username`](Self::require_username) is set.
+    /// `password`; a secret without the username key is refused unless
+    /// [`default_username`](Self::default_username) is set.
     #[must_use]
     pub fn keys(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
         self.username_key = username.into();
@@ -186,25 +206,27 @@ impl KvCredentials {
         self
     }
 
-    /// Refuse a secret without the username key instead of using `default`.
+    /// The user to log in as when the secret has no username key, e.g. Redis' `default`
+    /// user (what `VaultRedisPool::builder_kv` sets). Default: none — such a secret is
+    /// refused, naming the key.
     #[must_use]
-    pub fn require_username(mut self) -> Self {
-        self.default_username = None;
+    pub fn default_username(mut self, user: impl Into<String>) -> Self {
+        self.default_username = Some(user.into());
         self
     }
 
-    /// The KV v2 mount's name.
-    pub fn mount_name(&self) -> &str {
+    /// The KV v2 mount.
+    pub fn get_mount(&self) -> &str {
         &self.mount
     }
 
     /// The secret's path below the mount.
-    pub fn path(&self) -> &str {
+    pub fn get_path(&self) -> &str {
         &self.path
     }
 
     /// The poll interval.
-    pub fn poll(&self) -> Duration {
+    pub fn get_poll_interval(&self) -> Duration {
         self.poll
     }
 }
@@ -360,6 +382,7 @@ mod tests {
             .poll_interval(Duration::ZERO)
             .into();
         let e = zero.validate().unwrap_err();
+        assert!(e.to_string().contains("shorter"), "{e}");
         assert!(e.to_string().contains("secret/redis/main"), "{e}");
         let other: CredentialSource = DatabaseRole::new("app").mount("pg").into();
         assert_eq!(other.to_string(), "database role app (mount pg)");

@@ -20,6 +20,14 @@ use crate::error::{ErrorKind, Result};
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// How long a forced rotation waits for a still-draining generation before going ahead.
 const FORCED_ROTATION_SETTLE: Duration = Duration::from_secs(1);
+/// How long `close()` waits for connections in use when no drain timeout is set.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether the `n`th failure in a row is logged as a warning (1, 2, 4, 8, …); the others
+/// go to debug, so a long outage writes a handful of lines, not one per attempt.
+fn noteworthy(n: u32) -> bool {
+    n.is_power_of_two()
+}
 
 /// Now, on tokio's clock (so `tokio::time::pause` drives the schedule in tests).
 pub(crate) fn now() -> Instant {
@@ -35,13 +43,18 @@ pub(crate) struct Book {
     issuing_token: Option<String>,
     retiring: Vec<Retiring>,
     next_poll: Option<Instant>,
+    /// Token refreshes failed in a row (the lease's own failures are `failures`).
+    token_failures: u32,
+    /// A refused revocation was logged as a warning already.
+    revoke_refusal_logged: bool,
 }
 
 struct Retiring {
     generation: Generation,
     lease: Lease,
     connections: Arc<AtomicUsize>,
-    deadline: Instant,
+    /// When it is revoked even if connections remain; `None`: only once drained.
+    deadline: Option<Instant>,
     attempts: u32,
     next_attempt: Instant,
 }
@@ -56,6 +69,8 @@ impl Book {
             issuing_token,
             retiring: Vec::new(),
             next_poll: None,
+            token_failures: 0,
+            revoke_refusal_logged: false,
         }
     }
 
@@ -85,11 +100,47 @@ impl Book {
         drop(stats);
         metrics::counter!("vaultpool_lease_failures_total", "role" => shared.label.clone())
             .increment(1);
-        tracing::warn!(
-            source = %shared.label,
-            failures = self.failures,
-            "{what} failed, will retry: {e}"
-        );
+        if noteworthy(self.failures) {
+            tracing::warn!(
+                source = %shared.label,
+                failures = self.failures,
+                "{what} failed, will retry with backoff: {e}"
+            );
+        } else {
+            tracing::debug!(source = %shared.label, failures = self.failures, "{what} failed again: {e}");
+        }
+    }
+
+    /// The Vault token could not be refreshed; the client retries with backoff.
+    fn token_failed(&mut self, shared: &Shared, e: &crate::Error) {
+        self.token_failures += 1;
+        let mut stats = shared.stats();
+        stats.degraded = true;
+        stats.last_error = Some(e.to_string());
+        drop(stats);
+        if noteworthy(self.token_failures) {
+            tracing::warn!(
+                failures = self.token_failures,
+                "refreshing the Vault token failed, will retry with backoff: {e}"
+            );
+        } else {
+            tracing::debug!(failures = self.token_failures, "refreshing the Vault token failed again: {e}");
+        }
+    }
+
+    fn token_refreshed(&mut self, shared: &Shared) {
+        if self.token_failures > 0 {
+            tracing::info!(
+                after = self.token_failures,
+                "refreshed the Vault token after failures"
+            );
+            self.token_failures = 0;
+            if self.failures == 0 {
+                let mut stats = shared.stats();
+                stats.degraded = false;
+                stats.last_error = None;
+            }
+        }
     }
 
     fn succeeded(&mut self, shared: &Shared) {
@@ -134,6 +185,9 @@ pub(crate) async fn run(
         None => return,
     };
     let span = tracing::info_span!("vaultpool_lease", source = %role);
+    // However the task ends — closed, every handle dropped, or a panic — the engine
+    // learns it has no worker any more.
+    let _alive = AliveGuard(weak.clone());
     async move {
         loop {
             let Some(shared) = weak.upgrade() else {
@@ -157,9 +211,10 @@ pub(crate) async fn run(
                 wake = Some(wake.map_or(t, |w| w.min(t)));
             }
             let poll_at = shared.source.poll_interval().map(|every| {
-                *book
-                    .next_poll
-                    .get_or_insert_with(|| now + every.mul_f64(0.9 + 0.2 * fastrand::f64()))
+                *book.next_poll.get_or_insert_with(|| {
+                    // ±10% jitter; the interval is at most a day (checked at build).
+                    now + every.mul_f64(0.9 + 0.2 * fastrand::f64())
+                })
             });
             if let Some(t) = poll_at {
                 wake = Some(wake.map_or(t, |w| w.min(t)));
@@ -204,10 +259,11 @@ pub(crate) async fn run(
                 _ = sleep => {
                     let Some(shared) = weak.upgrade() else { return };
                     let now = self::now();
-                    if shared.source.token_refresh_at().is_some_and(|t| now >= t)
-                        && let Err(e) = shared.source.refresh_token().await
-                    {
-                        tracing::warn!("refreshing the Vault token failed: {e}");
+                    if shared.source.token_refresh_at().is_some_and(|t| now >= t) {
+                        match shared.source.refresh_token().await {
+                            Ok(()) => book.token_refreshed(&shared),
+                            Err(e) => book.token_failed(&shared, &e),
+                        }
                     }
                     // Revoke what has drained before creating anything new.
                     retire(&shared, &mut book, false).await;
@@ -235,13 +291,16 @@ pub(crate) async fn run(
 
 /// Ask a polled source whether it holds other credentials, and rotate to them if so.
 async fn check(shared: &Shared, book: &mut Book) -> Result<bool> {
+    if shared.source.poll_interval().is_none() {
+        return Ok(false); // nothing to poll: leave the book and the status alone
+    }
     let current = shared.current.load_full();
     let changed = shared.source.changed(&current.lease).await;
     shared.stats().polls += 1;
     match changed {
         Ok(true) => rotate(shared, book, Reason::SourceChanged)
             .await
-            .map(|_| true),
+            .map(|g| g != current.generation),
         Ok(false) => {
             if book.failures > 0 {
                 book.succeeded(shared);
@@ -252,6 +311,23 @@ async fn check(shared: &Shared, book: &mut Book) -> Result<bool> {
             let e = e.context(format!("checking {} for a new version", shared.source_name));
             book.failed(shared, "checking for a new version", &e);
             Err(e)
+        }
+    }
+}
+
+/// Marks the engine's worker as gone when dropped (a panic unwinds through it too).
+struct AliveGuard(Weak<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.worker_alive.store(false, Ordering::Release);
+            if !shared.closed.load(Ordering::Acquire) {
+                tracing::error!(
+                    source = %shared.label,
+                    "the lease worker stopped unexpectedly; credentials are no longer renewed"
+                );
+            }
         }
     }
 }
@@ -319,6 +395,12 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         }
     };
     let old = shared.current.load_full();
+    if !old.lease.id.is_empty() && leased.lease.id == old.lease.id {
+        // The same secret again (a KV read served by a standby that lags behind the
+        // metadata it answered): nothing new to swap in; the next poll tries again.
+        tracing::debug!(lease_id = %old.lease.id, "issued the serving credentials again; no rotation");
+        return Ok(old.generation);
+    }
     let generation = Generation(old.generation.0 + 1);
     let new = Current {
         generation,
@@ -339,10 +421,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         swap: now - swap_started,
         total: now - started,
     };
-    let mut deadline = now + shared.drain_timeout;
-    if let Some(end) = old.lease.expires_at() {
-        deadline = deadline.min(end);
-    }
+    let deadline = drain_deadline(shared, &old.lease, now);
     book.retiring.push(Retiring {
         generation: old.generation,
         lease: old.lease.clone(),
@@ -378,6 +457,22 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     Ok(generation)
 }
 
+/// When a retired generation's lease is revoked even if connections remain: its end less
+/// a small margin (revocation ends its sessions, and Vault revokes it at its end anyway),
+/// or sooner with an explicit drain timeout. `None`: a lease without end and no timeout —
+/// revoked once drained.
+fn drain_deadline(shared: &Shared, lease: &Lease, now: Instant) -> Option<Instant> {
+    let by_lease = lease.expires_at().map(|end| {
+        let left = end.saturating_duration_since(now);
+        end - shared.policy.min_margin.min(left / 2)
+    });
+    let by_timeout = shared.drain_timeout.and_then(|t| now.checked_add(t));
+    match (by_lease, by_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Revoke retired generations that are drained or past their deadline. With `all`, wait
 /// for nothing: the caller decided the time is up.
 async fn retire(shared: &Shared, book: &mut Book, all: bool) {
@@ -386,7 +481,7 @@ async fn retire(shared: &Shared, book: &mut Book, all: bool) {
     while i < book.retiring.len() {
         let r = &mut book.retiring[i];
         let drained = r.connections.load(Ordering::Acquire) == 0;
-        let due = (all || drained || now >= r.deadline) && now >= r.next_attempt;
+        let due = (all || drained || r.deadline.is_some_and(|d| now >= d)) && now >= r.next_attempt;
         if !due {
             i += 1;
             continue;
@@ -405,6 +500,28 @@ async fn retire(shared: &Shared, book: &mut Book, all: bool) {
                 book.retiring.remove(i);
                 let mut stats = shared.stats();
                 stats.revocations += 1;
+                stats.retiring.retain(|(g, _, _)| *g != generation);
+            }
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                // The token's policy has no revoke: lasting, so not retried. The lease is
+                // left to expire by its TTL; the operator is told once, and in status().
+                let why = format!(
+                    "revoking lease {} was refused: {e}; retired leases are left to expire by \
+                     their TTL. Grant the token `update` on sys/leases/revoke/<mount>/creds/\
+                     <role>/* (see the README's policy)",
+                    r.lease.id
+                );
+                if book.revoke_refusal_logged {
+                    tracing::debug!(generation = r.generation.0, "{why}");
+                } else {
+                    tracing::warn!(generation = r.generation.0, "{why}");
+                    book.revoke_refusal_logged = true;
+                }
+                let generation = r.generation;
+                book.retiring.remove(i);
+                let mut stats = shared.stats();
+                stats.revocations_refused += 1;
+                stats.revoke_refused = Some(why);
                 stats.retiring.retain(|(g, _, _)| *g != generation);
             }
             Err(e) => {
@@ -447,15 +564,17 @@ async fn settle(shared: &Shared, book: &mut Book, max: Duration) {
 /// timeout), then revoke everything.
 async fn shutdown(shared: &Shared, book: &mut Book) {
     let current = shared.current.load_full();
+    let wait = shared.drain_timeout.unwrap_or(CLOSE_WAIT);
+    let deadline = now().checked_add(wait);
     book.retiring.push(Retiring {
         generation: current.generation,
         lease: current.lease.clone(),
         connections: current.connections.clone(),
-        deadline: now() + shared.drain_timeout,
+        deadline,
         attempts: 0,
         next_attempt: now(),
     });
-    let deadline = now() + shared.drain_timeout;
+    let deadline = deadline.unwrap_or_else(|| now() + CLOSE_WAIT);
     while now() < deadline
         && book
             .retiring
@@ -484,6 +603,8 @@ mod tests {
         renewals: AtomicUsize,
         revoked: Mutex<Vec<String>>,
         down: std::sync::atomic::AtomicBool,
+        /// Panic in renew (a bug in a source), to see the engine notice its dead worker.
+        panic_on_renew: std::sync::atomic::AtomicBool,
     }
 
     impl Fake {
@@ -515,6 +636,10 @@ mod tests {
         ) -> super::super::BoxFuture<'a, Result<Lease>> {
             Box::pin(async move {
                 self.unavailable()?;
+                assert!(
+                    !self.panic_on_renew.load(Ordering::SeqCst),
+                    "fake source: renew panicked"
+                );
                 self.renewals.fetch_add(1, Ordering::SeqCst);
                 let issued = self.issued.lock().unwrap();
                 let born = issued.iter().find(|(id, _)| *id == lease.id).unwrap().1;
@@ -538,7 +663,7 @@ mod tests {
             ("fake role".into(), "fake-role".into()),
             Box::new(fake.clone()),
             Policy::default(),
-            Duration::from_secs(30),
+            Some(Duration::from_secs(30)),
             None,
         )
         .await
@@ -665,5 +790,70 @@ mod tests {
             "worker kept running"
         );
         assert!(fake.revoked.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_that_dies_turns_health_to_failed_and_usable_says_so() {
+        let fake = fake(60, 3600);
+        fake.panic_on_renew.store(true, Ordering::SeqCst);
+        let engine = engine(&fake).await;
+        assert_eq!(engine.status().health, super::super::Health::Serving);
+        // The renewal at ~36-40 s panics inside the worker.
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        assert_eq!(engine.status().health, super::super::Health::Failed);
+        let err = engine.usable().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::CredentialsUnavailable);
+        assert!(err.to_string().contains("stopped unexpectedly"), "{err}");
+        engine.close().await; // still harmless
+        assert_eq!(engine.status().health, super::super::Health::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_drain_timeout_does_not_overflow() {
+        let fake = fake(600, 3600);
+        let engine = start(
+            ("fake role".into(), "fake-role".into()),
+            Box::new(fake.clone()),
+            Policy::default(),
+            Some(Duration::MAX),
+            None,
+        )
+        .await
+        .unwrap();
+        let guard = engine.current().track();
+        assert_eq!(engine.rotate().await.unwrap(), Generation(2));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(fake.revoked.lock().unwrap().is_empty(), "revoked in use");
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*fake.revoked.lock().unwrap(), vec!["fake/1".to_string()]);
+        engine.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_drain_timeout_a_busy_generation_drains_until_its_lease_nearly_ends() {
+        let fake = fake(600, 3600);
+        let engine = start(
+            ("fake role".into(), "fake-role".into()),
+            Box::new(fake.clone()),
+            Policy::default(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        let guard = engine.current().track();
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        engine.rotate().await.unwrap(); // generation 1 has ~500 s left
+        tokio::time::sleep(Duration::from_secs(480)).await;
+        assert!(
+            fake.revoked.lock().unwrap().is_empty(),
+            "a connection in use was cut long before its lease's end"
+        );
+        // Revoked at its end less the margin (5 s), connection or not.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(*fake.revoked.lock().unwrap(), vec!["fake/1".to_string()]);
+        drop(guard);
+        engine.close().await;
     }
 }

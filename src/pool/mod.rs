@@ -4,7 +4,7 @@
 //!   `close`, written once. `postgres::VaultPgPool` and `redis::VaultRedisPool` are
 //!   this type over their backend's [`Connect`]; a new deadpool-based backend is a
 //!   `Connect` impl and a few lines (deadpool-postgres does the same with its
-//!   `Manager`).
+//!   `Manager`). (Inside this crate: the constructors a backend needs are crate-private.)
 //! - [`Builder<T>`](Builder) holds what every pool sets about leasing — the
 //!   [`CredentialSource`], the Vault client, the [`Policy`], the drain timeout — with its
 //!   setters written once here; `T` is the backend's own settings (its target, and for
@@ -33,6 +33,11 @@ pub use ::deadpool::managed::Timeouts;
 pub use handle::{Deadpool, VaultPool};
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub use inner::{Connect, Pooled, RotatingManager, Tagged};
+
+/// The SQLSTATEs of a refused PostgreSQL login: `invalid_password` (also what an expired,
+/// dropped or unknown user gets) and `invalid_authorization_specification`.
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+pub(crate) const PG_AUTH_FAILURE: [&str; 2] = ["28P01", "28000"];
 
 /// Pool and lease status together; every pool's `status()` returns it.
 #[derive(Debug, Clone)]
@@ -81,8 +86,8 @@ pub(crate) struct LeaseOptions {
     pub(crate) vault: Option<Client>,
     /// Default `Policy::default()`.
     pub(crate) policy: Policy,
-    /// Default 30 s.
-    pub(crate) drain_timeout: Duration,
+    /// Default `None`: until the old lease's end.
+    pub(crate) drain_timeout: Option<Duration>,
     /// Default 5 s.
     pub(crate) auth_failure_wait: Duration,
 }
@@ -98,12 +103,13 @@ impl LeaseOptions {
 
     /// Lease and verify the first credentials and start the engine.
     pub(crate) async fn engine(self, vault: Client, verify: Verifier) -> Result<Engine> {
-        Engine::builder(vault, self.source)
+        let mut engine = Engine::builder(vault, self.source)
             .policy(self.policy)
-            .drain_timeout(self.drain_timeout)
-            .verify_with(verify)
-            .build()
-            .await
+            .verify_with(verify);
+        if let Some(timeout) = self.drain_timeout {
+            engine = engine.drain_timeout(timeout);
+        }
+        engine.build().await
     }
 }
 
@@ -114,7 +120,7 @@ impl<T> Builder<T> {
                 source: source.into(),
                 vault: None,
                 policy: Policy::default(),
-                drain_timeout: Duration::from_secs(30),
+                drain_timeout: None,
                 auth_failure_wait: Duration::from_secs(5),
             },
             target,
@@ -122,7 +128,7 @@ impl<T> Builder<T> {
     }
 
     /// What the pool leases.
-    pub fn source(&self) -> &CredentialSource {
+    pub fn credential_source(&self) -> &CredentialSource {
         &self.lease.source
     }
 
@@ -139,9 +145,12 @@ impl<T> Builder<T> {
     }
 
     /// How long a retired generation's connections may stay in use before its lease is
-    /// revoked anyway; also how long `close()` waits. Default 30 s.
+    /// revoked anyway (which ends their sessions); also how long `close()` waits.
+    /// Default: no cap — they drain until the old lease's end, so a long transaction
+    /// across a rotation completes; `close()` waits up to 30 s. See
+    /// [`lease::Builder::drain_timeout`].
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.lease.drain_timeout = timeout;
+        self.lease.drain_timeout = Some(timeout);
         self
     }
 

@@ -161,7 +161,15 @@ pub(crate) struct TokenManager {
     refresh: tokio::sync::Mutex<()>,
     /// Known hard ends of tokens by accessor: leases die with the token that issued them.
     ends: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    /// Refreshes failed in a row, and when the next one is due: a token that cannot be
+    /// refreshed (Vault down past its end) is retried with backoff, not at every wake-up.
+    failed: std::sync::Mutex<(u32, Option<Instant>)>,
 }
+
+/// The first wait after a failed token refresh; it doubles up to [`REFRESH_RETRY_MAX`].
+const REFRESH_RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between two token refreshes that fail.
+const REFRESH_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl TokenManager {
     pub(crate) fn new(method: AuthMethod) -> Self {
@@ -170,6 +178,7 @@ impl TokenManager {
             current: ArcSwapOption::empty(),
             refresh: tokio::sync::Mutex::new(()),
             ends: std::sync::Mutex::new(std::collections::HashMap::new()),
+            failed: std::sync::Mutex::new((0, None)),
         }
     }
 
@@ -190,9 +199,22 @@ impl TokenManager {
             .copied()
     }
 
-    /// When the current token is due for renewal or re-login.
+    /// When the current token is due for renewal or re-login: never earlier than the
+    /// backoff after failed refreshes, so a token that cannot be refreshed is not asked
+    /// for again at every wake-up.
     pub(crate) fn refresh_at(&self) -> Option<Instant> {
-        self.current.load().as_deref().and_then(|s| s.refresh_at)
+        let due = self.current.load().as_deref().and_then(|s| s.refresh_at)?;
+        let (_, not_before) = *self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        Some(not_before.map_or(due, |nb| due.max(nb)))
+    }
+
+    fn refresh_failed(&self, now: Instant) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.0 = failed.0.saturating_add(1);
+        let wait = REFRESH_RETRY_MIN
+            .saturating_mul(1u32 << (failed.0 - 1).min(16))
+            .min(REFRESH_RETRY_MAX);
+        failed.1 = Some(now + wait);
     }
 
     fn record_end(&self, info: &TokenInfo) {
@@ -204,9 +226,18 @@ impl TokenManager {
         }
     }
 
-    /// Forget the current token (e.g. after Vault said it is invalid).
+    /// Forget the current token after Vault said it is gone. Its end (now) is recorded
+    /// first: leases it issued died with it, and the engine rotates them at once.
     pub(crate) fn invalidate(&self) {
-        self.current.store(None);
+        if let Some(old) = self.current.swap(None) {
+            let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+            ends.insert(old.info.accessor.clone(), Instant::now());
+        }
+    }
+
+    /// The current token, due for refresh or not.
+    pub(crate) fn current_token(&self) -> Option<SecretString> {
+        self.current.load().as_deref().map(|s| s.token.clone())
     }
 
     fn usable(state: &TokenState, now: Instant) -> bool {
@@ -233,7 +264,16 @@ impl TokenManager {
         {
             return Ok(s.token.clone());
         }
-        let new = Arc::new(self.refresh(client, old.as_deref()).await?);
+        let new = match self.refresh(client, old.as_deref()).await {
+            Ok(new) => {
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = (0, None);
+                Arc::new(new)
+            }
+            Err(e) => {
+                self.refresh_failed(Instant::now());
+                return Err(e);
+            }
+        };
         if let Some(old) = &old {
             // A renewal that came back short, or a token replaced by a login: the old
             // token's end is now final.
@@ -365,7 +405,7 @@ fn keep_until_retry(s: &TokenState, e: Error) -> Result<TokenState> {
     let Some(end) = s.info.expires_at().filter(|end| now < *end) else {
         return Err(e);
     };
-    tracing::warn!("vault token refresh failed, keeping the current token for now: {e}");
+    tracing::debug!("vault token refresh failed, keeping the current token for now: {e}");
     let wait = ((end - now) / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
     Ok(TokenState {
         token: s.token.clone(),
@@ -556,5 +596,36 @@ mod tests {
         assert!(err.to_string().contains("empty"));
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(read_secret_id(&dir).unwrap_err().kind(), ErrorKind::Config);
+    }
+
+    #[test]
+    fn failed_refreshes_push_the_next_one_back_exponentially() {
+        let now = Instant::now();
+        let info = TokenInfo {
+            accessor: "acc".into(),
+            ttl: Duration::from_secs(3),
+            renewable: true,
+            policies: vec![],
+            obtained_at: now - Duration::from_secs(10), // ended 7 s ago
+            logins: 1,
+            renewals: 0,
+        };
+        let m = TokenManager::new(AuthMethod::app_role("r", "s"));
+        m.current
+            .store(Some(Arc::new(state(SecretString::from("t"), info, None))));
+        // Due long ago: before the fix the worker woke for it again and again at once.
+        assert!(m.refresh_at().unwrap() < now);
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let at = Instant::now();
+            m.refresh_failed(at);
+            waits.push((m.refresh_at().unwrap() - at).as_secs());
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(m.failed.lock().unwrap().0, 8);
+        // Forgetting a gone token records its end, so leases it issued rotate at once.
+        m.invalidate();
+        assert!(m.end_of("acc").is_some_and(|end| end <= Instant::now()));
+        assert!(m.current_token().is_none());
     }
 }

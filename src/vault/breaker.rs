@@ -100,23 +100,28 @@ impl Breaker {
             return false;
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let open = match *state {
+        let (open, reopened) = match *state {
             State::Closed { failures } => {
                 let failures = failures + 1;
                 *state = State::Closed { failures };
-                failures >= self.config.failure_threshold
+                (failures >= self.config.failure_threshold, false)
             }
-            State::HalfOpen => true,
-            State::Open { .. } => false,
+            State::HalfOpen => (true, true),
+            State::Open { .. } => (false, false),
         };
         if open {
             *state = State::Open {
                 until: now + self.config.cooldown,
             };
-            tracing::warn!(
-                cooldown_ms = self.config.cooldown.as_millis() as u64,
-                "vault circuit breaker opened after repeated transport failures"
-            );
+            if reopened {
+                // The probe failed: still down. Said once when it opened, not every cooldown.
+                tracing::debug!("vault circuit breaker: the probe failed; open again");
+            } else {
+                tracing::warn!(
+                    cooldown_ms = self.config.cooldown.as_millis() as u64,
+                    "vault circuit breaker opened after repeated transport failures"
+                );
+            }
         }
         open
     }

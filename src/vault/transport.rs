@@ -128,24 +128,43 @@ impl Client {
 
     /// Send a call with retries and the breaker; map non-2xx answers to errors.
     ///
-    /// An AppRole client whose token is refused (403) logs in again and tries once more:
-    /// the token may have been revoked from outside.
+    /// A 403 on the client's own token means one of two things: the token's policy does
+    /// not allow the path (lasting: nothing to retry), or the token is gone (revoked from
+    /// outside, expired early). `lookup-self` (in every token's default policy) tells
+    /// which; only a gone token is replaced — its end recorded first, so that leases it
+    /// issued rotate at once — and the call tried once more, for AppRole clients.
     pub(crate) async fn send(&self, call: Call<'_>) -> Result<Answer> {
         let uses_client_token = call.authed && call.token.is_none();
         match self.send_with_retries(&call).await {
             Err(e)
                 if e.kind() == ErrorKind::PermissionDenied
                     && uses_client_token
-                    && self.inner.auth.method_name() == "approle" =>
+                    && self.inner.auth.method_name() == "approle"
+                    && self.token_gone().await =>
             {
                 tracing::info!(
                     path = call.path,
-                    "vault refused the token; logging in again"
+                    "vault refused the token and lookup-self says it is gone; logging in again"
                 );
                 self.inner.auth.invalidate();
                 self.send_with_retries(&call).await
             }
             other => other,
+        }
+    }
+
+    /// Whether Vault says the client's current token is no longer valid (lookup-self
+    /// refused). Any other answer, a failure to ask included, counts as "not gone".
+    async fn token_gone(&self) -> bool {
+        let Some(token) = self.inner.auth.current_token() else {
+            return false;
+        };
+        let lookup = Call::get("auth/token/lookup-self")
+            .with_token(&token)
+            .no_retry();
+        match self.send_with_retries(&lookup).await {
+            Ok(_) => false,
+            Err(e) => e.kind() == ErrorKind::PermissionDenied,
         }
     }
 
@@ -177,7 +196,8 @@ impl Client {
                 })
             })
             .notify(|e: &Error, after: Duration| {
-                tracing::warn!(
+                // The caller reports the final failure; each retry is detail.
+                tracing::debug!(
                     path = call.path,
                     kind = ?e.kind(),
                     status = e.vault_status(),
@@ -201,7 +221,7 @@ impl Client {
                 );
             }
             Admission::Probe => {
-                tracing::info!(path = call.path, "vault circuit breaker: sending a probe");
+                tracing::debug!(path = call.path, "vault circuit breaker: sending a probe");
                 Some(ProbeGuard(&inner.breaker))
             }
             Admission::Pass => None,

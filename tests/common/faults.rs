@@ -9,6 +9,8 @@ use super::*;
 pub struct Proxy {
     pub addr: String,
     pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections accepted (requests tried), whether or not the server was up.
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
     hits: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
 }
 
@@ -24,12 +26,14 @@ impl Proxy {
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (delay, log) = (delay_ms.clone(), hits.clone());
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (delay, log, count) = (delay_ms.clone(), hits.clone(), accepted.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
+                count.fetch_add(1, Ordering::Relaxed);
                 let (upstream, delay, log) = (upstream.clone(), delay.clone(), log.clone());
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -70,6 +74,7 @@ impl Proxy {
         Self {
             addr,
             delay_ms,
+            accepted,
             hits,
         }
     }
@@ -105,4 +110,55 @@ pub async fn tiny_server(response: Option<&'static [u8]>) -> String {
         }
     });
     addr
+}
+
+/// Counts the lines a `tracing` subscriber writes, keeping the first few to print.
+#[derive(Clone, Default)]
+pub struct LineCounter {
+    pub lines: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub sample: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl std::io::Write for LineCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.iter().filter(|b| **b == b'\n').count() as u64;
+        self.lines
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let mut sample = self.sample.lock().unwrap();
+        if sample.len() < 5 {
+            sample.push(String::from_utf8_lossy(buf).trim_end().to_owned());
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LineCounter {
+    /// A subscriber writing vaultpool's warnings and errors into this counter; make it
+    /// the thread's default (`tracing::subscriber::set_default`) in a current-thread test.
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+        let me = self.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("vaultpool=warn"))
+            .with_ansi(false)
+            .with_writer(move || me.clone())
+            .finish()
+    }
+
+    pub fn count(&self) -> u64 {
+        self.lines.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// CPU time (user + system) this process has used, from /proc/self/stat.
+pub fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ")".
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
 }

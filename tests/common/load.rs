@@ -1,6 +1,6 @@
 //! The one query-load harness: `tasks` workers running `SELECT count(*) FROM items`
 //! through a pool until told to stop, counting what succeeded and what failed, and the
-//! slowest checkout. [`TestPool`] is the little every pool flavour offers the harness and
+//! slowest query (checkout included). [`TestPool`] is the little every pool flavour offers the harness and
 //! the scenarios (`VaultPool` covers deadpool-postgres; sqlx is a pool of its own).
 
 use std::future::Future;

@@ -337,3 +337,43 @@ impl Drop for PersistentVault {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// An AppRole `name` on the Vault at `addr` (enabling the auth method if needed) whose
+/// tokens carry the policy `policy_hcl` (plus Vault's default policy) and live
+/// `token_ttl`/`token_max_ttl`. Returns its role_id and a secret_id.
+pub async fn approle(
+    addr: &str,
+    root: &str,
+    name: &str,
+    policy_hcl: &str,
+    (token_ttl, token_max_ttl): (&str, &str),
+) -> (String, String) {
+    use reqwest::Method;
+    let mounts = reqwest::Client::new()
+        .get(format!("{addr}/v1/sys/auth"))
+        .header("X-Vault-Token", root)
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    if mounts.get("approle/").is_none() && mounts["data"].get("approle/").is_none() {
+        vault_write(addr, root, Method::POST, "sys/auth/approle", serde_json::json!({"type": "approle"})).await;
+    }
+    vault_write(addr, root, Method::PUT, &format!("sys/policies/acl/{name}"), serde_json::json!({ "policy": policy_hcl })).await;
+    vault_write(
+        addr,
+        root,
+        Method::POST,
+        &format!("auth/approle/role/{name}"),
+        serde_json::json!({ "token_policies": [name], "token_ttl": token_ttl, "token_max_ttl": token_max_ttl }),
+    )
+    .await;
+    let role_id = vault_write(addr, root, Method::GET, &format!("auth/approle/role/{name}/role-id"), serde_json::json!({})).await;
+    let secret_id = vault_write(addr, root, Method::POST, &format!("auth/approle/role/{name}/secret-id"), serde_json::json!({})).await;
+    (
+        role_id["data"]["role_id"].as_str().unwrap().to_owned(),
+        secret_id["data"]["secret_id"].as_str().unwrap().to_owned(),
+    )
+}

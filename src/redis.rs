@@ -253,7 +253,9 @@ impl Builder {
             (None, other) => {
                 return Err(Error::new(
                     ErrorKind::Config,
-                    format!("configuring Redis for {other}: no address; set REDIS_URL or .address(…)"),
+                    format!(
+                        "configuring Redis for {other}: no address; set REDIS_URL or .address(…)"
+                    ),
                 ));
             }
         };

@@ -312,16 +312,17 @@ impl Builder {
                             options.get_port()
                         )
                     };
-                    let mut conn = ::sqlx::PgConnection::connect_with(&options)
-                        .await
-                        .map_err(|e| {
-                            let kind = if is_auth_failure(&e) {
-                                ErrorKind::AuthenticationFailed
-                            } else {
-                                ErrorKind::Backend
-                            };
-                            Error::new(kind, what()).with_source(e)
-                        })?;
+                    let mut conn =
+                        ::sqlx::PgConnection::connect_with(&options)
+                            .await
+                            .map_err(|e| {
+                                let kind = if is_auth_failure(&e) {
+                                    ErrorKind::AuthenticationFailed
+                                } else {
+                                    ErrorKind::Backend
+                                };
+                                Error::new(kind, what()).with_source(e)
+                            })?;
                     let pinged = conn.ping().await;
                     let _ = conn.close().await;
                     pinged.map_err(|e| Error::new(ErrorKind::Backend, what()).with_source(e))
@@ -473,7 +474,10 @@ mod tests {
                 .password("hunter2-sqlx"),
         );
         let d = format!("{b:?}");
-        assert!(d.contains("db.internal:5432") && !d.contains("hunter2"), "{d}");
+        assert!(
+            d.contains("db.internal:5432") && !d.contains("hunter2"),
+            "{d}"
+        );
     }
 
     #[tokio::test]

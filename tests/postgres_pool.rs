@@ -265,7 +265,10 @@ async fn a_long_transaction_across_a_forced_rotation_completes() {
     drop(client);
     let deadline = Instant::now() + Duration::from_secs(5);
     while pool.status().lease.revocations == 0 {
-        assert!(Instant::now() < deadline, "old lease not revoked after return");
+        assert!(
+            Instant::now() < deadline,
+            "old lease not revoked after return"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     pool.close().await;
@@ -313,7 +316,9 @@ async fn a_policy_without_revoke_is_reported_and_never_logs_in_again() {
     assert_eq!(logins, 1, "a refused revoke must not throw the token away");
     assert_eq!(status.revocations, 0);
     assert_eq!(status.health, Health::Serving);
-    let why = status.revoke_refused.expect("the refusal is shown in status()");
+    let why = status
+        .revoke_refused
+        .expect("the refusal is shown in status()");
     assert!(why.contains("sys/leases/revoke"), "{why}");
     pool.close().await;
     assert_eq!(client.token_info().unwrap().logins, 1);

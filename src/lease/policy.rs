@@ -64,7 +64,9 @@ impl Policy {
                 format!("checking the lease policy: {what}"),
             ))
         };
-        if !(self.renew_fraction.is_finite() && self.renew_fraction > 0.0 && self.renew_fraction < 1.0)
+        if !(self.renew_fraction.is_finite()
+            && self.renew_fraction > 0.0
+            && self.renew_fraction < 1.0)
         {
             return bad(format!(
                 "renew_fraction is {}; use a fraction between 0 and 1 (default 2/3)",
@@ -78,9 +80,11 @@ impl Policy {
             ));
         }
         if self.retry_min.is_zero() {
-            return bad("retry_min is zero: a failing call would be retried at once, in a \
+            return bad(
+                "retry_min is zero: a failing call would be retried at once, in a \
                         loop; use at least a millisecond (default 250 ms)"
-                .into());
+                    .into(),
+            );
         }
         if self.retry_max < self.retry_min {
             return bad(format!(

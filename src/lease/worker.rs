@@ -124,7 +124,10 @@ impl Book {
                 "refreshing the Vault token failed, will retry with backoff: {e}"
             );
         } else {
-            tracing::debug!(failures = self.token_failures, "refreshing the Vault token failed again: {e}");
+            tracing::debug!(
+                failures = self.token_failures,
+                "refreshing the Vault token failed again: {e}"
+            );
         }
     }
 

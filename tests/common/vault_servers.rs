@@ -359,9 +359,23 @@ pub async fn approle(
         .await
         .unwrap();
     if mounts.get("approle/").is_none() && mounts["data"].get("approle/").is_none() {
-        vault_write(addr, root, Method::POST, "sys/auth/approle", serde_json::json!({"type": "approle"})).await;
+        vault_write(
+            addr,
+            root,
+            Method::POST,
+            "sys/auth/approle",
+            serde_json::json!({"type": "approle"}),
+        )
+        .await;
     }
-    vault_write(addr, root, Method::PUT, &format!("sys/policies/acl/{name}"), serde_json::json!({ "policy": policy_hcl })).await;
+    vault_write(
+        addr,
+        root,
+        Method::PUT,
+        &format!("sys/policies/acl/{name}"),
+        serde_json::json!({ "policy": policy_hcl }),
+    )
+    .await;
     vault_write(
         addr,
         root,
@@ -370,8 +384,22 @@ pub async fn approle(
         serde_json::json!({ "token_policies": [name], "token_ttl": token_ttl, "token_max_ttl": token_max_ttl }),
     )
     .await;
-    let role_id = vault_write(addr, root, Method::GET, &format!("auth/approle/role/{name}/role-id"), serde_json::json!({})).await;
-    let secret_id = vault_write(addr, root, Method::POST, &format!("auth/approle/role/{name}/secret-id"), serde_json::json!({})).await;
+    let role_id = vault_write(
+        addr,
+        root,
+        Method::GET,
+        &format!("auth/approle/role/{name}/role-id"),
+        serde_json::json!({}),
+    )
+    .await;
+    let secret_id = vault_write(
+        addr,
+        root,
+        Method::POST,
+        &format!("auth/approle/role/{name}/secret-id"),
+        serde_json::json!({}),
+    )
+    .await;
     (
         role_id["data"]["role_id"].as_str().unwrap().to_owned(),
         secret_id["data"]["secret_id"].as_str().unwrap().to_owned(),

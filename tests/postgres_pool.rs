@@ -327,3 +327,68 @@ async fn a_policy_without_revoke_is_reported_and_never_logs_in_again() {
         .await
         .unwrap();
 }
+
+/// A connection still in its login handshake when its generation is retired is counted
+/// from the moment it starts opening: the old lease is not revoked under it (revocation
+/// drops its user). A TCP proxy holds that connection's first message for 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_opening_across_a_rotation_keeps_its_lease_until_it_is_returned() {
+    let role = create_role("5m", "1h").await;
+    let proxy = Proxy::start(&format!("{}:{}", var("PGHOST"), var("PGPORT")), "").await;
+    let (host, port) = proxy
+        .addr
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .unwrap();
+    let mut target = vaultpool::postgres::tokio_postgres::Config::new();
+    target
+        .host(host)
+        .port(port.parse().unwrap())
+        .dbname("adaptive_immunity");
+    let pool = VaultPgPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(target)
+        .max_size(4)
+        .policy(fast_policy())
+        .build()
+        .await
+        .unwrap();
+    proxy.delay_ms.store(3000, Ordering::Relaxed);
+    let opening = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let c = pool.get().await.map_err(|e| e.to_string())?;
+            c.query_one("SELECT count(*) FROM items", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(c.generation())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Later messages pass at once (the rotation's verifying connection among them).
+    proxy.delay_ms.store(0, Ordering::Relaxed);
+    assert_eq!(pool.rotate().await.unwrap(), Generation(2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = pool.status().lease;
+    let opened = opening.await.unwrap();
+    println!(
+        "connection opening across a rotation: served as {opened:?}; revocations while it \
+         was logging in: {}",
+        during.revocations
+    );
+    assert_eq!(
+        during.revocations, 0,
+        "generation 1 revoked while its connection was logging in: {during:?}"
+    );
+    assert_eq!(opened, Ok(Generation(1)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.status().lease.revocations == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "old lease not revoked once its connection was returned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.close().await;
+    assert!(leases_of(&role).await.is_empty());
+}

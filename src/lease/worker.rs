@@ -47,6 +47,9 @@ pub(crate) struct Book {
     token_failures: u32,
     /// A refused revocation was logged as a warning already.
     revoke_refusal_logged: bool,
+    /// A re-lease after a refused login that failed: retried at this time while the
+    /// generation is still serving and its lease valid.
+    auth_retry: Option<(Generation, Instant)>,
 }
 
 struct Retiring {
@@ -71,6 +74,7 @@ impl Book {
             next_poll: None,
             token_failures: 0,
             revoke_refusal_logged: false,
+            auth_retry: None,
         }
     }
 
@@ -222,6 +226,9 @@ pub(crate) async fn run(
             if let Some(t) = poll_at {
                 wake = Some(wake.map_or(t, |w| w.min(t)));
             }
+            if let Some((_, t)) = book.auth_retry {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
             drop((shared, current));
             let sleep = async {
                 match wake {
@@ -249,9 +256,7 @@ pub(crate) async fn run(
                             let _ = reply.send(result);
                         }
                         Command::AuthFailure(generation) => {
-                            if shared.current.load().generation == generation {
-                                let _ = rotate(&shared, &mut book, Reason::AuthFailure).await;
-                            }
+                            re_lease(&shared, &mut book, generation).await;
                         }
                         Command::Check(reply) => {
                             book.next_poll = None;
@@ -270,6 +275,11 @@ pub(crate) async fn run(
                     }
                     // Revoke what has drained before creating anything new.
                     retire(&shared, &mut book, false).await;
+                    if let Some((generation, at)) = book.auth_retry
+                        && now >= at
+                    {
+                        re_lease(&shared, &mut book, generation).await;
+                    }
                     if poll_at.is_some_and(|t| now >= t) {
                         book.next_poll = None;
                         let _ = check(&shared, &mut book).await;
@@ -290,6 +300,24 @@ pub(crate) async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Replace `generation` after the backend refused its credentials. A failed attempt is
+/// retried with backoff for as long as that generation serves and its lease is valid
+/// (after its end, the schedule's own retries take over).
+async fn re_lease(shared: &Shared, book: &mut Book, generation: Generation) {
+    book.auth_retry = None;
+    let current = shared.current.load_full();
+    if current.generation != generation || current.expired_at(now()) {
+        return;
+    }
+    if rotate(shared, book, Reason::AuthFailure).await.is_err() {
+        let at = now()
+            + shared
+                .policy
+                .retry_delay(book.failures.max(1), fastrand::f64());
+        book.auth_retry = Some((generation, at));
+    }
 }
 
 /// Ask a polled source whether it holds other credentials, and rotate to them if so.
@@ -857,6 +885,28 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(20)).await;
         assert_eq!(*fake.revoked.lock().unwrap(), vec!["fake/1".to_string()]);
         drop(guard);
+        engine.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_re_lease_after_a_refused_login_is_retried_until_it_succeeds() {
+        let fake = fake(600, 3600);
+        let engine = engine(&fake).await;
+        fake.down.store(true, Ordering::SeqCst);
+        engine.report_auth_failure(Generation(1));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(engine.generation(), Generation(1), "Vault is down");
+        fake.down.store(false, Ordering::SeqCst);
+        // Retried with backoff (at most `retry_max`, 5 s), long before the renewal at
+        // ~400 s: before, the one-shot latch left the refused credentials serving.
+        let g = engine
+            .wait_newer(Generation(1), Duration::from_secs(10))
+            .await;
+        assert_eq!(
+            g,
+            Generation(2),
+            "the refused credentials are still serving"
+        );
         engine.close().await;
     }
 }

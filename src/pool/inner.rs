@@ -75,12 +75,16 @@ impl<C: Connect> RotatingManager<C> {
     }
 
     async fn open(&self, current: &Current) -> Result<Tagged<C>, C::Error> {
+        // Counted from the moment it starts opening: a generation retired while one of its
+        // connections is still in its handshake must not be revoked under it (revocation
+        // drops the user, and ends its sessions).
+        let guard = current.track();
         let conn = self.connect.open(&current.credentials).await?;
         Ok(Tagged {
             conn,
             generation: current.generation,
             engine: self.engine.clone(),
-            _guard: current.track(),
+            _guard: guard,
         })
     }
 

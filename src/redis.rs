@@ -20,9 +20,15 @@
 //! Redis differs from PostgreSQL in one way that matters: revoking a lease runs
 //! `ACL DELUSER`, which closes every connection of that user at once, and so does the
 //! lease's expiry. The engine therefore revokes a retired generation only once its last
-//! connection is gone (or at the drain deadline), and rotates at least the rotation
-//! margin before the lease ends — so neither revocation nor expiry cuts a connection in
-//! use.
+//! pooled connection has been returned, or just before its lease ends (an explicit
+//! `drain_timeout` makes that sooner).
+//!
+//! What counts as "in use" is the pooled handle ([`Client`]) being alive. A
+//! `MultiplexedConnection` cloned out of it (`(*conn).clone()`, e.g. to hand to a task)
+//! is not counted: once the handle is returned, its generation may drain and be revoked,
+//! and the clone's next command fails (the server closed it) — it does not reconnect.
+//! Keep the handle for as long as you use the connection, or take a new one per unit of
+//! work. Nothing can keep a connection past its lease's end: Redis closes it then.
 
 use std::fmt;
 use std::time::Duration;

@@ -369,3 +369,100 @@ async fn vault_unreachable_past_the_token_end_stays_idle_quiet_and_reported() {
     assert!(during.last_error.is_some(), "{during:?}");
     pool.close().await;
 }
+
+/// PostgreSQL accepting connections but answering no new login (its postmaster stopped
+/// with SIGSTOP; the running sessions go on) while a rotation is forced: the verification
+/// is cut at its deadline, `rotate()` returns an error instead of hanging, the engine
+/// goes on renewing the lease meanwhile, and no query on an open connection fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_answers_no_login_never_stalls_the_engine() {
+    let _one = ONE_FAULT_AT_A_TIME.lock().await;
+    let role = create_role("30s", "1h").await;
+    let mut policy = fast_policy();
+    policy.renew_fraction = 0.5; // renew at 13.5–15 s into the 30 s lease
+    let pool = small_pool_with(&role, approle_client("IMMUNE_SYSTEM"), policy).await;
+    // Four connections open and idle before the fault; four workers use only them.
+    let mut warm = Vec::new();
+    for _ in 0..4 {
+        warm.push(pool.get().await.unwrap());
+    }
+    drop(warm);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = spawn_load(&pool, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let postmaster = postmaster_pid();
+    signal(postmaster, "STOP");
+    // Whatever happens next (a failed assertion included), PostgreSQL runs again.
+    let _resume = Resume(postmaster);
+    let stopped = Instant::now();
+    let renewals_before = pool.status().lease.renewals;
+    let forced = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let t = Instant::now();
+            (pool.rotate().await, t.elapsed())
+        }
+    });
+    // 25 s stopped: past the verification deadline (10 s) and the renewal point.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let during = pool.status().lease;
+    signal(postmaster, "CONT");
+    let stopped_for = stopped.elapsed();
+    let (rotated, rotate_took) = forced.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let LoadReport {
+        ok, failed, errors, ..
+    } = workers.await.unwrap();
+    println!(
+        "postmaster stopped {stopped_for:?} during a forced rotation: rotate() returned after \
+         {rotate_took:?} with {:?}; renewals while stopped {}; health {:?}; {ok} queries, \
+         {failed} failed",
+        rotated.as_ref().map_err(|e| e.to_string()),
+        during.renewals - renewals_before,
+        during.health
+    );
+    let e = rotated.expect_err("no rotation can complete without a login");
+    assert!(
+        rotate_took < Duration::from_secs(20),
+        "rotate() held for {rotate_took:?}: {e}"
+    );
+    assert!(
+        during.renewals > renewals_before,
+        "no renewal while PostgreSQL answered no login: {during:?}"
+    );
+    assert_ne!(during.health, vaultpool::lease::Health::Expired);
+    assert_eq!(failed, 0, "{errors:?}");
+    pool.close().await;
+}
+
+/// Sends SIGCONT when dropped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn postmaster_pid() -> u32 {
+    let file = std::path::Path::new(&var("VAULTPOOL_PG_DATA")).join("postmaster.pid");
+    std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pid}");
+}

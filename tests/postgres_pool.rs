@@ -263,14 +263,12 @@ async fn a_long_transaction_across_a_forced_rotation_completes() {
     result.expect("the transaction on the old generation must complete");
     assert_eq!(status.revocations, 0, "revoked while in use: {status:?}");
     drop(client);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pool.status().lease.revocations == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "old lease not revoked after return"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        "old lease not revoked after return",
+        || pool.status().lease.revocations == 1,
+    )
+    .await;
     pool.close().await;
     assert!(leases_of(&role).await.is_empty());
 }
@@ -297,15 +295,10 @@ async fn a_policy_without_revoke_is_reported_and_never_logs_in_again() {
         pool.rotate().await.unwrap();
         pool.query().await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pool.status().lease.revocations_refused < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "refusals not recorded: {:?}",
-            pool.status().lease
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(10), "refusals not recorded", || {
+        pool.status().lease.revocations_refused >= 3
+    })
+    .await;
     let status = pool.status().lease;
     let logins = client.token_info().unwrap().logins;
     println!(
@@ -334,20 +327,10 @@ async fn a_policy_without_revoke_is_reported_and_never_logs_in_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_opening_across_a_rotation_keeps_its_lease_until_it_is_returned() {
     let role = create_role("5m", "1h").await;
-    let proxy = Proxy::start(&format!("{}:{}", var("PGHOST"), var("PGPORT")), "").await;
-    let (host, port) = proxy
-        .addr
-        .trim_start_matches("http://")
-        .rsplit_once(':')
-        .unwrap();
-    let mut target = vaultpool::postgres::tokio_postgres::Config::new();
-    target
-        .host(host)
-        .port(port.parse().unwrap())
-        .dbname("adaptive_immunity");
+    let proxy = pg_proxy().await;
     let pool = VaultPgPool::builder(&role)
         .vault(approle_client("IMMUNE_SYSTEM"))
-        .pg_config(target)
+        .pg_config(pg_target_via(&proxy))
         .max_size(4)
         .policy(fast_policy())
         .build()
@@ -381,14 +364,56 @@ async fn a_connection_opening_across_a_rotation_keeps_its_lease_until_it_is_retu
         "generation 1 revoked while its connection was logging in: {during:?}"
     );
     assert_eq!(opened, Ok(Generation(1)));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pool.status().lease.revocations == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "old lease not revoked once its connection was returned"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        "old lease not revoked once its connection was returned",
+        || pool.status().lease.revocations == 1,
+    )
+    .await;
     pool.close().await;
     assert!(leases_of(&role).await.is_empty());
+}
+
+/// `build()` abandoned by the caller's timeout after the credentials were issued (the
+/// verifying login held 3 s by a proxy, the caller gives up after 1 s): the lease, and
+/// with it the database user, is revoked in the background instead of living on until
+/// its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_abandoned_after_issuing_leaves_no_lease_behind() {
+    let role = create_role("5m", "1h").await;
+    let proxy = pg_proxy().await;
+    proxy.delay_ms.store(3000, Ordering::Relaxed);
+    let build = VaultPgPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(pg_target_via(&proxy))
+        .policy(fast_policy())
+        .build();
+    // Given up as soon as the verifying connection reached the proxy: the credentials
+    // have been issued by then, and the login is held for 3 s.
+    let verifying = async {
+        while proxy.accepted.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::select! {
+        built = build => panic!("the build finished through a 3 s proxy: {:?}", built.map(|_| ())),
+        () = verifying => {}
+    }
+    let gave_up = Instant::now();
+    let left = loop {
+        let left = leases_of(&role).await;
+        if left.is_empty() || gave_up.elapsed() > Duration::from_secs(10) {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "build abandoned after issuing: leases left after {:?}: {left:?}",
+        gave_up.elapsed()
+    );
+    assert!(
+        left.is_empty(),
+        "the abandoned build left its lease: {left:?}"
+    );
 }

@@ -131,7 +131,8 @@ impl Drop for ConnectionGuard {
 pub enum Health {
     /// The lease is valid and the last renewal or rotation succeeded.
     Serving,
-    /// The lease is valid, but renewing or rotating is failing; retrying.
+    /// The lease is valid, but renewing, rotating or refreshing the Vault token is
+    /// failing; retrying with backoff.
     Degraded,
     /// The lease has ended and no new credentials could be obtained yet.
     Expired,
@@ -291,11 +292,13 @@ pub(crate) struct Shared {
     source_name: String,
     /// A short name for metrics labels and log fields: the role or the KV path.
     label: String,
-    source: Box<dyn Source>,
+    source: Arc<dyn Source>,
     policy: Policy,
     /// A cap on how long a retired generation may drain; `None`: until its lease's end.
     drain_timeout: Option<Duration>,
     verify: Option<Verifier>,
+    /// How long a verification may take before it counts as failed.
+    verify_timeout: Duration,
     current: ArcSwap<Current>,
     /// The current generation, mirrored for the cheapest possible read.
     generation: AtomicU64,
@@ -343,6 +346,7 @@ pub struct Builder {
     policy: Policy,
     drain_timeout: Option<Duration>,
     verify: Option<Verifier>,
+    verify_timeout: Duration,
 }
 
 impl fmt::Debug for Builder {
@@ -381,6 +385,14 @@ impl Builder {
         self
     }
 
+    /// How long that check may take before it counts as failed (a server that accepts
+    /// connections but never answers the login). Default 10 s; a whole step of the engine
+    /// is cut at 30 s anyway.
+    pub fn verify_timeout(mut self, timeout: Duration) -> Self {
+        self.verify_timeout = timeout;
+        self
+    }
+
     /// Issue (and verify) the first credentials, then start the background worker.
     ///
     /// # Errors
@@ -397,7 +409,7 @@ impl Builder {
             source,
             self.policy,
             self.drain_timeout,
-            self.verify,
+            (self.verify, self.verify_timeout),
         )
         .await
     }
@@ -406,14 +418,15 @@ impl Builder {
 /// Issue and verify the first credentials from `source`, then start the worker.
 pub(crate) async fn start(
     (source_name, label): (String, String),
-    source: Box<dyn Source>,
+    source: Arc<dyn Source>,
     policy: Policy,
     drain_timeout: Option<Duration>,
-    verify: Option<Verifier>,
+    (verify, verify_timeout): (Option<Verifier>, Duration),
 ) -> Result<Engine> {
-    let (first, _, _) = worker::issue_verified(source.as_ref(), verify.as_ref(), &source_name)
-        .await
-        .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?;
+    let (first, _, _) =
+        worker::issue_verified(&source, verify.as_ref(), verify_timeout, &source_name)
+            .await
+            .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?;
     let book = worker::Book::new(&first.lease, source.issuing_token());
     let current = Current {
         generation: Generation(1),
@@ -431,6 +444,7 @@ pub(crate) async fn start(
         policy,
         drain_timeout,
         verify,
+        verify_timeout,
         current: ArcSwap::from_pointee(current),
         generation: AtomicU64::new(1),
         generation_tx,
@@ -457,6 +471,7 @@ impl Engine {
             policy: Policy::default(),
             drain_timeout: None,
             verify: None,
+            verify_timeout: Duration::from_secs(10),
         }
     }
 
@@ -533,26 +548,30 @@ impl Engine {
     }
 
     /// Rotate now: issue new credentials, verify, swap. Returns the new generation once
-    /// it is serving.
+    /// it is serving (for a KV source whose secret has no newer version: the current
+    /// one — there is nothing new to swap in).
     ///
     /// # Errors
     /// Whatever issuing or verifying failed with (the current credentials stay);
     /// [`ErrorKind::Shutdown`] after [`close`](Self::close).
     pub async fn rotate(&self) -> Result<Generation> {
+        self.ask("rotating credentials", Command::Rotate).await
+    }
+
+    /// Send the worker a command carrying a reply channel, and wait for its answer.
+    async fn ask<T>(
+        &self,
+        what: &str,
+        command: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let shut = || {
             Error::new(
                 ErrorKind::Shutdown,
-                format!(
-                    "rotating credentials of {}: closed",
-                    self.shared.source_name
-                ),
+                format!("{what} of {}: closed", self.shared.source_name),
             )
         };
-        self.shared
-            .commands
-            .send(Command::Rotate(tx))
-            .map_err(|_| shut())?;
+        self.shared.commands.send(command(tx)).map_err(|_| shut())?;
         rx.await.map_err(|_| shut())?
     }
 
@@ -563,21 +582,7 @@ impl Engine {
     /// Whatever reading or verifying the new version failed with (the current
     /// credentials stay); [`ErrorKind::Shutdown`] after [`close`](Self::close).
     pub async fn check_now(&self) -> Result<bool> {
-        let (tx, rx) = oneshot::channel();
-        let shut = || {
-            Error::new(
-                ErrorKind::Shutdown,
-                format!(
-                    "checking {} for a new version: closed",
-                    self.shared.source_name
-                ),
-            )
-        };
-        self.shared
-            .commands
-            .send(Command::Check(tx))
-            .map_err(|_| shut())?;
-        rx.await.map_err(|_| shut())?
+        self.ask("checking for a new version", Command::Check).await
     }
 
     /// Report that logging in with `generation`'s credentials was refused (e.g. the lease

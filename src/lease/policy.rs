@@ -79,12 +79,18 @@ impl Policy {
                 self.jitter
             ));
         }
-        if self.retry_min.is_zero() {
-            return bad(
-                "retry_min is zero: a failing call would be retried at once, in a \
-                        loop; use at least a millisecond (default 250 ms)"
-                    .into(),
-            );
+        if self.retry_min < Duration::from_millis(1) {
+            return bad(format!(
+                "retry_min is {:?}: a failing call would be retried at once, in a loop; use \
+                 at least a millisecond (default 250 ms)",
+                self.retry_min
+            ));
+        }
+        if self.retry_max > Duration::from_secs(3600) {
+            return bad(format!(
+                "retry_max is {:?}; use at most an hour (default 5 s)",
+                self.retry_max
+            ));
         }
         if self.retry_max < self.retry_min {
             return bad(format!(
@@ -247,13 +253,15 @@ mod tests {
     #[test]
     fn out_of_range_settings_are_config_errors_naming_the_field() {
         type Case = (&'static str, fn(&mut Policy));
-        let cases: [Case; 7] = [
+        let cases: [Case; 9] = [
             ("renew_fraction", |p| p.renew_fraction = 0.0),
             ("renew_fraction", |p| p.renew_fraction = 1.5),
             ("renew_fraction", |p| p.renew_fraction = f64::NAN),
             ("jitter", |p| p.jitter = -0.1),
             ("jitter", |p| p.jitter = 1.0),
             ("retry_min", |p| p.retry_min = Duration::ZERO),
+            ("retry_min", |p| p.retry_min = Duration::from_nanos(1)),
+            ("retry_max", |p| p.retry_max = Duration::MAX),
             ("retry_max", |p| p.retry_max = Duration::from_millis(1)),
         ];
         for (field, set) in cases {

@@ -7,6 +7,7 @@
 //! credentials minted by the user's own code) without the engine changing.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret;
@@ -85,11 +86,11 @@ impl CredentialSource {
         }
     }
 
-    pub(crate) fn into_source(self, client: Client) -> Result<Box<dyn Source>> {
+    pub(crate) fn into_source(self, client: Client) -> Result<Arc<dyn Source>> {
         self.validate()?;
         Ok(match self {
-            Self::DatabaseRole(r) => Box::new(VaultDatabase { client, role: r }),
-            Self::Kv(k) => Box::new(KvStatic { client, kv: k }),
+            Self::DatabaseRole(r) => Arc::new(VaultDatabase { client, role: r }),
+            Self::Kv(k) => Arc::new(KvStatic { client, kv: k }),
         })
     }
 }
@@ -257,6 +258,10 @@ pub(crate) trait Source: Send + Sync {
     fn refresh_token(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Ok(()) })
     }
+    /// Whether refreshing the auth token is failing (whoever tried last).
+    fn token_failing(&self) -> bool {
+        false
+    }
     /// How often to ask [`changed`](Source::changed), for sources without leases.
     fn poll_interval(&self) -> Option<Duration> {
         None
@@ -303,6 +308,10 @@ impl Source for VaultDatabase {
 
     fn refresh_token(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.client.login().await.map(|_| ()) })
+    }
+
+    fn token_failing(&self) -> bool {
+        self.client.token_refresh_failing()
     }
 }
 

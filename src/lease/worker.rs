@@ -10,18 +10,86 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::policy::{self, Action, LeaseState};
+use super::policy::{self, Action, LeaseState, Policy};
 use super::source::Source;
 use super::{Command, Current, Reason, Shared, Verifier};
 use crate::credentials::{Credentials, Generation, Lease, Leased};
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 
-/// How often retiring generations are checked for being drained.
+/// How often retiring generations are checked for being drained, in their first
+/// [`DRAIN_FAST_FOR`] (most drain within it)…
 const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// …and after that (a generation may drain for as long as its lease lasts).
+const DRAIN_POLL_SLOW: Duration = Duration::from_secs(1);
+const DRAIN_FAST_FOR: Duration = Duration::from_secs(5);
 /// How long a forced rotation waits for a still-draining generation before going ahead.
 const FORCED_ROTATION_SETTLE: Duration = Duration::from_secs(1);
+/// The first wait before retrying a failed re-lease after a refused login; it doubles up
+/// to [`AUTH_RETRY_MAX`].
+const AUTH_RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between two re-lease attempts after a refused login.
+const AUTH_RETRY_MAX: Duration = Duration::from_secs(60);
 /// How long `close()` waits for connections in use when no drain timeout is set.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
+/// The longest one step of the worker (a renewal, a rotation, a revocation round, a token
+/// refresh) may take before it is cut, so that nothing holds the worker for long.
+const STEP_MAX: Duration = Duration::from_secs(30);
+/// The shortest limit a step gets, even when the lease is about to end (or has ended).
+const STEP_MIN: Duration = Duration::from_secs(5);
+
+/// How long the next step may take: while the lease is valid, not past its end (a step
+/// that cannot finish before then must not delay the next try), within
+/// STEP_MIN..STEP_MAX; once it has ended, STEP_MAX (a slow Vault must still be able to
+/// answer).
+fn step_limit(shared: &Shared) -> Duration {
+    match shared.current.load().lease.remaining_at(now()) {
+        Some(left) if !left.is_zero() => left.saturating_sub(LAST_TRY).clamp(STEP_MIN, STEP_MAX),
+        _ => STEP_MAX,
+    }
+}
+
+/// How long before the lease's end the last step must be done.
+const LAST_TRY: Duration = Duration::from_millis(200);
+
+/// Why a step did not finish.
+enum Cut {
+    /// `close()` was called: stop, then shut down.
+    Closed,
+    /// It ran past its limit.
+    TimedOut(Duration),
+}
+
+/// Run one step of the worker, cut at `close()` or after `limit`.
+async fn bounded<T>(
+    cancel: &CancellationToken,
+    limit: Duration,
+    step: impl std::future::Future<Output = T>,
+) -> std::result::Result<T, Cut> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(Cut::Closed),
+        r = tokio::time::timeout(limit, step) => r.map_err(|_| Cut::TimedOut(limit)),
+    }
+}
+
+impl Cut {
+    fn error(&self, shared: &Shared, what: &str) -> Error {
+        match self {
+            Self::Closed => Error::new(
+                ErrorKind::Shutdown,
+                format!("{what} for {}: closed", shared.source_name),
+            ),
+            Self::TimedOut(limit) => Error::new(
+                ErrorKind::Transport,
+                format!(
+                    "{what} for {} did not finish within {limit:?} (Vault or the database \
+                     hangs?); cut, retrying with backoff",
+                    shared.source_name
+                ),
+            ),
+        }
+    }
+}
 
 /// Whether the `n`th failure in a row is logged as a warning (1, 2, 4, 8, …); the others
 /// go to debug, so a long outage writes a handful of lines, not one per attempt.
@@ -50,6 +118,8 @@ pub(crate) struct Book {
     /// A re-lease after a refused login that failed: retried at this time while the
     /// generation is still serving and its lease valid.
     auth_retry: Option<(Generation, Instant)>,
+    /// Re-lease attempts in a row for the same refusal.
+    auth_attempts: u32,
 }
 
 struct Retiring {
@@ -58,6 +128,8 @@ struct Retiring {
     connections: Arc<AtomicUsize>,
     /// When it is revoked even if connections remain; `None`: only once drained.
     deadline: Option<Instant>,
+    /// When it was retired.
+    since: Instant,
     attempts: u32,
     next_attempt: Instant,
 }
@@ -75,6 +147,7 @@ impl Book {
             token_failures: 0,
             revoke_refusal_logged: false,
             auth_retry: None,
+            auth_attempts: 0,
         }
     }
 
@@ -95,7 +168,7 @@ impl Book {
     }
 
     fn failed(&mut self, shared: &Shared, what: &str, e: &crate::Error) {
-        self.failures += 1;
+        self.failures = self.failures.saturating_add(1);
         self.last_failure = Some(now());
         let mut stats = shared.stats();
         stats.failures += 1;
@@ -117,7 +190,7 @@ impl Book {
 
     /// The Vault token could not be refreshed; the client retries with backoff.
     fn token_failed(&mut self, shared: &Shared, e: &crate::Error) {
-        self.token_failures += 1;
+        self.token_failures = self.token_failures.saturating_add(1);
         let mut stats = shared.stats();
         stats.degraded = true;
         stats.last_error = Some(e.to_string());
@@ -162,23 +235,155 @@ impl Book {
 /// Issue credentials and, if a verifier is set, check them; revoke them if the check
 /// fails. Returns how long issuing and verifying took.
 pub(crate) async fn issue_verified(
-    source: &dyn Source,
+    source: &Arc<dyn Source>,
     verify: Option<&Verifier>,
+    verify_timeout: Duration,
     what: &str,
 ) -> Result<(Leased<Credentials>, Duration, Duration)> {
     let started = now();
-    let leased = source.issue().await?;
+    // Issued in a task of its own: if this future is dropped while Vault is still
+    // answering, the answer is awaited anyway and its lease revoked (Vault has created
+    // the user by then), instead of leaving the user behind until its TTL.
+    let mut in_flight = InFlight {
+        source: source.clone(),
+        handle: Some(tokio::spawn({
+            let source = source.clone();
+            async move { source.issue().await }
+        })),
+    };
+    let leased = in_flight.answer(what).await?;
     let issued = now();
-    if let Some(verify) = verify
-        && let Err(e) = verify(leased.value.clone()).await
-    {
+    // Until verified and handed over, these credentials are ours alone: if this future is
+    // dropped midway (a caller's timeout around `build()`), revoke them in the background
+    // instead of leaving a database user behind until its TTL.
+    let mut unclaimed = Unclaimed {
+        source: source.clone(),
+        lease: Some(leased.lease.clone()),
+    };
+    let verified = match verify {
+        None => Ok(()),
+        // A server that accepts connections but never answers the login must not hold
+        // the engine: the check has a deadline of its own.
+        Some(verify) => {
+            match tokio::time::timeout(verify_timeout, verify(leased.value.clone())).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::new(
+                    ErrorKind::Backend,
+                    format!(
+                        "the verifying connection as {} did not log in and answer within \
+                     {verify_timeout:?}; is the database accepting logins?",
+                        leased.value.username
+                    ),
+                )),
+            }
+        }
+    };
+    if let Err(e) = verified {
         tracing::warn!(source = what, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
-        if let Err(re) = source.revoke(&leased.lease).await {
-            tracing::warn!(source = what, lease_id = %leased.lease.id, "revoking unverified credentials failed: {re}");
+        // Nobody will use them: revoke now (briefly); if that fails or this future is
+        // dropped meanwhile, `unclaimed` retries in the background.
+        if let Ok(Ok(())) =
+            tokio::time::timeout(UNUSED_REVOKE_WAIT, source.revoke(&leased.lease)).await
+        {
+            unclaimed.lease = None;
         }
         return Err(e.context(format!("verifying new credentials of {what}")));
     }
+    unclaimed.lease = None; // handed over
     Ok((leased, issued - started, now() - issued))
+}
+
+/// How long a failed verification waits for the revocation of the unused credentials
+/// before leaving it to the background.
+const UNUSED_REVOKE_WAIT: Duration = Duration::from_secs(5);
+
+/// An issue request under way; if dropped before its answer was taken, the answer is
+/// awaited in the background and its lease revoked.
+struct InFlight {
+    source: Arc<dyn Source>,
+    handle: Option<tokio::task::JoinHandle<Result<Leased<Credentials>>>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let source = self.source.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok(Ok(leased)) = handle.await {
+                    revoke_until_end(source, leased.lease).await;
+                }
+            });
+        }
+    }
+}
+
+impl InFlight {
+    /// Wait for the answer and take it (the guard is then disarmed).
+    async fn answer(&mut self, what: &str) -> Result<Leased<Credentials>> {
+        let failed = |why: String| {
+            Error::new(
+                ErrorKind::CredentialsUnavailable,
+                format!("issuing credentials of {what}: {why}"),
+            )
+        };
+        let Some(handle) = self.handle.as_mut() else {
+            return Err(failed("no request under way".into()));
+        };
+        let joined = handle.await;
+        self.handle = None;
+        joined.map_err(|e| failed(format!("the request task failed ({e})")))?
+    }
+}
+
+/// Credentials issued but not (yet) handed over: revoked in the background if dropped.
+struct Unclaimed {
+    source: Arc<dyn Source>,
+    lease: Option<Lease>,
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(revoke_until_end(self.source.clone(), lease));
+            }
+            Err(_) => tracing::warn!(
+                lease_id = %lease.id,
+                "unused credentials could not be revoked (no async runtime); they expire by TTL"
+            ),
+        }
+    }
+}
+
+/// Revoke a lease nobody uses, retrying with backoff (250 ms doubling to 5 s) until it
+/// succeeds, is refused for good (403), or the lease has ended anyway.
+async fn revoke_until_end(source: Arc<dyn Source>, lease: Lease) {
+    let retry = Policy::default();
+    let mut attempts = 0;
+    loop {
+        match source.revoke(&lease).await {
+            Ok(()) => {
+                tracing::debug!(lease_id = %lease.id, "revoked unused credentials");
+                return;
+            }
+            Err(e) => {
+                attempts += 1;
+                let over = !e.is_transient() || lease.expires_at().is_some_and(|end| now() >= end);
+                if over {
+                    tracing::warn!(lease_id = %lease.id, attempts, "unused credentials not revoked; they expire by TTL: {e}");
+                    return;
+                }
+                tracing::debug!(lease_id = %lease.id, attempts, "revoking unused credentials failed, retrying: {e}");
+                tokio::time::sleep(retry.retry_delay(attempts, fastrand::f64())).await;
+            }
+        }
+    }
 }
 
 pub(crate) async fn run(
@@ -212,7 +417,9 @@ pub(crate) async fn run(
             publish_ttl(&shared, &current, now);
             let mut wake = plan.map(|p| p.at);
             if !book.retiring.is_empty() {
-                wake = Some(wake.map_or(now + DRAIN_POLL, |w| w.min(now + DRAIN_POLL)));
+                let young = book.retiring.iter().any(|r| now < r.since + DRAIN_FAST_FOR);
+                let at = now + if young { DRAIN_POLL } else { DRAIN_POLL_SLOW };
+                wake = Some(wake.map_or(at, |w| w.min(at)));
             }
             if let Some(t) = shared.source.token_refresh_at() {
                 wake = Some(wake.map_or(t, |w| w.min(t)));
@@ -246,54 +453,60 @@ pub(crate) async fn run(
                 }
                 cmd = commands.recv() => {
                     let (Some(cmd), Some(shared)) = (cmd, weak.upgrade()) else { return };
+                    let limit = step_limit(&shared);
                     match cmd {
                         Command::Rotate(reply) => {
                             // Right after another rotation: let the previous generation
                             // finish draining first (briefly), so at most two generations'
                             // users exist at once.
-                            settle(&shared, &mut book, FORCED_ROTATION_SETTLE).await;
-                            let result = rotate(&shared, &mut book, Reason::Forced).await;
+                            let work = async {
+                                settle(&shared, &mut book, FORCED_ROTATION_SETTLE).await;
+                                rotate(&shared, &mut book, Reason::Forced).await
+                            };
+                            let result = match bounded(&cancel, limit, work).await {
+                                Ok(result) => result,
+                                Err(cut) => {
+                                    let e = cut.error(&shared, "a forced rotation");
+                                    if let Cut::TimedOut(_) = cut {
+                                        book.failed(&shared, "rotating credentials", &e);
+                                    }
+                                    Err(e)
+                                }
+                            };
                             let _ = reply.send(result);
                         }
                         Command::AuthFailure(generation) => {
-                            re_lease(&shared, &mut book, generation).await;
+                            let work = re_lease(&shared, &mut book, generation);
+                            if let Err(cut @ Cut::TimedOut(_)) = bounded(&cancel, limit, work).await {
+                                // Retried at the time `re_lease` set before trying.
+                                let e = cut.error(&shared, "re-leasing after a refused login");
+                                book.failed(&shared, "re-leasing", &e);
+                            }
                         }
                         Command::Check(reply) => {
                             book.next_poll = None;
-                            let _ = reply.send(check(&shared, &mut book).await);
+                            let result = match bounded(&cancel, limit, check(&shared, &mut book)).await {
+                                Ok(result) => result,
+                                Err(cut) => {
+                                    let e = cut.error(&shared, "checking for a new version");
+                                    if let Cut::TimedOut(_) = cut {
+                                        book.failed(&shared, "checking for a new version", &e);
+                                    }
+                                    Err(e)
+                                }
+                            };
+                            let _ = reply.send(result);
                         }
                     }
                 }
                 _ = sleep => {
                     let Some(shared) = weak.upgrade() else { return };
-                    let now = self::now();
-                    if shared.source.token_refresh_at().is_some_and(|t| now >= t) {
-                        match shared.source.refresh_token().await {
-                            Ok(()) => book.token_refreshed(&shared),
-                            Err(e) => book.token_failed(&shared, &e),
-                        }
+                    let limit = step_limit(&shared);
+                    let work = due_work(&shared, &mut book, plan, poll_at);
+                    if let Err(cut @ Cut::TimedOut(_)) = bounded(&cancel, limit, work).await {
+                        let e = cut.error(&shared, "the scheduled work");
+                        book.failed(&shared, "the scheduled work", &e);
                     }
-                    // Revoke what has drained before creating anything new.
-                    retire(&shared, &mut book, false).await;
-                    if let Some((generation, at)) = book.auth_retry
-                        && now >= at
-                    {
-                        re_lease(&shared, &mut book, generation).await;
-                    }
-                    if poll_at.is_some_and(|t| now >= t) {
-                        book.next_poll = None;
-                        let _ = check(&shared, &mut book).await;
-                    }
-                    if let Some(plan) = plan.filter(|p| now >= p.at) {
-                        match plan.action {
-                            Action::Renew => renew(&shared, &mut book).await,
-                            Action::Rotate | Action::Expired => {
-                                let reason = Reason::Schedule;
-                                let _ = rotate(&shared, &mut book, reason).await;
-                            }
-                        }
-                    }
-                    retire(&shared, &mut book, false).await;
                 }
             }
         }
@@ -302,21 +515,82 @@ pub(crate) async fn run(
     .await
 }
 
+/// What is due when the worker wakes: token refresh, revocations, a re-lease retry, a
+/// poll, the schedule's renewal or rotation — in that order.
+async fn due_work(
+    shared: &Shared,
+    book: &mut Book,
+    plan: Option<policy::Plan>,
+    poll_at: Option<Instant>,
+) {
+    let now = now();
+    if book.token_failures > 0 && !shared.source.token_failing() {
+        // Refreshed by another caller of the same client meanwhile.
+        book.token_refreshed(shared);
+    }
+    if shared.source.token_refresh_at().is_some_and(|t| now >= t) {
+        match shared.source.refresh_token().await {
+            Ok(()) => book.token_refreshed(shared),
+            Err(e) => book.token_failed(shared, &e),
+        }
+    }
+    // Revoke what has drained before creating anything new.
+    retire(shared, book, false).await;
+    if let Some((generation, at)) = book.auth_retry
+        && now >= at
+    {
+        re_lease(shared, book, generation).await;
+    }
+    if poll_at.is_some_and(|t| now >= t) {
+        book.next_poll = None;
+        let _ = check(shared, book).await;
+    }
+    if let Some(plan) = plan.filter(|p| now >= p.at) {
+        match plan.action {
+            Action::Renew => renew(shared, book).await,
+            Action::Rotate | Action::Expired => {
+                let _ = rotate(shared, book, Reason::Schedule).await;
+            }
+        }
+    }
+    retire(shared, book, false).await;
+}
+
 /// Replace `generation` after the backend refused its credentials. A failed attempt is
 /// retried with backoff for as long as that generation serves and its lease is valid
 /// (after its end, the schedule's own retries take over).
 async fn re_lease(shared: &Shared, book: &mut Book, generation: Generation) {
-    book.auth_retry = None;
     let current = shared.current.load_full();
     if current.generation != generation || current.expired_at(now()) {
+        book.auth_retry = None;
+        book.auth_attempts = 0;
         return;
     }
-    if rotate(shared, book, Reason::AuthFailure).await.is_err() {
-        let at = now()
-            + shared
-                .policy
-                .retry_delay(book.failures.max(1), fastrand::f64());
-        book.auth_retry = Some((generation, at));
+    // Scheduled before trying, so that a try cut by its step limit is retried too. The
+    // attempts have their own count (a successful renewal in between must not reset the
+    // backoff) and their own cap: a database that refuses every login must not make the
+    // engine issue a new user every few seconds.
+    book.auth_attempts = book.auth_attempts.saturating_add(1);
+    let delay = AUTH_RETRY_MIN
+        .saturating_mul(1u32 << (book.auth_attempts - 1).min(16))
+        .min(AUTH_RETRY_MAX);
+    book.auth_retry = Some((generation, now() + delay));
+    match rotate(shared, book, Reason::AuthFailure).await {
+        Ok(_) => {
+            book.auth_retry = None;
+            book.auth_attempts = 0;
+        }
+        Err(e) if e.kind() == ErrorKind::AuthenticationFailed => {
+            // The new credentials were refused as well: the database refuses logins for
+            // another reason (pg_hba, password encryption); re-leasing cannot help.
+            tracing::warn!(
+                generation = generation.0,
+                "re-leasing after a refused login stopped: the new credentials were refused \
+                 too ({e}); the schedule keeps rotating as usual"
+            );
+            book.auth_retry = None;
+        }
+        Err(_) => {}
     }
 }
 
@@ -351,14 +625,16 @@ struct AliveGuard(Weak<Shared>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
-        if let Some(shared) = self.0.upgrade() {
+        // Only a panic is "unexpected": a worker dropped with its runtime (a service
+        // exiting without close()) leaves valid credentials valid.
+        if std::thread::panicking()
+            && let Some(shared) = self.0.upgrade()
+        {
             shared.worker_alive.store(false, Ordering::Release);
-            if !shared.closed.load(Ordering::Acquire) {
-                tracing::error!(
-                    source = %shared.label,
-                    "the lease worker stopped unexpectedly; credentials are no longer renewed"
-                );
-            }
+            tracing::error!(
+                source = %shared.label,
+                "the lease worker panicked; credentials are no longer renewed"
+            );
         }
     }
 }
@@ -407,8 +683,9 @@ async fn renew(shared: &Shared, book: &mut Book) {
 async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Generation> {
     let started = now();
     let issued = issue_verified(
-        shared.source.as_ref(),
+        &shared.source,
         shared.verify.as_ref(),
+        shared.verify_timeout,
         &shared.source_name,
     )
     .await
@@ -458,6 +735,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         lease: old.lease.clone(),
         connections: old.connections.clone(),
         deadline,
+        since: now,
         attempts: 0,
         next_attempt: now,
     });
@@ -537,15 +815,17 @@ async fn retire(shared: &Shared, book: &mut Book, all: bool) {
                 // The token's policy has no revoke: lasting, so not retried. The lease is
                 // left to expire by its TTL; the operator is told once, and in status().
                 let why = format!(
-                    "revoking lease {} was refused: {e}; retired leases are left to expire by \
+                    "revoking the lease of generation {} was refused by Vault (HTTP {}): the \
+                     token's policy does not allow it; retired leases are left to expire by \
                      their TTL. Grant the token `update` on sys/leases/revoke/<mount>/creds/\
                      <role>/* (see the README's policy)",
-                    r.lease.id
+                    r.generation.0,
+                    e.vault_status().unwrap_or(403)
                 );
                 if book.revoke_refusal_logged {
-                    tracing::debug!(generation = r.generation.0, "{why}");
+                    tracing::debug!(lease_id = %r.lease.id, "{why}");
                 } else {
-                    tracing::warn!(generation = r.generation.0, "{why}");
+                    tracing::warn!(lease_id = %r.lease.id, "{why}");
                     book.revoke_refusal_logged = true;
                 }
                 let generation = r.generation;
@@ -602,6 +882,7 @@ async fn shutdown(shared: &Shared, book: &mut Book) {
         lease: current.lease.clone(),
         connections: current.connections.clone(),
         deadline,
+        since: now(),
         attempts: 0,
         next_attempt: now(),
     });
@@ -614,7 +895,16 @@ async fn shutdown(shared: &Shared, book: &mut Book) {
     {
         tokio::time::sleep(DRAIN_POLL).await;
     }
-    retire(shared, book, true).await;
+    if tokio::time::timeout(STEP_MAX, retire(shared, book, true))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = book.retiring.len(),
+            "closing: revoking the leases did not finish within {STEP_MAX:?}; the rest expire by TTL"
+        );
+        return;
+    }
     tracing::info!("lease worker closed; leases revoked");
 }
 
@@ -692,10 +982,10 @@ mod tests {
     async fn engine(fake: &Arc<Fake>) -> Engine {
         start(
             ("fake role".into(), "fake-role".into()),
-            Box::new(fake.clone()),
+            Arc::new(fake.clone()),
             Policy::default(),
             Some(Duration::from_secs(30)),
-            None,
+            (None, Duration::from_secs(10)),
         )
         .await
         .unwrap()
@@ -844,10 +1134,10 @@ mod tests {
         let fake = fake(600, 3600);
         let engine = start(
             ("fake role".into(), "fake-role".into()),
-            Box::new(fake.clone()),
+            Arc::new(fake.clone()),
             Policy::default(),
             Some(Duration::MAX),
-            None,
+            (None, Duration::from_secs(10)),
         )
         .await
         .unwrap();
@@ -866,10 +1156,10 @@ mod tests {
         let fake = fake(600, 3600);
         let engine = start(
             ("fake role".into(), "fake-role".into()),
-            Box::new(fake.clone()),
+            Arc::new(fake.clone()),
             Policy::default(),
             None,
-            None,
+            (None, Duration::from_secs(10)),
         )
         .await
         .unwrap();

@@ -90,6 +90,8 @@ pub(crate) struct LeaseOptions {
     pub(crate) drain_timeout: Option<Duration>,
     /// Default 5 s.
     pub(crate) auth_failure_wait: Duration,
+    /// Default `None`: the engine's (10 s).
+    pub(crate) verify_timeout: Option<Duration>,
 }
 
 impl LeaseOptions {
@@ -109,6 +111,9 @@ impl LeaseOptions {
         if let Some(timeout) = self.drain_timeout {
             engine = engine.drain_timeout(timeout);
         }
+        if let Some(timeout) = self.verify_timeout {
+            engine = engine.verify_timeout(timeout);
+        }
         engine.build().await
     }
 }
@@ -122,6 +127,7 @@ impl<T> Builder<T> {
                 policy: Policy::default(),
                 drain_timeout: None,
                 auth_failure_wait: Duration::from_secs(5),
+                verify_timeout: None,
             },
             target,
         }
@@ -151,6 +157,13 @@ impl<T> Builder<T> {
     /// [`lease::Builder::drain_timeout`].
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.lease.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// How long the connection that checks new credentials may take to log in and
+    /// answer before the rotation counts as failed (and is retried later). Default 10 s.
+    pub fn verify_timeout(mut self, timeout: Duration) -> Self {
+        self.lease.verify_timeout = Some(timeout);
         self
     }
 

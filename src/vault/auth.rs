@@ -226,13 +226,27 @@ impl TokenManager {
         }
     }
 
-    /// Forget the current token after Vault said it is gone. Its end (now) is recorded
+    /// Forget `gone` after Vault said it is no longer valid — if it is still the current
+    /// token (another call may have replaced it meanwhile). Its end (now) is recorded
     /// first: leases it issued died with it, and the engine rotates them at once.
-    pub(crate) fn invalidate(&self) {
-        if let Some(old) = self.current.swap(None) {
+    pub(crate) fn invalidate(&self, gone: &SecretString) {
+        let current = self.current.load_full();
+        let Some(state) = current
+            .as_ref()
+            .filter(|s| s.token.expose_secret() == gone.expose_secret())
+        else {
+            return;
+        };
+        let previous = self.current.compare_and_swap(&current, None);
+        if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, state)) {
             let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
-            ends.insert(old.info.accessor.clone(), Instant::now());
+            ends.insert(state.info.accessor.clone(), Instant::now());
         }
+    }
+
+    /// Whether the last refresh of the token failed (and none has succeeded since).
+    pub(crate) fn refresh_failing(&self) -> bool {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).0 > 0
     }
 
     /// The current token, due for refresh or not.
@@ -264,7 +278,12 @@ impl TokenManager {
         {
             return Ok(s.token.clone());
         }
-        let new = match self.refresh(client, old.as_deref()).await {
+        // A refresh dropped midway (its caller cut by a deadline) counts as failed, so
+        // the backoff holds however the attempt ended.
+        let mut unfinished = Unfinished(Some(self));
+        let refreshed = self.refresh(client, old.as_deref()).await;
+        unfinished.0 = None;
+        let new = match refreshed {
             Ok(new) => {
                 *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = (0, None);
                 Arc::new(new)
@@ -386,6 +405,17 @@ impl TokenManager {
             "logged in to Vault with AppRole"
         );
         Ok(state(auth.client_token, info, None))
+    }
+}
+
+/// Marks a token refresh as failed if dropped before it finished.
+struct Unfinished<'a>(Option<&'a TokenManager>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(manager) = self.0.take() {
+            manager.refresh_failed(Instant::now());
+        }
     }
 }
 
@@ -623,8 +653,11 @@ mod tests {
         }
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(m.failed.lock().unwrap().0, 8);
-        // Forgetting a gone token records its end, so leases it issued rotate at once.
-        m.invalidate();
+        // Forgetting a gone token records its end, so leases it issued rotate at once; a
+        // token that is no longer the current one is left alone.
+        m.invalidate(&SecretString::from("another"));
+        assert!(m.current_token().is_some());
+        m.invalidate(&SecretString::from("t"));
         assert!(m.end_of("acc").is_some_and(|end| end <= Instant::now()));
         assert!(m.current_token().is_none());
     }

@@ -112,6 +112,12 @@ impl Client {
         self.inner.auth.refresh_at()
     }
 
+    /// Whether refreshing the client's token is failing (no success since the last
+    /// failure).
+    pub(crate) fn token_refresh_failing(&self) -> bool {
+        self.inner.auth.refresh_failing()
+    }
+
     /// Whether the circuit breaker is currently open (calls fail fast).
     pub fn circuit_open(&self) -> bool {
         self.inner.breaker.is_open()

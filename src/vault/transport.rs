@@ -139,32 +139,32 @@ impl Client {
             Err(e)
                 if e.kind() == ErrorKind::PermissionDenied
                     && uses_client_token
-                    && self.inner.auth.method_name() == "approle"
-                    && self.token_gone().await =>
+                    && self.inner.auth.method_name() == "approle" =>
             {
+                let Some(gone) = self.gone_token().await else {
+                    return Err(e);
+                };
                 tracing::info!(
                     path = call.path,
                     "vault refused the token and lookup-self says it is gone; logging in again"
                 );
-                self.inner.auth.invalidate();
+                self.inner.auth.invalidate(&gone);
                 self.send_with_retries(&call).await
             }
             other => other,
         }
     }
 
-    /// Whether Vault says the client's current token is no longer valid (lookup-self
+    /// The client's current token, if Vault says it is no longer valid (lookup-self
     /// refused). Any other answer, a failure to ask included, counts as "not gone".
-    async fn token_gone(&self) -> bool {
-        let Some(token) = self.inner.auth.current_token() else {
-            return false;
-        };
+    async fn gone_token(&self) -> Option<secrecy::SecretString> {
+        let token = self.inner.auth.current_token()?;
         let lookup = Call::get("auth/token/lookup-self")
             .with_token(&token)
             .no_retry();
         match self.send_with_retries(&lookup).await {
-            Ok(_) => false,
-            Err(e) => e.kind() == ErrorKind::PermissionDenied,
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => Some(token),
+            _ => None,
         }
     }
 

@@ -130,3 +130,24 @@ pub async fn small_pool_with(
         .await
         .unwrap()
 }
+
+/// The stack's `adaptive_immunity` database reached through `proxy` (started with the
+/// PostgreSQL address as upstream), to hold or delay its connections.
+#[cfg(feature = "postgres")]
+pub fn pg_target_via(proxy: &Proxy) -> vaultpool::postgres::tokio_postgres::Config {
+    let (host, port) = proxy
+        .addr
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .unwrap();
+    let mut c = vaultpool::postgres::tokio_postgres::Config::new();
+    c.host(host)
+        .port(port.parse().unwrap())
+        .dbname("adaptive_immunity");
+    c
+}
+
+/// A proxy in front of the stack's PostgreSQL.
+pub async fn pg_proxy() -> Proxy {
+    Proxy::start(&format!("{}:{}", var("PGHOST"), var("PGPORT")), "").await
+}

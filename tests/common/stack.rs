@@ -160,3 +160,12 @@ pub fn fast_policy() -> vaultpool::lease::Policy {
     p.retry_max = Duration::from_secs(1);
     p
 }
+
+/// Poll `done` every 50 ms until it holds; fail the test with `what` after `within`.
+pub async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} (waited {within:?})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -24,9 +24,16 @@
 //! cycled out at once. The old lease is revoked once PostgreSQL reports no session of
 //! the old user (`pg_stat_activity`), or at the drain deadline.
 //!
-//! sqlx does not say which credentials a connection used, so "opened before the swap"
-//! is judged by the connection's age, with a 250 ms grace for connects that were under
-//! way at the swap: a connection opened within 250 ms after a rotation is recycled once.
+//! sqlx does not say which credentials a connection used. Each new connection asks
+//! PostgreSQL (`SELECT current_user`, once, in `after_connect`) and is discarded — sqlx
+//! then connects again with the current options — if it logged in as a retired user (a
+//! connect that began before the swap); a connection that already existed at the swap is
+//! recognised by its age. Hooks set on the `PgPoolOptions` given to
+//! [`pool_options`](pool::Builder::pool_options) are replaced by these.
+//!
+//! A retired generation drains until PostgreSQL shows no session of its user, or its
+//! lease ends; `close()` waits at most 30 s for connections in use (a `PgListener` holds
+//! one for ever), then revokes regardless.
 
 use std::fmt;
 use std::sync::Arc;
@@ -43,8 +50,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, ConnectionGuard, CredentialSource, Current, DatabaseRole, Engine};
 use crate::pool::{self, PoolStatus};
 
-/// Connects that were under way when the options were swapped finish within this.
-const SWAP_GRACE: Duration = Duration::from_millis(250);
+/// How long `close()` waits for connections to be returned before it revokes anyway.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// How often a draining generation is checked.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
@@ -57,7 +64,8 @@ struct Swap {
 
 impl Swap {
     fn mark(&self) {
-        let at = self.base.elapsed() + SWAP_GRACE;
+        // A connect under way at this moment is checked by `after_connect` (its user).
+        let at = self.base.elapsed();
         self.stale_before_ns
             .store(at.as_nanos() as u64, Ordering::Release);
     }
@@ -86,11 +94,14 @@ struct Inner {
     applied: tokio::sync::watch::Receiver<Generation>,
     auth_failure_wait: Duration,
     task: tokio::task::JoinHandle<()>,
+    /// Cancels the drain tasks of retired generations.
+    drains: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.task.abort();
+        self.drains.cancel();
     }
 }
 
@@ -215,11 +226,22 @@ impl VaultSqlxPool {
         }
     }
 
-    /// Close: wait for every connection to be returned and closed (sqlx's `close`), then
-    /// revoke every lease. Calling it twice is harmless.
+    /// Close: wait for every connection to be returned and closed (sqlx's `close`), at
+    /// most 30 s — a connection held for ever (a `PgListener`) cannot hold the revocation
+    /// back — then revoke every lease. Calling it twice is harmless.
     pub async fn close(&self) {
-        self.inner.pool.close().await;
+        if tokio::time::timeout(CLOSE_WAIT, self.inner.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                source = %self.inner.engine.label(),
+                "closing the sqlx pool: connections still in use after {CLOSE_WAIT:?}; \
+                 revoking the leases anyway (their sessions end)"
+            );
+        }
         self.inner.task.abort();
+        self.inner.drains.cancel();
         self.inner.engine.close().await;
     }
 }
@@ -337,6 +359,7 @@ impl Builder {
             stale_before_ns: AtomicU64::new(0),
         });
         let (on_acquire, on_release) = (swap.clone(), swap.clone());
+        let on_connect = engine.clone();
         let current = engine.current();
         // `after_release` makes sqlx spawn a task per release (measured: +6% per
         // checkout), but without it a stale connection released under load goes back
@@ -344,6 +367,24 @@ impl Builder {
         // gap between two rotations (seen: three users alive at once).
         let pool = target
             .pool_options
+            .after_connect(move |conn, _meta| {
+                // Logged in as the current generation's user? A connect that began with
+                // the options of a generation retired meanwhile is refused here, and
+                // sqlx connects again with the current ones.
+                let engine = on_connect.clone();
+                Box::pin(async move {
+                    let user: String = ::sqlx::query_scalar("SELECT current_user::text")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    if user == engine.current().credentials.username {
+                        Ok(())
+                    } else {
+                        Err(::sqlx::Error::Configuration(
+                            format!("connected as {user}, whose credentials were retired").into(),
+                        ))
+                    }
+                })
+            })
             .before_acquire(move |_conn, meta| {
                 let fresh = !on_acquire.is_stale(meta.age);
                 Box::pin(async move { Ok(fresh) })
@@ -355,13 +396,13 @@ impl Builder {
             .connect_lazy_with(options_for(&base, &current));
         let guard = current.track();
         let (applied_tx, applied) = tokio::sync::watch::channel(current.generation);
+        let drains = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(follow(
             engine.clone(),
-            pool.clone(),
-            base,
+            (pool.clone(), base),
             swap,
             (guard, current),
-            applied_tx,
+            (applied_tx, drains.clone()),
         ));
         Ok(VaultSqlxPool {
             inner: Arc::new(Inner {
@@ -370,6 +411,7 @@ impl Builder {
                 applied,
                 auth_failure_wait,
                 task,
+                drains,
             }),
         })
     }
@@ -378,11 +420,13 @@ impl Builder {
 /// Apply every new generation to the pool and drain the old one.
 async fn follow(
     engine: Engine,
-    pool: PgPool,
-    base: PgConnectOptions,
+    (pool, base): (PgPool, PgConnectOptions),
     swap: Arc<Swap>,
     (mut guard, mut current): (ConnectionGuard, Arc<Current>),
-    applied: tokio::sync::watch::Sender<Generation>,
+    (applied, drains): (
+        tokio::sync::watch::Sender<Generation>,
+        tokio_util::sync::CancellationToken,
+    ),
 ) {
     let mut generations = engine.subscribe();
     while generations.changed().await.is_ok() {
@@ -397,15 +441,23 @@ async fn follow(
         // sees a generation of ours at zero connections while it is still in use.
         let old_guard = std::mem::replace(&mut guard, next.track());
         let old = std::mem::replace(&mut current, next);
-        tokio::spawn(drain(pool.clone(), old, old_guard));
+        tokio::spawn(drain(pool.clone(), old, old_guard, drains.clone()));
     }
 }
 
 /// Close idle connections of the old generation at once, then hold its guard until
-/// PostgreSQL has no session of the old user left (or the pool closes).
-async fn drain(pool: PgPool, old: Arc<Current>, guard: ConnectionGuard) {
+/// PostgreSQL has no session of the old user left, its lease ends, or the pool closes.
+async fn drain(
+    pool: PgPool,
+    old: Arc<Current>,
+    guard: ConnectionGuard,
+    cancel: tokio_util::sync::CancellationToken,
+) {
     let user = old.credentials.username.clone();
     loop {
+        if cancel.is_cancelled() || old.expired_at(lease::now()) {
+            break;
+        }
         // Cycle the idle queue: `before_acquire` closes stale connections.
         for _ in 0..pool.num_idle() {
             match pool.try_acquire() {
@@ -426,7 +478,10 @@ async fn drain(pool: PgPool, old: Arc<Current>, guard: ConnectionGuard) {
             Ok(_) => {}
             Err(e) => tracing::debug!("checking sessions of {user}: {e}"),
         }
-        tokio::time::sleep(DRAIN_POLL).await;
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(DRAIN_POLL) => {}
+        }
     }
     tracing::debug!(generation = old.generation.0, user = %user, "sqlx generation drained");
     drop(guard);

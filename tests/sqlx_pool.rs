@@ -78,3 +78,23 @@ async fn the_pg_pool_keeps_its_identity_and_old_connections_are_retired() {
         ErrorKind::Shutdown
     );
 }
+
+/// A `PgListener` holds one of the pool's connections for ever; `close()` still returns
+/// (after its 30 s wait) and revokes the lease, instead of waiting for that connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_bounded_even_with_a_listener_holding_a_connection() {
+    let role = create_role("5m", "1h").await;
+    let pool = pool_for(&role, 4).await;
+    let mut listener = vaultpool::sqlx::sqlx::postgres::PgListener::connect_with(pool.pool())
+        .await
+        .unwrap();
+    listener.listen("vaultpool_test").await.unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(50), pool.close()).await;
+    let took = started.elapsed();
+    let leases = leases_of(&role).await;
+    println!("sqlx close with a PgListener: returned after {took:?}; leases left {leases:?}");
+    assert!(closed.is_ok(), "close() still waiting after {took:?}");
+    assert!(leases.is_empty(), "leases left after close: {leases:?}");
+    drop(listener);
+}

@@ -52,6 +52,7 @@ use crate::credentials::{Credentials, Generation, Lease};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::Client;
 use source::Source;
+pub(crate) use worker::now;
 
 /// A boxed future, as verifiers return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -417,3 +417,49 @@ async fn a_build_abandoned_after_issuing_leaves_no_lease_behind() {
         "the abandoned build left its lease: {left:?}"
     );
 }
+
+/// The database unreachable from the service (a proxy closing every new connection) while
+/// Vault, which reaches it directly, works: past the rotation point the engine backs off
+/// issuing instead of creating and dropping a user every retry, and rotates as soon as
+/// the database can be reached again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_causes_no_user_churn() {
+    let role = create_role("15s", "15s").await; // not renewable past 15 s: rotation at 10 s
+    let proxy = pg_proxy().await;
+    let pool = VaultPgPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(pg_target_via(&proxy))
+        .policy(fast_policy())
+        .build()
+        .await
+        .unwrap();
+    proxy.blocked.store(true, Ordering::Relaxed);
+    let blocked_at = Instant::now();
+    let failures_before = pool.status().lease.failures;
+    // 30 s unreachable: from ~10 s on, every rotation fails its verification.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let during = pool.status().lease;
+    let failed_rotations = during.failures - failures_before;
+    proxy.blocked.store(false, Ordering::Relaxed);
+    let back = Instant::now();
+    eventually(
+        Duration::from_secs(45),
+        "no rotation after the database was reachable again",
+        || pool.status().lease.generation > Generation(1),
+    )
+    .await;
+    println!(
+        "database unreachable for {:?} across the rotation point: {failed_rotations} \
+         rotations tried (each one a user created and dropped); rotated {:?} after it was \
+         reachable again",
+        back - blocked_at,
+        back.elapsed()
+    );
+    // Without the backoff: one try per retry_max (1 s here), ~20 in 20 s.
+    assert!(
+        failed_rotations <= 6,
+        "{failed_rotations} users created and dropped in 30 s: {during:?}"
+    );
+    pool.query().await.unwrap();
+    pool.close().await;
+}

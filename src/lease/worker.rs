@@ -24,6 +24,12 @@ const DRAIN_POLL_SLOW: Duration = Duration::from_secs(1);
 const DRAIN_FAST_FOR: Duration = Duration::from_secs(5);
 /// How long a forced rotation waits for a still-draining generation before going ahead.
 const FORCED_ROTATION_SETTLE: Duration = Duration::from_secs(1);
+/// The first wait before issuing again after the database could not be reached to verify
+/// new credentials; it doubles up to [`UNREACHABLE_MAX`].
+const UNREACHABLE_MIN: Duration = Duration::from_secs(5);
+/// The longest wait between two rotations that cannot reach the database.
+const UNREACHABLE_MAX: Duration = Duration::from_secs(30);
+
 /// The first wait before retrying a failed re-lease after a refused login; it doubles up
 /// to [`AUTH_RETRY_MAX`].
 const AUTH_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -120,6 +126,10 @@ pub(crate) struct Book {
     auth_retry: Option<(Generation, Instant)>,
     /// Re-lease attempts in a row for the same refusal.
     auth_attempts: u32,
+    /// Rotations in a row whose new credentials could not be verified because the
+    /// database did not answer (not a refusal), and when the next one may issue again.
+    unreachable: u32,
+    unreachable_until: Option<Instant>,
 }
 
 struct Retiring {
@@ -148,6 +158,8 @@ impl Book {
             revoke_refusal_logged: false,
             auth_retry: None,
             auth_attempts: 0,
+            unreachable: 0,
+            unreachable_until: None,
         }
     }
 
@@ -408,12 +420,19 @@ pub(crate) async fn run(
             };
             let now = now();
             let current = shared.current.load_full();
-            let plan = policy::plan(
+            let mut plan = policy::plan(
                 &shared.policy,
                 &book.state(&current.lease, shared.source.as_ref()),
                 now,
                 fastrand::f64(),
             );
+            // The database cannot be reached from here: issuing a user only to drop it
+            // again helps nobody; the next rotation waits for the backoff.
+            if let (Some(p), Some(until)) = (plan.as_mut(), book.unreachable_until)
+                && matches!(p.action, Action::Rotate | Action::Expired)
+            {
+                p.at = p.at.max(until);
+            }
             publish_ttl(&shared, &current, now);
             let mut wake = plan.map(|p| p.at);
             if !book.retiring.is_empty() {
@@ -699,9 +718,20 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         Ok(l) => l,
         Err(e) => {
             book.failed(shared, "rotating credentials", &e);
+            if e.kind() == ErrorKind::Backend {
+                // Verification could not reach the database: back off issuing (5 s
+                // doubling to 30 s) instead of creating and dropping a user per retry.
+                book.unreachable = book.unreachable.saturating_add(1);
+                let wait = UNREACHABLE_MIN
+                    .saturating_mul(1u32 << (book.unreachable - 1).min(16))
+                    .min(UNREACHABLE_MAX);
+                book.unreachable_until = Some(now() + wait);
+            }
             return Err(e);
         }
     };
+    book.unreachable = 0;
+    book.unreachable_until = None;
     let old = shared.current.load_full();
     if !old.lease.id.is_empty() && leased.lease.id == old.lease.id {
         // The same secret again (a KV read served by a standby that lags behind the

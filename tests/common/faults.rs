@@ -11,6 +11,8 @@ pub struct Proxy {
     pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Connections accepted (requests tried), whether or not the server was up.
     pub accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// While set, new connections are closed at once (the server "cannot be reached").
+    pub blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
     hits: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
 }
 
@@ -27,13 +29,22 @@ impl Proxy {
         let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (delay, log, count) = (delay_ms.clone(), hits.clone(), accepted.clone());
+        let blocked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (delay, log, count, block) = (
+            delay_ms.clone(),
+            hits.clone(),
+            accepted.clone(),
+            blocked.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 count.fetch_add(1, Ordering::Relaxed);
+                if block.load(Ordering::Relaxed) {
+                    continue; // dropped: the client sees the connection closed
+                }
                 let (upstream, delay, log) = (upstream.clone(), delay.clone(), log.clone());
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -75,6 +86,7 @@ impl Proxy {
             addr,
             delay_ms,
             accepted,
+            blocked,
             hits,
         }
     }

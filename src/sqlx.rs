@@ -151,6 +151,7 @@ impl VaultSqlxPool {
                 pool_options: PgPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10)),
+                hooks: UserHooks::default(),
             },
         )
     }
@@ -254,6 +255,35 @@ pub type Builder = pool::Builder<SqlxTarget>;
 pub struct SqlxTarget {
     connect: Option<PgConnectOptions>,
     pool_options: PgPoolOptions,
+    hooks: UserHooks,
+}
+
+/// A hook like sqlx's `before_acquire`/`after_release`: `Ok(false)` closes the connection.
+pub type CheckHook = Arc<
+    dyn for<'c> Fn(
+            &'c mut ::sqlx::PgConnection,
+            ::sqlx::pool::PoolConnectionMetadata,
+        ) -> lease::BoxFuture<'c, std::result::Result<bool, ::sqlx::Error>>
+        + Send
+        + Sync,
+>;
+
+/// A hook like sqlx's `after_connect` (e.g. `SET search_path`).
+pub type ConnectHook = Arc<
+    dyn for<'c> Fn(
+            &'c mut ::sqlx::PgConnection,
+            ::sqlx::pool::PoolConnectionMetadata,
+        ) -> lease::BoxFuture<'c, std::result::Result<(), ::sqlx::Error>>
+        + Send
+        + Sync,
+>;
+
+/// The user's own hooks, run after the pool's.
+#[derive(Default)]
+struct UserHooks {
+    after_connect: Option<ConnectHook>,
+    before_acquire: Option<CheckHook>,
+    after_release: Option<CheckHook>,
 }
 
 /// Host, port and database only: sqlx's own `Debug` of `PgConnectOptions` prints a
@@ -284,9 +314,32 @@ impl Builder {
     }
 
     /// sqlx pool options (size, timeouts). Default: 16 connections, acquire timeout
-    /// 10 s. Do not set `before_acquire`/`after_release` here: the pool installs its own.
+    /// 10 s. Hooks set here (`after_connect`, `before_acquire`, `after_release`) are
+    /// replaced by the pool's own — sqlx gives no way to read them back; give yours to
+    /// [`after_connect`](Self::after_connect), [`before_acquire`](Self::before_acquire)
+    /// and [`after_release`](Self::after_release) instead, which run them after the pool's.
     pub fn pool_options(mut self, options: PgPoolOptions) -> Self {
         self.target.pool_options = options;
+        self
+    }
+
+    /// Your `after_connect` hook (e.g. `SET search_path`), run after the pool's own check
+    /// of the new connection's user. Default: none.
+    pub fn after_connect(mut self, hook: ConnectHook) -> Self {
+        self.target.hooks.after_connect = Some(hook);
+        self
+    }
+
+    /// Your `before_acquire` hook, run for connections the pool keeps (those of a
+    /// retired generation are closed first). Default: none.
+    pub fn before_acquire(mut self, hook: CheckHook) -> Self {
+        self.target.hooks.before_acquire = Some(hook);
+        self
+    }
+
+    /// Your `after_release` hook, run for connections the pool keeps. Default: none.
+    pub fn after_release(mut self, hook: CheckHook) -> Self {
+        self.target.hooks.after_release = Some(hook);
         self
     }
 
@@ -360,6 +413,11 @@ impl Builder {
         });
         let (on_acquire, on_release) = (swap.clone(), swap.clone());
         let on_connect = engine.clone();
+        let UserHooks {
+            after_connect: user_connect,
+            before_acquire: user_acquire,
+            after_release: user_release,
+        } = target.hooks;
         let current = engine.current();
         // `after_release` makes sqlx spawn a task per release (measured: +6% per
         // checkout), but without it a stale connection released under load goes back
@@ -367,31 +425,45 @@ impl Builder {
         // gap between two rotations (seen: three users alive at once).
         let pool = target
             .pool_options
-            .after_connect(move |conn, _meta| {
+            .after_connect(move |conn, meta| {
                 // Logged in as the current generation's user? A connect that began with
                 // the options of a generation retired meanwhile is refused here, and
                 // sqlx connects again with the current ones.
-                let engine = on_connect.clone();
+                let (engine, user_hook) = (on_connect.clone(), user_connect.clone());
                 Box::pin(async move {
                     let user: String = ::sqlx::query_scalar("SELECT current_user::text")
                         .fetch_one(&mut *conn)
                         .await?;
-                    if user == engine.current().credentials.username {
-                        Ok(())
-                    } else {
-                        Err(::sqlx::Error::Configuration(
+                    if user != engine.current().credentials.username {
+                        return Err(::sqlx::Error::Configuration(
                             format!("connected as {user}, whose credentials were retired").into(),
-                        ))
+                        ));
+                    }
+                    match user_hook {
+                        Some(hook) => hook(conn, meta).await,
+                        None => Ok(()),
                     }
                 })
             })
-            .before_acquire(move |_conn, meta| {
+            .before_acquire(move |conn, meta| {
                 let fresh = !on_acquire.is_stale(meta.age);
-                Box::pin(async move { Ok(fresh) })
+                let user_hook = user_acquire.clone();
+                Box::pin(async move {
+                    match user_hook {
+                        Some(hook) if fresh => hook(conn, meta).await,
+                        _ => Ok(fresh),
+                    }
+                })
             })
-            .after_release(move |_conn, meta| {
+            .after_release(move |conn, meta| {
                 let fresh = !on_release.is_stale(meta.age);
-                Box::pin(async move { Ok(fresh) })
+                let user_hook = user_release.clone();
+                Box::pin(async move {
+                    match user_hook {
+                        Some(hook) if fresh => hook(conn, meta).await,
+                        _ => Ok(fresh),
+                    }
+                })
             })
             .connect_lazy_with(options_for(&base, &current));
         let guard = current.track();

@@ -98,3 +98,58 @@ async fn close_is_bounded_even_with_a_listener_holding_a_connection() {
     assert!(leases.is_empty(), "leases left after close: {leases:?}");
     drop(listener);
 }
+
+/// Hooks of the user's own run after the pool's: an `after_connect` that sets a session
+/// setting, and a `before_acquire` that counts — both take effect, and rotation still
+/// retires old connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_hooks_are_composed_with_the_pools_own() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vaultpool::sqlx::sqlx;
+    let role = create_role("5m", "1h").await;
+    let acquired = Arc::new(AtomicUsize::new(0));
+    let counter = acquired.clone();
+    let pool = VaultSqlxPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .connect_options(
+            PgConnectOptions::new_without_pgpass()
+                .host(&var("PGHOST"))
+                .port(var("PGPORT").parse().unwrap())
+                .database("adaptive_immunity"),
+        )
+        .pool_options(PgPoolOptions::new().max_connections(2))
+        .after_connect(Arc::new(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::query("SET application_name = 'hooked-by-user'")
+                    .execute(&mut *conn)
+                    .await
+                    .map(|_| ())
+            })
+        }))
+        .before_acquire(Arc::new(move |_conn, _meta| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(true) })
+        }))
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let name: String = sqlx::query_scalar("SELECT current_setting('application_name')")
+            .fetch_one(pool.pool())
+            .await
+            .unwrap();
+        assert_eq!(name, "hooked-by-user");
+    }
+    pool.rotate().await.unwrap();
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(pool.pool())
+        .await
+        .unwrap();
+    assert_eq!(user, pool.engine().current().credentials.username);
+    assert!(
+        acquired.load(Ordering::Relaxed) >= 1,
+        "before_acquire never ran"
+    );
+    pool.close().await;
+}

@@ -35,9 +35,10 @@
 //! lease ends; `close()` waits at most 30 s for connections in use (a `PgListener` holds
 //! one for ever), then revokes regardless.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -52,6 +53,10 @@ use crate::pool::{self, PoolStatus};
 
 /// How long `close()` waits for connections to be returned before it revokes anyway.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
+/// Connections whose user was checked just before a swap are recycled once.
+const SWAP_GRACE: Duration = Duration::from_millis(100);
+/// How many retired users a new connection is checked against.
+const RETIRED_USERS_KEPT: usize = 8;
 /// How often a draining generation is checked.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
@@ -60,14 +65,34 @@ struct Swap {
     base: Instant,
     /// Connections created before `base + stale_before_ns` may hold old credentials.
     stale_before_ns: AtomicU64,
+    /// The users of the last few retired generations: a new connection logged in as one
+    /// of them began before the swap, and is refused.
+    retired_users: Mutex<VecDeque<String>>,
 }
 
 impl Swap {
-    fn mark(&self) {
-        // A connect under way at this moment is checked by `after_connect` (its user).
-        let at = self.base.elapsed();
+    /// The options now hold new credentials; `old_user` is retired.
+    fn mark(&self, old_user: String) {
+        {
+            let mut retired = self.retired_users.lock().unwrap_or_else(|e| e.into_inner());
+            if retired.len() == RETIRED_USERS_KEPT {
+                retired.pop_front();
+            }
+            retired.push_back(old_user);
+        }
+        // The grace covers a connection whose user was checked just before the swap but
+        // that sqlx counts as created just after it (the check comes first).
+        let at = self.base.elapsed() + SWAP_GRACE;
         self.stale_before_ns
             .store(at.as_nanos() as u64, Ordering::Release);
+    }
+
+    /// Whether `user` (PostgreSQL's `session_user`, cut to 63 bytes) is a retired one.
+    fn is_retired(&self, user: &str) -> bool {
+        let retired = self.retired_users.lock().unwrap_or_else(|e| e.into_inner());
+        retired
+            .iter()
+            .any(|r| r == user || (r.len() > 63 && r.as_bytes().starts_with(user.as_bytes())))
     }
 
     /// Whether a connection of this age was opened before the last swap (plus grace).
@@ -231,14 +256,16 @@ impl VaultSqlxPool {
     /// most 30 s — a connection held for ever (a `PgListener`) cannot hold the revocation
     /// back — then revoke every lease. Calling it twice is harmless.
     pub async fn close(&self) {
-        if tokio::time::timeout(CLOSE_WAIT, self.inner.pool.close())
-            .await
-            .is_err()
+        if !self.inner.pool.is_closed()
+            && tokio::time::timeout(CLOSE_WAIT, self.inner.pool.close())
+                .await
+                .is_err()
         {
             tracing::warn!(
                 source = %self.inner.engine.label(),
                 "closing the sqlx pool: connections still in use after {CLOSE_WAIT:?}; \
-                 revoking the leases anyway (their sessions end)"
+                 revoking the leases anyway (their sessions end if the role's revocation \
+                 statements end them)"
             );
         }
         self.inner.task.abort();
@@ -410,9 +437,9 @@ impl Builder {
         let swap = Arc::new(Swap {
             base: Instant::now(),
             stale_before_ns: AtomicU64::new(0),
+            retired_users: Mutex::new(VecDeque::new()),
         });
-        let (on_acquire, on_release) = (swap.clone(), swap.clone());
-        let on_connect = engine.clone();
+        let (on_acquire, on_release, on_connect) = (swap.clone(), swap.clone(), swap.clone());
         let UserHooks {
             after_connect: user_connect,
             before_acquire: user_acquire,
@@ -426,23 +453,24 @@ impl Builder {
         let pool = target
             .pool_options
             .after_connect(move |conn, meta| {
-                // Logged in as the current generation's user? A connect that began with
-                // the options of a generation retired meanwhile is refused here, and
-                // sqlx connects again with the current ones.
-                let (engine, user_hook) = (on_connect.clone(), user_connect.clone());
+                // Logged in as a retired generation's user? A connect that began with the
+                // options of a generation retired meanwhile is refused here (sqlx logs it
+                // and connects again with the current options). The user's own hook runs
+                // first, so that nothing follows the check.
+                let (swap, user_hook) = (on_connect.clone(), user_connect.clone());
                 Box::pin(async move {
-                    let user: String = ::sqlx::query_scalar("SELECT current_user::text")
+                    if let Some(hook) = user_hook {
+                        hook(&mut *conn, meta).await?;
+                    }
+                    let user: String = ::sqlx::query_scalar("SELECT session_user::text")
                         .fetch_one(&mut *conn)
                         .await?;
-                    if user != engine.current().credentials.username {
+                    if swap.is_retired(&user) {
                         return Err(::sqlx::Error::Configuration(
                             format!("connected as {user}, whose credentials were retired").into(),
                         ));
                     }
-                    match user_hook {
-                        Some(hook) => hook(conn, meta).await,
-                        None => Ok(()),
-                    }
+                    Ok(())
                 })
             })
             .before_acquire(move |conn, meta| {
@@ -507,27 +535,35 @@ async fn follow(
             continue;
         }
         pool.set_connect_options(options_for(&base, &next));
-        swap.mark();
+        swap.mark(current.credentials.username.clone());
         applied.send_replace(next.generation);
         // Hold the new generation before letting go of the old one, so the engine never
         // sees a generation of ours at zero connections while it is still in use.
         let old_guard = std::mem::replace(&mut guard, next.track());
         let old = std::mem::replace(&mut current, next);
-        tokio::spawn(drain(pool.clone(), old, old_guard, drains.clone()));
+        tokio::spawn(drain(
+            (pool.clone(), engine.clone()),
+            old,
+            old_guard,
+            drains.clone(),
+        ));
     }
 }
 
 /// Close idle connections of the old generation at once, then hold its guard until
-/// PostgreSQL has no session of the old user left, its lease ends, or the pool closes.
+/// PostgreSQL has no session of the old user left, the engine has revoked it (its drain
+/// deadline), or the pool closes.
 async fn drain(
-    pool: PgPool,
+    (pool, engine): (PgPool, Engine),
     old: Arc<Current>,
     guard: ConnectionGuard,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let user = old.credentials.username.clone();
     loop {
-        if cancel.is_cancelled() || old.expired_at(lease::now()) {
+        // The engine revokes at the generation's drain deadline (just before its lease's
+        // end, renewals included) whatever is still open; then there is nothing to hold.
+        if cancel.is_cancelled() || !engine.is_retiring(old.generation) {
             break;
         }
         // Cycle the idle queue: `before_acquire` closes stale connections.
@@ -622,9 +658,10 @@ mod tests {
         let swap = Swap {
             base: Instant::now() - Duration::from_secs(100),
             stale_before_ns: AtomicU64::new(0),
+            retired_users: Mutex::new(VecDeque::new()),
         };
         assert!(!swap.is_stale(Duration::from_secs(50)), "no swap yet");
-        swap.mark();
+        swap.mark("v-old".into());
         // Opened 10 s ago: before the swap.
         assert!(swap.is_stale(Duration::from_secs(10)));
         // Opened just now: within the grace, recycled once to be safe.
@@ -632,8 +669,28 @@ mod tests {
         let later = Swap {
             base: Instant::now() - Duration::from_secs(100),
             stale_before_ns: AtomicU64::new(Duration::from_secs(90).as_nanos() as u64),
+            retired_users: Mutex::new(VecDeque::new()),
         };
         // Opened 5 s ago = at 95 s, after the swap at 90 s.
         assert!(!later.is_stale(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn retired_users_are_recognised_even_cut_to_63_bytes() {
+        let swap = Swap {
+            base: Instant::now(),
+            stale_before_ns: AtomicU64::new(0),
+            retired_users: Mutex::new(VecDeque::new()),
+        };
+        let long = "v-approle-some-very-long-role-name-that-goes-past-the-limit-1796023347";
+        swap.mark(long.into());
+        swap.mark("v-short".into());
+        assert!(swap.is_retired("v-short"));
+        assert!(swap.is_retired(&long[..63]));
+        assert!(!swap.is_retired("v-current"));
+        for i in 0..RETIRED_USERS_KEPT {
+            swap.mark(format!("v-{i}"));
+        }
+        assert!(!swap.is_retired("v-short"), "only the last few are kept");
     }
 }

@@ -153,3 +153,35 @@ async fn user_hooks_are_composed_with_the_pools_own() {
     );
     pool.close().await;
 }
+
+/// A generation whose lease was renewed past its first TTL keeps its connection in use
+/// after a rotation until the engine's drain deadline (just before the renewed end), not
+/// until its first TTL (long past): the drain must not judge by a stale lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_generation_drains_until_its_renewed_end() {
+    let role = create_role("6s", "1h").await;
+    let pool = pool_for(&role, 4).await;
+    // Renewed at ~4 s and ~8 s: at 10 s the first TTL is long over, the lease is not.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        pool.status().lease.renewals >= 1,
+        "{:?}",
+        pool.status().lease
+    );
+    let held = pool.pool().acquire().await.unwrap();
+    pool.rotate().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = pool.status().lease;
+    println!(
+        "sqlx: renewed generation, connection held across a rotation: {} revocations 1 s \
+         later; lease left then {:?}",
+        during.revocations, during.ttl_remaining
+    );
+    assert_eq!(
+        during.revocations, 0,
+        "revoked under a connection in use: {during:?}"
+    );
+    drop(held);
+    pool.close().await;
+    assert!(leases_of(&role).await.is_empty());
+}

@@ -52,7 +52,6 @@ use crate::credentials::{Credentials, Generation, Lease};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::Client;
 use source::Source;
-pub(crate) use worker::now;
 
 /// A boxed future, as verifiers return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -541,6 +540,15 @@ impl Engine {
             ));
         }
         Ok(current)
+    }
+
+    /// Whether `generation` is retired but its lease not yet revoked (it is draining).
+    pub(crate) fn is_retiring(&self, generation: Generation) -> bool {
+        self.shared
+            .stats()
+            .retiring
+            .iter()
+            .any(|(g, _, _)| *g == generation)
     }
 
     /// A receiver that sees every new generation.

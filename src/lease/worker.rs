@@ -29,6 +29,11 @@ const FORCED_ROTATION_SETTLE: Duration = Duration::from_secs(1);
 const UNREACHABLE_MIN: Duration = Duration::from_secs(5);
 /// The longest wait between two rotations that cannot reach the database.
 const UNREACHABLE_MAX: Duration = Duration::from_secs(30);
+/// After this long without another such failure, the backoff starts again from the
+/// beginning.
+const UNREACHABLE_FORGET: Duration = Duration::from_secs(300);
+/// …and once the lease has ended.
+const UNREACHABLE_EXPIRED: Duration = Duration::from_secs(5);
 
 /// The first wait before retrying a failed re-lease after a refused login; it doubles up
 /// to [`AUTH_RETRY_MAX`].
@@ -428,10 +433,21 @@ pub(crate) async fn run(
             );
             // The database cannot be reached from here: issuing a user only to drop it
             // again helps nobody; the next rotation waits for the backoff.
-            if let (Some(p), Some(until)) = (plan.as_mut(), book.unreachable_until)
-                && matches!(p.action, Action::Rotate | Action::Expired)
-            {
-                p.at = p.at.max(until);
+            if let (Some(p), Some(until)) = (plan.as_mut(), book.unreachable_until) {
+                match p.action {
+                    // Never past the last try before the lease's end.
+                    Action::Rotate => {
+                        let end = book.state(&current.lease, shared.source.as_ref()).end();
+                        let last_try = end.map_or(until, |e| {
+                            e - LAST_TRY.min(e.saturating_duration_since(now))
+                        });
+                        p.at = p.at.max(until.min(last_try));
+                    }
+                    // Expired already: nothing to protect, but come back soon once the
+                    // database is reachable again.
+                    Action::Expired => p.at = p.at.max(until.min(p.at + UNREACHABLE_EXPIRED)),
+                    Action::Renew => {}
+                }
             }
             publish_ttl(&shared, &current, now);
             let mut wake = plan.map(|p| p.at);
@@ -693,7 +709,16 @@ async fn renew(shared: &Shared, book: &mut Book) {
         }
         Err(e) if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::NotFound) => {
             tracing::warn!(lease_id = %current.lease.id, "lease is gone in Vault: {e}");
-            let _ = rotate(shared, book, Reason::LeaseLost).await;
+            if book.unreachable_until.is_some_and(|t| now() < t) {
+                // The database could not be reached at the last try: no new user yet.
+                book.failed(
+                    shared,
+                    "replacing a lost lease (waiting for the database)",
+                    &e,
+                );
+            } else {
+                let _ = rotate(shared, book, Reason::LeaseLost).await;
+            }
         }
         Err(e) => book.failed(shared, "renewing the lease", &e),
     }
@@ -719,8 +744,15 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         Err(e) => {
             book.failed(shared, "rotating credentials", &e);
             if e.kind() == ErrorKind::Backend {
-                // Verification could not reach the database: back off issuing (5 s
-                // doubling to 30 s) instead of creating and dropping a user per retry.
+                // Verification failed for another reason than a refused login (the
+                // database unreachable, hung, or failing the check): back off issuing
+                // (5 s doubling to 30 s) instead of creating and dropping a user per retry.
+                if book
+                    .unreachable_until
+                    .is_some_and(|t| now() > t + UNREACHABLE_FORGET)
+                {
+                    book.unreachable = 0; // an old episode: start again from 5 s
+                }
                 book.unreachable = book.unreachable.saturating_add(1);
                 let wait = UNREACHABLE_MIN
                     .saturating_mul(1u32 << (book.unreachable - 1).min(16))
@@ -749,6 +781,13 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     let new_lease_id = new.lease.id.clone();
     let new_full_ttl = new.lease.duration;
     let swap_started = self::now();
+    // Listed as retiring before anyone hears of the new generation: an adapter that
+    // follows the swap can ask `is_retiring` at once.
+    shared.stats().retiring.push((
+        old.generation,
+        old.lease.id.clone(),
+        old.connections.clone(),
+    ));
     shared.current.store(Arc::new(new));
     shared.generation.store(generation.0, Ordering::Release);
     shared.generation_tx.send_replace(generation);
@@ -777,11 +816,6 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         let mut stats = shared.stats();
         stats.rotations += 1;
         stats.last_rotation = Some(timing);
-        stats.retiring.push((
-            old.generation,
-            old.lease.id.clone(),
-            old.connections.clone(),
-        ));
     }
     metrics::counter!("vaultpool_rotations_total", "role" => shared.label.clone()).increment(1);
     tracing::info!(

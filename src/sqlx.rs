@@ -51,6 +51,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, ConnectionGuard, CredentialSource, Current, DatabaseRole, Engine};
 use crate::pool::{self, PoolStatus};
 
+/// How often the sqlx flavour asks Vault whether its lease still exists, by default.
+const LEASE_CHECK: Duration = Duration::from_secs(10);
 /// How long `close()` waits for connections to be returned before it revokes anyway.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// Connections whose user was checked just before a swap are recycled once.
@@ -162,9 +164,12 @@ impl VaultSqlxPool {
         Self::builder(role).build().await
     }
 
-    /// A builder for the database role `role` on the mount `database`.
+    /// A builder for the database role `role` on the mount `database`, whose lease is
+    /// looked up every 10 s ([`DatabaseRole::check_lease_every`]): code that uses
+    /// [`pool()`](Self::pool) directly gets no re-lease on a refused login, so a lease
+    /// revoked from outside is noticed this way instead.
     pub fn builder(role: impl Into<String>) -> Builder {
-        Self::builder_for(DatabaseRole::new(role))
+        Self::builder_for(DatabaseRole::new(role).check_lease_every(LEASE_CHECK))
     }
 
     /// A builder for any [`CredentialSource`].

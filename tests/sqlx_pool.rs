@@ -185,3 +185,44 @@ async fn a_renewed_generation_drains_until_its_renewed_end() {
     pool.close().await;
     assert!(leases_of(&role).await.is_empty());
 }
+
+/// Code that uses `pool()` directly (a plain `sqlx::PgPool`, the documented drop-in) after
+/// the lease was revoked from outside: the engine's lease check notices within ~10 s and
+/// re-leases, instead of waiting for the next renewal (40 s into this 60 s lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_users_heal_after_an_outside_revocation() {
+    let role = create_role("60s", "1h").await;
+    let pool = pool_for(&role, 4).await;
+    let count = || {
+        vaultpool::sqlx::sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
+            .fetch_one(pool.pool())
+    };
+    count().await.unwrap();
+    root_client()
+        .revoke_lease_prefix(&format!("database/creds/{role}"))
+        .await
+        .unwrap();
+    let revoked = std::time::Instant::now();
+    let mut failed = 0;
+    loop {
+        // A fresh connection each time: the revocation ended the old sessions, and a new
+        // login with the revoked user is refused until the re-lease.
+        if count().await.is_ok() && pool.engine().generation() > Generation(1) {
+            break;
+        }
+        failed += 1;
+        assert!(
+            revoked.elapsed() < Duration::from_secs(25),
+            "pool() users still failing {:?} after the revocation: {:?}",
+            revoked.elapsed(),
+            pool.status().lease
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "sqlx pool() after an outside revocation: served again {:?} later ({failed} failed \
+         tries before)",
+        revoked.elapsed()
+    );
+    pool.close().await;
+}

@@ -260,7 +260,9 @@ impl fmt::Display for Reason {
             Self::Forced => "forced",
             Self::AuthFailure => "authentication failure reported",
             Self::LeaseLost => "lease lost (expired or revoked in Vault)",
-            Self::SourceChanged => "a new KV version",
+            Self::SourceChanged => {
+                "the source changed (a new KV version, or the lease gone in Vault)"
+            }
         })
     }
 }

@@ -58,7 +58,20 @@ impl CredentialSource {
         match self {
             Self::DatabaseRole(r) => {
                 crate::vault::check_name("the database secrets mount", &r.mount)?;
-                crate::vault::check_name("the database role", &r.role)
+                crate::vault::check_name("the database role", &r.role)?;
+                if let Some(every) = r.lease_check
+                    && !(Duration::from_secs(1)..=MAX_POLL).contains(&every)
+                {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "checking the lease of database role {}: every {every:?}; use \
+                             between a second and a day",
+                            r.role
+                        ),
+                    ));
+                }
+                Ok(())
             }
             Self::Kv(k) => {
                 if k.poll > MAX_POLL {
@@ -89,7 +102,11 @@ impl CredentialSource {
     pub(crate) fn into_source(self, client: Client) -> Result<Arc<dyn Source>> {
         self.validate()?;
         Ok(match self {
-            Self::DatabaseRole(r) => Arc::new(VaultDatabase { client, role: r }),
+            Self::DatabaseRole(r) => Arc::new(VaultDatabase {
+                client,
+                role: r,
+                lookup_denied: std::sync::atomic::AtomicBool::new(false),
+            }),
             Self::Kv(k) => Arc::new(KvStatic { client, kv: k }),
         })
     }
@@ -125,6 +142,7 @@ impl From<KvCredentials> for CredentialSource {
 pub struct DatabaseRole {
     mount: String,
     role: String,
+    lease_check: Option<Duration>,
 }
 
 impl DatabaseRole {
@@ -133,6 +151,7 @@ impl DatabaseRole {
         Self {
             mount: "database".into(),
             role: role.into(),
+            lease_check: None,
         }
     }
 
@@ -141,6 +160,22 @@ impl DatabaseRole {
     pub fn mount(mut self, mount: impl Into<String>) -> Self {
         self.mount = mount.into();
         self
+    }
+
+    /// Ask Vault every `every` (jittered ±10%) whether the serving lease still exists
+    /// (`sys/leases/lookup`), and re-lease at once if it was revoked from outside. For
+    /// pools that cannot see a refused login themselves — the sqlx flavour's `pool()`
+    /// sets 10 s. Default: none (a refused login, or the next renewal, notices it). A
+    /// policy without `sys/leases/lookup` turns the check off, with one warning.
+    #[must_use]
+    pub fn check_lease_every(mut self, every: Duration) -> Self {
+        self.lease_check = Some(every);
+        self
+    }
+
+    /// How often the lease is looked up, if at all.
+    pub fn get_lease_check(&self) -> Option<Duration> {
+        self.lease_check
     }
 
     /// The role's name.
@@ -276,6 +311,8 @@ pub(crate) trait Source: Send + Sync {
 struct VaultDatabase {
     client: Client,
     role: DatabaseRole,
+    /// `sys/leases/lookup` was refused: the lease check is off.
+    lookup_denied: std::sync::atomic::AtomicBool,
 }
 
 impl Source for VaultDatabase {
@@ -312,6 +349,38 @@ impl Source for VaultDatabase {
 
     fn token_failing(&self) -> bool {
         self.client.token_refresh_failing()
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        self.role.lease_check
+    }
+
+    /// With a lease check: whether the serving lease is gone in Vault (revoked from
+    /// outside), so that it is replaced before anyone else notices.
+    fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
+        use std::sync::atomic::Ordering;
+        Box::pin(async move {
+            if self.lookup_denied.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            match self.client.lookup_lease(&current.id).await {
+                Ok(_) => Ok(false),
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    tracing::warn!(lease_id = %current.id, "the serving lease is gone in Vault; re-leasing");
+                    Ok(true)
+                }
+                Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                    self.lookup_denied.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        "checking the lease of database role {} is not allowed by the \
+                         token's policy (sys/leases/lookup); the check is off: {e}",
+                        self.role.role
+                    );
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
     }
 }
 

@@ -642,7 +642,9 @@ async fn check(shared: &Shared, book: &mut Book) -> Result<bool> {
             .await
             .map(|g| g != current.generation),
         Ok(false) => {
-            if book.failures > 0 {
+            // A poll that works again clears a KV source's failures; for a lease that is
+            // renewed, only a renewal or rotation says the engine is well again.
+            if book.failures > 0 && current.lease.duration.is_zero() {
                 book.succeeded(shared);
             }
             Ok(false)

@@ -25,15 +25,17 @@
 //! the old user (`pg_stat_activity`), or at the drain deadline.
 //!
 //! sqlx does not say which credentials a connection used. Each new connection asks
-//! PostgreSQL (`SELECT current_user`, once, in `after_connect`) and is discarded — sqlx
-//! then connects again with the current options — if it logged in as a retired user (a
-//! connect that began before the swap); a connection that already existed at the swap is
-//! recognised by its age. Hooks set on the `PgPoolOptions` given to
-//! [`pool_options`](pool::Builder::pool_options) are replaced by these.
+//! PostgreSQL (`SELECT session_user`, once, in `after_connect`) and is discarded — sqlx
+//! logs that at ERROR and connects again with the current options — if it logged in as
+//! one of the last retired users (a connect that began before the swap); a connection
+//! that already existed at the swap is recognised by its age. Hooks set on the
+//! `PgPoolOptions` given to [`pool_options`](pool::Builder::pool_options) are replaced by
+//! these; give yours to the builder instead.
 //!
-//! A retired generation drains until PostgreSQL shows no session of its user, or its
-//! lease ends; `close()` waits at most 30 s for connections in use (a `PgListener` holds
-//! one for ever), then revokes regardless.
+//! A retired generation drains until PostgreSQL shows no session of its user, or the
+//! engine revokes it at its drain deadline (just before its lease's end); `close()` waits
+//! at most 30 s for connections in use (a `PgListener` holds one for ever), then revokes
+//! regardless.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -52,7 +54,7 @@ use crate::lease::{self, ConnectionGuard, CredentialSource, Current, DatabaseRol
 use crate::pool::{self, PoolStatus};
 
 /// How often the sqlx flavour asks Vault whether its lease still exists, by default.
-const LEASE_CHECK: Duration = Duration::from_secs(10);
+const LEASE_CHECK: Duration = Duration::from_secs(15);
 /// How long `close()` waits for connections to be returned before it revokes anyway.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// Connections whose user was checked just before a swap are recycled once.
@@ -92,9 +94,11 @@ impl Swap {
     /// Whether `user` (PostgreSQL's `session_user`, cut to 63 bytes) is a retired one.
     fn is_retired(&self, user: &str) -> bool {
         let retired = self.retired_users.lock().unwrap_or_else(|e| e.into_inner());
-        retired
-            .iter()
-            .any(|r| r == user || (r.len() > 63 && r.as_bytes().starts_with(user.as_bytes())))
+        retired.iter().any(|r| {
+            // PostgreSQL cuts names to 63 bytes: a longer retired name matches its cut.
+            r == user
+                || (r.len() > 63 && user.len() == 63 && r.as_bytes().starts_with(user.as_bytes()))
+        })
     }
 
     /// Whether a connection of this age was opened before the last swap (plus grace).
@@ -165,9 +169,10 @@ impl VaultSqlxPool {
     }
 
     /// A builder for the database role `role` on the mount `database`, whose lease is
-    /// looked up every 10 s ([`DatabaseRole::check_lease_every`]): code that uses
+    /// looked up every 15 s ([`DatabaseRole::check_lease_every`]): code that uses
     /// [`pool()`](Self::pool) directly gets no re-lease on a refused login, so a lease
-    /// revoked from outside is noticed this way instead.
+    /// revoked from outside is noticed this way instead. With
+    /// [`builder_for`](Self::builder_for), set it on the `DatabaseRole` yourself.
     pub fn builder(role: impl Into<String>) -> Builder {
         Self::builder_for(DatabaseRole::new(role).check_lease_every(LEASE_CHECK))
     }
@@ -349,14 +354,16 @@ impl Builder {
     /// 10 s. Hooks set here (`after_connect`, `before_acquire`, `after_release`) are
     /// replaced by the pool's own — sqlx gives no way to read them back; give yours to
     /// [`after_connect`](Self::after_connect), [`before_acquire`](Self::before_acquire)
-    /// and [`after_release`](Self::after_release) instead, which run them after the pool's.
+    /// and [`after_release`](Self::after_release) instead, which compose them with the
+    /// pool's.
     pub fn pool_options(mut self, options: PgPoolOptions) -> Self {
         self.target.pool_options = options;
         self
     }
 
-    /// Your `after_connect` hook (e.g. `SET search_path`), run after the pool's own check
-    /// of the new connection's user. Default: none.
+    /// Your `after_connect` hook (e.g. `SET search_path`), run before the pool's own
+    /// check of the new connection's user (so that nothing runs after the check).
+    /// Default: none.
     pub fn after_connect(mut self, hook: ConnectHook) -> Self {
         self.target.hooks.after_connect = Some(hook);
         self
@@ -581,11 +588,12 @@ async fn drain(
         if pool.is_closed() {
             break;
         }
-        let sessions: std::result::Result<i64, _> =
-            ::sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
-                .bind(&user)
-                .fetch_one(&pool)
-                .await;
+        let sessions: std::result::Result<i64, _> = ::sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1::text::name",
+        )
+        .bind(&user)
+        .fetch_one(&pool)
+        .await;
         match sessions {
             Ok(0) => break,
             Ok(_) => {}

@@ -99,7 +99,7 @@ async fn close_is_bounded_even_with_a_listener_holding_a_connection() {
     drop(listener);
 }
 
-/// Hooks of the user's own run after the pool's: an `after_connect` that sets a session
+/// Hooks of the user's own composed with the pool's: an `after_connect` that sets a session
 /// setting, and a `before_acquire` that counts — both take effect, and rotation still
 /// retires old connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,10 +159,10 @@ async fn user_hooks_are_composed_with_the_pools_own() {
 /// until its first TTL (long past): the drain must not judge by a stale lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_generation_drains_until_its_renewed_end() {
-    let role = create_role("6s", "1h").await;
+    let role = create_role("10s", "1h").await;
     let pool = pool_for(&role, 4).await;
-    // Renewed at ~4 s and ~8 s: at 10 s the first TTL is long over, the lease is not.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Renewed every few seconds: at 15 s the first TTL is long over, the lease is not.
+    tokio::time::sleep(Duration::from_secs(15)).await;
     assert!(
         pool.status().lease.renewals >= 1,
         "{:?}",
@@ -187,7 +187,7 @@ async fn a_renewed_generation_drains_until_its_renewed_end() {
 }
 
 /// Code that uses `pool()` directly (a plain `sqlx::PgPool`, the documented drop-in) after
-/// the lease was revoked from outside: the engine's lease check notices within ~10 s and
+/// the lease was revoked from outside: the engine's lease check notices within ~15 s and
 /// re-leases, instead of waiting for the next renewal (40 s into this 60 s lease).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_users_heal_after_an_outside_revocation() {

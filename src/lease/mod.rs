@@ -209,7 +209,8 @@ pub struct Status {
     pub rotations: u64,
     /// Successful renewals so far.
     pub renewals: u64,
-    /// Checks of a polled source (a KV secret's version) so far.
+    /// Checks of a polled source so far: a KV secret's version, or a lease looked up
+    /// (`DatabaseRole::check_lease_every`).
     pub polls: u64,
     /// Failed renewal or rotation attempts so far.
     pub failures: u64,
@@ -649,14 +650,20 @@ impl Engine {
             connections: current.connections(),
             retiring: false,
         }];
-        generations.extend(stats.retiring.iter().map(|(generation, lease_id, conns)| {
-            GenerationStatus {
-                generation: *generation,
-                lease_id: lease_id.clone(),
-                connections: conns.load(Ordering::Acquire),
-                retiring: true,
-            }
-        }));
+        // (A rotation lists the old generation as retiring just before it swaps: skip it
+        // if this snapshot still holds it as current.)
+        generations.extend(
+            stats
+                .retiring
+                .iter()
+                .filter(|(g, _, _)| *g != current.generation)
+                .map(|(generation, lease_id, conns)| GenerationStatus {
+                    generation: *generation,
+                    lease_id: lease_id.clone(),
+                    connections: conns.load(Ordering::Acquire),
+                    retiring: true,
+                }),
+        );
         Status {
             source: shared.source_name.clone(),
             health,

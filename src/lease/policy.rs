@@ -121,7 +121,7 @@ impl Policy {
 }
 
 /// How long before the end the last attempt of a failing lease is made.
-const LAST_TRY_BEFORE_END: Duration = Duration::from_millis(100);
+pub(crate) const LAST_TRY_BEFORE_END: Duration = Duration::from_millis(100);
 
 /// What is known about the current lease.
 #[derive(Debug, Clone, Copy)]

@@ -105,7 +105,7 @@ impl CredentialSource {
             Self::DatabaseRole(r) => Arc::new(VaultDatabase {
                 client,
                 role: r,
-                lookup_denied: std::sync::atomic::AtomicBool::new(false),
+                lookup_denied_until: std::sync::Mutex::new(None),
             }),
             Self::Kv(k) => Arc::new(KvStatic { client, kv: k }),
         })
@@ -162,11 +162,12 @@ impl DatabaseRole {
         self
     }
 
-    /// Ask Vault every `every` (jittered ±10%) whether the serving lease still exists
-    /// (`sys/leases/lookup`), and re-lease at once if it was revoked from outside. For
-    /// pools that cannot see a refused login themselves — the sqlx flavour's `pool()`
-    /// sets 10 s. Default: none (a refused login, or the next renewal, notices it). A
-    /// policy without `sys/leases/lookup` turns the check off, with one warning.
+    /// Ask Vault every `every` (jittered ±10%; not while renewals come more often)
+    /// whether the serving lease still exists (`sys/leases/lookup`), and re-lease at once
+    /// if it was revoked from outside. For pools that cannot see a refused login
+    /// themselves: `VaultSqlxPool::builder(role)` sets 15 s. Cost: one Vault read per
+    /// pool per interval. Default: none (a refused login, or the next renewal, notices
+    /// it). A refused lookup turns the check off for an hour, with one warning.
     #[must_use]
     pub fn check_lease_every(mut self, every: Duration) -> Self {
         self.lease_check = Some(every);
@@ -297,7 +298,8 @@ pub(crate) trait Source: Send + Sync {
     fn token_failing(&self) -> bool {
         false
     }
-    /// How often to ask [`changed`](Source::changed), for sources without leases.
+    /// How often to ask [`changed`](Source::changed): a KV source's poll, or a database
+    /// role's lease check.
     fn poll_interval(&self) -> Option<Duration> {
         None
     }
@@ -311,9 +313,13 @@ pub(crate) trait Source: Send + Sync {
 struct VaultDatabase {
     client: Client,
     role: DatabaseRole,
-    /// `sys/leases/lookup` was refused: the lease check is off.
-    lookup_denied: std::sync::atomic::AtomicBool,
+    /// `sys/leases/lookup` was refused: the lease check is off until then (an hour
+    /// later, in case the refusal came from a token that was about to be replaced).
+    lookup_denied_until: std::sync::Mutex<Option<Instant>>,
 }
+
+/// How long a refused lease lookup turns the check off.
+const LOOKUP_DENIED_PAUSE: Duration = Duration::from_secs(3600);
 
 impl Source for VaultDatabase {
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
@@ -358,22 +364,29 @@ impl Source for VaultDatabase {
     /// With a lease check: whether the serving lease is gone in Vault (revoked from
     /// outside), so that it is replaced before anyone else notices.
     fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
-        use std::sync::atomic::Ordering;
         Box::pin(async move {
-            if self.lookup_denied.load(Ordering::Relaxed) {
+            let denied = || {
+                self.lookup_denied_until
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+            };
+            if denied().is_some_and(|until| Instant::now() < until) {
                 return Ok(false);
             }
             match self.client.lookup_lease(&current.id).await {
                 Ok(_) => Ok(false),
-                Err(e) if e.kind() == ErrorKind::NotFound => {
+                // Vault's own answer for a lease it does not know (HTTP 400 "invalid
+                // lease"), not any 404 from a proxy or a wrong path.
+                Err(e) if e.kind() == ErrorKind::NotFound && e.vault_status() == Some(400) => {
                     tracing::warn!(lease_id = %current.id, "the serving lease is gone in Vault; re-leasing");
                     Ok(true)
                 }
                 Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                    self.lookup_denied.store(true, Ordering::Relaxed);
+                    *denied() = Some(Instant::now() + LOOKUP_DENIED_PAUSE);
                     tracing::warn!(
-                        "checking the lease of database role {} is not allowed by the \
-                         token's policy (sys/leases/lookup); the check is off: {e}",
+                        "looking up the lease of database role {} was refused \
+                         (sys/leases/lookup, in Vault's default policy); the check is off \
+                         for an hour: {e}",
                         self.role.role
                     );
                     Ok(false)

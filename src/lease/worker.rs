@@ -32,7 +32,8 @@ const UNREACHABLE_MAX: Duration = Duration::from_secs(30);
 /// After this long without another such failure, the backoff starts again from the
 /// beginning.
 const UNREACHABLE_FORGET: Duration = Duration::from_secs(300);
-/// …and once the lease has ended.
+/// The longest such wait once the lease has ended (nothing left to protect; come back
+/// soon once the database can be reached again).
 const UNREACHABLE_EXPIRED: Duration = Duration::from_secs(5);
 
 /// The first wait before retrying a failed re-lease after a refused login; it doubles up
@@ -439,13 +440,13 @@ pub(crate) async fn run(
                     Action::Rotate => {
                         let end = book.state(&current.lease, shared.source.as_ref()).end();
                         let last_try = end.map_or(until, |e| {
-                            e - LAST_TRY.min(e.saturating_duration_since(now))
+                            e - policy::LAST_TRY_BEFORE_END.min(e.saturating_duration_since(now))
                         });
                         p.at = p.at.max(until.min(last_try));
                     }
                     // Expired already: nothing to protect, but come back soon once the
                     // database is reachable again.
-                    Action::Expired => p.at = p.at.max(until.min(p.at + UNREACHABLE_EXPIRED)),
+                    Action::Expired => p.at = p.at.max(until.min(now + UNREACHABLE_EXPIRED)),
                     Action::Renew => {}
                 }
             }
@@ -524,7 +525,8 @@ pub(crate) async fn run(
                                 Ok(result) => result,
                                 Err(cut) => {
                                     let e = cut.error(&shared, "checking for a new version");
-                                    if let Cut::TimedOut(_) = cut {
+                                    let kv = shared.current.load().lease.duration.is_zero();
+                                    if let (Cut::TimedOut(_), true) = (&cut, kv) {
                                         book.failed(&shared, "checking for a new version", &e);
                                     }
                                     Err(e)
@@ -576,10 +578,8 @@ async fn due_work(
     {
         re_lease(shared, book, generation).await;
     }
-    if poll_at.is_some_and(|t| now >= t) {
-        book.next_poll = None;
-        let _ = check(shared, book).await;
-    }
+    // The schedule first. When it renewed or rotated, the poll waits: that proved (or
+    // replaced) the lease, and the loop plans again before anything else is issued.
     if let Some(plan) = plan.filter(|p| now >= p.at) {
         match plan.action {
             Action::Renew => renew(shared, book).await,
@@ -587,6 +587,10 @@ async fn due_work(
                 let _ = rotate(shared, book, Reason::Schedule).await;
             }
         }
+        book.next_poll = None;
+    } else if poll_at.is_some_and(|t| now >= t) {
+        book.next_poll = None;
+        let _ = check(shared, book).await;
     }
     retire(shared, book, false).await;
 }
@@ -635,23 +639,41 @@ async fn check(shared: &Shared, book: &mut Book) -> Result<bool> {
         return Ok(false); // nothing to poll: leave the book and the status alone
     }
     let current = shared.current.load_full();
+    // A KV secret is polled for new versions; a leased secret is looked up in case it
+    // was revoked from outside. A lookup only adds to what renewals say: its failures do
+    // not move the schedule (that would renew or rotate early on every Vault blip).
+    let leased = !current.lease.duration.is_zero();
     let changed = shared.source.changed(&current.lease).await;
     shared.stats().polls += 1;
     match changed {
+        Ok(true) if leased => {
+            if book.unreachable_until.is_some_and(|t| now() < t) {
+                // The database could not be reached at the last try: no new user yet; the
+                // schedule's next rotation or the next lookup tries again.
+                return Ok(false);
+            }
+            rotate(shared, book, Reason::LeaseLost)
+                .await
+                .map(|g| g != current.generation)
+        }
         Ok(true) => rotate(shared, book, Reason::SourceChanged)
             .await
             .map(|g| g != current.generation),
         Ok(false) => {
-            // A poll that works again clears a KV source's failures; for a lease that is
-            // renewed, only a renewal or rotation says the engine is well again.
-            if book.failures > 0 && current.lease.duration.is_zero() {
+            // A poll that works again clears a KV source's failures.
+            if book.failures > 0 && !leased {
                 book.succeeded(shared);
             }
             Ok(false)
         }
         Err(e) => {
-            let e = e.context(format!("checking {} for a new version", shared.source_name));
-            book.failed(shared, "checking for a new version", &e);
+            let e = e.context(format!("checking {}", shared.source_name));
+            if leased {
+                tracing::debug!("looking the lease up failed: {e}");
+                shared.stats().last_error = Some(e.to_string());
+            } else {
+                book.failed(shared, "checking for a new version", &e);
+            }
             Err(e)
         }
     }
@@ -992,6 +1014,12 @@ mod tests {
         down: std::sync::atomic::AtomicBool,
         /// Panic in renew (a bug in a source), to see the engine notice its dead worker.
         panic_on_renew: std::sync::atomic::AtomicBool,
+        /// Look the lease up this often (a database role's lease check).
+        lease_check: Option<Duration>,
+        /// The lookup says the lease is gone / fails.
+        gone: std::sync::atomic::AtomicBool,
+        lookup_fails: std::sync::atomic::AtomicBool,
+        lookups: AtomicUsize,
     }
 
     impl Fake {
@@ -1041,6 +1069,18 @@ mod tests {
                 self.unavailable()?;
                 self.revoked.lock().unwrap().push(lease.id.clone());
                 Ok(())
+            })
+        }
+        fn poll_interval(&self) -> Option<Duration> {
+            self.lease_check
+        }
+        fn changed<'a>(&'a self, _: &'a Lease) -> super::super::BoxFuture<'a, Result<bool>> {
+            Box::pin(async move {
+                self.lookups.fetch_add(1, Ordering::SeqCst);
+                if self.lookup_fails.load(Ordering::SeqCst) {
+                    return Err(Error::new(ErrorKind::Server, "fake lookup failed"));
+                }
+                Ok(self.gone.load(Ordering::SeqCst))
             })
         }
     }
@@ -1263,6 +1303,36 @@ mod tests {
             Generation(2),
             "the refused credentials are still serving"
         );
+        engine.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_check_replaces_a_lease_gone_in_vault_and_its_failures_move_nothing() {
+        let fake = Arc::new(Fake {
+            ttl: Duration::from_secs(600),
+            max_ttl: Duration::from_secs(3600),
+            lease_check: Some(Duration::from_secs(10)),
+            ..Fake::default()
+        });
+        let engine = engine(&fake).await;
+        // Lookups failing for a minute: no renewal or rotation brought forward.
+        fake.lookup_fails.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(fake.lookups.load(Ordering::SeqCst) >= 4);
+        assert_eq!(fake.renewals.load(Ordering::SeqCst), 0, "renewed early");
+        assert_eq!(
+            engine.generation(),
+            Generation(1),
+            "rotated on a lookup blip"
+        );
+        assert_eq!(engine.status().health, super::super::Health::Serving);
+        // The lease gone in Vault: replaced at the next lookup.
+        fake.lookup_fails.store(false, Ordering::SeqCst);
+        fake.gone.store(true, Ordering::SeqCst);
+        let g = engine
+            .wait_newer(Generation(1), Duration::from_secs(12))
+            .await;
+        assert_eq!(g, Generation(2));
         engine.close().await;
     }
 }

@@ -1335,4 +1335,61 @@ mod tests {
         assert_eq!(g, Generation(2));
         engine.close().await;
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_database_backs_off_issuing_but_keeps_the_last_try_before_the_end() {
+        // A 60 s lease that cannot be renewed past 60 s: rotation due at 54 s.
+        let fake = fake(60, 60);
+        let db_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let verify: Verifier = {
+            let db_down = db_down.clone();
+            Arc::new(move |_| {
+                let down = db_down.load(Ordering::SeqCst);
+                Box::pin(async move {
+                    if down {
+                        Err(Error::new(ErrorKind::Backend, "fake database unreachable"))
+                    } else {
+                        Ok(())
+                    }
+                })
+            })
+        };
+        let started = now();
+        let engine = start(
+            ("fake role".into(), "fake-role".into()),
+            Arc::new(fake.clone()),
+            Policy::default(),
+            Some(Duration::from_secs(30)),
+            (Some(verify), Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+        db_down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(90)).await;
+        let tries: Vec<f64> = fake.issued.lock().unwrap()[1..]
+            .iter()
+            .map(|(_, at)| (*at - started).as_secs_f64())
+            .collect();
+        // Backed off (a try per retry_max, 5 s, would be ~8 before the end and ~15
+        // after), yet one last try just before the end at 60 s.
+        assert!(tries.len() <= 10, "{} users issued: {tries:?}", tries.len());
+        // The last try comes 100 ms before the end (backed off, the next would be at
+        // 69 s, past it).
+        assert!(
+            tries.iter().any(|t| (59.5..60.0).contains(t)),
+            "no last try just before the end: {tries:?}"
+        );
+        // After the end, at most 5 s apart: back soon once the database is.
+        let after: Vec<f64> = tries.iter().copied().filter(|t| *t >= 60.0).collect();
+        assert!(
+            after.windows(2).all(|w| w[1] - w[0] <= 5.5),
+            "tries after the end too far apart: {after:?}"
+        );
+        db_down.store(false, Ordering::SeqCst);
+        let g = engine
+            .wait_newer(Generation(1), Duration::from_secs(6))
+            .await;
+        assert_eq!(g, Generation(2), "not rotated once the database was back");
+        engine.close().await;
+    }
 }

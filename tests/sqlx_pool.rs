@@ -12,15 +12,18 @@ use vaultpool::sqlx::VaultSqlxPool;
 use vaultpool::sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vaultpool::{ErrorKind, Generation};
 
+/// The stack's `adaptive_immunity` database, without login (the lease supplies it).
+fn target() -> PgConnectOptions {
+    PgConnectOptions::new_without_pgpass()
+        .host(&var("PGHOST"))
+        .port(var("PGPORT").parse().unwrap())
+        .database("adaptive_immunity")
+}
+
 async fn pool_for(role: &str, max: u32) -> VaultSqlxPool {
     VaultSqlxPool::builder(role)
         .vault(approle_client("IMMUNE_SYSTEM"))
-        .connect_options(
-            PgConnectOptions::new_without_pgpass()
-                .host(&var("PGHOST"))
-                .port(var("PGPORT").parse().unwrap())
-                .database("adaptive_immunity"),
-        )
+        .connect_options(target())
         .pool_options(PgPoolOptions::new().max_connections(max))
         .policy(fast_policy())
         .build()
@@ -112,12 +115,7 @@ async fn user_hooks_are_composed_with_the_pools_own() {
     let counter = acquired.clone();
     let pool = VaultSqlxPool::builder(&role)
         .vault(approle_client("IMMUNE_SYSTEM"))
-        .connect_options(
-            PgConnectOptions::new_without_pgpass()
-                .host(&var("PGHOST"))
-                .port(var("PGPORT").parse().unwrap())
-                .database("adaptive_immunity"),
-        )
+        .connect_options(target())
         .pool_options(PgPoolOptions::new().max_connections(2))
         .after_connect(Arc::new(|conn, _meta| {
             Box::pin(async move {

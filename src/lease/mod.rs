@@ -46,6 +46,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use policy::Policy;
+pub(crate) use policy::doubling;
 pub use source::{CredentialSource, DatabaseRole, KvCredentials};
 
 use crate::credentials::{Credentials, Generation, Lease};

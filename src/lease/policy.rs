@@ -112,12 +112,16 @@ impl Policy {
     /// The delay before retry number `failures` (1 = first retry): exponential, capped,
     /// with "equal jitter" (between half and all of the step).
     pub fn retry_delay(&self, failures: u32, jitter_unit: f64) -> Duration {
-        let exp = self
-            .retry_min
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-        let step = exp.min(self.retry_max);
+        let step = doubling(self.retry_min, self.retry_max, failures);
         step.mul_f64(0.5 + 0.5 * jitter_unit.clamp(0.0, 1.0))
     }
+}
+
+/// `min` doubled for each failure after the first (`failures` = 1 → `min`), capped at
+/// `max`; saturating, so no count can overflow it. Every backoff in the crate uses it.
+pub(crate) fn doubling(min: Duration, max: Duration, failures: u32) -> Duration {
+    min.saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(max)
 }
 
 /// How long before the end the last attempt of a failing lease is made.

@@ -610,9 +610,7 @@ async fn re_lease(shared: &Shared, book: &mut Book, generation: Generation) {
     // backoff) and their own cap: a database that refuses every login must not make the
     // engine issue a new user every few seconds.
     book.auth_attempts = book.auth_attempts.saturating_add(1);
-    let delay = AUTH_RETRY_MIN
-        .saturating_mul(1u32 << (book.auth_attempts - 1).min(16))
-        .min(AUTH_RETRY_MAX);
+    let delay = policy::doubling(AUTH_RETRY_MIN, AUTH_RETRY_MAX, book.auth_attempts);
     book.auth_retry = Some((generation, now() + delay));
     match rotate(shared, book, Reason::AuthFailure).await {
         Ok(_) => {
@@ -778,9 +776,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
                     book.unreachable = 0; // an old episode: start again from 5 s
                 }
                 book.unreachable = book.unreachable.saturating_add(1);
-                let wait = UNREACHABLE_MIN
-                    .saturating_mul(1u32 << (book.unreachable - 1).min(16))
-                    .min(UNREACHABLE_MAX);
+                let wait = policy::doubling(UNREACHABLE_MIN, UNREACHABLE_MAX, book.unreachable);
                 book.unreachable_until = Some(now() + wait);
             }
             return Err(e);

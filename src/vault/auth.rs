@@ -211,9 +211,7 @@ impl TokenManager {
     fn refresh_failed(&self, now: Instant) {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         failed.0 = failed.0.saturating_add(1);
-        let wait = REFRESH_RETRY_MIN
-            .saturating_mul(1u32 << (failed.0 - 1).min(16))
-            .min(REFRESH_RETRY_MAX);
+        let wait = crate::lease::doubling(REFRESH_RETRY_MIN, REFRESH_RETRY_MAX, failed.0);
         failed.1 = Some(now + wait);
     }
 

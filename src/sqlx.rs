@@ -63,6 +63,12 @@ const SWAP_GRACE: Duration = Duration::from_millis(100);
 const RETIRED_USERS_KEPT: usize = 8;
 /// How often a draining generation is checked.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
+/// How often, while the pool has no idle connection (so it may be opening some), a login
+/// with the current credentials is tried, so that code using `pool()` directly gets the
+/// re-lease on a refused login that `acquire()` triggers at once.
+const LOGIN_PROBE: Duration = Duration::from_secs(15);
+/// At most this long for one probing login (the default verify timeout).
+const LOGIN_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// When the last swap happened, shared with the pool's hooks.
 struct Swap {
@@ -169,10 +175,13 @@ impl VaultSqlxPool {
     }
 
     /// A builder for the database role `role` on the mount `database`, whose lease is
-    /// looked up every 15 s ([`DatabaseRole::check_lease_every`]): code that uses
-    /// [`pool()`](Self::pool) directly gets no re-lease on a refused login, so a lease
-    /// revoked from outside is noticed this way instead. With
-    /// [`builder_for`](Self::builder_for), set it on the `DatabaseRole` yourself.
+    /// looked up every 15 s ([`DatabaseRole::check_lease_every`]). Code that uses
+    /// [`pool()`](Self::pool) directly bypasses [`acquire()`](Self::acquire)'s re-lease
+    /// on a refused login; for it a lease revoked from outside is noticed by that lookup,
+    /// and any other refusal (a password changed or a user dropped in PostgreSQL) by a
+    /// login tried every 15 s while the pool has no idle connection. With
+    /// [`builder_for`](Self::builder_for), set the lookup on the `DatabaseRole` yourself
+    /// (the login probe is always on).
     pub fn builder(role: impl Into<String>) -> Builder {
         Self::builder_for(DatabaseRole::new(role).check_lease_every(LEASE_CHECK))
     }
@@ -444,8 +453,9 @@ impl Builder {
             }) as lease::Verifier
         };
         let auth_failure_wait = lease.auth_failure_wait;
+        let probe_timeout = lease.verify_timeout.unwrap_or(LOGIN_PROBE_TIMEOUT);
         let vault = lease.vault()?;
-        let engine = lease.engine(vault, verify).await?;
+        let engine = lease.engine(vault, verify.clone()).await?;
         let swap = Arc::new(Swap {
             base: Instant::now(),
             stale_before_ns: AtomicU64::new(0),
@@ -515,6 +525,7 @@ impl Builder {
             swap,
             (guard, current),
             (applied_tx, drains.clone()),
+            (verify, probe_timeout),
         ));
         Ok(VaultSqlxPool {
             inner: Arc::new(Inner {
@@ -529,7 +540,8 @@ impl Builder {
     }
 }
 
-/// Apply every new generation to the pool and drain the old one.
+/// Apply every new generation to the pool and drain the old one; probe the login while
+/// the pool has no idle connection.
 async fn follow(
     engine: Engine,
     (pool, base): (PgPool, PgConnectOptions),
@@ -539,9 +551,35 @@ async fn follow(
         tokio::sync::watch::Sender<Generation>,
         tokio_util::sync::CancellationToken,
     ),
+    (verify, probe_timeout): (lease::Verifier, Duration),
 ) {
     let mut generations = engine.subscribe();
-    while generations.changed().await.is_ok() {
+    let mut probe_at =
+        tokio::time::interval_at(tokio::time::Instant::now() + LOGIN_PROBE, LOGIN_PROBE);
+    probe_at.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probing: Option<lease::BoxFuture<'static, ()>> = None;
+    loop {
+        tokio::select! {
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = probe_at.tick(), if probing.is_none() => {
+                if !pool.is_closed() && pool.num_idle() == 0 {
+                    probing = Some(Box::pin(probe_login(
+                        engine.clone(),
+                        verify.clone(),
+                        probe_timeout,
+                    )));
+                }
+                continue;
+            }
+            () = async { probing.as_mut().expect("guarded").await }, if probing.is_some() => {
+                probing = None;
+                continue;
+            }
+        }
         let next = engine.current();
         if next.generation == current.generation {
             continue;
@@ -559,6 +597,26 @@ async fn follow(
             old_guard,
             drains.clone(),
         ));
+    }
+}
+
+/// One login with the current credentials, as the verifier does it; a refusal is
+/// reported to the engine as `acquire()` would (it re-leases, with its backoff). sqlx has
+/// no hook on a failed connect, so this is how `pool()` users get the same healing.
+async fn probe_login(engine: Engine, verify: lease::Verifier, timeout: Duration) {
+    let Ok(current) = engine.usable() else {
+        return; // expired or closed: the engine is already replacing it, or done
+    };
+    match tokio::time::timeout(timeout, verify(current.credentials.clone())).await {
+        Ok(Err(e)) if e.kind() == ErrorKind::AuthenticationFailed => {
+            engine.report_auth_failure(current.generation);
+        }
+        Ok(Err(e)) => tracing::debug!("probing the login of {}: {e}", engine.label()),
+        Ok(Ok(())) => {}
+        Err(_) => tracing::debug!(
+            "probing the login of {}: no answer within {timeout:?}",
+            engine.label()
+        ),
     }
 }
 

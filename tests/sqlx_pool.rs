@@ -224,3 +224,60 @@ async fn pool_users_heal_after_an_outside_revocation() {
     );
     pool.close().await;
 }
+
+/// A refusal that no lease lookup can see — the user's password changed in PostgreSQL
+/// behind Vault's back, its sessions ended — for code using `pool()` directly: the login
+/// probe (every 15 s while the pool has no idle connection) reports it and the engine
+/// re-leases. Before the probe this pool failed until its lease's end (1 h here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_users_heal_after_a_login_refused_for_another_reason() {
+    let role = create_role("1h", "1h").await;
+    let pool = pool_for(&role, 4).await;
+    let count = || {
+        vaultpool::sqlx::sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
+            .fetch_one(pool.pool())
+    };
+    count().await.unwrap();
+    let user = pool.engine().current().credentials.username.clone();
+    let admin = pg_admin("adaptive_immunity").await;
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE \"{user}\" PASSWORD 'changed-behind-vaults-back'"
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    let changed = std::time::Instant::now();
+    let mut failed = 0;
+    loop {
+        if count().await.is_ok() && pool.engine().generation() > Generation(1) {
+            break;
+        }
+        failed += 1;
+        assert!(
+            changed.elapsed() < Duration::from_secs(40),
+            "pool() users still failing {:?} after the password change: {:?}",
+            changed.elapsed(),
+            pool.status().lease
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "sqlx pool() after a password changed in PostgreSQL: served again {:?} later \
+         ({failed} failed tries before)",
+        changed.elapsed()
+    );
+    // The refused user is revoked once drained: nothing is left behind.
+    pool.close().await;
+    assert!(leases_of(&role).await.is_empty(), "leases left behind");
+    assert!(
+        !pg_role_exists(&user).await,
+        "the refused user {user} left behind"
+    );
+}

@@ -1332,10 +1332,10 @@ mod tests {
         engine.close().await;
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_unreachable_database_backs_off_issuing_but_keeps_the_last_try_before_the_end() {
-        // A 60 s lease that cannot be renewed past 60 s: rotation due at 54 s.
-        let fake = fake(60, 60);
+    /// An engine whose verifier fails like an unreachable database while the flag is set.
+    async fn engine_on_flaky_database(
+        fake: &Arc<Fake>,
+    ) -> (Engine, Arc<std::sync::atomic::AtomicBool>) {
         let db_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let verify: Verifier = {
             let db_down = db_down.clone();
@@ -1350,7 +1350,6 @@ mod tests {
                 })
             })
         };
-        let started = now();
         let engine = start(
             ("fake role".into(), "fake-role".into()),
             Arc::new(fake.clone()),
@@ -1360,6 +1359,74 @@ mod tests {
         )
         .await
         .unwrap();
+        (engine, db_down)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_waits_for_the_unreachable_backoff_before_issuing_again() {
+        // Looked up every 10 s, gone in Vault, and the database unreachable: each lookup
+        // would issue (and drop) a user; the backoff (5 s doubling to 30 s) gates them.
+        let fake = Arc::new(Fake {
+            ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(3600),
+            lease_check: Some(Duration::from_secs(10)),
+            ..Fake::default()
+        });
+        let (engine, db_down) = engine_on_flaky_database(&fake).await;
+        db_down.store(true, Ordering::SeqCst);
+        fake.gone.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let tries = fake.issued.lock().unwrap().len() - 1;
+        let lookups = fake.lookups.load(Ordering::SeqCst);
+        // One per lookup (~30) without the gate; 5, 10, 20, 30, 30, ... s apart with it.
+        assert!(lookups >= 25, "{lookups} lookups");
+        assert!(
+            (5..=14).contains(&tries),
+            "{tries} users issued in 300 s for {lookups} lookups"
+        );
+        db_down.store(false, Ordering::SeqCst);
+        let g = engine
+            .wait_newer(Generation(1), Duration::from_secs(45))
+            .await;
+        assert_eq!(g, Generation(2), "not replaced once the database was back");
+        engine.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_old_unreachable_episode_is_forgotten_after_five_minutes() {
+        let fake = Arc::new(Fake {
+            ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(3600),
+            lease_check: Some(Duration::from_secs(10)),
+            ..Fake::default()
+        });
+        let (engine, db_down) = engine_on_flaky_database(&fake).await;
+        db_down.store(true, Ordering::SeqCst);
+        // Five forced rotations fail: the backoff is at its 30 s ceiling.
+        for _ in 0..5 {
+            assert!(engine.rotate().await.is_err());
+        }
+        // Ten quiet minutes (the lease has an hour), then the lease is lost.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let before = fake.issued.lock().unwrap().len();
+        fake.gone.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        let tries = fake.issued.lock().unwrap().len() - before;
+        // Forgotten: 5 s then 10 s apart (at the lookups ~10 s apart, 2-3 tries); kept,
+        // the first failure would wait 30 s (1 try).
+        assert!(
+            tries >= 2,
+            "{tries} tries in 25 s: the old episode's backoff kept"
+        );
+        engine.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_database_backs_off_issuing_but_keeps_the_last_try_before_the_end() {
+        // A 60 s lease that cannot be renewed past 60 s: rotation due at 54 s.
+        let fake = fake(60, 60);
+        let started = now();
+        let (engine, db_down) = engine_on_flaky_database(&fake).await;
         db_down.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(90)).await;
         let tries: Vec<f64> = fake.issued.lock().unwrap()[1..]

@@ -23,12 +23,39 @@
 //! pooled connection has been returned, or just before its lease ends (an explicit
 //! `drain_timeout` makes that sooner).
 //!
-//! What counts as "in use" is the pooled handle ([`Client`]) being alive. A
-//! `MultiplexedConnection` cloned out of it (`(*conn).clone()`, e.g. to hand to a task)
-//! is not counted: once the handle is returned, its generation may drain and be revoked,
-//! and the clone's next command fails (the server closed it) — it does not reconnect.
-//! Keep the handle for as long as you use the connection, or take a new one per unit of
-//! work. Nothing can keep a connection past its lease's end: Redis closes it then.
+//! What counts as "in use" is the pooled handle ([`Client`]) being alive. The connection
+//! inside it ([`RedisConnection`]) cannot be cloned out of the handle (redis'
+//! `MultiplexedConnection` is `Clone`; ours is not), so no connection escapes that count:
+//! while you hold the handle, its generation is not revoked before its lease's end. Keep
+//! the handle for as long as you use the connection, or take a new one per unit of work
+//! (cheap: connections are reused). Nothing can keep a connection past its lease's end:
+//! Redis closes it then.
+//!
+//! ## Timeouts
+//!
+//! Connections are opened with a connect timeout of 5 s (TCP, `HELLO`/`AUTH`; set
+//! [`connect_timeout`](pool::Builder::connect_timeout)) and **no response timeout**, so a
+//! blocking command — `BLPOP key 3`, `XREAD BLOCK`, `WAIT`, a slow script — waits as
+//! long as it asks to (redis' own default of 500 ms would cut them). Set
+//! [`response_timeout`](pool::Builder::response_timeout) for a ceiling on every command;
+//! it must exceed your longest blocking command. The pool's own checks do not depend on
+//! it: the PING before an idle connection is reused is bounded by the recycle timeout
+//! (2 s), and verifying new credentials by the verify timeout (10 s).
+//!
+//! ## Not supported
+//!
+//! TLS (`rediss://`) is not built in yet (an address with it is refused with a message
+//! saying so); Redis Cluster and Sentinel are not supported (one server address); pub/sub
+//! needs a dedicated connection, which a pool does not give: open one yourself with
+//! [`Engine::current`](crate::lease::Engine::current)'s credentials, or use
+//! `XREAD BLOCK` on a pooled connection.
+//!
+//! ## Credentials kept in KV
+//!
+//! With a KV source ([`VaultRedisPool::builder_kv`]) the address is part of the secret:
+//! `host` (required) and `port` (default 6379). A new version with another host or port
+//! moves the pool there: the new address is verified with the new credentials, new
+//! connections go to it, connections to the old one drain.
 
 use std::fmt;
 use std::time::Duration;
@@ -49,6 +76,10 @@ pub use crate::pool::PoolStatus;
 #[derive(Clone)]
 pub struct RedisConnect {
     info: ::redis::ConnectionInfo,
+    /// Take `host`/`port` from each version's KV secret (a KV source without an address
+    /// set on the builder).
+    address_from_kv: bool,
+    config: ::redis::AsyncConnectionConfig,
 }
 
 impl fmt::Debug for RedisConnect {
@@ -56,29 +87,82 @@ impl fmt::Debug for RedisConnect {
         f.debug_struct("RedisConnect")
             .field("addr", &self.info.addr().to_string())
             .field("db", &self.info.redis_settings().db())
+            .field("address_from_kv", &self.address_from_kv)
             .finish()
     }
 }
 
+impl RedisConnect {
+    /// The address to connect to with `creds`: the KV secret's, or the fixed one.
+    fn info_for(
+        &self,
+        creds: &Credentials,
+    ) -> Result<::redis::ConnectionInfo, ::redis::RedisError> {
+        let info = match (self.address_from_kv, creds.kv_secret()) {
+            (true, Some(kv)) => address_from_kv(kv).map_err(|e| {
+                ::redis::RedisError::from((
+                    ::redis::ErrorKind::InvalidClientConfig,
+                    "no usable Redis address in the KV secret",
+                    e.to_string(),
+                ))
+            })?,
+            _ => self.info.clone(),
+        };
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_username(&creds.username)
+            .set_password(creds.password.expose_secret());
+        Ok(info.set_redis_settings(settings))
+    }
+}
+
+/// The address in a KV secret: `host` (required) and `port` (default 6379).
+fn address_from_kv(kv: &crate::vault::KvSecret) -> Result<::redis::ConnectionInfo> {
+    let field = |k: &str| {
+        kv.get(k)
+            .map(|v| secrecy::ExposeSecret::expose_secret(v).trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let Some(host) = field("host") else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "reading the Redis address from KV {} (version {}): no `host`; add `host`                  (and `port`, default 6379) to the secret, or set .address(…) on the builder",
+                kv.path(),
+                kv.version()
+            ),
+        ));
+    };
+    let port = field("port").unwrap_or_else(|| "6379".into());
+    redis_info_from_lookup(|k| match k {
+        "REDIS_HOST" => Some(host.clone()),
+        "REDIS_PORT" => Some(port.clone()),
+        _ => None,
+    })
+    .map_err(|e| {
+        e.context(format!(
+            "reading the Redis address from KV {} (version {})",
+            kv.path(),
+            kv.version()
+        ))
+    })
+}
+
 impl pool::Connect for RedisConnect {
-    type Conn = MultiplexedConnection;
+    type Conn = RedisConnection;
     type Error = ::redis::RedisError;
 
     fn open<'a>(
         &'a self,
         creds: &'a Credentials,
-    ) -> BoxFuture<'a, Result<MultiplexedConnection, ::redis::RedisError>> {
+    ) -> BoxFuture<'a, Result<RedisConnection, ::redis::RedisError>> {
         Box::pin(async move {
-            let settings = self
-                .info
-                .redis_settings()
-                .clone()
-                .set_username(&creds.username)
-                .set_password(creds.password.expose_secret());
-            let info = self.info.clone().set_redis_settings(settings);
+            let info = self.info_for(creds)?;
             ::redis::Client::open(info)?
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&self.config)
                 .await
+                .map(RedisConnection)
         })
     }
 
@@ -87,13 +171,10 @@ impl pool::Connect for RedisConnect {
             || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
     }
 
-    fn check<'a>(
-        &'a self,
-        conn: &'a mut MultiplexedConnection,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    fn check<'a>(&'a self, conn: &'a mut RedisConnection) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             ::redis::cmd("PING")
-                .query_async::<String>(conn)
+                .query_async::<String>(&mut conn.0)
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("PING failed: {e}"))
@@ -105,8 +186,50 @@ impl pool::Connect for RedisConnect {
     }
 }
 
-/// A pooled Redis connection: derefs to [`MultiplexedConnection`], so
-/// `redis::AsyncCommands` work on `&mut *conn` (or on `conn` directly).
+/// One pooled Redis connection (a redis `MultiplexedConnection` inside): every
+/// `redis::AsyncCommands` works on it. Unlike `MultiplexedConnection` it is not `Clone`,
+/// so it cannot leave the pooled handle that counts it for the drain:
+///
+/// ```compile_fail,E0599
+/// # async fn f(pool: vaultpool::redis::VaultRedisPool) {
+/// let conn = pool.get().await.unwrap();
+/// let escaped = (*conn).clone(); // does not compile: not Clone
+/// # }
+/// ```
+pub struct RedisConnection(MultiplexedConnection);
+
+impl fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field("db", &::redis::aio::ConnectionLike::get_db(&self.0))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ::redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Cmd,
+    ) -> ::redis::RedisFuture<'a, ::redis::Value> {
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
+        self.0.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+/// A pooled Redis connection: derefs to [`RedisConnection`], so `redis::AsyncCommands`
+/// work on `&mut *conn` (or on `conn` directly).
 pub type Client = pool::Pooled<RedisConnect>;
 
 impl ::redis::aio::ConnectionLike for Client {
@@ -139,10 +262,15 @@ pub type VaultRedisPool = pool::VaultPool<RedisConnect>;
 /// `max_size`/`timeouts`, and [`address`](Builder::address).
 pub type Builder = pool::Builder<pool::Deadpool<RedisTarget>>;
 
-/// Where the pool connects to Redis, as set on the [`Builder`].
+/// Where and how the pool connects to Redis, as set on the [`Builder`].
 pub struct RedisTarget {
     info: Option<std::result::Result<::redis::ConnectionInfo, ::redis::RedisError>>,
+    connect_timeout: Duration,
+    response_timeout: Option<Duration>,
 }
+
+/// Default connect timeout (TCP connect and the `HELLO`/`AUTH` handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,6 +282,8 @@ impl fmt::Debug for RedisTarget {
                     .as_ref()
                     .map(|i| i.as_ref().map(|i| i.addr().to_string()).ok()),
             )
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
             .finish()
     }
 }
@@ -177,8 +307,9 @@ impl VaultRedisPool {
     /// A pool on static credentials kept in KV v2 — e.g. the seed's `redis/main` with
     /// `host`, `port`, `password` and optionally `username` — re-read within 30 s of a
     /// new KV version, with no restart: connections of the old version drain, new ones
-    /// use the new password. The address comes from the secret's `host`/`port` unless
-    /// [`address`](pool::Builder::address) is set. For another mount or poll interval,
+    /// use the new password (and the new `host`/`port`, if they changed). The address
+    /// comes from the secret unless [`address`](pool::Builder::address) is set; a secret
+    /// without `host` is refused. For another mount or poll interval,
     /// use [`builder_for`](Self::builder_for) with a [`KvCredentials`] (and
     /// `.default_username("default")` if the secret may lack `username`).
     pub fn builder_kv(path: impl Into<String>) -> Builder {
@@ -190,7 +321,11 @@ impl VaultRedisPool {
         pool::Builder::new(
             source,
             pool::Deadpool::new(
-                RedisTarget { info: None },
+                RedisTarget {
+                    info: None,
+                    connect_timeout: CONNECT_TIMEOUT,
+                    response_timeout: None,
+                },
                 pool::Timeouts {
                     wait: Some(Duration::from_secs(10)),
                     create: Some(Duration::from_secs(5)),
@@ -213,21 +348,51 @@ impl Builder {
         self
     }
 
+    /// The connect timeout: TCP connect plus the `HELLO`/`AUTH` handshake of each new
+    /// connection. Default 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.target.backend.connect_timeout = timeout;
+        self
+    }
+
+    /// A ceiling on every command's response, or `None` (the default) for none. Blocking
+    /// commands (`BLPOP key 3`, `XREAD BLOCK`, `WAIT`) need it longer than what they ask
+    /// for; redis' own default of 500 ms would cut them.
+    pub fn response_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.target.backend.response_timeout = timeout;
+        self
+    }
+
     /// Lease and verify the first ACL user (one real connection and PING), start the
     /// engine, build the pool.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for a missing or invalid address; whatever leasing or the
-    /// verifying connection fails with.
+    /// [`ErrorKind::Config`] for a missing or invalid address (a KV secret without
+    /// `host` among them) or a zero timeout; whatever leasing or the verifying connection
+    /// fails with.
     pub async fn build(self) -> Result<VaultRedisPool> {
         let (lease, deadpool, target) = self.into_parts();
         lease.source.validate()?;
+        if target.connect_timeout.is_zero() || target.response_timeout.is_some_and(|t| t.is_zero())
+        {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "configuring Redis: a zero connect or response timeout would fail every \
+                 command; give a positive duration (or None for no response timeout)",
+            ));
+        }
         let given = match target.info {
             Some(Ok(i)) => Some(i),
             Some(Err(e)) => {
+                let why = if e.to_string().contains("TLS") {
+                    "uses TLS (rediss://), which vaultpool does not support yet; use \
+                     redis:// on a trusted network, or a TLS-terminating sidecar"
+                } else {
+                    "is not a usable redis:// URL"
+                };
                 return Err(Error::new(
                     ErrorKind::Config,
-                    "configuring Redis: the address given to .address(…) is not a redis:// URL",
+                    format!("configuring Redis: the address given to .address(…) {why}"),
                 )
                 .with_source(e));
             }
@@ -239,22 +404,14 @@ impl Builder {
             (None, _) => Some(redis_info_from_lookup(|k| std::env::var(k).ok())?),
             (given, _) => given,
         };
+        let from_kv = given.is_none();
         let vault = lease.vault()?;
         let info = match (given, &lease.source) {
             (Some(i), _) => i,
             (None, CredentialSource::Kv(kv)) => {
-                // The address lives in the secret itself (`host`, `port`).
-                let secret = vault.read_kv(kv.get_mount(), kv.get_path()).await?;
-                let field = |k: &str| {
-                    secret
-                        .get(k)
-                        .map(|v| secrecy::ExposeSecret::expose_secret(v).to_owned())
-                };
-                redis_info_from_lookup(|k| match k {
-                    "REDIS_HOST" => field("host"),
-                    "REDIS_PORT" => field("port"),
-                    _ => None,
-                })?
+                // The address lives in the secret itself (`host`, `port`), version by
+                // version; this first read names a missing one before anything is leased.
+                address_from_kv(&vault.read_kv(kv.get_mount(), kv.get_path()).await?)?
             }
             (None, other) => {
                 return Err(Error::new(
@@ -273,7 +430,13 @@ impl Builder {
                  vaultpool authenticates with the ACL user leased from Vault",
             ));
         }
-        let connect = RedisConnect { info };
+        let connect = RedisConnect {
+            info,
+            address_from_kv: from_kv,
+            config: ::redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(target.connect_timeout))
+                .set_response_timeout(target.response_timeout),
+        };
         Self::build_with(lease, deadpool, vault, connect.clone(), connect).await
     }
 }
@@ -301,7 +464,16 @@ pub fn redis_info_from_lookup(
             lookup("REDIS_PORT").unwrap_or_else(|| "6379".into())
         ),
     };
-    url.trim().into_connection_info().map_err(|e| {
+    let url = url.trim();
+    if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "reading the Redis address (REDIS_URL or REDIS_HOST/REDIS_PORT): TLS (rediss://) \
+             is not supported by vaultpool yet; use redis:// on a trusted network, or a \
+             TLS-terminating sidecar",
+        ));
+    }
+    url.into_connection_info().map_err(|e| {
         Error::new(
             ErrorKind::Config,
             "reading the Redis address (REDIS_URL or REDIS_HOST/REDIS_PORT): not a redis:// URL",
@@ -334,6 +506,49 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);
         assert!(err.to_string().contains(".address"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_tls_address_is_refused_saying_why() {
+        let err = VaultRedisPool::builder("r")
+            .address("rediss://cache:6380/0")
+            .build()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("TLS (rediss://)"), "{err}");
+        let err = redis_info_from_lookup(|k| (k == "REDIS_URL").then(|| "rediss://c:1".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("TLS (rediss://)"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn zero_timeouts_are_refused() {
+        let err = VaultRedisPool::builder("r")
+            .address("redis://cache:6379/0")
+            .response_timeout(Some(Duration::ZERO))
+            .build()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("zero"), "{err}");
+    }
+
+    #[test]
+    fn kv_address_needs_a_host_and_defaults_the_port() {
+        let kv = crate::vault::KvSecret::for_test("secret", "redis/main", 2, &[("port", "6380")]);
+        let err = address_from_kv(&kv).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no `host`") && msg.contains("redis/main"),
+            "{msg}"
+        );
+        let kv = crate::vault::KvSecret::for_test("secret", "redis/main", 3, &[("host", "cache")]);
+        assert_eq!(
+            address_from_kv(&kv).unwrap().addr().to_string(),
+            "cache:6379"
+        );
     }
 
     #[test]

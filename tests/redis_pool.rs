@@ -280,3 +280,165 @@ async fn static_kv_password_rotation_is_picked_up_without_restart() {
     pool.close().await;
     redis_admin(&["ACL", "DELUSER", &user]).await;
 }
+
+/// A blocking command on a pooled connection waits as long as it asks: `BLPOP` on an
+/// empty list for 3 s returns nil after ~3 s (redis' default 500 ms response timeout cut
+/// it at 0.50 s with "timed out"), and a value pushed meanwhile is returned at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_commands_on_a_pooled_connection_wait_as_long_as_they_ask() {
+    let role = create_redis_role("1h", "1h").await;
+    let pool = pool_for(&role, root_client()).await;
+    let key = format!("app:blpop-{}", unique());
+    let mut conn = pool.get().await.unwrap();
+    let t = Instant::now();
+    let got: Option<(String, String)> = conn.blpop(&key, 3.0).await.unwrap();
+    let waited = t.elapsed();
+    assert_eq!(got, None);
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "BLPOP 3 returned after {waited:?}"
+    );
+    // Unblocked by a push from another pooled connection.
+    let pusher = {
+        let (pool, key) = (pool.clone(), key.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let mut c = pool.get().await.unwrap();
+            let _: i64 = c.rpush(&key, "job-1").await.unwrap();
+        })
+    };
+    let t = Instant::now();
+    let got: Option<(String, String)> = conn.blpop(&key, 10.0).await.unwrap();
+    let unblocked = t.elapsed();
+    pusher.await.unwrap();
+    assert_eq!(got, Some((key.clone(), "job-1".to_string())));
+    println!(
+        "redis BLPOP 3 on a pooled connection: nil after {waited:?}; unblocked by a push after {unblocked:?}"
+    );
+    drop(conn);
+    // A response timeout set on the builder applies (and says so).
+    let strict = VaultRedisPool::builder(&role)
+        .vault(root_client())
+        .address(redis_url())
+        .response_timeout(Some(Duration::from_millis(300)))
+        .build()
+        .await
+        .unwrap();
+    let mut c = strict.get().await.unwrap();
+    let t = Instant::now();
+    let err = c
+        .blpop::<_, Option<(String, String)>>(&key, 3.0)
+        .await
+        .unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(err.is_timeout(), "{err}");
+    drop(c);
+    strict.close().await;
+    pool.close().await;
+}
+
+/// A KV secret moves the pool to a new address: version 2 names another host:port (a
+/// proxy in front of the same Redis); the new address is verified, new connections go
+/// there, commands never fail. Before, a later version's host/port was ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_kv_version_with_another_address_moves_the_pool() {
+    let user = format!("kvmove-{}", unique());
+    let pw = format!("pw-{}", unique());
+    let add = format!(">{pw}");
+    assert!(
+        redis_admin(&[
+            "ACL",
+            "SETUSER",
+            &user,
+            "on",
+            "~app:*",
+            "+@all",
+            "-@dangerous",
+            &add
+        ])
+        .await
+        .starts_with("+OK")
+    );
+    let proxy = Proxy::start(
+        &format!("{}:{}", var("REDIS_HOST"), var("REDIS_PORT")),
+        "\u{0}",
+    )
+    .await;
+    let proxy_port = proxy.addr.rsplit(':').next().unwrap().to_owned();
+    let path = format!("redis/kvmove-{}", unique());
+    let secret = |port: &str| json!({"host": var("REDIS_HOST"), "port": port, "username": user, "password": pw});
+    kv_put(&path, secret(&var("REDIS_PORT"))).await;
+    let pool = VaultRedisPool::builder_for(
+        KvCredentials::new(&path).poll_interval(Duration::from_secs(1)),
+    )
+    .vault(root_client())
+    .build()
+    .await
+    .unwrap();
+    set_get(&pool, "app:kvmove").await.unwrap();
+    assert_eq!(proxy.accepted.load(Ordering::Relaxed), 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match set_get(&pool, "app:kvmove").await {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    kv_put(&path, secret(&proxy_port)).await;
+    let g = pool
+        .engine()
+        .wait_newer(Generation(1), Duration::from_secs(10))
+        .await;
+    let moved = t.elapsed();
+    assert_eq!(g, Generation(2), "the new version was not picked up");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    let through_proxy = proxy.accepted.load(Ordering::Relaxed);
+    println!(
+        "redis KV address change: picked up after {moved:?}; {through_proxy} connections to \
+         the new address; {ok} SET+GET pairs, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    // The verifying connection and the pool's new ones went to the new address.
+    assert!(
+        through_proxy >= 2,
+        "{through_proxy} connections to the new address"
+    );
+    let conn = pool.get().await.unwrap();
+    assert_eq!(conn.generation(), Generation(2));
+    drop(conn);
+    pool.close().await;
+    redis_admin(&["ACL", "DELUSER", &user]).await;
+}
+
+/// A KV secret without `host` is refused at build, naming the path and the fix (before,
+/// the pool silently connected to 127.0.0.1:6379).
+#[tokio::test]
+async fn a_kv_secret_without_a_host_is_refused_at_build() {
+    let path = format!("redis/nohost-{}", unique());
+    kv_put(
+        &path,
+        json!({"port": "6390", "username": "default", "password": "x"}),
+    )
+    .await;
+    let err = VaultRedisPool::builder_kv(&path)
+        .vault(root_client())
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("no `host`") && msg.contains(&path), "{msg}");
+}

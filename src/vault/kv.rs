@@ -72,7 +72,7 @@ impl KvSecret {
     }
 }
 
-#[cfg(all(test, feature = "kafka"))]
+#[cfg(all(test, any(feature = "kafka", feature = "redis")))]
 impl KvSecret {
     /// A secret built in memory, for unit tests.
     pub(crate) fn for_test(mount: &str, path: &str, version: u64, pairs: &[(&str, &str)]) -> Self {

@@ -63,12 +63,16 @@ const SWAP_GRACE: Duration = Duration::from_millis(100);
 const RETIRED_USERS_KEPT: usize = 8;
 /// How often a draining generation is checked.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
-/// How often, while the pool has no idle connection (so it may be opening some), a login
-/// with the current credentials is tried, so that code using `pool()` directly gets the
-/// re-lease on a refused login that `acquire()` triggers at once.
+/// How often, by default, a login with the current credentials is tried while the pool
+/// is in use and has no idle connection (it may be failing to open one), so that code
+/// using `pool()` directly gets the re-lease on a refused login that `acquire()`
+/// triggers at once.
 const LOGIN_PROBE: Duration = Duration::from_secs(15);
-/// At most this long for one probing login (the default verify timeout).
-const LOGIN_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// "In use": a connection acquired, released or opened within this long.
+const LOGIN_PROBE_ACTIVE: Duration = Duration::from_secs(300);
+/// A pool not in use (no hook fired for `LOGIN_PROBE_ACTIVE`) is probed at most this
+/// often: a refused login fires no hook, so an idle pool cannot be skipped entirely.
+const LOGIN_PROBE_IDLE: Duration = Duration::from_secs(300);
 
 /// When the last swap happened, shared with the pool's hooks.
 struct Swap {
@@ -78,6 +82,8 @@ struct Swap {
     /// The users of the last few retired generations: a new connection logged in as one
     /// of them began before the swap, and is refused.
     retired_users: Mutex<VecDeque<String>>,
+    /// When a hook last fired (a connection acquired, released or opened), since `base`.
+    last_used_ns: AtomicU64,
 }
 
 impl Swap {
@@ -108,6 +114,25 @@ impl Swap {
     }
 
     /// Whether a connection of this age was opened before the last swap (plus grace).
+    fn new(base: Instant) -> Self {
+        Self {
+            base,
+            stale_before_ns: AtomicU64::new(0),
+            retired_users: Mutex::new(VecDeque::new()),
+            last_used_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn used(&self) {
+        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_used_ns.store(now, Ordering::Relaxed);
+    }
+
+    fn used_within(&self, d: Duration) -> bool {
+        let last = Duration::from_nanos(self.last_used_ns.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last) < d
+    }
+
     fn is_stale(&self, age: Duration) -> bool {
         let stale_before = Duration::from_nanos(self.stale_before_ns.load(Ordering::Acquire));
         if stale_before.is_zero() {
@@ -178,10 +203,10 @@ impl VaultSqlxPool {
     /// looked up every 15 s ([`DatabaseRole::check_lease_every`]). Code that uses
     /// [`pool()`](Self::pool) directly bypasses [`acquire()`](Self::acquire)'s re-lease
     /// on a refused login; for it a lease revoked from outside is noticed by that lookup,
-    /// and any other refusal (a password changed or a user dropped in PostgreSQL) by a
-    /// login tried every 15 s while the pool has no idle connection. With
-    /// [`builder_for`](Self::builder_for), set the lookup on the `DatabaseRole` yourself
-    /// (the login probe is always on).
+    /// and any other refusal (a password changed or a user dropped in PostgreSQL) by the
+    /// [login probe](Builder::login_probe) (a login every 15 s while the pool is in
+    /// use and has no idle connection). With [`builder_for`](Self::builder_for), set the
+    /// lookup on the `DatabaseRole` yourself (the login probe is on by default).
     pub fn builder(role: impl Into<String>) -> Builder {
         Self::builder_for(DatabaseRole::new(role).check_lease_every(LEASE_CHECK))
     }
@@ -196,6 +221,7 @@ impl VaultSqlxPool {
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10)),
                 hooks: UserHooks::default(),
+                login_probe: Some(LOGIN_PROBE),
             },
         )
     }
@@ -302,6 +328,7 @@ pub struct SqlxTarget {
     connect: Option<PgConnectOptions>,
     pool_options: PgPoolOptions,
     hooks: UserHooks,
+    login_probe: Option<Duration>,
 }
 
 /// A hook like sqlx's `before_acquire`/`after_release`: `Ok(false)` closes the connection.
@@ -367,6 +394,21 @@ impl Builder {
     /// pool's.
     pub fn pool_options(mut self, options: PgPoolOptions) -> Self {
         self.target.pool_options = options;
+        self
+    }
+
+    /// How often a login with the current credentials is tried while the pool has no
+    /// idle connection, so that code using [`pool()`](VaultSqlxPool::pool) directly heals
+    /// from a refused login (a password changed or a user dropped in PostgreSQL) as
+    /// [`acquire()`](VaultSqlxPool::acquire) does. Default every 15 s while the pool is
+    /// in use (a connection acquired, released or opened in the last 5 min), else at most
+    /// every 5 min; each login is bounded by the verify timeout. `None` turns it off
+    /// (e.g. when every caller goes through `acquire()`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] (at [`build`](pool::Builder::build)) for an interval under 1 s.
+    pub fn login_probe(mut self, every: Option<Duration>) -> Self {
+        self.target.login_probe = every;
         self
     }
 
@@ -452,15 +494,27 @@ impl Builder {
                 }) as lease::BoxFuture<'static, Result<()>>
             }) as lease::Verifier
         };
+        if target
+            .login_probe
+            .is_some_and(|d| d < Duration::from_secs(1))
+        {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "building a sqlx pool: a login probe more often than every second would load \
+                 PostgreSQL; give at least 1 s, or None to turn it off",
+            ));
+        }
         let auth_failure_wait = lease.auth_failure_wait;
-        let probe_timeout = lease.verify_timeout.unwrap_or(LOGIN_PROBE_TIMEOUT);
+        let probe = target.login_probe.map(|every| LoginProbe {
+            every,
+            timeout: lease
+                .verify_timeout
+                .unwrap_or(lease::DEFAULT_VERIFY_TIMEOUT),
+            verify: verify.clone(),
+        });
         let vault = lease.vault()?;
         let engine = lease.engine(vault, verify.clone()).await?;
-        let swap = Arc::new(Swap {
-            base: Instant::now(),
-            stale_before_ns: AtomicU64::new(0),
-            retired_users: Mutex::new(VecDeque::new()),
-        });
+        let swap = Arc::new(Swap::new(Instant::now()));
         let (on_acquire, on_release, on_connect) = (swap.clone(), swap.clone(), swap.clone());
         let UserHooks {
             after_connect: user_connect,
@@ -480,6 +534,7 @@ impl Builder {
                 // and connects again with the current options). The user's own hook runs
                 // first, so that nothing follows the check.
                 let (swap, user_hook) = (on_connect.clone(), user_connect.clone());
+                swap.used();
                 Box::pin(async move {
                     if let Some(hook) = user_hook {
                         hook(&mut *conn, meta).await?;
@@ -496,6 +551,7 @@ impl Builder {
                 })
             })
             .before_acquire(move |conn, meta| {
+                on_acquire.used();
                 let fresh = !on_acquire.is_stale(meta.age);
                 let user_hook = user_acquire.clone();
                 Box::pin(async move {
@@ -506,6 +562,7 @@ impl Builder {
                 })
             })
             .after_release(move |conn, meta| {
+                on_release.used();
                 let fresh = !on_release.is_stale(meta.age);
                 let user_hook = user_release.clone();
                 Box::pin(async move {
@@ -525,7 +582,7 @@ impl Builder {
             swap,
             (guard, current),
             (applied_tx, drains.clone()),
-            (verify, probe_timeout),
+            probe,
         ));
         Ok(VaultSqlxPool {
             inner: Arc::new(Inner {
@@ -540,6 +597,13 @@ impl Builder {
     }
 }
 
+/// The login probe's settings.
+struct LoginProbe {
+    every: Duration,
+    timeout: Duration,
+    verify: lease::Verifier,
+}
+
 /// Apply every new generation to the pool and drain the old one; probe the login while
 /// the pool has no idle connection.
 async fn follow(
@@ -551,13 +615,17 @@ async fn follow(
         tokio::sync::watch::Sender<Generation>,
         tokio_util::sync::CancellationToken,
     ),
-    (verify, probe_timeout): (lease::Verifier, Duration),
+    probe: Option<LoginProbe>,
 ) {
     let mut generations = engine.subscribe();
-    let mut probe_at =
-        tokio::time::interval_at(tokio::time::Instant::now() + LOGIN_PROBE, LOGIN_PROBE);
+    // Without a probe the timer never fires (its branch is disabled).
+    let every = probe
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |p| p.every);
+    let mut probe_at = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     probe_at.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probing: Option<lease::BoxFuture<'static, ()>> = None;
+    let mut last_probe = Instant::now();
     loop {
         tokio::select! {
             changed = generations.changed() => {
@@ -565,17 +633,28 @@ async fn follow(
                     break;
                 }
             }
-            _ = probe_at.tick(), if probing.is_none() => {
-                if !pool.is_closed() && pool.num_idle() == 0 {
+            _ = probe_at.tick(), if probe.is_some() && probing.is_none() => {
+                let due = swap.used_within(LOGIN_PROBE_ACTIVE)
+                    || last_probe.elapsed() >= LOGIN_PROBE_IDLE;
+                if let Some(p) = probe.as_ref().filter(|_| due)
+                    && !pool.is_closed()
+                    && pool.num_idle() == 0
+                {
+                    last_probe = Instant::now();
                     probing = Some(Box::pin(probe_login(
                         engine.clone(),
-                        verify.clone(),
-                        probe_timeout,
+                        p.verify.clone(),
+                        p.timeout,
                     )));
                 }
                 continue;
             }
-            () = async { probing.as_mut().expect("guarded").await }, if probing.is_some() => {
+            () = async {
+                match probing.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            }, if probing.is_some() => {
                 probing = None;
                 continue;
             }
@@ -611,7 +690,14 @@ async fn probe_login(engine: Engine, verify: lease::Verifier, timeout: Duration)
         Ok(Err(e)) if e.kind() == ErrorKind::AuthenticationFailed => {
             engine.report_auth_failure(current.generation);
         }
-        Ok(Err(e)) => tracing::debug!("probing the login of {}: {e}", engine.label()),
+        Ok(Err(e)) => {
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            tracing::debug!(
+                cause = cause.as_deref().unwrap_or(""),
+                "probing the login of {}: {e}",
+                engine.label()
+            );
+        }
         Ok(Ok(())) => {}
         Err(_) => tracing::debug!(
             "probing the login of {}: no answer within {timeout:?}",
@@ -726,33 +812,32 @@ mod tests {
 
     #[test]
     fn connections_older_than_the_swap_are_stale() {
-        let swap = Swap {
-            base: Instant::now() - Duration::from_secs(100),
-            stale_before_ns: AtomicU64::new(0),
-            retired_users: Mutex::new(VecDeque::new()),
-        };
+        let swap = Swap::new(Instant::now() - Duration::from_secs(100));
         assert!(!swap.is_stale(Duration::from_secs(50)), "no swap yet");
         swap.mark("v-old".into());
         // Opened 10 s ago: before the swap.
         assert!(swap.is_stale(Duration::from_secs(10)));
         // Opened just now: within the grace, recycled once to be safe.
         assert!(swap.is_stale(Duration::ZERO));
-        let later = Swap {
-            base: Instant::now() - Duration::from_secs(100),
-            stale_before_ns: AtomicU64::new(Duration::from_secs(90).as_nanos() as u64),
-            retired_users: Mutex::new(VecDeque::new()),
-        };
+        let later = Swap::new(Instant::now() - Duration::from_secs(100));
+        later
+            .stale_before_ns
+            .store(Duration::from_secs(90).as_nanos() as u64, Ordering::Relaxed);
         // Opened 5 s ago = at 95 s, after the swap at 90 s.
         assert!(!later.is_stale(Duration::from_secs(5)));
     }
 
     #[test]
+    fn use_is_recorded_for_the_login_probe() {
+        let swap = Swap::new(Instant::now() - Duration::from_secs(1000));
+        assert!(!swap.used_within(LOGIN_PROBE_ACTIVE), "never used");
+        swap.used();
+        assert!(swap.used_within(Duration::from_secs(1)));
+    }
+
+    #[test]
     fn retired_users_are_recognised_even_cut_to_63_bytes() {
-        let swap = Swap {
-            base: Instant::now(),
-            stale_before_ns: AtomicU64::new(0),
-            retired_users: Mutex::new(VecDeque::new()),
-        };
+        let swap = Swap::new(Instant::now());
         let long = "v-approle-some-very-long-role-name-that-goes-past-the-limit-1796023347";
         swap.mark(long.into());
         swap.mark("v-short".into());

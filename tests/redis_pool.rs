@@ -442,3 +442,42 @@ async fn a_kv_secret_without_a_host_is_refused_at_build() {
     let msg = err.to_string();
     assert!(msg.contains("no `host`") && msg.contains(&path), "{msg}");
 }
+
+/// A policy that grants the KV secret's data but not its metadata (which polling reads)
+/// is refused at build, naming the path and the capability to add; before, the build
+/// worked and every poll failed for ever.
+#[tokio::test]
+async fn a_kv_policy_without_metadata_access_is_refused_at_build() {
+    let path = format!("redis/nometa-{}", unique());
+    kv_put(
+        &path,
+        json!({"host": var("REDIS_HOST"), "port": var("REDIS_PORT"), "username": "default", "password": "x"}),
+    )
+    .await;
+    let name = format!("no-metadata-{}", unique());
+    let hcl = format!("path \"secret/data/{path}\" {{ capabilities = [\"read\"] }}");
+    let (role_id, secret_id) = approle(
+        &var("VAULT_ADDR"),
+        &var("VAULTPOOL_ROOT_TOKEN"),
+        &name,
+        &hcl,
+        ("1h", "4h"),
+    )
+    .await;
+    let client = builder().app_role(role_id, secret_id).build().unwrap();
+    // The data itself is readable with this policy...
+    client.read_kv("secret", &path).await.unwrap();
+    // ...but the pool is refused before anything is leased.
+    let err = VaultRedisPool::builder_kv(&path)
+        .vault(client)
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("secret/metadata/{path}")) && msg.contains("`read`"),
+        "{msg}"
+    );
+    println!("redis KV without metadata access: {msg}");
+}

@@ -21,14 +21,15 @@ fn target() -> PgConnectOptions {
 }
 
 async fn pool_for(role: &str, max: u32) -> VaultSqlxPool {
+    builder_for(role, max).build().await.unwrap()
+}
+
+fn builder_for(role: &str, max: u32) -> vaultpool::sqlx::Builder {
     VaultSqlxPool::builder(role)
         .vault(approle_client("IMMUNE_SYSTEM"))
         .connect_options(target())
         .pool_options(PgPoolOptions::new().max_connections(max))
         .policy(fast_policy())
-        .build()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,7 +191,12 @@ async fn a_renewed_generation_drains_until_its_renewed_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_users_heal_after_an_outside_revocation() {
     let role = create_role("60s", "1h").await;
-    let pool = pool_for(&role, 4).await;
+    // The login probe off: this shows the lease check alone.
+    let pool = builder_for(&role, 4)
+        .login_probe(None)
+        .build()
+        .await
+        .unwrap();
     let count = || {
         vaultpool::sqlx::sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
             .fetch_one(pool.pool())
@@ -232,7 +238,16 @@ async fn pool_users_heal_after_an_outside_revocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_users_heal_after_a_login_refused_for_another_reason() {
     let role = create_role("1h", "1h").await;
-    let pool = pool_for(&role, 4).await;
+    // The lease check off: this shows the login probe alone (no lookup could see this
+    // refusal anyway: the lease is valid).
+    let pool = VaultSqlxPool::builder_for(vaultpool::lease::DatabaseRole::new(&role))
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .connect_options(target())
+        .pool_options(PgPoolOptions::new().max_connections(4))
+        .policy(fast_policy())
+        .build()
+        .await
+        .unwrap();
     let count = || {
         vaultpool::sqlx::sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
             .fetch_one(pool.pool())

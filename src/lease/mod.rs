@@ -57,6 +57,9 @@ use source::Source;
 /// A boxed future, as verifiers return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// How long verifying new credentials may take by default.
+pub(crate) const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Checks new credentials before they are swapped in (e.g. one real connection).
 pub type Verifier = Arc<dyn Fn(Credentials) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
@@ -427,6 +430,7 @@ pub(crate) async fn start(
     drain_timeout: Option<Duration>,
     (verify, verify_timeout): (Option<Verifier>, Duration),
 ) -> Result<Engine> {
+    source.preflight().await?;
     let (first, _, _) =
         worker::issue_verified(&source, verify.as_ref(), verify_timeout, &source_name)
             .await
@@ -475,7 +479,7 @@ impl Engine {
             policy: Policy::default(),
             drain_timeout: None,
             verify: None,
-            verify_timeout: Duration::from_secs(10),
+            verify_timeout: DEFAULT_VERIFY_TIMEOUT,
         }
     }
 

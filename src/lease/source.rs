@@ -307,6 +307,11 @@ pub(crate) trait Source: Send + Sync {
     fn changed<'a>(&'a self, _current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async { Ok(false) })
     }
+    /// Checked once at build, before the first issue: what [`changed`](Source::changed)
+    /// needs later, so a permission missing for polling fails the build, not every poll.
+    fn preflight(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// `{mount}/creds/{role}` of the database secrets engine.
@@ -446,6 +451,30 @@ impl Source for KvStatic {
 
     fn poll_interval(&self) -> Option<Duration> {
         Some(self.kv.poll)
+    }
+
+    /// Polling reads `{mount}/metadata/{path}`, which a policy grants separately from
+    /// `{mount}/data/{path}`: without it every poll would fail for ever.
+    fn preflight(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let KvCredentials { mount, path, .. } = &self.kv;
+            match self.client.read_kv_metadata(mount, path).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == ErrorKind::PermissionDenied => Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "reading the metadata of KV secret {mount}/{path}, which is polled for \
+                         new versions: permission denied; grant `read` on \
+                         \"{mount}/metadata/{path}\" in the token's policy, next to \
+                         \"{mount}/data/{path}\""
+                    ),
+                )
+                .with_source(e)),
+                Err(e) => Err(e.context(format!(
+                    "reading the metadata of KV secret {mount}/{path} (polled for new versions)"
+                ))),
+            }
+        })
     }
 
     /// Compares with the version the serving lease names: a version that failed

@@ -162,6 +162,7 @@ impl<T> Builder<T> {
 
     /// How long the connection that checks new credentials may take to log in and
     /// answer before the rotation counts as failed (and is retried later). Default 10 s.
+    /// It also bounds each login of the sqlx flavour's login probe.
     pub fn verify_timeout(mut self, timeout: Duration) -> Self {
         self.lease.verify_timeout = Some(timeout);
         self

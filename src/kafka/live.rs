@@ -4,7 +4,21 @@
 //! `rd_kafka_sasl_set_credentials` (librdkafka ≥ 1.9): no rebuild, no lost message, open
 //! connections stay up and the next authentication uses the new credentials. When the
 //! brokers, mechanism or protocol change, the client is rebuilt from the same base
-//! configuration and swapped in; a retired producer is flushed first.
+//! configuration and swapped in:
+//!
+//! - a producer is flushed *before* the swap (so messages with the same key keep their
+//!   order); [`RotatingClient::ready`] waits for that, [`RotatingClient::get`] still
+//!   returns the old producer meanwhile (what it is given is flushed too). If the flush
+//!   cannot finish within 30 s (the old brokers are gone), the swap happens anyway and
+//!   the old producer is kept until its queue is empty or its messages reach their own
+//!   `message.timeout.ms`, each then reported to its sender: none is dropped silently.
+//! - a consumer leaves its group before its replacement joins (its stored offsets are
+//!   committed; a message may be delivered twice, never skipped). A `recv()` pending on
+//!   the replaced consumer would never return: [`RotatingClient::recv`] and
+//!   [`RotatingClient::stream`] follow the rebuild, and [`RotatingClient::rebuilt`] lets
+//!   your own loop do the same.
+//! - a `transactional.id` is refused: a rebuilt producer with the same id would fence the
+//!   old one in the middle of its transaction.
 
 use std::ffi::{CStr, CString};
 use std::fmt;
@@ -13,16 +27,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::Stream;
 use rdkafka::bindings;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{
     BaseProducer, FutureProducer, Partitioner, Producer, ProducerContext, ThreadedProducer,
 };
 use rdkafka::util::AsyncRuntime;
 use secrecy::ExposeSecret;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroize;
 
@@ -87,7 +104,7 @@ pub async fn verify(config: Arc<SaslConfig>, base: ClientConfig, timeout: Durati
         "authenticating to Kafka at {} as {} with {} (KV version {})",
         config.bootstrap_servers, config.username, config.mechanism, config.version
     );
-    let result = tokio::task::spawn_blocking(move || {
+    let blocking = tokio::task::spawn_blocking(move || {
         let mut client_config = base;
         config.apply_to(&mut client_config);
         client_config.set_log_level(RDKafkaLogLevel::Emerg);
@@ -118,9 +135,19 @@ pub async fn verify(config: Arc<SaslConfig>, base: ClientConfig, timeout: Durati
         };
         let errors = std::mem::take(&mut *probe.context().errors.lock().expect("recorder lock"));
         Ok::<_, KafkaError>((fetched, errors))
-    })
-    .await
-    .map_err(|e| Error::new(ErrorKind::Backend, what.clone()).with_source(e))?;
+    });
+    // Bounded even if librdkafka overstays (creating or destroying the probe client can
+    // block on unresponsive brokers): the caller gets its answer in time, the blocking
+    // thread finishes on its own.
+    let result = tokio::time::timeout(timeout + VERIFY_GRACE, blocking)
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Backend,
+                format!("{what}: no answer within {:?}", timeout + VERIFY_GRACE),
+            )
+        })?
+        .map_err(|e| Error::new(ErrorKind::Backend, what.clone()).with_source(e))?;
     let (fetched, errors) =
         result.map_err(|e| Error::new(ErrorKind::Config, what.clone()).with_source(e))?;
     let auth = errors
@@ -143,6 +170,9 @@ pub async fn verify(config: Arc<SaslConfig>, base: ClientConfig, timeout: Durati
     }
 }
 
+/// What [`verify`] may take beyond its timeout (creating and destroying the probe).
+const VERIFY_GRACE: Duration = Duration::from_secs(5);
+
 /// A verifier for [`Builder::verify_with`](super::Builder::verify_with): [`verify`] with
 /// `base` and `timeout`.
 pub fn verifier(base: ClientConfig, timeout: Duration) -> SaslVerifier {
@@ -158,8 +188,15 @@ mod sealed {
         /// Called on the serving client as its replacement starts (consumers leave their
         /// group, so the two do not share partitions).
         fn before_replace(&self) {}
-        /// Called on a client that a rebuild replaced (producers flush).
-        fn retire(&self, _timeout: std::time::Duration) {}
+        /// Deliver what the client holds, at most `timeout`; how many messages are left
+        /// (producers; consumers hold none).
+        fn flush_for(&self, _timeout: std::time::Duration) -> usize {
+            0
+        }
+        /// Whether this is a producer (flushed before a swap).
+        fn is_producer(&self) -> bool {
+            false
+        }
     }
 }
 
@@ -176,10 +213,14 @@ macro_rules! native_producer {
             fn native(&self) -> *mut rdkafka::types::RDKafka {
                 self.client().native_ptr()
             }
-            fn retire(&self, timeout: Duration) {
+            fn flush_for(&self, timeout: Duration) -> usize {
                 if let Err(e) = self.flush(timeout) {
-                    tracing::warn!(error = %e, "flushing a retired Kafka producer");
+                    tracing::debug!(error = %e, "flushing a Kafka producer being replaced");
                 }
+                usize::try_from(self.in_flight_count()).unwrap_or(0)
+            }
+            fn is_producer(&self) -> bool {
+                true
             }
         }
     )*};
@@ -254,11 +295,14 @@ type Build<C> = dyn Fn(&ClientConfig) -> KafkaResult<C> + Send + Sync;
 /// password reaches the running client (no rebuild); new brokers, mechanism or protocol
 /// rebuild it with the same `build` function and swap it in. A replaced consumer leaves
 /// its group before the new one joins (so a message may be delivered twice, never
-/// skipped); a replaced producer is flushed.
+/// skipped); a replaced producer is flushed before the swap (order kept). It keeps its
+/// [`KafkaSasl`] polling for as long as it follows it, even if you drop yours.
 ///
-/// [`get`](Self::get) returns the client serving now; take it per operation (or per
-/// batch) rather than keeping it forever, so that a rebuilt client is picked up. Work
-/// already handed to a replaced producer is flushed before it is dropped.
+/// Producers: take the client per send with [`ready`](Self::ready) (it waits while a
+/// rebuild flushes the old producer) or [`get`](Self::get) (never waits). Consumers:
+/// read with `recv()` or `stream()` (on a `RotatingClient<StreamConsumer>`), which
+/// follow a rebuild; a loop of your own on `get().recv()` must also watch
+/// [`rebuilt`](Self::rebuilt).
 ///
 /// ```no_run
 /// # async fn run() -> vaultpool::Result<()> {
@@ -296,6 +340,13 @@ struct Inner<C> {
     rebuilds: AtomicU64,
     last_error: Mutex<Option<String>>,
     cancel: CancellationToken,
+    /// The number of rebuilds swapped in; `recv`/`stream` follow it.
+    epoch: watch::Sender<u64>,
+    /// False while a producer rebuild flushes the old producer.
+    ready: watch::Sender<bool>,
+    /// How long a replaced producer is kept to deliver what it holds (its
+    /// `message.timeout.ms`, librdkafka's default 300 s).
+    message_timeout: Duration,
 }
 
 impl<C: SaslClient> RotatingClient<C> {
@@ -303,7 +354,9 @@ impl<C: SaslClient> RotatingClient<C> {
     /// version of `sasl` until [`close`](Self::close) or drop.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] when rdkafka refuses the configuration.
+    /// [`ErrorKind::Config`] when rdkafka refuses the configuration, or `base` sets a
+    /// `transactional.id` (a rebuild would fence the old producer mid-transaction: build
+    /// transactional producers yourself from [`KafkaSasl::current`]).
     pub fn new(
         sasl: &KafkaSasl,
         base: ClientConfig,
@@ -311,6 +364,22 @@ impl<C: SaslClient> RotatingClient<C> {
     ) -> Result<Self> {
         let current = sasl.current();
         let target = sasl.target();
+        if base.get("transactional.id").is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "following Kafka SASL settings {target}: the configuration sets \
+                     transactional.id, and a rebuilt producer with the same id would fence \
+                     the old one in the middle of its transaction; build transactional \
+                     producers yourself from KafkaSasl::current() and recreate them between \
+                     transactions"
+                ),
+            ));
+        }
+        let message_timeout = base
+            .get("message.timeout.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(DEFAULT_MESSAGE_TIMEOUT, Duration::from_millis);
         let client = create(&build, &base, &current, &target)?;
         let inner = Arc::new(Inner {
             client: ArcSwap::from_pointee(client),
@@ -322,6 +391,9 @@ impl<C: SaslClient> RotatingClient<C> {
             rebuilds: AtomicU64::new(0),
             last_error: Mutex::new(None),
             cancel: CancellationToken::new(),
+            epoch: watch::channel(0).0,
+            ready: watch::channel(true).0,
+            message_timeout,
         });
         tokio::spawn(follow(
             Arc::downgrade(&inner),
@@ -331,9 +403,27 @@ impl<C: SaslClient> RotatingClient<C> {
         Ok(Self { inner })
     }
 
-    /// The client serving now.
+    /// The client serving now. Never waits: during a producer rebuild it is the old
+    /// producer until that one is flushed (what you give it is flushed too).
     pub fn get(&self) -> Arc<C> {
         self.inner.client.load_full()
+    }
+
+    /// The client serving now, once no rebuild is flushing the old producer (at most
+    /// ~30 s): messages sent through `ready()` keep their order across a rebuild. For a
+    /// consumer, or between rebuilds, the same as [`get`](Self::get).
+    pub async fn ready(&self) -> Arc<C> {
+        let mut ready = self.inner.ready.subscribe();
+        // The sender lives in `inner`, which `self` holds: `wait_for` cannot fail.
+        let _ = ready.wait_for(|r| *r).await;
+        self.get()
+    }
+
+    /// A receiver that changes after every rebuild (its value: how many so far). A
+    /// `recv()` pending on a replaced consumer never returns; select on this to move to
+    /// [`get`](Self::get)'s new client, or use `RotatingClient<StreamConsumer>::recv`.
+    pub fn rebuilt(&self) -> watch::Receiver<u64> {
+        self.inner.epoch.subscribe()
     }
 
     /// The KV version whose credentials the client uses.
@@ -409,8 +499,10 @@ fn create<C>(
     })
 }
 
-/// How long a retired producer may take to deliver what it holds.
-const RETIRE_FLUSH: Duration = Duration::from_secs(30);
+/// How long the old producer is flushed before a rebuild's swap.
+const REBUILD_FLUSH: Duration = Duration::from_secs(30);
+/// librdkafka's default `message.timeout.ms`.
+const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Follow `sasl` (kept alive by this task, so its poller runs as long as the client
 /// follows it) until the client is closed or dropped.
@@ -428,15 +520,24 @@ async fn follow<C: SaslClient>(
         updates.borrow_and_update();
         let next = sasl.current();
         let Some(inner) = inner.upgrade() else { return };
-        if let Err(e) = inner.apply(next) {
+        if let Err(e) = inner.apply(next).await {
             tracing::warn!(target = %inner.target, error = %e, "Kafka client kept its credentials");
             *inner.last_error.lock().expect("error lock") = Some(e.to_string());
         }
     }
 }
 
+/// Lets `ready()` callers through again when dropped, however the rebuild ends.
+struct Reopen<'a>(&'a watch::Sender<bool>);
+
+impl Drop for Reopen<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
 impl<C: SaslClient> Inner<C> {
-    fn apply(&self, next: Arc<SaslConfig>) -> Result<()> {
+    async fn apply(&self, next: Arc<SaslConfig>) -> Result<()> {
         let applied = self.applied.lock().expect("applied lock").clone();
         if next.version == applied.version {
             return Ok(());
@@ -454,17 +555,81 @@ impl<C: SaslClient> Inner<C> {
             self.credential_updates.fetch_add(1, Ordering::Relaxed);
             tracing::info!(target = %self.target, version = next.version, user = %next.username, "Kafka client: new SASL credentials applied");
         } else {
-            // Created first (it can fail without side effects); the serving consumer
-            // leaves its group at once, while the new one is still connecting.
-            let fresh = create(&*self.build, &self.base, &next, &self.target)?;
-            self.client.load().before_replace();
-            let old = self.client.swap(Arc::new(fresh));
+            // Created first (it can fail without side effects).
+            let fresh = Arc::new(create(&*self.build, &self.base, &next, &self.target)?);
+            let serving = self.client.load_full();
+            if serving.is_producer() {
+                // Flush before the swap, so that no message sent after the swap can
+                // overtake one still queued in the old producer; `ready()` waits.
+                let reopen = Reopen(&self.ready);
+                self.ready.send_replace(false);
+                let old = serving.clone();
+                let left = tokio::task::spawn_blocking(move || old.flush_for(REBUILD_FLUSH))
+                    .await
+                    .unwrap_or(0);
+                self.client.store(fresh);
+                drop(reopen);
+                if left > 0 {
+                    // The old brokers cannot take them (often why the brokers changed):
+                    // keep the old producer until its messages are delivered or reach
+                    // their own timeout, each reported to its sender.
+                    tracing::warn!(
+                        target = %self.target,
+                        in_flight = left,
+                        "Kafka producer rebuilt while the old one still held messages after \
+                         {REBUILD_FLUSH:?}; kept until they are delivered or time out"
+                    );
+                    let keep = self.message_timeout;
+                    tokio::task::spawn_blocking(move || serving.flush_for(keep));
+                }
+            } else {
+                // The serving consumer leaves its group at once, while the new one is
+                // still connecting; callers following `epoch` move to the new one.
+                serving.before_replace();
+                self.client.store(fresh);
+            }
             self.rebuilds.fetch_add(1, Ordering::Relaxed);
+            self.epoch.send_modify(|e| *e += 1);
             tracing::info!(target = %self.target, version = next.version, "Kafka client rebuilt for new brokers/mechanism");
-            tokio::task::spawn_blocking(move || old.retire(RETIRE_FLUSH));
         }
         *self.applied.lock().expect("applied lock") = next;
         *self.last_error.lock().expect("error lock") = None;
         Ok(())
+    }
+}
+
+impl<Ctx, R> RotatingClient<StreamConsumer<Ctx, R>>
+where
+    Ctx: ConsumerContext + 'static,
+    R: AsyncRuntime,
+    StreamConsumer<Ctx, R>: SaslClient,
+{
+    /// The next message, from whichever consumer is serving: a rebuild while this waits
+    /// moves it to the new consumer (the replaced one would never answer).
+    ///
+    /// # Errors
+    /// What rdkafka's `StreamConsumer::recv` returns.
+    pub async fn recv(&self) -> KafkaResult<OwnedMessage> {
+        let mut epoch = self.inner.epoch.subscribe();
+        loop {
+            epoch.borrow_and_update();
+            let consumer = self.get();
+            tokio::select! {
+                message = consumer.recv() => {
+                    return message.map(|m| m.detach());
+                }
+                // The sender lives in `inner`, which `self` holds: never an error.
+                _ = epoch.changed() => {}
+            }
+        }
+    }
+
+    /// The messages as a stream that follows rebuilds (see [`recv`](Self::recv)); it
+    /// never ends by itself.
+    pub fn stream(&self) -> impl Stream<Item = KafkaResult<OwnedMessage>> + '_ {
+        futures_util::stream::unfold(
+            self,
+            |client| async move { Some((client.recv().await, client)) },
+        )
     }
 }

@@ -144,7 +144,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .vault(vault.clone())
         .build()
         .await?;
-    let health = HealthCheck::new(vault).with(db.engine());
+    let health = HealthCheck::new(vault).with(&db);
     let addr = std::env::var("BIND_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{addr} (role {role}); Ctrl-C to stop");

@@ -782,6 +782,13 @@ fn options_from_env() -> Result<PgConnectOptions> {
     Ok(PgConnectOptions::new_without_pgpass())
 }
 
+/// The credentials behind it (e.g. for a health check).
+impl AsRef<Engine> for VaultSqlxPool {
+    fn as_ref(&self) -> &Engine {
+        self.engine()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

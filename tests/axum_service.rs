@@ -166,3 +166,141 @@ async fn crud_and_health_stay_200_across_rotations_and_turn_503_when_vault_is_go
     );
     db.close().await;
 }
+
+/// Status, body and the handler's response for a `HealthCheck`, as a service sees them.
+async fn check(h: &HealthCheck) -> (u16, Value) {
+    let response = vaultpool::axum::health(axum::extract::State(h.clone())).await;
+    let status = response.status().as_u16();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+/// The health check on the paths nobody named: Vault's state counts (no pool and Vault
+/// sealed: 503, was 200); a non-critical check only degrades; Kafka settings register
+/// like a pool; 50 concurrent probes make one Vault request (was 50); error strings are
+/// redacted unless details are on; a change of state is logged once, not per probe.
+#[tokio::test(flavor = "current_thread")]
+async fn health_counts_vault_caches_redacts_and_logs_once_per_change() {
+    let lines = LineCounter::default();
+    let _log = tracing::subscriber::set_default(lines.subscriber());
+    let dev = DevVault::start();
+    let proxy = Proxy::start(&dev.addr, "/v1/sys/health").await;
+    let vault = vaultpool::vault::Client::builder()
+        .address(&proxy.addr)
+        .token("root")
+        .max_retries(0)
+        .build()
+        .unwrap();
+
+    // Vault alone: it is the only check, so it counts.
+    let vault_only = HealthCheck::new(vault.clone()).cache_for(Duration::ZERO);
+    assert_eq!(check(&vault_only).await.0, 200);
+    dev.seal().await;
+    let (status, body) = check(&vault_only).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["vault"]["sealed"], true);
+    assert_eq!(body["vault"]["critical"], true);
+
+    // With a pool (critical) serving, a sealed Vault only degrades: the pool serves on
+    // its lease.
+    let role = create_role("1h", "1h").await;
+    let db = small_pool(&role, approle_client("IMMUNE_SYSTEM")).await;
+    let closed = small_pool(&role, approle_client("IMMUNE_SYSTEM")).await;
+    closed.close().await;
+    let with_pool = HealthCheck::new(vault.clone())
+        .with(&db)
+        .cache_for(Duration::ZERO);
+    let (status, body) = check(&with_pool).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("degraded")),
+        "{body}"
+    );
+    assert_eq!(body["vault"]["critical"], false);
+    // ...unless Vault is marked critical.
+    let strict = with_pool.clone().vault_critical(true);
+    assert_eq!(check(&strict).await.0, 503);
+    // A closed pool as an optional check degrades; as a critical one it is a 503.
+    let optional = HealthCheck::pools_only().with(&db).with_optional(&closed);
+    let (status, body) = check(&optional).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("degraded")),
+        "{body}"
+    );
+    assert_eq!(body["pools"][1]["critical"], false);
+    let critical = HealthCheck::pools_only().with(&db).with(&closed);
+    assert_eq!(check(&critical).await.0, 503);
+
+    // Kafka settings register like a pool.
+    #[cfg(feature = "kafka")]
+    {
+        let path = format!("kafka/health-{}", unique());
+        kv_put(
+            &path,
+            kafka_secret("broker-1:9092", "svc", "pw-1", "SCRAM-SHA-512"),
+        )
+        .await;
+        let sasl = vaultpool::kafka::KafkaSasl::builder(approle_client("INFRASTRUCTURE"))
+            .secret(vaultpool::lease::KvCredentials::new(&path))
+            .build()
+            .await
+            .unwrap();
+        let (status, body) = check(&HealthCheck::pools_only().with(&sasl)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["pools"][0]["source"],
+            format!("KV secret secret/{path}")
+        );
+        sasl.close().await;
+    }
+
+    // Cached, one probe in flight: 50 concurrent probes, one Vault request.
+    dev.unseal().await;
+    let cached = HealthCheck::new(vault.clone()).with(&db);
+    let before = proxy.hits().len();
+    let probes: Vec<_> = (0..50).map(|_| check(&cached)).collect();
+    let results = futures_util::future::join_all(probes).await;
+    assert!(results.iter().all(|(s, _)| *s == 200));
+    let vault_requests = proxy.hits().len() - before;
+    assert_eq!(
+        vault_requests, 1,
+        "50 probes made {vault_requests} Vault requests"
+    );
+
+    // Redacted by default; details on request. (Vault stopped: unreachable.)
+    drop(dev);
+    let (_, body) = check(&vault_only).await;
+    let error = body["vault"]["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_owned();
+    assert!(error.starts_with("hidden"), "{error}");
+    let (_, body) = check(&vault_only.clone().details(true)).await;
+    let detailed = body["vault"]["error"].as_str().unwrap().to_owned();
+    assert!(detailed.contains("127.0.0.1"), "{detailed}");
+
+    // Logged once per change, not per probe: 20 probes while Vault is unreachable.
+    let logged_before = lines.count();
+    lines.sample.lock().unwrap().clear();
+    let down = HealthCheck::new(vault.clone()).cache_for(Duration::ZERO);
+    for _ in 0..20 {
+        assert_eq!(check(&down).await.0, 503);
+    }
+    let logged = lines.count() - logged_before;
+    println!(
+        "axum health: 50 concurrent probes → {vault_requests} Vault request; 20 probes with \
+         Vault unreachable → {logged} warning line(s) (1 health change + the breaker's); redacted error: {error:?}"
+    );
+    // One health line, plus the client's own single "circuit breaker opened".
+    let sample = lines.sample.lock().unwrap().clone();
+    let health_lines = sample
+        .iter()
+        .filter(|l| l.contains("health changed"))
+        .count();
+    assert_eq!(health_lines, 1, "{sample:?}");
+    assert!(logged <= 2, "{logged} lines: {sample:?}");
+    db.close().await;
+}

@@ -372,6 +372,13 @@ impl fmt::Debug for KafkaSasl {
     }
 }
 
+/// The credentials behind it (e.g. for a health check).
+impl AsRef<Engine> for KafkaSasl {
+    fn as_ref(&self) -> &Engine {
+        self.engine()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,3 +143,10 @@ impl<C: Connect> VaultPool<C> {
         self.inner.close().await;
     }
 }
+
+/// The credentials behind it (e.g. for a health check).
+impl<C: Connect> AsRef<Engine> for VaultPool<C> {
+    fn as_ref(&self) -> &Engine {
+        self.engine()
+    }
+}

@@ -80,7 +80,8 @@ impl ErrorKind {
 }
 
 /// A short JSON body: `{"error": "service temporarily unavailable"}`, with `Retry-After`
-/// when the error carries a delay (Vault's rate limit, an open circuit breaker). The full
+/// when the error carries a delay (an open circuit breaker; Vault's `Retry-After` on a
+/// 429). The full
 /// error is logged (it names roles and addresses, never secrets), not sent to the client:
 /// 500s at ERROR; 503s at WARN, at most once a minute per kind with a count of the
 /// others (an outage makes every request fail; its log should not grow with the traffic).
@@ -104,7 +105,9 @@ impl IntoResponse for Error {
         };
         let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
         if let Some(after) = self.retry_after() {
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            let secs = after
+                .as_secs()
+                .saturating_add(u64::from(after.subsec_nanos() > 0));
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from(secs.max(1)),
@@ -159,9 +162,13 @@ impl LogLimit {
 ///   unless [`vault_critical`](Self::vault_critical); with no pool it is the only
 ///   check, and counts.
 /// - **Cached**: a report is reused for [`cache_for`](Self::cache_for) (default 1 s) and
-///   only one is computed at a time, so probes and scrapers do not become Vault traffic.
-/// - **Redacted**: error strings (which name addresses, paths and roles) are replaced by
-///   a placeholder unless [`details`](Self::details) is on.
+///   only one is computed at a time (callers arriving meanwhile get the previous one), so
+///   probes and scrapers do not become Vault traffic and a hung Vault (probe bounded by
+///   [`vault_timeout`](Self::vault_timeout), 800 ms) does not queue them. Clones made
+///   after the last builder call share one cache; each builder call starts a new one.
+/// - **Redacted**: error strings (which name addresses and paths) are replaced by a
+///   placeholder unless [`details`](Self::details) is on. The `source` of each check
+///   (e.g. `database role app`, `KV secret secret/kafka/main`) is always shown.
 /// - **Logged** at WARN when the status changes for the worse, at INFO when it recovers;
 ///   never per request.
 #[derive(Clone)]
@@ -179,6 +186,8 @@ pub struct HealthCheck {
 struct Cache {
     /// Held while a report is computed: one probe in flight.
     report: tokio::sync::Mutex<Option<(Instant, HealthReport)>>,
+    /// The last report made, for callers arriving while the next one is made.
+    latest: Mutex<Option<HealthReport>>,
     /// The last status, to log changes only.
     last_status: Mutex<Option<&'static str>>,
 }
@@ -220,7 +229,7 @@ impl HealthCheck {
             vault: None,
             vault_critical: None,
             checks: Vec::new(),
-            timeout: Duration::from_secs(2),
+            timeout: Duration::from_millis(800),
             cache_for: Duration::from_secs(1),
             details: false,
             cache: Arc::default(),
@@ -254,7 +263,8 @@ impl HealthCheck {
         self
     }
 
-    /// How long the Vault probe may take. Default 2 s.
+    /// How long the Vault probe may take. Default 800 ms (under Kubernetes' default
+    /// probe timeout of 1 s).
     #[must_use]
     pub fn vault_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -280,9 +290,24 @@ impl HealthCheck {
         self
     }
 
-    /// The report: the cached one if it is fresh, else a new one (one at a time).
+    /// The report: the cached one if it is fresh, else a new one (one at a time; while
+    /// one is being made, callers get the previous report rather than wait for it).
     pub async fn report(&self) -> HealthReport {
-        let mut cached = self.cache.report.lock().await;
+        let mut cached = match self.cache.report.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                if let Some(stale) = self
+                    .cache
+                    .latest
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                {
+                    return stale;
+                }
+                self.cache.report.lock().await
+            }
+        };
         if let Some((at, report)) = cached.as_ref()
             && at.elapsed() < self.cache_for
         {
@@ -291,6 +316,7 @@ impl HealthCheck {
         let report = self.compute().await;
         self.log_change(&report);
         *cached = Some((Instant::now(), report.clone()));
+        *self.cache.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         report
     }
 
@@ -302,6 +328,7 @@ impl HealthCheck {
                 match tokio::time::timeout(self.timeout, client.health()).await {
                     Ok(Ok(h)) => VaultHealth {
                         reachable: true,
+                        serving: h.state.can_serve(),
                         sealed: h.state == ServerState::Sealed,
                         state: format!("{:?}", h.state).to_lowercase(),
                         critical: vault_critical,
@@ -309,6 +336,7 @@ impl HealthCheck {
                     },
                     Ok(Err(e)) => VaultHealth {
                         reachable: false,
+                        serving: false,
                         sealed: false,
                         state: "unreachable".into(),
                         critical: vault_critical,
@@ -316,6 +344,7 @@ impl HealthCheck {
                     },
                     Err(_) => VaultHealth {
                         reachable: false,
+                        serving: false,
                         sealed: false,
                         state: "timeout".into(),
                         critical: vault_critical,
@@ -383,10 +412,19 @@ impl HealthCheck {
                     .map(|v| format!("Vault ({})", v.state)),
             )
             .collect();
-        match report.status {
-            "ok" if before.is_some() => tracing::info!("health: ok again"),
-            "ok" => {}
-            status => tracing::warn!(
+        let rank = |s: &str| match s {
+            "ok" => 0,
+            "degraded" => 1,
+            _ => 2,
+        };
+        match (before, report.status) {
+            (None, "ok") => {}
+            (Some(b), status) if rank(status) < rank(b) => tracing::info!(
+                status,
+                failing = %failing.join(", "),
+                "health improved to {status}"
+            ),
+            (_, status) => tracing::warn!(
                 status,
                 failing = %failing.join(", "),
                 "health changed to {status}"
@@ -426,9 +464,13 @@ pub struct HealthReport {
 pub struct VaultHealth {
     /// It answered `sys/health`.
     pub reachable: bool,
+    /// It can serve secrets (active or a standby; not sealed, uninitialized or a DR
+    /// secondary).
+    pub serving: bool,
     /// It is sealed.
     pub sealed: bool,
-    /// `active`, `standby`, `sealed`, `uninitialized`, `unreachable`, …
+    /// `active`, `standby`, `performancestandby`, `drsecondary`, `sealed`,
+    /// `uninitialized`, `unreachable` or `timeout`.
     pub state: String,
     /// Whether its failure makes the service unavailable.
     pub critical: bool,
@@ -437,9 +479,9 @@ pub struct VaultHealth {
 }
 
 impl VaultHealth {
-    /// Reachable and unsealed.
+    /// Reachable and able to serve secrets.
     pub fn ok(&self) -> bool {
-        self.reachable && !self.sealed
+        self.reachable && self.serving
     }
 }
 

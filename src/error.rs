@@ -177,22 +177,36 @@ impl Error {
 
     pub(crate) fn with_vault(mut self, status: u16, errors: Vec<String>) -> Self {
         self.inner.status = Some(status);
-        self.inner.vault_errors = errors
-            .into_iter()
-            .map(|e| {
-                let e = e.trim().replace("\n\t* ", "; ").replace('\n', " ");
-                if e.len() > MAX_VAULT_ERROR_LEN {
-                    let mut cut = MAX_VAULT_ERROR_LEN;
-                    while !e.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    format!("{}…", &e[..cut])
-                } else {
-                    e
+        // At most MAX_VAULT_ERROR_LEN bytes in all: a body with thousands of short errors
+        // must not make a message that grows with it.
+        let mut kept: Vec<String> = Vec::new();
+        let (mut total, mut dropped) = (0, 0);
+        for e in errors {
+            let e = e.trim().replace("\n\t* ", "; ").replace('\n', " ");
+            if e.is_empty() {
+                continue;
+            }
+            let room = MAX_VAULT_ERROR_LEN.saturating_sub(total);
+            if room == 0 {
+                dropped += 1;
+                continue;
+            }
+            let e = if e.len() > room {
+                let mut cut = room;
+                while !e.is_char_boundary(cut) {
+                    cut -= 1;
                 }
-            })
-            .filter(|e| !e.is_empty())
-            .collect();
+                format!("{}…", &e[..cut])
+            } else {
+                e
+            };
+            total += e.len();
+            kept.push(e);
+        }
+        if dropped > 0 {
+            kept.push(format!("({dropped} more)"));
+        }
+        self.inner.vault_errors = kept;
         self
     }
 
@@ -314,5 +328,17 @@ mod tests {
     fn long_vault_errors_are_cut() {
         let e = Error::new(ErrorKind::Server, "x").with_vault(500, vec!["é".repeat(2000)]);
         assert!(e.vault_errors()[0].len() <= MAX_VAULT_ERROR_LEN + '…'.len_utf8());
+    }
+
+    #[test]
+    fn many_short_vault_errors_are_bounded_in_all() {
+        // Found by the fuzz target: thousands of short errors made a message that grew
+        // with the body.
+        let errors: Vec<String> = (0..5000).map(|i| format!("error {i}")).collect();
+        let e = Error::new(ErrorKind::PermissionDenied, "GET x").with_vault(403, errors);
+        let shown = format!("{e} {e:?}");
+        assert!(shown.len() < 2048, "{} bytes", shown.len());
+        assert!(e.vault_errors().last().unwrap().ends_with("more)"), "{e}");
+        assert!(e.to_string().contains("error 0"), "{e}");
     }
 }

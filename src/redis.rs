@@ -39,16 +39,20 @@
 //! long as it asks to (redis' own default of 500 ms would cut them). Set
 //! [`response_timeout`](pool::Builder::response_timeout) for a ceiling on every command;
 //! it must exceed your longest blocking command. The pool's own checks do not depend on
-//! it: the PING before an idle connection is reused is bounded by the recycle timeout
-//! (2 s), and verifying new credentials by the verify timeout (10 s).
+//! it: the PING before an idle connection is reused is bounded (2 s; a connection
+//! returned while the server is still blocked in a command you cut short fails it and is
+//! closed), and verifying new credentials by the verify timeout (10 s).
 //!
 //! ## Not supported
 //!
 //! TLS (`rediss://`) is not built in yet (an address with it is refused with a message
 //! saying so); Redis Cluster and Sentinel are not supported (one server address); pub/sub
-//! needs a dedicated connection, which a pool does not give: open one yourself with
-//! [`Engine::current`](crate::lease::Engine::current)'s credentials, or use
-//! `XREAD BLOCK` on a pooled connection.
+//! needs a dedicated connection, which a pool does not give: use `XREAD BLOCK` on a
+//! pooled connection, or open one yourself with
+//! [`Engine::current`](crate::lease::Engine::current)'s credentials — knowing that it is
+//! outside the drain count: its user is deleted when that generation is revoked, so
+//! follow [`Engine::subscribe`](crate::lease::Engine::subscribe) and reconnect with the
+//! new credentials on each change.
 //!
 //! ## Credentials kept in KV
 //!
@@ -128,7 +132,8 @@ fn address_from_kv(kv: &crate::vault::KvSecret) -> Result<::redis::ConnectionInf
         return Err(Error::new(
             ErrorKind::Config,
             format!(
-                "reading the Redis address from KV {} (version {}): no `host`; add `host`                  (and `port`, default 6379) to the secret, or set .address(…) on the builder",
+                "reading the Redis address from KV {} (version {}): no `host`; add `host` \
+                 (and `port`, default 6379) to the secret, or set .address(…) on the builder",
                 kv.path(),
                 kv.version()
             ),
@@ -173,11 +178,18 @@ impl pool::Connect for RedisConnect {
 
     fn check<'a>(&'a self, conn: &'a mut RedisConnection) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            ::redis::cmd("PING")
-                .query_async::<String>(&mut conn.0)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("PING failed: {e}"))
+            // Bounded by itself too: the recycle timeout can be unset, and a connection
+            // may come back with the server still blocked in a command that was cut.
+            match tokio::time::timeout(
+                CHECK_TIMEOUT,
+                ::redis::cmd("PING").query_async::<String>(&mut conn.0),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("PING failed: {e}")),
+                Err(_) => Err(format!("PING: no answer within {CHECK_TIMEOUT:?}")),
+            }
         })
     }
 
@@ -271,6 +283,9 @@ pub struct RedisTarget {
 
 /// Default connect timeout (TCP connect and the `HELLO`/`AUTH` handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The PING before an idle connection is reused answers within this, or the connection
+/// is closed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -422,6 +437,15 @@ impl Builder {
                 ));
             }
         };
+        if matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. }) {
+            // Parsed only when an application enabled redis' TLS feature itself.
+            return Err(Error::new(
+                ErrorKind::Config,
+                "configuring Redis: the address uses TLS (rediss://), which vaultpool does \
+                 not support yet; use redis:// on a trusted network, or a TLS-terminating \
+                 sidecar",
+            ));
+        }
         let settings = info.redis_settings();
         if settings.username().is_some() || settings.password().is_some() {
             return Err(Error::new(

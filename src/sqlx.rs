@@ -113,7 +113,6 @@ impl Swap {
         })
     }
 
-    /// Whether a connection of this age was opened before the last swap (plus grace).
     fn new(base: Instant) -> Self {
         Self {
             base,
@@ -133,6 +132,7 @@ impl Swap {
         self.base.elapsed().saturating_sub(last) < d
     }
 
+    /// Whether a connection of this age was opened before the last swap (plus grace).
     fn is_stale(&self, age: Duration) -> bool {
         let stale_before = Duration::from_nanos(self.stale_before_ns.load(Ordering::Acquire));
         if stale_before.is_zero() {
@@ -406,7 +406,8 @@ impl Builder {
     /// (e.g. when every caller goes through `acquire()`).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] (at [`build`](pool::Builder::build)) for an interval under 1 s.
+    /// [`ErrorKind::Config`] (at [`build`](pool::Builder::build)) for an interval under 1 s
+    /// or over a day.
     pub fn login_probe(mut self, every: Option<Duration>) -> Self {
         self.target.login_probe = every;
         self
@@ -496,12 +497,12 @@ impl Builder {
         };
         if target
             .login_probe
-            .is_some_and(|d| d < Duration::from_secs(1))
+            .is_some_and(|d| d < Duration::from_secs(1) || d > Duration::from_secs(86_400))
         {
             return Err(Error::new(
                 ErrorKind::Config,
-                "building a sqlx pool: a login probe more often than every second would load \
-                 PostgreSQL; give at least 1 s, or None to turn it off",
+                "building a sqlx pool: the login probe interval must be between 1 s (more \
+                 often would load PostgreSQL) and 1 day; or None to turn it off",
             ));
         }
         let auth_failure_wait = lease.auth_failure_wait;
@@ -798,6 +799,7 @@ mod tests {
         let b = VaultSqlxPool::builder("r").connect_options(
             PgConnectOptions::new_without_pgpass()
                 .host("db.internal")
+                .port(5432) // not PGPORT's, whatever the environment says
                 .password("hunter2-sqlx"),
         );
         let d = format!("{b:?}");

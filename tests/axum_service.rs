@@ -259,7 +259,9 @@ async fn health_counts_vault_caches_redacts_and_logs_once_per_change() {
 
     // Cached, one probe in flight: 50 concurrent probes, one Vault request.
     dev.unseal().await;
-    let cached = HealthCheck::new(vault.clone()).with(&db);
+    let cached = HealthCheck::new(vault.clone())
+        .with(&db)
+        .cache_for(Duration::from_secs(60));
     let before = proxy.hits().len();
     let probes: Vec<_> = (0..50).map(|_| check(&cached)).collect();
     let results = futures_util::future::join_all(probes).await;

@@ -451,7 +451,12 @@ async fn a_kv_policy_without_metadata_access_is_refused_at_build() {
     let path = format!("redis/nometa-{}", unique());
     kv_put(
         &path,
-        json!({"host": var("REDIS_HOST"), "port": var("REDIS_PORT"), "username": "default", "password": "x"}),
+        json!({
+            "host": var("REDIS_HOST"),
+            "port": var("REDIS_PORT"),
+            "username": "default",
+            "password": var("VAULTPOOL_REDIS_ADMIN_PASSWORD"),
+        }),
     )
     .await;
     let name = format!("no-metadata-{}", unique());

@@ -383,3 +383,39 @@ async fn hanging_socket_times_out_within_the_configured_bound() {
     assert_eq!(err.kind(), ErrorKind::Transport, "{err}");
     assert!(err.to_string().contains("timed out"), "{err}");
 }
+
+/// Vault's rate-limit quota answers 429 with `Retry-After`: the error keeps it, so a
+/// service can pass it on (the axum `IntoResponse` sets the header from it).
+#[tokio::test]
+async fn a_rate_limited_answer_keeps_vaults_retry_after() {
+    let dev = DevVault::start();
+    for (path, body) in [
+        (
+            "sys/quotas/rate-limit/tight",
+            serde_json::json!({"rate": 1, "interval": "10s"}),
+        ),
+        (
+            "sys/quotas/config",
+            serde_json::json!({"enable_rate_limit_response_headers": true}),
+        ),
+    ] {
+        vault_write(&dev.addr, "root", reqwest::Method::POST, path, body).await;
+    }
+    let client = dev.client().max_retries(0).build().unwrap();
+    let mut err = None;
+    for _ in 0..3 {
+        if let Err(e) = client.read_kv("secret", "nothing-here").await
+            && e.kind() == vaultpool::ErrorKind::RateLimited
+        {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("no 429 from a 1-per-10 s quota");
+    let after = err.retry_after().expect("Retry-After not kept");
+    println!("vault 429: {err}; retry after {after:?}");
+    assert!(
+        (Duration::from_secs(1)..=Duration::from_secs(10)).contains(&after),
+        "{after:?}"
+    );
+}

@@ -8,17 +8,22 @@
 //!
 //! - a producer is flushed *before* the swap (so messages with the same key keep their
 //!   order); [`RotatingClient::ready`] waits for that, [`RotatingClient::get`] still
-//!   returns the old producer meanwhile (what it is given is flushed too). If the flush
-//!   cannot finish within 30 s (the old brokers are gone), the swap happens anyway and
-//!   the old producer is kept until its queue is empty or its messages reach their own
-//!   `message.timeout.ms`, each then reported to its sender: none is dropped silently.
+//!   returns the old producer meanwhile. Use the client you are handed at once, for one
+//!   send: a producer held across awaits may be a replaced one. A replaced producer is
+//!   kept, and flushed, until its queue is empty or its messages reach their own
+//!   `message.timeout.ms` (each then reported to its sender; none is dropped silently),
+//!   so what reached it late is still delivered — only then not in order. If the flush
+//!   before the swap cannot finish within 30 s (the old brokers are gone), the swap
+//!   happens anyway. Continuous sends through `get()` during a rebuild keep the old
+//!   queue from emptying and make the rebuild take those 30 s.
 //! - a consumer leaves its group before its replacement joins (its stored offsets are
 //!   committed; a message may be delivered twice, never skipped). A `recv()` pending on
 //!   the replaced consumer would never return: [`RotatingClient::recv`] and
 //!   [`RotatingClient::stream`] follow the rebuild, and [`RotatingClient::rebuilt`] lets
 //!   your own loop do the same.
-//! - a `transactional.id` is refused: a rebuilt producer with the same id would fence the
-//!   old one in the middle of its transaction.
+//! - a `transactional.id` in the base configuration is refused: a rebuilt producer with
+//!   the same id would fence the old one in the middle of its transaction (one set by
+//!   your `build` function cannot be seen: don't).
 
 use std::ffi::{CStr, CString};
 use std::fmt;
@@ -139,12 +144,13 @@ pub async fn verify(config: Arc<SaslConfig>, base: ClientConfig, timeout: Durati
     // Bounded even if librdkafka overstays (creating or destroying the probe client can
     // block on unresponsive brokers): the caller gets its answer in time, the blocking
     // thread finishes on its own.
-    let result = tokio::time::timeout(timeout + VERIFY_GRACE, blocking)
+    let bound = timeout.saturating_add(VERIFY_GRACE);
+    let result = tokio::time::timeout(bound, blocking)
         .await
         .map_err(|_| {
             Error::new(
                 ErrorKind::Backend,
-                format!("{what}: no answer within {:?}", timeout + VERIFY_GRACE),
+                format!("{what}: no answer within {bound:?}"),
             )
         })?
         .map_err(|e| Error::new(ErrorKind::Backend, what.clone()).with_source(e))?;
@@ -376,10 +382,15 @@ impl<C: SaslClient> RotatingClient<C> {
                 ),
             ));
         }
+        // librdkafka: 0 means no limit; `delivery.timeout.ms` is an alias.
         let message_timeout = base
             .get("message.timeout.ms")
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(DEFAULT_MESSAGE_TIMEOUT, Duration::from_millis);
+            .or_else(|| base.get("delivery.timeout.ms"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(DEFAULT_MESSAGE_TIMEOUT, |ms| match ms {
+                0 => MAX_KEEP,
+                ms => Duration::from_millis(ms).min(MAX_KEEP),
+            });
         let client = create(&build, &base, &current, &target)?;
         let inner = Arc::new(Inner {
             client: ArcSwap::from_pointee(client),
@@ -503,6 +514,21 @@ fn create<C>(
 const REBUILD_FLUSH: Duration = Duration::from_secs(30);
 /// librdkafka's default `message.timeout.ms`.
 const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest a replaced producer is kept (for `message.timeout.ms` 0, "no limit").
+const MAX_KEEP: Duration = Duration::from_secs(3600);
+
+/// Keep a replaced producer, flushing in one-second slices, until it holds nothing, its
+/// messages' timeout has passed, or the rotating client is gone (its drop purges the
+/// rest, as dropping any rdkafka producer does), so a runtime shutting down is never
+/// held for long.
+fn keep_flushing<C: SaslClient>(old: Arc<C>, keep: Duration, alive: std::sync::Weak<Inner<C>>) {
+    let until = std::time::Instant::now() + keep;
+    while std::time::Instant::now() < until && alive.strong_count() > 0 {
+        if old.flush_for(Duration::from_secs(1)) == 0 {
+            return;
+        }
+    }
+}
 
 /// Follow `sasl` (kept alive by this task, so its poller runs as long as the client
 /// follows it) until the client is closed or dropped.
@@ -537,7 +563,7 @@ impl Drop for Reopen<'_> {
 }
 
 impl<C: SaslClient> Inner<C> {
-    async fn apply(&self, next: Arc<SaslConfig>) -> Result<()> {
+    async fn apply(self: &Arc<Self>, next: Arc<SaslConfig>) -> Result<()> {
         let applied = self.applied.lock().expect("applied lock").clone();
         if next.version == applied.version {
             return Ok(());
@@ -570,18 +596,18 @@ impl<C: SaslClient> Inner<C> {
                 self.client.store(fresh);
                 drop(reopen);
                 if left > 0 {
-                    // The old brokers cannot take them (often why the brokers changed):
-                    // keep the old producer until its messages are delivered or reach
-                    // their own timeout, each reported to its sender.
+                    // The old brokers cannot take them (often why the brokers changed).
                     tracing::warn!(
                         target = %self.target,
                         in_flight = left,
                         "Kafka producer rebuilt while the old one still held messages after \
                          {REBUILD_FLUSH:?}; kept until they are delivered or time out"
                     );
-                    let keep = self.message_timeout;
-                    tokio::task::spawn_blocking(move || serving.flush_for(keep));
                 }
+                // Kept in any case: a send may have reached it after the flush (a client
+                // taken just before the swap); dropping it would purge that message.
+                let (keep, alive) = (self.message_timeout, Arc::downgrade(self));
+                tokio::task::spawn_blocking(move || keep_flushing(serving, keep, alive));
             } else {
                 // The serving consumer leaves its group at once, while the new one is
                 // still connecting; callers following `epoch` move to the new one.

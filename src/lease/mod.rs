@@ -430,11 +430,15 @@ pub(crate) async fn start(
     drain_timeout: Option<Duration>,
     (verify, verify_timeout): (Option<Verifier>, Duration),
 ) -> Result<Engine> {
-    source.preflight().await?;
     let (first, _, _) =
         worker::issue_verified(&source, verify.as_ref(), verify_timeout, &source_name)
             .await
             .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?;
+    // After the first issue, so that a token that cannot read at all says so there.
+    if let Err(e) = source.preflight().await {
+        let _ = source.revoke(&first.lease).await;
+        return Err(e);
+    }
     let book = worker::Book::new(&first.lease, source.issuing_token());
     let current = Current {
         generation: Generation(1),

@@ -307,8 +307,9 @@ pub(crate) trait Source: Send + Sync {
     fn changed<'a>(&'a self, _current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async { Ok(false) })
     }
-    /// Checked once at build, before the first issue: what [`changed`](Source::changed)
-    /// needs later, so a permission missing for polling fails the build, not every poll.
+    /// Checked once at build, after the first issue (whose lease is revoked if this
+    /// fails): what [`changed`](Source::changed) needs later, so a permission missing for
+    /// polling fails the build, not every poll.
     fn preflight(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Ok(()) })
     }

@@ -304,6 +304,13 @@ impl Client {
             .await
             .map_err(|e| transport_error(self.what(call), e))?;
         let status = resp.status();
+        // Vault's rate limiter says when to come back (seconds).
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(3600)));
         // Sized once from Content-Length where given; a buffer outgrown is zeroized
         // before it is freed, so no copy of a secret is left behind in the heap.
         let hint = resp.content_length().unwrap_or(0).min(MAX_BODY as u64) as usize;
@@ -338,7 +345,10 @@ impl Client {
         if status.is_success() || call.any_status {
             return Ok(answer);
         }
-        let err = status_error(self.what(call), status, &answer.body);
+        let mut err = status_error(self.what(call), status, &answer.body);
+        if let Some(after) = retry_after.filter(|_| err.kind() == ErrorKind::RateLimited) {
+            err = err.with_retry_after(after);
+        }
         if err.kind() == ErrorKind::Sealed && self.uninitialized().await {
             // An uninitialized server answers "sealed" to everything but sys/init.
             return Err(Error::new(ErrorKind::Uninitialized, self.what(call))

@@ -26,6 +26,8 @@ fn sqlx_target() -> PgConnectOptions {
         .host(&common::var("PGHOST"))
         .port(common::var("PGPORT").parse().unwrap())
         .database("adaptive_immunity")
+        // Plaintext on both sides of the comparison (the stack also offers TLS).
+        .ssl_mode(vaultpool::sqlx::sqlx::postgres::PgSslMode::Disable)
 }
 
 /// The stack's static login (the seed's `postgres/main` user), read from KV.

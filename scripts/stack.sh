@@ -140,12 +140,59 @@ EOF
   fi
   mkdir -p "$DIR/pg-sock" "$DIR/pg-log"
   chown postgres:postgres "$DIR/pg-sock" "$DIR/pg-log"
+  local tls_changed=0
+  pg_tls "$data" || tls_changed=1
   if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    if [ "$tls_changed" = 1 ]; then
+      runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" reload >/dev/null
+    fi
     return 0
   fi
   rm -f "$data/postmaster.pid"
   log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$DIR/pg-log/postgres.log" -w start >/dev/null
+}
+
+# TLS for PostgreSQL: a CA and a server certificate for localhost/127.0.0.1 (plus a CA
+# that signed nothing, for "untrusted CA" tests), ssl on, and a database that accepts
+# only TLS connections (immune_tls). Returns 1 when it changed the configuration.
+pg_tls() {
+  local data=$1 tls="$DIR/tls" changed=0
+  mkdir -p "$tls"
+  if [ ! -f "$tls/server.crt" ]; then
+    log "generating a CA and server certificate for PostgreSQL (openssl)"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vaultpool test CA" \
+      -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=untrusted CA" \
+      -keyout "$tls/other-ca.key" -out "$tls/other-ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$tls/san.ext"
+    openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+      -CAcreateserial -days 3650 -extfile "$tls/san.ext" -out "$tls/server.crt" 2>/dev/null
+    changed=1
+  fi
+  if ! cmp -s "$tls/server.crt" "$data/server.crt"; then
+    install -o postgres -g postgres -m 600 "$tls/server.crt" "$data/server.crt"
+    install -o postgres -g postgres -m 600 "$tls/server.key" "$data/server.key"
+    changed=1
+  fi
+  if ! grep -q '^ssl = on' "$data/postgresql.conf"; then
+    printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" >>"$data/postgresql.conf"
+    changed=1
+  fi
+  if ! grep -q 'immune_tls' "$data/pg_hba.conf"; then
+    local hba
+    hba="$(cat "$data/pg_hba.conf")"
+    {
+      echo "hostnossl immune_tls all all reject"
+      echo "hostssl   immune_tls all 127.0.0.1/32 scram-sha-256"
+      echo "$hba"
+    } >"$data/pg_hba.conf"
+    chown postgres:postgres "$data/pg_hba.conf"
+    changed=1
+  fi
+  return "$changed"
 }
 
 configure_postgres() {
@@ -166,7 +213,7 @@ ALTER ROLE vertice_static PASSWORD '$STATIC_PG_PW';
 GRANT app_owner TO vault_admin WITH ADMIN OPTION;
 SQL
   local db
-  for db in vertice adaptive_immunity; do
+  for db in vertice adaptive_immunity immune_tls; do
     if [ -z "$(pg_psql postgres -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
       pg_psql postgres -c "CREATE DATABASE $db OWNER app_owner"
     fi
@@ -182,6 +229,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO vertice_s
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO vertice_static;
 SQL
   done
+  # The TLS-only database: readable by every dynamic user (their grants are made in
+  # adaptive_immunity, where Vault connects).
+  pg_psql immune_tls -c "GRANT SELECT ON items TO PUBLIC"
 }
 
 # --------------------------------------------------------------------------- kafka
@@ -431,6 +481,9 @@ write_env() {
     echo "VAULTPOOL_PG_VAULT_ADMIN_PASSWORD=$VAULT_ADMIN_PW"
     echo "VAULTPOOL_PG_BIN=$PG_BIN"
     echo "VAULTPOOL_PG_DATA=$DIR/pg"
+    echo "VAULTPOOL_PG_CA=$DIR/tls/ca.crt"
+    echo "VAULTPOOL_PG_OTHER_CA=$DIR/tls/other-ca.crt"
+    echo "VAULTPOOL_PG_TLS_DB=immune_tls"
     echo "REDIS_HOST=127.0.0.1"
     echo "REDIS_PORT=$REDIS_PORT"
     echo "VAULTPOOL_REDIS_ADMIN_PASSWORD=$REDIS_ADMIN_PW"

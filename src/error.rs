@@ -75,7 +75,7 @@ impl ErrorKind {
         match self {
             Self::Config => "invalid configuration",
             Self::Transport => "could not reach Vault",
-            Self::Tls => "Vault's TLS certificate was not accepted",
+            Self::Tls => "TLS failed",
             Self::CircuitOpen => "circuit breaker open",
             Self::Sealed => "Vault is sealed",
             Self::Uninitialized => "Vault is not initialized",
@@ -101,8 +101,8 @@ impl ErrorKind {
                 "check VAULT_ADDR and that Vault is running and reachable from this host"
             }
             Self::Tls => {
-                "check VAULT_CACERT (the CA that signed Vault's certificate) and that the \
-                 address's host name is in the certificate"
+                "check the CA file given (VAULT_CACERT for Vault, PGSSLROOTCERT for \
+                 PostgreSQL) and that the host name connected to is in the certificate"
             }
             Self::CircuitOpen => {
                 "Vault failed repeatedly; calls resume after the breaker's cooldown"

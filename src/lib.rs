@@ -99,6 +99,8 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlx")]
 pub mod sqlx;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod vault;
 
 pub use credentials::{Credentials, Generation, Lease, Leased};

@@ -79,8 +79,15 @@ impl pool::Connect for PgConnect {
     }
 
     fn is_auth_failure(&self, e: &tokio_postgres::Error) -> bool {
+        // pg_hba's "no encryption" refusal has an auth SQLSTATE too; it is a TLS matter,
+        // and no new credentials would help.
         e.code()
             .is_some_and(|c| pool::PG_AUTH_FAILURE.contains(&c.code()))
+            && self.tls_problem(e).is_none()
+    }
+
+    fn tls_problem(&self, e: &tokio_postgres::Error) -> Option<&'static str> {
+        pool::tls_diagnosis(&pool::chain_text(e))
     }
 
     fn check<'a>(&'a self, conn: &'a mut ClientWrapper) -> BoxFuture<'a, Result<(), String>> {
@@ -139,6 +146,8 @@ pub struct PgTarget {
     pg: Option<tokio_postgres::Config>,
     connect: Option<Arc<dyn deadpool_postgres::Connect>>,
     recycling: RecyclingMethod,
+    #[cfg(feature = "tls")]
+    ssl: Option<crate::tls::PgTls>,
 }
 
 impl fmt::Debug for PgTarget {
@@ -178,6 +187,8 @@ impl VaultPgPool {
                     pg: None,
                     connect: None,
                     recycling: RecyclingMethod::Fast,
+                    #[cfg(feature = "tls")]
+                    ssl: None,
                 },
                 pool::Timeouts {
                     wait: Some(Duration::from_secs(10)),
@@ -197,8 +208,18 @@ impl Builder {
         self
     }
 
-    /// TLS for PostgreSQL connections (e.g. a `tokio-postgres-rustls` connector).
-    /// Default: no TLS (`NoTls`).
+    /// TLS settings with libpq's meaning ([`PgTls`](crate::tls::PgTls): sslmode, root
+    /// and client certificates). Default: from `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`,
+    /// `PGSSLKEY` and `DATABASE_URL`'s parameters; without them, `prefer`.
+    #[cfg(feature = "tls")]
+    pub fn ssl(mut self, tls: crate::tls::PgTls) -> Self {
+        self.target.backend.ssl = Some(tls);
+        self
+    }
+
+    /// A TLS connector of your own (e.g. a `tokio-postgres-rustls` connector), used as
+    /// it is with the `ssl_mode` of the [`pg_config`](Self::pg_config). Default: with
+    /// the `tls` feature, one made from [`ssl`](Self::ssl)'s settings; without it, no TLS.
     pub fn tls<T>(mut self, tls: T) -> Self
     where
         T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>
@@ -230,9 +251,59 @@ impl Builder {
     pub async fn build(self) -> Result<VaultPgPool> {
         let (lease, deadpool, target) = self.into_parts();
         lease.source.validate()?;
+        let env = |k: &str| std::env::var(k).ok();
+        let from_env = target.pg.is_none();
         let mut config = match target.pg {
             Some(c) => c,
-            None => pg_config_from_lookup(|k| std::env::var(k).ok())?,
+            None => pg_config_from_lookup(env)?,
+        };
+        let connect = match target.connect {
+            Some(connect) => connect,
+            #[cfg(feature = "tls")]
+            None => {
+                let tls = match target.ssl {
+                    Some(tls) => tls,
+                    None => {
+                        // libpq's variables; a pg_config given without PGSSLMODE keeps
+                        // its own mode.
+                        let mut params = env("DATABASE_URL")
+                            .filter(|_| from_env)
+                            .map(|u| ssl_params(&u))
+                            .unwrap_or_default();
+                        if !from_env && env("PGSSLMODE").is_none() {
+                            params
+                                .push(("sslmode".into(), mode_name(config.get_ssl_mode()).into()));
+                        }
+                        crate::tls::PgTls::from_lookup(env, &params)?
+                    }
+                };
+                config.ssl_mode(tls.tokio_postgres_mode());
+                let connect: Arc<dyn deadpool_postgres::Connect> = match tls.connector()? {
+                    Some(tls) => Arc::new(deadpool_postgres::ConfigConnectImpl { tls }),
+                    None => Arc::new(deadpool_postgres::ConfigConnectImpl {
+                        tls: tokio_postgres::NoTls,
+                    }),
+                };
+                connect
+            }
+            #[cfg(not(feature = "tls"))]
+            None => {
+                if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "configuring PostgreSQL at {}: sslmode asks for TLS, and vaultpool \
+                             was built without its `tls` feature; enable it (or give a \
+                             connector with .tls(…))",
+                            self::target(&config)
+                        ),
+                    ));
+                }
+                let _ = from_env;
+                Arc::new(deadpool_postgres::ConfigConnectImpl {
+                    tls: tokio_postgres::NoTls,
+                })
+            }
         };
         if config.get_application_name().is_none() {
             config.application_name("vaultpool");
@@ -242,11 +313,7 @@ impl Builder {
         }
         let verify = PgConnect {
             config,
-            connect: target.connect.unwrap_or_else(|| {
-                Arc::new(deadpool_postgres::ConfigConnectImpl {
-                    tls: tokio_postgres::NoTls,
-                })
-            }),
+            connect,
             // Verification always asks the server, whatever the recycling method.
             recycling: RecyclingMethod::Verified,
         };
@@ -277,19 +344,25 @@ pub fn pg_config_from_lookup(
                  or unset it and use PGHOST/PGPORT/PGDATABASE",
             ));
         }
-        let config = tokio_postgres::Config::from_str(url.trim()).map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                "reading DATABASE_URL: it is not a PostgreSQL URL or key=value string",
-            )
-            .with_source(e)
-        })?;
+        // tokio-postgres knows only three sslmodes: the TLS parameters are read apart.
+        let params = ssl_params(&url);
+        let mut config = tokio_postgres::Config::from_str(&without_ssl_params(url.trim()))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    "reading DATABASE_URL: it is not a PostgreSQL URL or key=value string",
+                )
+                .with_source(e)
+            })?;
         if config.get_password().is_some() {
             return Err(Error::new(
                 ErrorKind::Config,
                 "reading DATABASE_URL: it carries a password; remove it — vaultpool logs in \
                  with credentials leased from Vault",
             ));
+        }
+        if let Some((_, mode)) = params.iter().rev().find(|(k, _)| k == "sslmode") {
+            config.ssl_mode(tokio_mode(mode, "the sslmode of DATABASE_URL")?);
         }
         return Ok(config);
     }
@@ -311,20 +384,90 @@ pub fn pg_config_from_lookup(
     })?;
     config.dbname(db);
     if let Some(mode) = lookup("PGSSLMODE") {
-        use tokio_postgres::config::SslMode;
-        config.ssl_mode(match mode.trim() {
-            "disable" => SslMode::Disable,
-            "prefer" | "allow" => SslMode::Prefer,
-            "require" | "verify-ca" | "verify-full" => SslMode::Require,
-            other => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!("reading PGSSLMODE: unknown mode {other:?} (disable, prefer, require)"),
-                ));
-            }
-        });
+        config.ssl_mode(tokio_mode(&mode, "PGSSLMODE")?);
     }
     Ok(config)
+}
+
+/// tokio-postgres' mode for a libpq sslmode (it knows disable, prefer and require; the
+/// certificate checks of verify-ca/verify-full are the connector's).
+fn tokio_mode(mode: &str, from: &str) -> Result<tokio_postgres::config::SslMode> {
+    use tokio_postgres::config::SslMode;
+    Ok(match mode.trim() {
+        "disable" => SslMode::Disable,
+        "prefer" | "allow" => SslMode::Prefer,
+        "require" | "verify-ca" | "verify-full" => SslMode::Require,
+        other => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "reading {from}: unknown mode {other:?}; use disable, allow, prefer, \
+                     require, verify-ca or verify-full"
+                ),
+            ));
+        }
+    })
+}
+
+#[cfg(feature = "tls")]
+fn mode_name(mode: tokio_postgres::config::SslMode) -> &'static str {
+    match mode {
+        tokio_postgres::config::SslMode::Disable => "disable",
+        tokio_postgres::config::SslMode::Require => "require",
+        _ => "prefer",
+    }
+}
+
+/// The TLS parameters libpq reads from a connection string.
+const SSL_PARAMS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// The TLS parameters of a URL (`postgres://…?sslmode=…`) or key=value string.
+fn ssl_params(conn: &str) -> Vec<(String, String)> {
+    let conn = conn.trim();
+    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        url::Url::parse(conn)
+            .map(|u| {
+                u.query_pairs()
+                    .filter(|(k, _)| SSL_PARAMS.contains(&k.as_ref()))
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        conn.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| SSL_PARAMS.contains(k))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+            .collect()
+    }
+}
+
+/// The connection string without its TLS parameters.
+fn without_ssl_params(conn: &str) -> String {
+    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        let Ok(mut url) = url::Url::parse(conn) else {
+            return conn.to_owned();
+        };
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| !SSL_PARAMS.contains(&k.as_ref()))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if kept.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        url.to_string()
+    } else {
+        conn.split_whitespace()
+            .filter(|kv| {
+                kv.split_once('=')
+                    .is_none_or(|(k, _)| !SSL_PARAMS.contains(&k))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 #[cfg(test)]
@@ -365,6 +508,27 @@ mod tests {
         let err =
             pg_config_from_lookup(lookup(&[("PGDATABASE", "a"), ("PGPORT", "x")])).unwrap_err();
         assert!(err.to_string().contains("PGPORT"), "{err}");
+    }
+
+    #[test]
+    fn every_libpq_sslmode_is_accepted_and_tls_parameters_are_set_apart() {
+        use tokio_postgres::config::SslMode;
+        let c = pg_config_from_lookup(lookup(&[(
+            "DATABASE_URL",
+            "postgres://db:5433/app?sslmode=verify-full&sslrootcert=/etc/ca.pem&application_name=x",
+        )]))
+        .unwrap();
+        assert_eq!(c.get_ssl_mode(), SslMode::Require);
+        assert_eq!(c.get_application_name(), Some("x"));
+        let params = ssl_params("postgres://db/app?sslmode=verify-ca&sslrootcert=/ca.pem");
+        assert_eq!(params.len(), 2);
+        assert_eq!(
+            without_ssl_params("host=db dbname=app sslmode=verify-full"),
+            "host=db dbname=app"
+        );
+        let e = pg_config_from_lookup(lookup(&[("PGDATABASE", "a"), ("PGSSLMODE", "verify")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("verify-full"), "{e}");
     }
 
     #[test]

@@ -184,9 +184,15 @@ fn options_for(base: &PgConnectOptions, current: &Current) -> PgConnectOptions {
 }
 
 fn is_auth_failure(e: &::sqlx::Error) -> bool {
+    // pg_hba's "no encryption" refusal has an auth SQLSTATE too: a TLS matter.
     e.as_database_error()
         .and_then(|d| d.code())
         .is_some_and(|c| pool::PG_AUTH_FAILURE.contains(&c.as_ref()))
+        && tls_problem(e).is_none()
+}
+
+fn tls_problem(e: &::sqlx::Error) -> Option<&'static str> {
+    pool::tls_diagnosis(&pool::chain_text(e))
 }
 
 impl VaultSqlxPool {
@@ -482,6 +488,13 @@ impl Builder {
                         ::sqlx::PgConnection::connect_with(&options)
                             .await
                             .map_err(|e| {
+                                if let Some(fix) = tls_problem(&e) {
+                                    return Error::new(
+                                        ErrorKind::Tls,
+                                        format!("{}: {fix}", what()),
+                                    )
+                                    .with_source(e);
+                                }
                                 let kind = if is_auth_failure(&e) {
                                     ErrorKind::AuthenticationFailed
                                 } else {

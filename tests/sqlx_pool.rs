@@ -18,6 +18,7 @@ fn target() -> PgConnectOptions {
         .host(&var("PGHOST"))
         .port(var("PGPORT").parse().unwrap())
         .database("adaptive_immunity")
+        .ssl_mode(vaultpool::sqlx::sqlx::postgres::PgSslMode::Disable)
 }
 
 async fn pool_for(role: &str, max: u32) -> VaultSqlxPool {

@@ -29,6 +29,12 @@ pub trait Connect: Send + Sync + 'static {
     /// Whether the server refused the credentials (as opposed to being unreachable).
     fn is_auth_failure(&self, e: &Self::Error) -> bool;
 
+    /// What to fix when `e` is a TLS problem (a certificate refused, TLS required or not
+    /// offered); `None` otherwise.
+    fn tls_problem(&self, _e: &Self::Error) -> Option<&'static str> {
+        None
+    }
+
     /// A check before an idle connection is reused; `Err` closes it.
     fn check<'a>(&'a self, conn: &'a mut Self::Conn) -> BoxFuture<'a, Result<(), String>>;
 
@@ -89,16 +95,16 @@ impl<C: Connect> RotatingManager<C> {
     }
 
     fn connect_error(&self, generation: Generation, e: C::Error) -> Error {
-        Error::new(
-            ErrorKind::Backend,
-            format!(
-                "connecting to {} with {} (generation {})",
-                self.connect.target(),
-                self.engine.source(),
-                generation.0
-            ),
-        )
-        .with_source(e)
+        let what = format!(
+            "connecting to {} with {} (generation {})",
+            self.connect.target(),
+            self.engine.source(),
+            generation.0
+        );
+        match self.connect.tls_problem(&e) {
+            Some(fix) => Error::new(ErrorKind::Tls, format!("{what}: {fix}")).with_source(e),
+            None => Error::new(ErrorKind::Backend, what).with_source(e),
+        }
     }
 }
 
@@ -216,6 +222,13 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
         Box::pin(async move {
             let what = || format!("verifying new credentials against {}", connect.target());
             let mut conn = connect.open(&creds).await.map_err(|e| {
+                if let Some(fix) = connect.tls_problem(&e) {
+                    return Error::new(
+                        ErrorKind::Tls,
+                        format!("{} as {}: {fix}", what(), creds.username),
+                    )
+                    .with_source(e);
+                }
                 let kind = if connect.is_auth_failure(&e) {
                     ErrorKind::AuthenticationFailed
                 } else {

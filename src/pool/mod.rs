@@ -39,6 +39,80 @@ pub use inner::{Connect, Pooled, RotatingManager, Tagged};
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
 pub(crate) const PG_AUTH_FAILURE: [&str; 2] = ["28P01", "28000"];
 
+/// What a user should do about a failed TLS connection to PostgreSQL, from the error's
+/// text (rustls' and PostgreSQL's), if it is a TLS matter.
+/// An error and its sources as one line, to look for what they say.
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+pub(crate) fn tls_diagnosis(text: &str) -> Option<&'static str> {
+    let t = text.to_ascii_lowercase();
+    if t.contains("no encryption") {
+        Some(
+            "the server accepts only TLS connections here (pg_hba hostssl): set PGSSLMODE to \
+             require or verify-full (with PGSSLROOTCERT)",
+        )
+    } else if t.contains("notvalidforname") || t.contains("not valid for name") {
+        Some(
+            "the server's certificate does not name the host connected to: connect by a name \
+             the certificate holds, or use sslmode=verify-ca",
+        )
+    } else if t.contains("unknownissuer") || t.contains("unknown issuer") {
+        Some(
+            "the server's certificate is not signed by the root certificate given: set \
+             PGSSLROOTCERT to the CA that signed it",
+        )
+    } else if t.contains("without tls support") {
+        Some("sslmode asks for TLS: build vaultpool with its `tls` feature")
+    } else if t.contains("server does not support tls") || t.contains("ssl is not enabled") {
+        Some(
+            "the server does not offer TLS: enable ssl on the server, or use sslmode=prefer \
+             or disable",
+        )
+    } else if t.contains("certificate") && (t.contains("expired") || t.contains("notvalidyet")) {
+        Some("the server's certificate is expired or not yet valid: renew it on the server")
+    } else {
+        None
+    }
+}
+
+#[cfg(all(test, any(feature = "postgres", feature = "sqlx")))]
+mod tests {
+    use super::tls_diagnosis as diagnose;
+
+    #[test]
+    fn tls_failures_are_explained() {
+        assert!(
+            diagnose(
+                "FATAL: no pg_hba.conf entry for host \"127.0.0.1\", user \"u\", database \"d\", no encryption"
+            )
+            .unwrap()
+            .contains("PGSSLMODE")
+        );
+        assert!(
+            diagnose("invalid peer certificate: NotValidForName")
+                .unwrap()
+                .contains("verify-ca")
+        );
+        assert!(
+            diagnose("invalid peer certificate: UnknownIssuer")
+                .unwrap()
+                .contains("PGSSLROOTCERT")
+        );
+        assert!(diagnose("connection refused").is_none());
+    }
+}
+
 /// Pool and lease status together; every pool's `status()` returns it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

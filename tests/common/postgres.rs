@@ -104,7 +104,9 @@ pub fn pg_target() -> vaultpool::postgres::tokio_postgres::Config {
     let mut c = vaultpool::postgres::tokio_postgres::Config::new();
     c.host(var("PGHOST"))
         .port(var("PGPORT").parse().unwrap())
-        .dbname("adaptive_immunity");
+        .dbname("adaptive_immunity")
+        // Plaintext, as the plain pools it is compared with (the stack offers TLS).
+        .ssl_mode(vaultpool::postgres::tokio_postgres::config::SslMode::Disable);
     c
 }
 
@@ -143,7 +145,8 @@ pub fn pg_target_via(proxy: &Proxy) -> vaultpool::postgres::tokio_postgres::Conf
     let mut c = vaultpool::postgres::tokio_postgres::Config::new();
     c.host(host)
         .port(port.parse().unwrap())
-        .dbname("adaptive_immunity");
+        .dbname("adaptive_immunity")
+        .ssl_mode(vaultpool::postgres::tokio_postgres::config::SslMode::Disable);
     c
 }
 

@@ -1,0 +1,486 @@
+//! TLS to PostgreSQL with libpq's meaning of `sslmode` (feature `tls`, rustls).
+//!
+//! [`PgTls`] holds what libpq reads from `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
+//! `PGSSLKEY` (or the `sslmode`, `sslrootcert`, `sslcert`, `sslkey` parameters of
+//! `DATABASE_URL`), and gives the deadpool flavour its connector. The sqlx flavour reads
+//! the same variables through sqlx's own TLS support.
+//!
+//! | mode | encrypts | checks the CA | checks the host name |
+//! |---|---|---|---|
+//! | `disable` | no | – | – |
+//! | `allow`, `prefer` (default) | if the server offers it | only with a root certificate | no |
+//! | `require` | yes, or fails | only with a root certificate (then as `verify-ca`, as libpq does) | no |
+//! | `verify-ca` | yes | yes | no |
+//! | `verify-full` | yes | yes | yes |
+//!
+//! One difference from libpq: `allow` tries TLS first (as `prefer`), where libpq tries
+//! plaintext first; both end connected to a server that accepts either. The root
+//! certificate is a PEM file, or `system` for the operating system's store; `verify-ca`
+//! and `verify-full` need one (libpq's default `~/.postgresql/root.crt` is not read).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Plaintext only.
+    Disable,
+    /// TLS if the server offers it (tried first; libpq tries plaintext first).
+    Allow,
+    /// TLS if the server offers it (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS or nothing; the certificate is checked only if a root certificate is given.
+    Require,
+    /// TLS, the server's certificate signed by the root certificate.
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate names the host connected to.
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.trim() {
+            "disable" => Self::Disable,
+            "allow" => Self::Allow,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "reading sslmode: unknown mode {other:?}; use disable, allow, prefer, \
+                         require, verify-ca or verify-full"
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Disable => "disable",
+            Self::Allow => "allow",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// Where the certificates that sign the server's come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Roots {
+    File(PathBuf),
+    System,
+}
+
+/// TLS settings for PostgreSQL, as libpq reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PgTls {
+    mode: SslMode,
+    roots: Option<Roots>,
+    client: Option<(PathBuf, PathBuf)>,
+}
+
+impl PgTls {
+    /// These settings with `mode` and nothing else.
+    pub fn new(mode: SslMode) -> Self {
+        Self {
+            mode,
+            ..Self::default()
+        }
+    }
+
+    /// The root certificate(s), a PEM file (libpq's `sslrootcert`).
+    #[must_use]
+    pub fn root_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.roots = Some(Roots::File(path.into()));
+        self
+    }
+
+    /// Trust the operating system's certificate store (libpq's `sslrootcert=system`).
+    #[must_use]
+    pub fn system_roots(mut self) -> Self {
+        self.roots = Some(Roots::System);
+        self
+    }
+
+    /// A client certificate and its key, PEM files (libpq's `sslcert`, `sslkey`).
+    #[must_use]
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> SslMode {
+        self.mode
+    }
+
+    /// From `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`; parameters of the same
+    /// meaning in `url_params` (those of `DATABASE_URL`) win.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for an unknown mode, or a certificate without its key.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+        url_params: &[(String, String)],
+    ) -> Result<Self> {
+        let get = |param: &str, var: &str| {
+            url_params
+                .iter()
+                .rev()
+                .find(|(k, _)| k == param)
+                .map(|(_, v)| v.clone())
+                .or_else(|| lookup(var))
+                .filter(|v| !v.trim().is_empty())
+        };
+        let mut tls = Self::new(match get("sslmode", "PGSSLMODE") {
+            Some(m) => m.parse()?,
+            None => SslMode::Prefer,
+        });
+        if let Some(root) = get("sslrootcert", "PGSSLROOTCERT") {
+            tls = if root.trim() == "system" {
+                tls.system_roots()
+            } else {
+                tls.root_cert(root.trim())
+            };
+        }
+        match (get("sslcert", "PGSSLCERT"), get("sslkey", "PGSSLKEY")) {
+            (Some(cert), Some(key)) => tls = tls.client_cert(cert.trim(), key.trim()),
+            (None, None) => {}
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "reading the PostgreSQL client certificate: set both PGSSLCERT and \
+                     PGSSLKEY (or sslcert and sslkey), or neither",
+                ));
+            }
+        }
+        Ok(tls)
+    }
+
+    /// The rustls configuration for these settings, `None` for `disable`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] when `verify-ca`/`verify-full` has no root certificate, or a
+    /// file cannot be read or holds no certificate or key (the message names the file).
+    pub fn rustls_config(&self) -> Result<Option<rustls::ClientConfig>> {
+        if self.mode == SslMode::Disable {
+            return Ok(None);
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| {
+                Error::new(ErrorKind::Config, "configuring TLS for PostgreSQL").with_source(e)
+            })?;
+        let verifier: Arc<dyn ServerCertVerifier> = match (&self.roots, self.mode) {
+            (None, SslMode::VerifyCa | SslMode::VerifyFull) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "configuring TLS for PostgreSQL: sslmode={} needs the certificate that \
+                         signed the server's; set PGSSLROOTCERT (or sslrootcert) to its PEM \
+                         file, or to `system` for the system's store",
+                        self.mode
+                    ),
+                ));
+            }
+            (None, _) => Arc::new(AnyCertificate(provider)),
+            (Some(roots), mode) => {
+                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(root_store(roots)?),
+                    provider,
+                )
+                .build()
+                .map_err(|e| {
+                    Error::new(ErrorKind::Config, "configuring TLS for PostgreSQL").with_source(e)
+                })?;
+                if mode == SslMode::VerifyFull {
+                    inner
+                } else {
+                    Arc::new(AnyHostName(inner))
+                }
+            }
+        };
+        let builder = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        Ok(Some(match &self.client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => builder
+                .with_client_auth_cert(certificates(cert)?, private_key(key)?)
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "configuring the PostgreSQL client certificate {}: the key {} does \
+                             not fit it",
+                            cert.display(),
+                            key.display()
+                        ),
+                    )
+                    .with_source(e)
+                })?,
+        }))
+    }
+
+    /// The connector for tokio-postgres, `None` for `disable`.
+    ///
+    /// # Errors
+    /// As [`rustls_config`](Self::rustls_config).
+    #[cfg(feature = "postgres")]
+    pub fn connector(&self) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>> {
+        Ok(self
+            .rustls_config()?
+            .map(tokio_postgres_rustls::MakeRustlsConnect::new))
+    }
+
+    /// tokio-postgres' own mode for these settings (it knows only disable, prefer and
+    /// require; checking the certificate is the connector's).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn tokio_postgres_mode(&self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as T;
+        match self.mode {
+            SslMode::Disable => T::Disable,
+            SslMode::Allow | SslMode::Prefer => T::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => T::Require,
+        }
+    }
+}
+
+fn root_store(roots: &Roots) -> Result<rustls::RootCertStore> {
+    let mut store = rustls::RootCertStore::empty();
+    match roots {
+        Roots::File(path) => {
+            for cert in certificates(path)? {
+                store.add(cert).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "reading the PostgreSQL root certificate {}: not a usable CA \
+                             certificate",
+                            path.display()
+                        ),
+                    )
+                    .with_source(e)
+                })?;
+            }
+        }
+        Roots::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "reading the system's certificate store for PostgreSQL (sslrootcert=system): \
+                     no certificate found; install ca-certificates or give a PEM file",
+                ));
+            }
+        }
+    }
+    Ok(store)
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let read = |e: &dyn fmt::Display| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "reading the certificate file {}: {e}; check the path (PGSSLROOTCERT / \
+                 PGSSLCERT) and that it holds PEM certificates",
+                path.display()
+            ),
+        )
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read(&e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| read(&e))?;
+    if certs.is_empty() {
+        return Err(read(&"no certificate in it"));
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "reading the client key file {}: {e}; check PGSSLKEY and that it holds a PEM \
+                 private key",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// `verify-ca`: the chain must lead to the root certificate; the name is not checked.
+#[derive(Debug)]
+struct AnyHostName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyHostName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `prefer`/`require` without a root certificate: encrypted, the certificate not
+/// checked (libpq's behaviour); the handshake's signatures still are.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::lookup;
+
+    #[test]
+    fn libpq_variables_and_url_parameters_are_read() {
+        let tls = PgTls::from_lookup(
+            lookup(&[("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", "/etc/ca.pem")]),
+            &[("sslmode".into(), "verify-full".into())],
+        )
+        .unwrap();
+        assert_eq!(tls.mode(), SslMode::VerifyFull, "the URL wins");
+        assert_eq!(tls.roots, Some(Roots::File("/etc/ca.pem".into())));
+        assert_eq!(
+            PgTls::from_lookup(lookup(&[]), &[]).unwrap().mode(),
+            SslMode::Prefer
+        );
+        let system = PgTls::from_lookup(lookup(&[("PGSSLROOTCERT", "system")]), &[]).unwrap();
+        assert_eq!(system.roots, Some(Roots::System));
+    }
+
+    #[test]
+    fn bad_settings_are_config_errors_that_say_what_to_do() {
+        let e = PgTls::from_lookup(lookup(&[("PGSSLMODE", "verify")]), &[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains("verify-full"), "{e}");
+        let e = PgTls::from_lookup(lookup(&[("PGSSLCERT", "/c.pem")]), &[]).unwrap_err();
+        assert!(e.to_string().contains("PGSSLKEY"), "{e}");
+        let e = PgTls::new(SslMode::VerifyFull).rustls_config().unwrap_err();
+        assert!(e.to_string().contains("PGSSLROOTCERT"), "{e}");
+        let e = PgTls::new(SslMode::VerifyFull)
+            .root_cert("/nonexistent/ca.pem")
+            .rustls_config()
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        assert!(
+            PgTls::new(SslMode::Disable)
+                .rustls_config()
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            PgTls::new(SslMode::Require)
+                .rustls_config()
+                .unwrap()
+                .is_some()
+        );
+    }
+}

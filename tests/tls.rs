@@ -1,0 +1,204 @@
+//! TLS to PostgreSQL against the stack's TLS-only database (`immune_tls`: `hostssl`
+//! only, a certificate for localhost/127.0.0.1 signed by the stack's CA), in both pool
+//! flavours: verify-full under load across rotations, and each TLS mistake as a typed
+//! error that says what to fix.
+#![cfg(all(feature = "postgres", feature = "sqlx", feature = "tls"))]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use vaultpool::ErrorKind;
+use vaultpool::postgres::{VaultPgPool, tokio_postgres};
+use vaultpool::sqlx::VaultSqlxPool;
+use vaultpool::sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use vaultpool::tls::{PgTls, SslMode};
+
+/// The TLS-only database, reached by `host` (the certificate names localhost and
+/// 127.0.0.1) at the stack's address.
+fn tls_target(host: &str) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host(host)
+        .hostaddr(var("PGHOST").parse().unwrap())
+        .port(var("PGPORT").parse().unwrap())
+        .dbname(var("VAULTPOOL_PG_TLS_DB"));
+    c
+}
+
+fn sqlx_tls_target(mode: PgSslMode, ca: &str) -> PgConnectOptions {
+    PgConnectOptions::new_without_pgpass()
+        .host("localhost")
+        .port(var("PGPORT").parse().unwrap())
+        .database(&var("VAULTPOOL_PG_TLS_DB"))
+        .ssl_mode(mode)
+        .ssl_root_cert(ca)
+}
+
+fn verify_full() -> PgTls {
+    PgTls::new(SslMode::VerifyFull).root_cert(var("VAULTPOOL_PG_CA"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_under_load_across_rotations_loses_no_query() {
+    let role = create_role("1h", "1h").await;
+    let pool = VaultPgPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(tls_target("localhost"))
+        .ssl(verify_full())
+        .max_size(4)
+        .policy(fast_policy())
+        .build()
+        .await
+        .unwrap();
+    // Really encrypted.
+    let encrypted: bool = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(&pool, 8, stop.clone());
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pool.rotate().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    println!(
+        "TLS verify-full (deadpool): {} queries across 3 rotations, {} failed",
+        report.ok, report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert!(report.ok > 0);
+    pool.close().await;
+
+    // The sqlx flavour, with sqlx's own TLS (the same libpq settings).
+    let pool = VaultSqlxPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .connect_options(sqlx_tls_target(
+            PgSslMode::VerifyFull,
+            &var("VAULTPOOL_PG_CA"),
+        ))
+        .pool_options(PgPoolOptions::new().max_connections(4))
+        .policy(fast_policy())
+        .build()
+        .await
+        .unwrap();
+    let encrypted: bool = vaultpool::sqlx::sqlx::query_scalar(
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(pool.pool())
+    .await
+    .unwrap();
+    assert!(encrypted);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(&pool, 8, stop.clone());
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pool.rotate().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    println!(
+        "TLS verify-full (sqlx): {} queries across 2 rotations, {} failed",
+        report.ok, report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    pool.close().await;
+}
+
+/// Each TLS mistake is refused at build with `ErrorKind::Tls` and a message saying what
+/// to fix; no credentials are left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_mistakes_are_typed_errors_that_say_what_to_fix() {
+    let role = create_role("1h", "1h").await;
+    let deadpool = |host: &'static str, tls: PgTls| {
+        let role = role.clone();
+        async move {
+            VaultPgPool::builder(&role)
+                .vault(approle_client("IMMUNE_SYSTEM"))
+                .pg_config(tls_target(host))
+                .ssl(tls)
+                .build()
+                .await
+                .unwrap_err()
+        }
+    };
+    let cases = [
+        (
+            "a wrong host name",
+            deadpool("wrong.example", verify_full()).await,
+            "does not name the host",
+        ),
+        (
+            "an untrusted CA",
+            deadpool(
+                "localhost",
+                PgTls::new(SslMode::VerifyFull).root_cert(var("VAULTPOOL_PG_OTHER_CA")),
+            )
+            .await,
+            "not signed by the root certificate",
+        ),
+        (
+            "plaintext to a TLS-only database",
+            deadpool("localhost", PgTls::new(SslMode::Disable)).await,
+            "accepts only TLS",
+        ),
+    ];
+    for (what, e, says) in &cases {
+        println!("TLS, {what}: {e}");
+        assert_eq!(e.kind(), ErrorKind::Tls, "{what}: {e}");
+        assert!(e.to_string().contains(says), "{what}: {e}");
+    }
+    let sqlx = |options: PgConnectOptions| {
+        let role = role.clone();
+        async move {
+            VaultSqlxPool::builder(&role)
+                .vault(approle_client("IMMUNE_SYSTEM"))
+                .connect_options(options)
+                .build()
+                .await
+                .unwrap_err()
+        }
+    };
+    let cases = [
+        (
+            "an untrusted CA (sqlx)",
+            sqlx(sqlx_tls_target(
+                PgSslMode::VerifyFull,
+                &var("VAULTPOOL_PG_OTHER_CA"),
+            ))
+            .await,
+        ),
+        (
+            "plaintext to a TLS-only database (sqlx)",
+            sqlx(sqlx_tls_target(PgSslMode::Disable, &var("VAULTPOOL_PG_CA"))).await,
+        ),
+    ];
+    for (what, e) in &cases {
+        println!("TLS, {what}: {e}");
+        assert_eq!(e.kind(), ErrorKind::Tls, "{what}: {e}");
+    }
+    // Every credential issued for these builds was revoked (in the background, at once).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !leases_of(&role).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leases left behind: {:?}",
+            leases_of(&role).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -448,17 +448,20 @@ impl Builder {
     pub async fn build(self) -> Result<VaultSqlxPool> {
         let (lease, target) = (self.lease, self.target);
         lease.source.validate()?;
-        if let CredentialSource::Kv(kv) = &lease.source {
+        if matches!(
+            lease.source,
+            CredentialSource::Kv(_) | CredentialSource::StaticRole(_)
+        ) {
             // The sqlx flavour tells generations apart by user (pg_stat_activity); every
-            // version of a KV secret has the same user, so a drain could never end.
+            // version of a KV secret or static role has the same user, so a drain could
+            // never end.
             return Err(Error::new(
                 ErrorKind::Config,
                 format!(
-                    "building a sqlx pool on KV secret {}/{}: the sqlx flavour needs a new \
-                     user per generation (a database role); use VaultPgPool for static \
-                     credentials kept in KV",
-                    kv.get_mount(),
-                    kv.get_path()
+                    "building a sqlx pool on {}: the sqlx flavour needs a new user per \
+                     generation (a dynamic database role); use VaultPgPool for static \
+                     credentials (KV or a static role)",
+                    lease.source
                 ),
             ));
         }

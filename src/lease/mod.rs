@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use policy::Policy;
 pub(crate) use policy::doubling;
-pub use source::{CredentialSource, DatabaseRole, KvCredentials};
+pub use source::{CredentialSource, DatabaseRole, KvCredentials, StaticRole};
 
 use crate::credentials::{Credentials, Generation, Lease};
 use crate::error::{Error, ErrorKind, Result};

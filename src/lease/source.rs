@@ -42,6 +42,9 @@ pub enum CredentialSource {
     DatabaseRole(DatabaseRole),
     /// Static credentials kept in a KV v2 secret; a new version is a rotation.
     Kv(KvCredentials),
+    /// A static role of the database secrets engine: one user whose password Vault
+    /// rotates on a period; each new password is a rotation.
+    StaticRole(StaticRole),
 }
 
 impl CredentialSource {
@@ -50,6 +53,7 @@ impl CredentialSource {
         match self {
             Self::DatabaseRole(r) => &r.role,
             Self::Kv(k) => &k.path,
+            Self::StaticRole(r) => &r.role,
         }
     }
 
@@ -96,6 +100,10 @@ impl CredentialSource {
                 }
                 Ok(())
             }
+            Self::StaticRole(r) => {
+                crate::vault::check_name("the database secrets mount", &r.mount)?;
+                crate::vault::check_name("the static database role", &r.role)
+            }
         }
     }
 
@@ -108,6 +116,11 @@ impl CredentialSource {
                 lookup_denied_until: std::sync::Mutex::new(None),
             }),
             Self::Kv(k) => Arc::new(KvStatic { client, kv: k }),
+            Self::StaticRole(r) => Arc::new(VaultStaticRole {
+                client,
+                role: r,
+                next_rotation: std::sync::Mutex::new(None),
+            }),
         })
     }
 }
@@ -120,6 +133,12 @@ impl fmt::Display for CredentialSource {
             }
             Self::DatabaseRole(r) => write!(f, "database role {} (mount {})", r.role, r.mount),
             Self::Kv(k) => write!(f, "KV secret {}/{}", k.mount, k.path),
+            Self::StaticRole(r) if r.mount == "database" => {
+                write!(f, "static database role {}", r.role)
+            }
+            Self::StaticRole(r) => {
+                write!(f, "static database role {} (mount {})", r.role, r.mount)
+            }
         }
     }
 }
@@ -133,6 +152,53 @@ impl From<DatabaseRole> for CredentialSource {
 impl From<KvCredentials> for CredentialSource {
     fn from(kv: KvCredentials) -> Self {
         Self::Kv(kv)
+    }
+}
+
+impl From<StaticRole> for CredentialSource {
+    fn from(role: StaticRole) -> Self {
+        Self::StaticRole(role)
+    }
+}
+
+/// A static role of the database secrets engine (`GET {mount}/static-creds/{role}`): one
+/// database user that keeps its objects, whose password Vault rotates every rotation
+/// period. The engine reads the credentials again just after each of Vault's rotations
+/// (the answer says when: its `ttl`), never before — Vault returns the old password until
+/// then, so there is no loop asking for it. Each new password is a new generation:
+/// connections opened with the old one keep running (PostgreSQL does not end sessions
+/// when a password changes) and drain; nothing is revoked. A connection refused in the
+/// moment between Vault's rotation and the read is retried with the new password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticRole {
+    mount: String,
+    role: String,
+}
+
+impl StaticRole {
+    /// The static role `role` on the mount `database`.
+    pub fn new(role: impl Into<String>) -> Self {
+        Self {
+            mount: "database".into(),
+            role: role.into(),
+        }
+    }
+
+    /// The secrets engine's mount. Default `database`.
+    #[must_use]
+    pub fn mount(mut self, mount: impl Into<String>) -> Self {
+        self.mount = mount.into();
+        self
+    }
+
+    /// The role's name.
+    pub fn get_role(&self) -> &str {
+        &self.role
+    }
+
+    /// The secrets engine's mount.
+    pub fn get_mount(&self) -> &str {
+        &self.mount
     }
 }
 
@@ -306,6 +372,17 @@ pub(crate) trait Source: Send + Sync {
     /// Whether the source holds other credentials than those of `current`.
     fn changed<'a>(&'a self, _current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async { Ok(false) })
+    }
+    /// How long until the next [`changed`](Source::changed) (jittered by the engine); by
+    /// default the poll interval. A source that knows when its credentials change
+    /// (a static role: Vault's `ttl`) says so here.
+    fn poll_delay(&self) -> Option<Duration> {
+        self.poll_interval()
+    }
+    /// Whether [`poll_delay`](Source::poll_delay) is a time before which nothing can
+    /// have changed (jitter only after it).
+    fn polls_when_due(&self) -> bool {
+        false
     }
     /// Checked once at build, after the first issue (whose lease is revoked if this
     /// fails): what [`changed`](Source::changed) needs later, so a permission missing for
@@ -487,6 +564,92 @@ impl Source for KvStatic {
                 .read_kv_metadata(&self.kv.mount, &self.kv.path)
                 .await?;
             Ok(kv_version(current) != Some(meta.current_version))
+        })
+    }
+}
+
+/// `{mount}/static-creds/{role}`: reading is issuing; the lease id names Vault's last
+/// rotation, so a read that returns it again is no change.
+struct VaultStaticRole {
+    client: Client,
+    role: StaticRole,
+    /// When Vault rotates next, as of the last read.
+    next_rotation: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Read again this long after Vault's rotation time (its clock and ours may differ).
+const STATIC_ROTATION_GRACE: Duration = Duration::from_secs(1);
+/// Read at least this often, whatever the last answer said (a rotation forced in Vault
+/// with `rotate-role` comes unannounced).
+const STATIC_MAX_WAIT: Duration = Duration::from_secs(300);
+
+impl VaultStaticRole {
+    async fn read(&self) -> Result<crate::vault::StaticCreds> {
+        let creds = self
+            .client
+            .static_creds(&self.role.mount, &self.role.role)
+            .await?;
+        *self.next_rotation.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + Duration::from_secs(creds.ttl_seconds.min(86_400)));
+        Ok(creds)
+    }
+
+    fn lease_id(&self, creds: &crate::vault::StaticCreds) -> String {
+        format!(
+            "static:{}/{}@{}",
+            self.role.mount, self.role.role, creds.last_vault_rotation
+        )
+    }
+}
+
+impl Source for VaultStaticRole {
+    fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
+        Box::pin(async move {
+            let creds = self.read().await?;
+            let id = self.lease_id(&creds);
+            tracing::info!(
+                role = %self.role.role,
+                rotated = %creds.last_vault_rotation,
+                next_in_s = creds.ttl_seconds,
+                "read static database credentials"
+            );
+            Ok(Leased::new(
+                Credentials::new(creds.username, creds.password),
+                // No expiry of ours: Vault rotates; the engine reads again after it.
+                Lease::new(id, Duration::ZERO, false),
+            ))
+        })
+    }
+
+    fn renew<'a>(&'a self, lease: &'a Lease, _: Duration) -> BoxFuture<'a, Result<Lease>> {
+        Box::pin(async move { Ok(lease.clone()) })
+    }
+
+    fn revoke<'a>(&'a self, _: &'a Lease) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) }) // the user stays; Vault owns its password
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        Some(STATIC_MAX_WAIT)
+    }
+
+    fn polls_when_due(&self) -> bool {
+        true
+    }
+
+    fn poll_delay(&self) -> Option<Duration> {
+        let next = *self.next_rotation.lock().unwrap_or_else(|e| e.into_inner());
+        Some(match next {
+            Some(at) => (at.saturating_duration_since(Instant::now()) + STATIC_ROTATION_GRACE)
+                .min(STATIC_MAX_WAIT),
+            None => STATIC_ROTATION_GRACE,
+        })
+    }
+
+    fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let creds = self.read().await?;
+            Ok(self.lease_id(&creds) != current.id)
         })
     }
 }

@@ -460,10 +460,16 @@ pub(crate) async fn run(
             if let Some(t) = shared.source.token_refresh_at() {
                 wake = Some(wake.map_or(t, |w| w.min(t)));
             }
-            let poll_at = shared.source.poll_interval().map(|every| {
+            let poll_at = shared.source.poll_delay().map(|every| {
                 *book.next_poll.get_or_insert_with(|| {
-                    // ±10% jitter; the interval is at most a day (checked at build).
-                    now + every.mul_f64(0.9 + 0.2 * fastrand::f64())
+                    // +0..10% jitter for a source that knows when its credentials change
+                    // (never early), ±10% otherwise; at most a day (checked at build).
+                    let jitter = if shared.source.polls_when_due() {
+                        1.0 + 0.1 * fastrand::f64()
+                    } else {
+                        0.9 + 0.2 * fastrand::f64()
+                    };
+                    now + every.mul_f64(jitter)
                 })
             });
             if let Some(t) = poll_at {

@@ -1,4 +1,5 @@
-//! The database secrets engine: `{mount}/creds/{role}`.
+//! The database secrets engine: `{mount}/creds/{role}` (dynamic) and
+//! `{mount}/static-creds/{role}` (static roles).
 
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -14,7 +15,56 @@ pub(crate) struct CredsData {
     password: SecretString,
 }
 
+/// The answer of `{mount}/static-creds/{role}`: one user whose password Vault rotates
+/// every `rotation_period`. `Debug` never shows the password.
+#[derive(Deserialize)]
+#[non_exhaustive]
+pub struct StaticCreds {
+    /// The database user (always the same).
+    pub username: String,
+    /// Its password now.
+    pub password: SecretString,
+    /// When Vault last set the password (RFC 3339), which names this version.
+    pub last_vault_rotation: String,
+    /// Seconds until Vault's next rotation.
+    #[serde(rename = "ttl")]
+    pub ttl_seconds: u64,
+    /// Seconds between Vault's rotations.
+    #[serde(rename = "rotation_period", default)]
+    pub rotation_period_seconds: u64,
+}
+
+impl std::fmt::Debug for StaticCreds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticCreds")
+            .field("username", &self.username)
+            .field("password", &"[REDACTED]")
+            .field("last_vault_rotation", &self.last_vault_rotation)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("rotation_period_seconds", &self.rotation_period_seconds)
+            .finish()
+    }
+}
+
 impl Client {
+    /// Read a static role's credentials: `GET {mount}/static-creds/{role}`. Nothing is
+    /// leased: the user stays, Vault changes its password every rotation period.
+    ///
+    /// # Errors
+    /// As [`database_creds`](Self::database_creds).
+    pub async fn static_creds(&self, mount: &str, role: &str) -> Result<StaticCreds> {
+        check_name("the database secrets mount", mount)?;
+        check_name("the static database role", role)?;
+        let path = format!("{mount}/static-creds/{role}");
+        let what = format!("reading static database credentials of role {role} ({path})");
+        let (env, _) = self
+            .call::<StaticCreds>(Call::get(&path))
+            .await
+            .map_err(|e| e.context(&what))?;
+        let (data, _) = env.into_data(&what)?;
+        Ok(data)
+    }
+
     /// Issue new credentials for a database role: `GET {mount}/creds/{role}`.
     ///
     /// Every call creates a new database user with its own lease; the caller owns the

@@ -34,6 +34,7 @@ use std::time::Instant;
 pub use auth::{AuthMethod, SecretIdSource, TokenInfo};
 pub use breaker::BreakerConfig;
 pub use config::{ClientBuilder, RetryConfig};
+pub use database::StaticCreds;
 pub use kv::{KvMetadata, KvSecret};
 pub use sys::{LeaseInfo, ServerHealth, ServerState};
 

@@ -140,10 +140,10 @@ EOF
   fi
   mkdir -p "$DIR/pg-sock" "$DIR/pg-log"
   chown postgres:postgres "$DIR/pg-sock" "$DIR/pg-log"
-  local tls_changed=0
-  pg_tls "$data" || tls_changed=1
+  PG_TLS_CHANGED=0
+  pg_tls "$data"
   if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-    if [ "$tls_changed" = 1 ]; then
+    if [ "$PG_TLS_CHANGED" = 1 ]; then
       runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" reload >/dev/null
     fi
     return 0
@@ -155,14 +155,15 @@ EOF
 
 # TLS for PostgreSQL: a CA and a server certificate for localhost/127.0.0.1 (plus a CA
 # that signed nothing, for "untrusted CA" tests), ssl on, and a database that accepts
-# only TLS connections (immune_tls). Returns 1 when it changed the configuration.
+# only TLS connections (immune_tls). Sets PG_TLS_CHANGED=1 when it changed the
+# configuration (errexit stays on: a failed openssl stops the script).
 pg_tls() {
   local data=$1 tls="$DIR/tls" changed=0
   mkdir -p "$tls"
   if [ ! -f "$tls/server.crt" ]; then
     log "generating a CA and server certificate for PostgreSQL (openssl)"
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vaultpool test CA" \
-      -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
+      -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>"$tls/openssl.log"
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=untrusted CA" \
       -keyout "$tls/other-ca.key" -out "$tls/other-ca.crt" 2>/dev/null
     openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
@@ -192,7 +193,7 @@ pg_tls() {
     chown postgres:postgres "$data/pg_hba.conf"
     changed=1
   fi
-  return "$changed"
+  PG_TLS_CHANGED=$changed
 }
 
 configure_postgres() {

@@ -87,7 +87,7 @@ impl pool::Connect for PgConnect {
     }
 
     fn tls_problem(&self, e: &tokio_postgres::Error) -> Option<&'static str> {
-        pool::tls_diagnosis(&pool::chain_text(e))
+        pool::tls_diagnosis(e.code().map(|c| c.code()), &pool::chain_text(e))
     }
 
     fn check<'a>(&'a self, conn: &'a mut ClientWrapper) -> BoxFuture<'a, Result<(), String>> {
@@ -261,22 +261,32 @@ impl Builder {
             Some(connect) => connect,
             #[cfg(feature = "tls")]
             None => {
-                let tls = match target.ssl {
-                    Some(tls) => tls,
-                    None => {
-                        // libpq's variables; a pg_config given without PGSSLMODE keeps
-                        // its own mode.
-                        let mut params = env("DATABASE_URL")
-                            .filter(|_| from_env)
-                            .map(|u| ssl_params(&u))
-                            .unwrap_or_default();
-                        if !from_env && env("PGSSLMODE").is_none() {
-                            params
-                                .push(("sslmode".into(), mode_name(config.get_ssl_mode()).into()));
-                        }
-                        crate::tls::PgTls::from_lookup(env, &params)?
+                // Never weaker than any place that names a mode: DATABASE_URL, PGSSLMODE,
+                // and the config's own mode when it was set (Disable or Require; Prefer is
+                // tokio-postgres' default, so it says nothing).
+                let mut params = env("DATABASE_URL")
+                    .map(|u| ssl_params(&u))
+                    .transpose()?
+                    .unwrap_or_default();
+                match config.get_ssl_mode() {
+                    tokio_postgres::config::SslMode::Disable => {
+                        params.push(("sslmode".into(), "disable".into()));
                     }
+                    tokio_postgres::config::SslMode::Require => {
+                        params.push(("sslmode".into(), "require".into()));
+                    }
+                    _ => {}
+                }
+                let tls = match target.ssl {
+                    Some(tls)
+                        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require =>
+                    {
+                        tls.at_least(crate::tls::SslMode::Require)
+                    }
+                    Some(tls) => tls,
+                    None => crate::tls::PgTls::from_lookup(env, &params)?,
                 };
+                let _ = from_env;
                 config.ssl_mode(tls.tokio_postgres_mode());
                 let connect: Arc<dyn deadpool_postgres::Connect> = match tls.connector()? {
                     Some(tls) => Arc::new(deadpool_postgres::ConfigConnectImpl { tls }),
@@ -288,7 +298,19 @@ impl Builder {
             }
             #[cfg(not(feature = "tls"))]
             None => {
-                if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                let asked = env("PGSSLMODE")
+                    .iter()
+                    .chain(
+                        env("DATABASE_URL")
+                            .map(|u| ssl_params(&u))
+                            .transpose()?
+                            .unwrap_or_default()
+                            .iter()
+                            .filter(|(k, _)| k == "sslmode")
+                            .map(|(_, v)| v),
+                    )
+                    .any(|m| matches!(m.trim(), "require" | "verify-ca" | "verify-full"));
+                if asked || config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
                     return Err(Error::new(
                         ErrorKind::Config,
                         format!(
@@ -345,9 +367,9 @@ pub fn pg_config_from_lookup(
             ));
         }
         // tokio-postgres knows only three sslmodes: the TLS parameters are read apart.
-        let params = ssl_params(&url);
-        let mut config = tokio_postgres::Config::from_str(&without_ssl_params(url.trim()))
-            .map_err(|e| {
+        let params = ssl_params(&url)?;
+        let mut config =
+            tokio_postgres::Config::from_str(&without_ssl_params(&url)?).map_err(|e| {
                 Error::new(
                     ErrorKind::Config,
                     "reading DATABASE_URL: it is not a PostgreSQL URL or key=value string",
@@ -361,8 +383,23 @@ pub fn pg_config_from_lookup(
                  with credentials leased from Vault",
             ));
         }
-        if let Some((_, mode)) = params.iter().rev().find(|(k, _)| k == "sslmode") {
-            config.ssl_mode(tokio_mode(mode, "the sslmode of DATABASE_URL")?);
+        // The strongest sslmode named (libpq takes the last; never weaker is safer).
+        let mut mode = None;
+        for (_, m) in params.iter().filter(|(k, _)| k == "sslmode") {
+            let m = tokio_mode(m, "the sslmode of DATABASE_URL")?;
+            mode = Some(match (mode, m) {
+                (Some(tokio_postgres::config::SslMode::Require), _) => {
+                    tokio_postgres::config::SslMode::Require
+                }
+                (
+                    Some(tokio_postgres::config::SslMode::Prefer),
+                    tokio_postgres::config::SslMode::Disable,
+                ) => tokio_postgres::config::SslMode::Prefer,
+                (_, m) => m,
+            });
+        }
+        if let Some(mode) = mode {
+            config.ssl_mode(mode);
         }
         return Ok(config);
     }
@@ -409,65 +446,153 @@ fn tokio_mode(mode: &str, from: &str) -> Result<tokio_postgres::config::SslMode>
     })
 }
 
-#[cfg(feature = "tls")]
-fn mode_name(mode: tokio_postgres::config::SslMode) -> &'static str {
-    match mode {
-        tokio_postgres::config::SslMode::Disable => "disable",
-        tokio_postgres::config::SslMode::Require => "require",
-        _ => "prefer",
-    }
-}
-
 /// The TLS parameters libpq reads from a connection string.
 const SSL_PARAMS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
-/// The TLS parameters of a URL (`postgres://…?sslmode=…`) or key=value string.
-fn ssl_params(conn: &str) -> Vec<(String, String)> {
+/// The TLS parameters of a URL (`postgres://…?sslmode=…`, multi-host too) or a
+/// key=value string (values may be quoted).
+///
+/// # Errors
+/// [`ErrorKind::Config`] when a key=value string has an unterminated quote.
+fn ssl_params(conn: &str) -> Result<Vec<(String, String)>> {
+    Ok(conn_params(conn.trim())?
+        .into_iter()
+        .filter(|(k, _, _)| SSL_PARAMS.contains(&k.as_str()))
+        .map(|(k, v, _)| (k, v))
+        .collect())
+}
+
+/// The connection string without its TLS parameters; everything else as written.
+fn without_ssl_params(conn: &str) -> Result<String> {
     let conn = conn.trim();
-    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        url::Url::parse(conn)
-            .map(|u| {
-                u.query_pairs()
-                    .filter(|(k, _)| SSL_PARAMS.contains(&k.as_ref()))
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default()
+    let params = conn_params(conn)?;
+    if !params
+        .iter()
+        .any(|(k, _, _)| SSL_PARAMS.contains(&k.as_str()))
+    {
+        return Ok(conn.to_owned());
+    }
+    let kept = params
+        .iter()
+        .filter(|(k, _, _)| !SSL_PARAMS.contains(&k.as_str()))
+        .map(|(_, _, raw)| raw.as_str());
+    if is_url(conn) {
+        let (base, _) = conn.split_once('?').unwrap_or((conn, ""));
+        let query: Vec<&str> = kept.collect();
+        Ok(if query.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", query.join("&"))
+        })
     } else {
-        conn.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter(|(k, _)| SSL_PARAMS.contains(k))
-            .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
-            .collect()
+        Ok(kept.collect::<Vec<_>>().join(" "))
     }
 }
 
-/// The connection string without its TLS parameters.
-fn without_ssl_params(conn: &str) -> String {
-    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        let Ok(mut url) = url::Url::parse(conn) else {
-            return conn.to_owned();
-        };
-        let kept: Vec<(String, String)> = url
-            .query_pairs()
-            .filter(|(k, _)| !SSL_PARAMS.contains(&k.as_ref()))
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        if kept.is_empty() {
-            url.set_query(None);
-        } else {
-            url.query_pairs_mut().clear().extend_pairs(kept);
-        }
-        url.to_string()
-    } else {
-        conn.split_whitespace()
-            .filter(|kv| {
-                kv.split_once('=')
-                    .is_none_or(|(k, _)| !SSL_PARAMS.contains(&k))
+fn is_url(conn: &str) -> bool {
+    conn.starts_with("postgres://") || conn.starts_with("postgresql://")
+}
+
+/// (key, decoded value, the segment as written) of a URL's query or a key=value string.
+fn conn_params(conn: &str) -> Result<Vec<(String, String, String)>> {
+    if is_url(conn) {
+        let query = conn.split_once('?').map_or("", |(_, q)| q);
+        return Ok(query
+            .split('&')
+            .filter(|seg| !seg.is_empty())
+            .map(|seg| {
+                let (k, v) = seg.split_once('=').unwrap_or((seg, ""));
+                (percent_decode(k), percent_decode(v), seg.to_owned())
             })
-            .collect::<Vec<_>>()
-            .join(" ")
+            .collect());
     }
+    // key = value pairs, separated by whitespace; values in single quotes may hold
+    // spaces, with \' and \\ escaped (libpq's rules).
+    let mut out = Vec::new();
+    let mut chars = conn.char_indices().peekable();
+    while let Some(&(start, c)) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+            continue;
+        }
+        let mut key = String::new();
+        while let Some(&(_, c)) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        while chars.peek().is_some_and(|(_, c)| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_some_and(|(_, c)| *c == '=') {
+            chars.next();
+        }
+        while chars.peek().is_some_and(|(_, c)| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek().is_some_and(|(_, c)| *c == '\'') {
+            chars.next();
+            let mut closed = false;
+            while let Some((_, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, e)) = chars.next() {
+                            value.push(e);
+                        }
+                    }
+                    '\'' => {
+                        closed = true;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            if !closed {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "reading the connection string: the value of {key} has no closing quote"
+                    ),
+                ));
+            }
+        } else {
+            while let Some(&(_, c)) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        let end = chars.peek().map_or(conn.len(), |(i, _)| *i);
+        out.push((key, value, conn[start..end].trim_end().to_owned()));
+    }
+    Ok(out)
+}
+
+/// `%XX` decoded (a `+` stays a `+`, as libpq reads it).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -520,12 +645,37 @@ mod tests {
         .unwrap();
         assert_eq!(c.get_ssl_mode(), SslMode::Require);
         assert_eq!(c.get_application_name(), Some("x"));
-        let params = ssl_params("postgres://db/app?sslmode=verify-ca&sslrootcert=/ca.pem");
-        assert_eq!(params.len(), 2);
+        let params =
+            ssl_params("postgres://db/app?sslmode=verify-ca&sslrootcert=/a+b%20c.pem").unwrap();
         assert_eq!(
-            without_ssl_params("host=db dbname=app sslmode=verify-full"),
+            params,
+            vec![
+                ("sslmode".to_string(), "verify-ca".to_string()),
+                ("sslrootcert".to_string(), "/a+b c.pem".to_string())
+            ]
+        );
+        // Other parameters untouched, as written.
+        assert_eq!(
+            without_ssl_params("postgres://h1:5432,h2:5433/app?options=-c%20x%3D1&sslmode=require")
+                .unwrap(),
+            "postgres://h1:5432,h2:5433/app?options=-c%20x%3D1"
+        );
+        assert_eq!(
+            ssl_params("postgres://h1:5432,h2:5433/app?sslmode=require").unwrap(),
+            vec![("sslmode".to_string(), "require".to_string())]
+        );
+        assert_eq!(
+            without_ssl_params(
+                "host=db dbname=app sslmode = verify-full sslrootcert='/x y/ca.pem'"
+            )
+            .unwrap(),
             "host=db dbname=app"
         );
+        assert_eq!(
+            ssl_params("host=db sslrootcert='/x y/ca.pem'").unwrap(),
+            vec![("sslrootcert".to_string(), "/x y/ca.pem".to_string())]
+        );
+        assert!(ssl_params("host=db sslrootcert='/x").is_err());
         let e = pg_config_from_lookup(lookup(&[("PGDATABASE", "a"), ("PGSSLMODE", "verify")]))
             .unwrap_err();
         assert!(e.to_string().contains("verify-full"), "{e}");

@@ -426,6 +426,9 @@ impl Builder {
             (None, CredentialSource::Kv(kv)) => {
                 // The address lives in the secret itself (`host`, `port`), version by
                 // version; this first read names a missing one before anything is leased.
+                let vault = vault.as_ref().ok_or_else(|| {
+                    Error::new(ErrorKind::Config, "reading a KV secret: no Vault client")
+                })?;
                 address_from_kv(&vault.read_kv(kv.get_mount(), kv.get_path()).await?)?
             }
             (None, other) => {

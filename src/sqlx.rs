@@ -192,7 +192,8 @@ fn is_auth_failure(e: &::sqlx::Error) -> bool {
 }
 
 fn tls_problem(e: &::sqlx::Error) -> Option<&'static str> {
-    pool::tls_diagnosis(&pool::chain_text(e))
+    let code = e.as_database_error().and_then(|d| d.code());
+    pool::tls_diagnosis(code.as_deref(), &pool::chain_text(e))
 }
 
 impl VaultSqlxPool {
@@ -469,6 +470,7 @@ impl Builder {
             Some(o) => o,
             None => options_from_env()?,
         };
+        refuse_weak_tls(&base)?;
         let verify = {
             let base = base.clone();
             let role = lease.source.to_string();
@@ -769,8 +771,55 @@ async fn drain(
     drop(guard);
 }
 
+/// sqlx's TLS trusts the public CAs besides the root certificate given: its `verify-ca`
+/// would accept any public certificate for any name, and `sslrootcert=system` means every
+/// public CA. Both are refused rather than quietly weaker than libpq's.
+fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
+    use ::sqlx::postgres::PgSslMode;
+    if matches!(options.get_ssl_mode(), PgSslMode::VerifyCa) {
+        return Err(Error::new(
+            ErrorKind::Tls,
+            "configuring TLS for the sqlx pool: sslmode=verify-ca is refused — sqlx's TLS also \
+             trusts the public CAs, so any public certificate for any name would pass; use \
+             verify-full (or the deadpool flavour, VaultPgPool, whose verify-ca trusts only \
+             the root certificate)",
+        ));
+    }
+    let system_root = std::env::var("PGSSLROOTCERT").is_ok_and(|v| v.trim() == "system")
+        || std::env::var("DATABASE_URL").is_ok_and(|u| u.contains("sslrootcert=system"));
+    if system_root {
+        return Err(Error::new(
+            ErrorKind::Tls,
+            "configuring TLS for the sqlx pool: sslrootcert=system is not supported by sqlx \
+             (it would be read as a file named \"system\"); give the CA's PEM file",
+        ));
+    }
+    Ok(())
+}
+
 /// sqlx connect options from `DATABASE_URL` (without password) or the libpq variables.
 fn options_from_env() -> Result<PgConnectOptions> {
+    if let Ok(mode) = std::env::var("PGSSLMODE")
+        && !mode.trim().is_empty()
+        && ![
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ]
+        .contains(&mode.trim())
+    {
+        // sqlx would quietly read an unknown mode as `prefer`.
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "reading PGSSLMODE: unknown mode {mode:?}; use disable, allow, prefer, \
+                 require, verify-ca or verify-full"
+            ),
+        ));
+    }
     if let Ok(url) = std::env::var("DATABASE_URL") {
         if url.trim().is_empty() {
             return Err(Error::new(

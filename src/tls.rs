@@ -13,10 +13,20 @@
 //! | `verify-ca` | yes | yes | no |
 //! | `verify-full` | yes | yes | yes |
 //!
-//! One difference from libpq: `allow` tries TLS first (as `prefer`), where libpq tries
+//! Where several places name a mode (`DATABASE_URL`, `PGSSLMODE`, a `tokio_postgres`
+//! config's own), the strongest wins: a setting is never weakened by another. One
+//! difference from libpq: `allow` tries TLS first (as `prefer`), where libpq tries
 //! plaintext first; both end connected to a server that accepts either. The root
-//! certificate is a PEM file, or `system` for the operating system's store; `verify-ca`
-//! and `verify-full` need one (libpq's default `~/.postgresql/root.crt` is not read).
+//! certificate is a PEM file, or `system` for the operating system's store (which, as in
+//! libpq 16, makes `verify-full` the default and refuses anything weaker); `verify-ca`
+//! and `verify-full` need one (libpq's default `~/.postgresql/root.crt` and
+//! `postgresql.crt`/`.key` are not read). Certificate files are read when the pool is
+//! built.
+//!
+//! The sqlx flavour uses sqlx's own TLS, which differs: its `verify-ca` and `verify-full`
+//! trust the public CAs as well as the root certificate given, so `verify-ca` (any
+//! public certificate for any name would pass) and `sslrootcert=system` are refused at
+//! build; `allow` is plaintext only; `require` never checks the certificate.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -27,12 +37,13 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::error::{Error, ErrorKind, Result};
 
 /// libpq's `sslmode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Ordered from weakest to strongest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 #[non_exhaustive]
 pub enum SslMode {
     /// Plaintext only.
@@ -137,8 +148,15 @@ impl PgTls {
         self.mode
     }
 
-    /// From `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`; parameters of the same
-    /// meaning in `url_params` (those of `DATABASE_URL`) win.
+    /// The same settings, with `mode` if it is stronger (never weaker).
+    #[must_use]
+    pub fn at_least(mut self, mode: SslMode) -> Self {
+        self.mode = self.mode.max(mode);
+        self
+    }
+
+    /// From `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY` and `url_params` (those
+    /// of `DATABASE_URL`): the strongest `sslmode` of all; for the files, the URL's win.
     ///
     /// # Errors
     /// [`ErrorKind::Config`] for an unknown mode, or a certificate without its key.
@@ -155,12 +173,29 @@ impl PgTls {
                 .or_else(|| lookup(var))
                 .filter(|v| !v.trim().is_empty())
         };
-        let mut tls = Self::new(match get("sslmode", "PGSSLMODE") {
-            Some(m) => m.parse()?,
-            None => SslMode::Prefer,
-        });
-        if let Some(root) = get("sslrootcert", "PGSSLROOTCERT") {
-            tls = if root.trim() == "system" {
+        // Never weaker than any place that names a mode: the URL's parameter and
+        // PGSSLMODE may both be set.
+        let mut mode: Option<SslMode> = None;
+        for given in url_params
+            .iter()
+            .filter(|(k, _)| k == "sslmode")
+            .map(|(_, v)| v.clone())
+            .chain(lookup("PGSSLMODE"))
+            .filter(|v| !v.trim().is_empty())
+        {
+            let m: SslMode = given.parse()?;
+            mode = Some(mode.map_or(m, |old| old.max(m)));
+        }
+        let root = get("sslrootcert", "PGSSLROOTCERT");
+        let system = root.as_deref().is_some_and(|r| r.trim() == "system");
+        // libpq 16: sslrootcert=system makes verify-full the default.
+        let mut tls = Self::new(mode.unwrap_or(if system {
+            SslMode::VerifyFull
+        } else {
+            SslMode::Prefer
+        }));
+        if let Some(root) = root {
+            tls = if system {
                 tls.system_roots()
             } else {
                 tls.root_cert(root.trim())
@@ -208,19 +243,34 @@ impl PgTls {
                 ));
             }
             (None, _) => Arc::new(AnyCertificate(provider)),
+            (Some(Roots::System), mode) if mode != SslMode::VerifyFull => {
+                // As libpq 16: any public CA can sign a certificate for some name, so the
+                // system's store means nothing without the name check.
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "configuring TLS for PostgreSQL: sslrootcert=system needs \
+                         sslmode=verify-full (it is {}); the system's store trusts every \
+                         public CA",
+                        self.mode
+                    ),
+                ));
+            }
             (Some(roots), mode) => {
-                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(root_store(roots)?),
-                    provider,
-                )
-                .build()
-                .map_err(|e| {
-                    Error::new(ErrorKind::Config, "configuring TLS for PostgreSQL").with_source(e)
-                })?;
+                let roots = Arc::new(root_store(roots)?);
                 if mode == SslMode::VerifyFull {
-                    inner
+                    let verifier: Arc<dyn ServerCertVerifier> =
+                        rustls::client::WebPkiServerVerifier::builder_with_provider(
+                            roots, provider,
+                        )
+                        .build()
+                        .map_err(|e| {
+                            Error::new(ErrorKind::Config, "configuring TLS for PostgreSQL")
+                                .with_source(e)
+                        })?;
+                    verifier
                 } else {
-                    Arc::new(AnyHostName(inner))
+                    Arc::new(AnyHostName { roots, provider })
                 }
             }
         };
@@ -338,27 +388,32 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 }
 
 /// `verify-ca`: the chain must lead to the root certificate; the name is not checked.
+/// The chain is verified directly (not by mapping a name error of the full check to
+/// success), so no other failure can pass for a name mismatch.
 #[derive(Debug)]
-struct AnyHostName(Arc<rustls::client::WebPkiServerVerifier>);
+struct AnyHostName {
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<CryptoProvider>,
+}
 
 impl ServerCertVerifier for AnyHostName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -367,7 +422,12 @@ impl ServerCertVerifier for AnyHostName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -376,11 +436,18 @@ impl ServerCertVerifier for AnyHostName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -446,7 +513,13 @@ mod tests {
             &[("sslmode".into(), "verify-full".into())],
         )
         .unwrap();
-        assert_eq!(tls.mode(), SslMode::VerifyFull, "the URL wins");
+        assert_eq!(tls.mode(), SslMode::VerifyFull, "the stronger wins");
+        let weaker_env = PgTls::from_lookup(
+            lookup(&[("PGSSLMODE", "disable")]),
+            &[("sslmode".into(), "require".into())],
+        )
+        .unwrap();
+        assert_eq!(weaker_env.mode(), SslMode::Require, "never weakened");
         assert_eq!(tls.roots, Some(Roots::File("/etc/ca.pem".into())));
         assert_eq!(
             PgTls::from_lookup(lookup(&[]), &[]).unwrap().mode(),
@@ -454,6 +527,16 @@ mod tests {
         );
         let system = PgTls::from_lookup(lookup(&[("PGSSLROOTCERT", "system")]), &[]).unwrap();
         assert_eq!(system.roots, Some(Roots::System));
+        assert_eq!(
+            system.mode(),
+            SslMode::VerifyFull,
+            "libpq 16's default with system"
+        );
+        let e = PgTls::new(SslMode::VerifyCa)
+            .system_roots()
+            .rustls_config()
+            .unwrap_err();
+        assert!(e.to_string().contains("verify-full"), "{e}");
     }
 
     #[test]

@@ -202,3 +202,73 @@ async fn tls_mistakes_are_typed_errors_that_say_what_to_fix() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The verifiers other than verify-full, against the real server: verify-ca takes a
+/// certificate whose name does not match but refuses an untrusted CA; prefer without a
+/// root certificate encrypts (the TLS-only database lets it in); a config that says
+/// `require` is never weakened by a weaker `.ssl(…)`; the sqlx flavour refuses
+/// verify-ca (its TLS would also trust every public CA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_ca_prefer_and_precedence_against_the_real_server() {
+    let role = create_role("1h", "1h").await;
+    let encrypted = |pool: VaultPgPool| async move {
+        let on: bool = pool
+            .get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        pool.close().await;
+        on
+    };
+    let build = |config: tokio_postgres::Config, tls: PgTls| {
+        let role = role.clone();
+        async move {
+            VaultPgPool::builder(&role)
+                .vault(approle_client("IMMUNE_SYSTEM"))
+                .pg_config(config)
+                .ssl(tls)
+                .build()
+                .await
+        }
+    };
+    let ca = PgTls::new(SslMode::VerifyCa).root_cert(var("VAULTPOOL_PG_CA"));
+    let pool = build(tls_target("wrong.example"), ca).await.unwrap();
+    assert!(encrypted(pool).await, "verify-ca with another name");
+    let e = build(
+        tls_target("localhost"),
+        PgTls::new(SslMode::VerifyCa).root_cert(var("VAULTPOOL_PG_OTHER_CA")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Tls, "{e}");
+    assert!(
+        e.to_string().contains("not signed by the root certificate"),
+        "{e}"
+    );
+    let pool = build(tls_target("localhost"), PgTls::new(SslMode::Prefer))
+        .await
+        .unwrap();
+    assert!(encrypted(pool).await, "prefer without a root certificate");
+    let mut require = tls_target("localhost");
+    require.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let pool = build(require, PgTls::new(SslMode::Disable)).await.unwrap();
+    assert!(encrypted(pool).await, "require weakened by .ssl(disable)");
+    let e = VaultSqlxPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .connect_options(sqlx_tls_target(
+            PgSslMode::VerifyCa,
+            &var("VAULTPOOL_PG_CA"),
+        ))
+        .build()
+        .await
+        .unwrap_err();
+    println!("TLS, verify-ca (sqlx): {e}");
+    assert_eq!(e.kind(), ErrorKind::Tls, "{e}");
+    assert!(e.to_string().contains("verify-full"), "{e}");
+}

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use policy::Policy;
 pub(crate) use policy::doubling;
-pub use source::{CredentialSource, DatabaseRole, KvCredentials, StaticRole};
+pub use source::{CredentialProvider, CredentialSource, DatabaseRole, KvCredentials, StaticRole};
 
 use crate::credentials::{Credentials, Generation, Lease};
 use crate::error::{Error, ErrorKind, Result};
@@ -348,7 +348,7 @@ impl fmt::Debug for Engine {
 /// Builds an [`Engine`].
 #[must_use]
 pub struct Builder {
-    client: Client,
+    client: Option<Client>,
     source: CredentialSource,
     policy: Policy,
     drain_timeout: Option<Duration>,
@@ -477,6 +477,19 @@ impl Engine {
     /// A builder for the credentials of `source`, e.g. a [`DatabaseRole`] or
     /// [`KvCredentials`], leased through `client`.
     pub fn builder(client: Client, source: impl Into<CredentialSource>) -> Builder {
+        Self::builder_with(Some(client), source)
+    }
+
+    /// A builder for a source that needs no Vault client: a
+    /// [`CredentialSource::custom`] one (a Vault-backed source fails at build).
+    pub fn builder_without_vault(source: impl Into<CredentialSource>) -> Builder {
+        Self::builder_with(None, source)
+    }
+
+    pub(crate) fn builder_with(
+        client: Option<Client>,
+        source: impl Into<CredentialSource>,
+    ) -> Builder {
         Builder {
             client,
             source: source.into(),

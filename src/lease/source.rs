@@ -1,10 +1,8 @@
-//! What is leased. [`CredentialSource`] names it — a dynamic database role or a KV v2
-//! secret — so that builders, messages and [`Status`](super::Status) say which; the
-//! crate-private [`Source`] trait is what the engine calls on it (issue, renew, revoke,
-//! and for KV, "has a new version been written?").
-//!
-//! The trait is kept small so that more sources fit it later (static database roles,
-//! credentials minted by the user's own code) without the engine changing.
+//! What is leased. [`CredentialSource`] names it — a dynamic database role, a static
+//! role, a KV v2 secret, or a [`CredentialProvider`] of your own — so that builders,
+//! messages and [`Status`](super::Status) say which; the crate-private [`Source`] trait
+//! is what the engine calls on it (issue, renew, revoke, and "has something new been
+//! written?").
 
 use std::fmt;
 use std::sync::Arc;
@@ -45,7 +43,72 @@ pub enum CredentialSource {
     /// A static role of the database secrets engine: one user whose password Vault
     /// rotates on a period; each new password is a rotation.
     StaticRole(StaticRole),
+    /// Credentials from your own code ([`CredentialSource::custom`]).
+    Custom(CustomSource),
 }
+
+/// Credentials minted by your own code — a cloud IAM token (RDS IAM: 15-minute tokens;
+/// Cloud SQL; Entra), a password set with `ALTER ROLE`, an in-memory fake for your own
+/// tests — given the same renew / rotate / drain / revoke treatment as Vault's.
+///
+/// [`issue`](Self::issue) returns credentials with their [`Lease`]: a duration of zero
+/// means "no expiry" (replace them when [`changed`](Self::changed) says so); otherwise the
+/// engine renews a renewable lease at ⅔ of its TTL and rotates to freshly issued
+/// credentials before it ends (a non-renewable one, such as an IAM token, is rotated
+/// before its end). A retired generation is revoked once its last connection is back.
+/// Issuing and verification failures are retried with backoff; every call is bounded by
+/// the engine's step limit (30 s). See `examples/minted_passwords.rs`.
+pub trait CredentialProvider: Send + Sync + 'static {
+    /// New credentials with their lease (its id names them in logs and status).
+    fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>>;
+
+    /// Extend a renewable lease by about `increment`; the answer's duration is what the
+    /// lease has left. Default: the lease unchanged (it is rotated before its end).
+    fn renew<'a>(&'a self, lease: &'a Lease, _increment: Duration) -> BoxFuture<'a, Result<Lease>> {
+        Box::pin(async move { Ok(lease.clone()) })
+    }
+
+    /// Invalidate credentials no longer in use. Default: nothing (they expire).
+    fn revoke<'a>(&'a self, _lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// How often to ask [`changed`](Self::changed) (jittered ±10%, 100 ms to a day).
+    /// Default: never.
+    fn poll_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Whether other credentials than those of `current` should serve now (then they are
+    /// issued, verified and swapped in). Default: no.
+    fn changed<'a>(&'a self, _current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async { Ok(false) })
+    }
+}
+
+/// A [`CredentialProvider`] with its name, as a [`CredentialSource::Custom`].
+#[derive(Clone)]
+pub struct CustomSource {
+    name: String,
+    provider: Arc<dyn CredentialProvider>,
+}
+
+impl fmt::Debug for CustomSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CustomSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The same provider under the same name.
+impl PartialEq for CustomSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.provider, &other.provider)
+    }
+}
+
+impl Eq for CustomSource {}
 
 impl CredentialSource {
     /// A short name for logs and metrics labels: the role, or the KV path.
@@ -54,6 +117,7 @@ impl CredentialSource {
             Self::DatabaseRole(r) => &r.role,
             Self::Kv(k) => &k.path,
             Self::StaticRole(r) => &r.role,
+            Self::Custom(c) => &c.name,
         }
     }
 
@@ -104,11 +168,48 @@ impl CredentialSource {
                 crate::vault::check_name("the database secrets mount", &r.mount)?;
                 crate::vault::check_name("the static database role", &r.role)
             }
+            Self::Custom(c) => {
+                if c.name.trim().is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        "a custom credential source needs a name (for messages and status)",
+                    ));
+                }
+                match c.provider.poll_interval() {
+                    Some(every) if !(MIN_POLL..=MAX_POLL).contains(&every) => Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "{}: the poll interval {every:?} is out of range; use between \
+                             {MIN_POLL:?} and a day",
+                            c.name
+                        ),
+                    )),
+                    _ => Ok(()),
+                }
+            }
         }
     }
 
-    pub(crate) fn into_source(self, client: Client) -> Result<Arc<dyn Source>> {
+    /// Your own credentials, under `name` (what messages and status call them, e.g.
+    /// "RDS IAM token for app@orders-db").
+    pub fn custom(name: impl Into<String>, provider: impl CredentialProvider) -> Self {
+        Self::Custom(CustomSource {
+            name: name.into(),
+            provider: Arc::new(provider),
+        })
+    }
+
+    pub(crate) fn into_source(self, client: Option<Client>) -> Result<Arc<dyn Source>> {
         self.validate()?;
+        if let Self::Custom(c) = self {
+            return Ok(Arc::new(Provided(c.provider)));
+        }
+        let Some(client) = client else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("{self}: a Vault client is needed (Engine::builder(client, …))"),
+            ));
+        };
         Ok(match self {
             Self::DatabaseRole(r) => Arc::new(VaultDatabase {
                 client,
@@ -121,6 +222,7 @@ impl CredentialSource {
                 role: r,
                 next_rotation: std::sync::Mutex::new(None),
             }),
+            Self::Custom(_) => unreachable!("handled above"),
         })
     }
 }
@@ -139,6 +241,7 @@ impl fmt::Display for CredentialSource {
             Self::StaticRole(r) => {
                 write!(f, "static database role {} (mount {})", r.role, r.mount)
             }
+            Self::Custom(c) => f.write_str(&c.name),
         }
     }
 }
@@ -651,6 +754,27 @@ impl Source for VaultStaticRole {
             let creds = self.read().await?;
             Ok(self.lease_id(&creds) != current.id)
         })
+    }
+}
+
+/// A [`CredentialProvider`] as the engine sees it.
+struct Provided(Arc<dyn CredentialProvider>);
+
+impl Source for Provided {
+    fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
+        self.0.issue()
+    }
+    fn renew<'a>(&'a self, lease: &'a Lease, increment: Duration) -> BoxFuture<'a, Result<Lease>> {
+        self.0.renew(lease, increment)
+    }
+    fn revoke<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
+        self.0.revoke(lease)
+    }
+    fn poll_interval(&self) -> Option<Duration> {
+        self.0.poll_interval()
+    }
+    fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
+        self.0.changed(current)
     }
 }
 

@@ -49,7 +49,7 @@ impl<X> Builder<Deadpool<X>> {
     pub(crate) async fn build_with<C: Connect + Clone>(
         lease: LeaseOptions,
         (max_size, timeouts): (usize, Timeouts),
-        vault: Client,
+        vault: Option<Client>,
         verify: C,
         connect: C,
     ) -> Result<VaultPool<C>> {

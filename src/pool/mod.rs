@@ -54,15 +54,27 @@ pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// What to fix when a connection to PostgreSQL failed for a TLS reason: a refusal by
+/// the server (`sqlstate` given: only pg_hba's 28000 with "no encryption" / "SSL off" /
+/// "SSL encryption" counts, so a real login refusal is never taken for one) or a failed
+/// handshake (no SQLSTATE; rustls' and the drivers' words).
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
-pub(crate) fn tls_diagnosis(text: &str) -> Option<&'static str> {
+pub(crate) fn tls_diagnosis(sqlstate: Option<&str>, text: &str) -> Option<&'static str> {
     let t = text.to_ascii_lowercase();
-    if t.contains("no encryption") {
-        Some(
-            "the server accepts only TLS connections here (pg_hba hostssl): set PGSSLMODE to \
-             require or verify-full (with PGSSLROOTCERT)",
-        )
-    } else if t.contains("notvalidforname") || t.contains("not valid for name") {
+    if let Some(code) = sqlstate {
+        return match code {
+            "28000" if t.contains("no encryption") || t.contains("ssl off") => Some(
+                "the server accepts only TLS connections here (pg_hba hostssl): set \
+                 PGSSLMODE to require or verify-full (with PGSSLROOTCERT)",
+            ),
+            "28000" if t.contains("ssl encryption") || t.contains("ssl on") => Some(
+                "the server refuses TLS connections here (pg_hba hostnossl): use \
+                 sslmode=prefer or disable",
+            ),
+            _ => None,
+        };
+    }
+    if t.contains("notvalidforname") || t.contains("not valid for name") {
         Some(
             "the server's certificate does not name the host connected to: connect by a name \
              the certificate holds, or use sslmode=verify-ca",
@@ -79,7 +91,10 @@ pub(crate) fn tls_diagnosis(text: &str) -> Option<&'static str> {
             "the server does not offer TLS: enable ssl on the server, or use sslmode=prefer \
              or disable",
         )
-    } else if t.contains("certificate") && (t.contains("expired") || t.contains("notvalidyet")) {
+    } else if t.contains("certificate")
+        && (t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid yet"))
+        && !t.contains("revocation")
+    {
         Some("the server's certificate is expired or not yet valid: renew it on the server")
     } else {
         None
@@ -92,24 +107,29 @@ mod tests {
 
     #[test]
     fn tls_failures_are_explained() {
+        let hba = "FATAL: pg_hba.conf rejects connection for host \"127.0.0.1\", user \"u\", \
+                   database \"d\", no encryption";
+        assert!(diagnose(Some("28000"), hba).unwrap().contains("PGSSLMODE"));
+        // A real login refusal is never taken for TLS, whatever the user's name says.
         assert!(
             diagnose(
-                "FATAL: no pg_hba.conf entry for host \"127.0.0.1\", user \"u\", database \"d\", no encryption"
+                Some("28P01"),
+                "password authentication failed for user \"v-unknownissuer-certificate-expired\""
             )
-            .unwrap()
-            .contains("PGSSLMODE")
+            .is_none()
         );
         assert!(
-            diagnose("invalid peer certificate: NotValidForName")
+            diagnose(None, "invalid peer certificate: NotValidForName")
                 .unwrap()
                 .contains("verify-ca")
         );
         assert!(
-            diagnose("invalid peer certificate: UnknownIssuer")
+            diagnose(None, "invalid peer certificate: UnknownIssuer")
                 .unwrap()
                 .contains("PGSSLROOTCERT")
         );
-        assert!(diagnose("connection refused").is_none());
+        assert!(diagnose(None, "invalid peer certificate: certificate not valid yet").is_some());
+        assert!(diagnose(None, "connection refused").is_none());
     }
 }
 
@@ -170,16 +190,19 @@ pub(crate) struct LeaseOptions {
 
 impl LeaseOptions {
     /// The given Vault client, or one from the Vault CLI's environment variables.
-    pub(crate) fn vault(&self) -> Result<Client> {
-        match &self.vault {
-            Some(v) => Ok(v.clone()),
-            None => Client::from_env(),
+    /// The Vault client: the one given, else from the environment — unless the source
+    /// needs none (a custom one).
+    pub(crate) fn vault(&self) -> Result<Option<Client>> {
+        match (&self.vault, &self.source) {
+            (Some(v), _) => Ok(Some(v.clone())),
+            (None, CredentialSource::Custom(_)) => Ok(None),
+            (None, _) => Client::from_env().map(Some),
         }
     }
 
     /// Lease and verify the first credentials and start the engine.
-    pub(crate) async fn engine(self, vault: Client, verify: Verifier) -> Result<Engine> {
-        let mut engine = Engine::builder(vault, self.source)
+    pub(crate) async fn engine(self, vault: Option<Client>, verify: Verifier) -> Result<Engine> {
+        let mut engine = Engine::builder_with(vault, self.source)
             .policy(self.policy)
             .verify_with(verify);
         if let Some(timeout) = self.drain_timeout {

@@ -167,7 +167,10 @@ impl Error {
         Self::new(ErrorKind::Query, "running a statement").with_source(e)
     }
 
-    pub(crate) fn with_source(
+    /// Attach the error that caused this one (e.g. a driver's, in a
+    /// [`CredentialProvider`](crate::lease::CredentialProvider)); it is kept as
+    /// [`source`](std::error::Error::source), not printed in the message.
+    pub fn with_source(
         mut self,
         source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
     ) -> Self {

@@ -584,3 +584,50 @@ async fn a_static_role_rotated_by_vault_keeps_serving_and_keeps_its_sessions() {
         .await
         .unwrap();
 }
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/minted_passwords.rs"]
+mod minted_passwords;
+
+/// The example's own credential source (passwords minted with `ALTER ROLE`, no Vault
+/// client at all) under load: rotations every few seconds, no failed query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_source_of_your_own_rotates_under_load() {
+    let target = minted_passwords::Target {
+        host: var("PGHOST"),
+        port: var("PGPORT").parse().unwrap(),
+        database: "adaptive_immunity".into(),
+        admin_user: "postgres".into(),
+        admin_password: var("VAULTPOOL_PG_SUPER_PASSWORD"),
+    };
+    let user = format!("minted_{}", unique().replace('-', "_"));
+    let report = minted_passwords::run(
+        &target,
+        &user,
+        Duration::from_secs(9),
+        4,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    println!(
+        "custom source (minted passwords, 9 s lifetime), 20 s under load: {} rotations, {} \
+         queries, {} failed",
+        report.generation.0 - 1,
+        report.queries,
+        report.failed.len()
+    );
+    assert!(report.generation.0 >= 3, "{report:?}");
+    assert!(
+        report.failed.is_empty(),
+        "{:?}",
+        &report.failed[..report.failed.len().min(5)]
+    );
+    pg_admin("adaptive_immunity")
+        .await
+        .batch_execute(&format!(
+            "REVOKE ALL ON items FROM \"{user}\"; DROP ROLE \"{user}\";"
+        ))
+        .await
+        .unwrap();
+}

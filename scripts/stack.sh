@@ -58,6 +58,7 @@ install_missing() {
   command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
   command -v python3 >/dev/null || apt_pkgs+=(python3 python3-pip)
   command -v curl >/dev/null || apt_pkgs+=(curl)
+  command -v openssl >/dev/null || apt_pkgs+=(openssl) # the test CA and certificates
   if [ ${#apt_pkgs[@]} -gt 0 ]; then
     log "installing ${apt_pkgs[*]} (apt)"
     apt-get update -qq

@@ -1,6 +1,7 @@
 //! A credential source of your own, no Vault at all: the password of one PostgreSQL
-//! user is minted here and set with `ALTER ROLE … PASSWORD` (as a SCRAM verifier, so the
-//! plaintext never reaches the server or its log), with a 12 s lifetime. The engine
+//! user is minted here (from the OS's CSPRNG) and set with `ALTER ROLE … PASSWORD` as a
+//! SCRAM verifier, so the plaintext never reaches the server (the verifier may reach its
+//! log, as Vault's own statements do), with a 12 s lifetime. The engine
 //! rotates before it ends, swaps, drains, as for Vault's credentials; a pool on it runs
 //! under load and reports its failures (there should be none).
 //!
@@ -32,14 +33,16 @@ pub struct MintedPasswords {
 impl CredentialProvider for MintedPasswords {
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
         Box::pin(async move {
-            let password: String = std::iter::repeat_with(fastrand::alphanumeric)
-                .take(32)
-                .collect();
+            // From the operating system's CSPRNG (not a fast PRNG: this is a password).
+            let mut bytes = [0u8; 24];
+            getrandom::fill(&mut bytes)
+                .map_err(|e| Error::new(ErrorKind::Backend, format!("minting a password: {e}")))?;
+            let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
             self.admin
                 .batch_execute(&format!(
-                    "ALTER ROLE \"{}\" PASSWORD '{verifier}'",
-                    self.user
+                    "ALTER ROLE {} PASSWORD '{verifier}'",
+                    quote_ident(&self.user)
                 ))
                 .await
                 .map_err(|e| {
@@ -57,6 +60,11 @@ impl CredentialProvider for MintedPasswords {
             ))
         })
     }
+}
+
+/// An SQL identifier, quoted.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// What a run did.
@@ -125,14 +133,16 @@ pub async fn run(
         .password(&target.admin_password);
     let (admin, connection) = admin_config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
+    let literal = user.replace('\'', "''");
+    let ident = quote_ident(user);
     admin
         .batch_execute(&format!(
             "DO $$ BEGIN \
-               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{user}') THEN \
-                 CREATE ROLE \"{user}\" LOGIN; \
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{literal}') THEN \
+                 CREATE ROLE {ident} LOGIN; \
                END IF; \
              END $$; \
-             GRANT SELECT ON items TO \"{user}\";"
+             GRANT SELECT ON items TO {ident};"
         ))
         .await?;
     let source = CredentialSource::custom(

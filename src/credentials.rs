@@ -95,7 +95,10 @@ impl Lease {
 
     /// When the lease ends, or `None` for a lease without expiry (duration 0).
     pub fn expires_at(&self) -> Option<Instant> {
-        (!self.duration.is_zero()).then(|| self.issued_at + self.duration)
+        // A duration past what `Instant` can hold is a lease without a known end.
+        (!self.duration.is_zero())
+            .then(|| self.issued_at.checked_add(self.duration))
+            .flatten()
     }
 
     /// Time left at `now` (zero once expired), or `None` without expiry.

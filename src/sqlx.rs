@@ -451,17 +451,17 @@ impl Builder {
         lease.source.validate()?;
         if matches!(
             lease.source,
-            CredentialSource::Kv(_) | CredentialSource::StaticRole(_)
+            CredentialSource::Kv(_) | CredentialSource::StaticRole(_) | CredentialSource::Custom(_)
         ) {
             // The sqlx flavour tells generations apart by user (pg_stat_activity); every
-            // version of a KV secret or static role has the same user, so a drain could
-            // never end.
+            // version of a KV secret or static role has the same user (and a custom source
+            // may), so a drain could never end and new logins would be taken for retired.
             return Err(Error::new(
                 ErrorKind::Config,
                 format!(
                     "building a sqlx pool on {}: the sqlx flavour needs a new user per \
                      generation (a dynamic database role); use VaultPgPool for static \
-                     credentials (KV or a static role)",
+                     credentials (KV, a static role) or a credential source of your own",
                     lease.source
                 ),
             ));

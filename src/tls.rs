@@ -242,7 +242,10 @@ impl PgTls {
                     ),
                 ));
             }
-            (None, _) => Arc::new(AnyCertificate(provider)),
+            (None, _) => Arc::new(AnyHostName {
+                roots: None,
+                provider,
+            }),
             (Some(Roots::System), mode) if mode != SslMode::VerifyFull => {
                 // As libpq 16: any public CA can sign a certificate for some name, so the
                 // system's store means nothing without the name check.
@@ -270,7 +273,10 @@ impl PgTls {
                         })?;
                     verifier
                 } else {
-                    Arc::new(AnyHostName { roots, provider })
+                    Arc::new(AnyHostName {
+                        roots: Some(roots),
+                        provider,
+                    })
                 }
             }
         };
@@ -387,12 +393,14 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     })
 }
 
-/// `verify-ca`: the chain must lead to the root certificate; the name is not checked.
-/// The chain is verified directly (not by mapping a name error of the full check to
-/// success), so no other failure can pass for a name mismatch.
+/// `verify-ca` (with `roots`): the chain must lead to the root certificate; the name is
+/// not checked. The chain is verified directly (not by mapping a name error of the full
+/// check to success), so no other failure can pass for a name mismatch.
+/// `prefer`/`require` without a root certificate (`roots` none): encrypted, the
+/// certificate not checked (libpq's behaviour). Either way the handshake's signatures are.
 #[derive(Debug)]
 struct AnyHostName {
-    roots: Arc<rustls::RootCertStore>,
+    roots: Option<Arc<rustls::RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -405,14 +413,16 @@ impl ServerCertVerifier for AnyHostName {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -448,56 +458,6 @@ impl ServerCertVerifier for AnyHostName {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-/// `prefer`/`require` without a root certificate: encrypted, the certificate not
-/// checked (libpq's behaviour); the handshake's signatures still are.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -21,6 +21,33 @@ fn target() -> PgConnectOptions {
         .ssl_mode(vaultpool::sqlx::sqlx::postgres::PgSslMode::Disable)
 }
 
+/// `SELECT count(*)` through `pool()`, the plain `sqlx::PgPool`.
+async fn count(pool: &VaultSqlxPool) -> Result<i64, vaultpool::sqlx::sqlx::Error> {
+    vaultpool::sqlx::sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
+        .fetch_one(pool.pool())
+        .await
+}
+
+/// Try `pool()` every 100 ms until it serves on a new generation; fail after `within`.
+async fn served_again(pool: &VaultSqlxPool, within: Duration, after: &str) {
+    let since = std::time::Instant::now();
+    let mut failed = 0;
+    while count(pool).await.is_err() || pool.engine().generation() == Generation(1) {
+        failed += 1;
+        assert!(
+            since.elapsed() < within,
+            "pool() users still failing {:?} {after}: {:?}",
+            since.elapsed(),
+            pool.status().lease
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "sqlx pool() {after}: served again {:?} later ({failed} failed tries before)",
+        since.elapsed()
+    );
+}
+
 async fn pool_for(role: &str, max: u32) -> VaultSqlxPool {
     builder_for(role, max).build().await.unwrap()
 }
@@ -198,37 +225,19 @@ async fn pool_users_heal_after_an_outside_revocation() {
         .build()
         .await
         .unwrap();
-    let count = || {
-        vaultpool::sqlx::sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
-            .fetch_one(pool.pool())
-    };
-    count().await.unwrap();
+    count(&pool).await.unwrap();
     root_client()
         .revoke_lease_prefix(&format!("database/creds/{role}"))
         .await
         .unwrap();
-    let revoked = std::time::Instant::now();
-    let mut failed = 0;
-    loop {
-        // A fresh connection each time: the revocation ended the old sessions, and a new
-        // login with the revoked user is refused until the re-lease.
-        if count().await.is_ok() && pool.engine().generation() > Generation(1) {
-            break;
-        }
-        failed += 1;
-        assert!(
-            revoked.elapsed() < Duration::from_secs(25),
-            "pool() users still failing {:?} after the revocation: {:?}",
-            revoked.elapsed(),
-            pool.status().lease
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "sqlx pool() after an outside revocation: served again {:?} later ({failed} failed \
-         tries before)",
-        revoked.elapsed()
-    );
+    // A fresh connection each try: the revocation ended the old sessions, and a new login
+    // with the revoked user is refused until the re-lease.
+    served_again(
+        &pool,
+        Duration::from_secs(25),
+        "after an outside revocation",
+    )
+    .await;
     pool.close().await;
 }
 
@@ -249,11 +258,7 @@ async fn pool_users_heal_after_a_login_refused_for_another_reason() {
         .build()
         .await
         .unwrap();
-    let count = || {
-        vaultpool::sqlx::sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
-            .fetch_one(pool.pool())
-    };
-    count().await.unwrap();
+    count(&pool).await.unwrap();
     let user = pool.engine().current().credentials.username.clone();
     let admin = pg_admin("adaptive_immunity").await;
     admin
@@ -269,26 +274,12 @@ async fn pool_users_heal_after_a_login_refused_for_another_reason() {
         )
         .await
         .unwrap();
-    let changed = std::time::Instant::now();
-    let mut failed = 0;
-    loop {
-        if count().await.is_ok() && pool.engine().generation() > Generation(1) {
-            break;
-        }
-        failed += 1;
-        assert!(
-            changed.elapsed() < Duration::from_secs(40),
-            "pool() users still failing {:?} after the password change: {:?}",
-            changed.elapsed(),
-            pool.status().lease
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "sqlx pool() after a password changed in PostgreSQL: served again {:?} later \
-         ({failed} failed tries before)",
-        changed.elapsed()
-    );
+    served_again(
+        &pool,
+        Duration::from_secs(40),
+        "after a password changed in PostgreSQL",
+    )
+    .await;
     // The refused user is revoked once drained: nothing is left behind.
     pool.close().await;
     assert!(leases_of(&role).await.is_empty(), "leases left behind");

@@ -37,6 +37,26 @@ fn sqlx_tls_target(mode: PgSslMode, ca: &str) -> PgConnectOptions {
         .ssl_root_cert(ca)
 }
 
+/// 8 workers on `pool` across `rotations` forced rotations a second apart: none fails.
+async fn under_load_across_rotations<P: TestPool>(pool: &P, rotations: usize, flavour: &str) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(pool, 8, stop.clone());
+    for _ in 0..rotations {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pool.rotate().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    println!(
+        "TLS verify-full ({flavour}): {} queries across {rotations} rotations, {} failed",
+        report.ok, report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert!(report.ok > 0);
+    pool.close().await;
+}
+
 fn verify_full() -> PgTls {
     PgTls::new(SslMode::VerifyFull).root_cert(var("VAULTPOOL_PG_CA"))
 }
@@ -66,22 +86,7 @@ async fn verify_full_under_load_across_rotations_loses_no_query() {
         .unwrap()
         .get(0);
     assert!(encrypted);
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = spawn_load(&pool, 8, stop.clone());
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        pool.rotate().await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let report = load.await.unwrap();
-    println!(
-        "TLS verify-full (deadpool): {} queries across 3 rotations, {} failed",
-        report.ok, report.failed
-    );
-    assert_eq!(report.failed, 0, "{:?}", report.errors);
-    assert!(report.ok > 0);
-    pool.close().await;
+    under_load_across_rotations(&pool, 3, "deadpool").await;
 
     // The sqlx flavour, with sqlx's own TLS (the same libpq settings).
     let pool = VaultSqlxPool::builder(&role)
@@ -102,21 +107,7 @@ async fn verify_full_under_load_across_rotations_loses_no_query() {
     .await
     .unwrap();
     assert!(encrypted);
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = spawn_load(&pool, 8, stop.clone());
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        pool.rotate().await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let report = load.await.unwrap();
-    println!(
-        "TLS verify-full (sqlx): {} queries across 2 rotations, {} failed",
-        report.ok, report.failed
-    );
-    assert_eq!(report.failed, 0, "{:?}", report.errors);
-    pool.close().await;
+    under_load_across_rotations(&pool, 2, "sqlx").await;
 }
 
 /// Each TLS mistake is refused at build with `ErrorKind::Tls` and a message saying what

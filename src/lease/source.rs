@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret;
@@ -56,10 +57,21 @@ pub enum CredentialSource {
 /// engine renews a renewable lease at ⅔ of its TTL and rotates to freshly issued
 /// credentials before it ends (a non-renewable one, such as an IAM token, is rotated
 /// before its end). A retired generation is revoked once its last connection is back.
-/// Issuing and verification failures are retried with backoff; every call is bounded by
-/// the engine's step limit (30 s). See `examples/minted_passwords.rs`.
+/// Issuing and verification failures are retried with backoff; every call is bounded
+/// (an issue by the engine's 30 s step limit, a revoke by 10 s). Leases out of range
+/// (over 10 years, under 1 s) are refused as errors.
+///
+/// A provider that gives one user a new password on each issue (as a static role does)
+/// ends the old password when it sets the new one: sessions already open go on, and a
+/// connection opened in the moment before the swap is refused and retried with the new
+/// password (the pools' refused-login path). The sqlx flavour does not take custom
+/// sources (it tells generations apart by user name). See
+/// `examples/minted_passwords.rs`.
 pub trait CredentialProvider: Send + Sync + 'static {
-    /// New credentials with their lease (its id names them in logs and status).
+    /// New credentials with their lease. The lease's id names them in logs and status:
+    /// give each issue its own id (a counter, a timestamp), never a secret. Its duration
+    /// is zero (no expiry) or between 1 s and 10 years; its `issued_at` is set by the
+    /// engine.
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>>;
 
     /// Extend a renewable lease by about `increment`; the answer's duration is what the
@@ -83,6 +95,25 @@ pub trait CredentialProvider: Send + Sync + 'static {
     /// issued, verified and swapped in). Default: no.
     fn changed<'a>(&'a self, _current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async { Ok(false) })
+    }
+}
+
+/// A shared provider is a provider (a test can keep an `Arc` to inspect its fake).
+impl<P: CredentialProvider + ?Sized> CredentialProvider for Arc<P> {
+    fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
+        (**self).issue()
+    }
+    fn renew<'a>(&'a self, lease: &'a Lease, increment: Duration) -> BoxFuture<'a, Result<Lease>> {
+        (**self).renew(lease, increment)
+    }
+    fn revoke<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
+        (**self).revoke(lease)
+    }
+    fn poll_interval(&self) -> Option<Duration> {
+        (**self).poll_interval()
+    }
+    fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
+        (**self).changed(current)
     }
 }
 
@@ -202,7 +233,12 @@ impl CredentialSource {
     pub(crate) fn into_source(self, client: Option<Client>) -> Result<Arc<dyn Source>> {
         self.validate()?;
         if let Self::Custom(c) = self {
-            return Ok(Arc::new(Provided(c.provider)));
+            let poll = c.provider.poll_interval();
+            return Ok(Arc::new(Provided {
+                provider: c.provider,
+                name: c.name,
+                poll,
+            }));
         }
         let Some(client) = client else {
             return Err(Error::new(
@@ -221,6 +257,7 @@ impl CredentialSource {
                 client,
                 role: r,
                 next_rotation: std::sync::Mutex::new(None),
+                soon: std::sync::atomic::AtomicU32::new(0),
             }),
             Self::Custom(_) => unreachable!("handled above"),
         })
@@ -678,6 +715,9 @@ struct VaultStaticRole {
     role: StaticRole,
     /// When Vault rotates next, as of the last read.
     next_rotation: std::sync::Mutex<Option<Instant>>,
+    /// Reads in a row to be retried soon, with backoff: a failed read, a rotation Vault
+    /// has not made although due, a change not yet swapped in.
+    soon: std::sync::atomic::AtomicU32,
 }
 
 /// Read again this long after Vault's rotation time (its clock and ours may differ).
@@ -688,12 +728,28 @@ const STATIC_MAX_WAIT: Duration = Duration::from_secs(300);
 
 impl VaultStaticRole {
     async fn read(&self) -> Result<crate::vault::StaticCreds> {
-        let creds = self
+        let creds = match self
             .client
             .static_creds(&self.role.mount, &self.role.role)
-            .await?;
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.soon.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let ttl = creds
+            .ttl_seconds
+            .or((creds.rotation_period_seconds > 0).then_some(creds.rotation_period_seconds))
+            .unwrap_or(STATIC_MAX_WAIT.as_secs())
+            .min(86_400);
+        if ttl == 0 {
+            // Due, and not made yet: Vault's queue runs every few seconds.
+            self.soon.fetch_add(1, Ordering::Relaxed);
+        }
         *self.next_rotation.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Instant::now() + Duration::from_secs(creds.ttl_seconds.min(86_400)));
+            Some(Instant::now() + Duration::from_secs(ttl));
         Ok(creds)
     }
 
@@ -713,7 +769,7 @@ impl Source for VaultStaticRole {
             tracing::info!(
                 role = %self.role.role,
                 rotated = %creds.last_vault_rotation,
-                next_in_s = creds.ttl_seconds,
+                next_in_s = creds.ttl_seconds.unwrap_or(0),
                 "read static database credentials"
             );
             Ok(Leased::new(
@@ -741,6 +797,14 @@ impl Source for VaultStaticRole {
     }
 
     fn poll_delay(&self) -> Option<Duration> {
+        let soon = self.soon.load(Ordering::Relaxed);
+        if soon > 0 {
+            return Some(super::policy::doubling(
+                STATIC_ROTATION_GRACE,
+                Duration::from_secs(30),
+                soon,
+            ));
+        }
         let next = *self.next_rotation.lock().unwrap_or_else(|e| e.into_inner());
         Some(match next {
             Some(at) => (at.saturating_duration_since(Instant::now()) + STATIC_ROTATION_GRACE)
@@ -752,29 +816,87 @@ impl Source for VaultStaticRole {
     fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let creds = self.read().await?;
-            Ok(self.lease_id(&creds) != current.id)
+            let changed = self.lease_id(&creds) != current.id;
+            if changed {
+                // Looked again soon, in case the swap fails (then with backoff).
+                self.soon.fetch_add(1, Ordering::Relaxed);
+            } else if creds.ttl_seconds != Some(0) {
+                self.soon.store(0, Ordering::Relaxed); // steady: wait for Vault's ttl
+            }
+            Ok(changed)
         })
     }
 }
 
-/// A [`CredentialProvider`] as the engine sees it.
-struct Provided(Arc<dyn CredentialProvider>);
+/// A [`CredentialProvider`] as the engine sees it: its leases checked and stamped with
+/// the engine's clock, its poll interval read once (validated at build).
+struct Provided {
+    provider: Arc<dyn CredentialProvider>,
+    name: String,
+    poll: Option<Duration>,
+}
+
+/// The longest lease a custom source may give (Vault's own ceiling is 32 years; ten
+/// keeps every deadline computable).
+const MAX_CUSTOM_LEASE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+impl Provided {
+    fn checked(&self, mut lease: Lease, what: &str) -> Result<Lease> {
+        if !lease.duration.is_zero()
+            && !(Duration::from_secs(1)..=MAX_CUSTOM_LEASE).contains(&lease.duration)
+        {
+            return Err(Error::new(
+                ErrorKind::Decode,
+                format!(
+                    "{what} of {}: a lease of {:?}; give zero (no expiry) or between 1 s and \
+                     10 years",
+                    self.name, lease.duration
+                ),
+            ));
+        }
+        if lease.id.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Decode,
+                format!(
+                    "{what} of {}: the lease has no id; give each lease its own",
+                    self.name
+                ),
+            ));
+        }
+        // The engine's clock (tokio's, which tests may pause), not the provider's.
+        lease.issued_at = tokio::time::Instant::now().into_std();
+        Ok(lease)
+    }
+}
 
 impl Source for Provided {
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
-        self.0.issue()
+        Box::pin(async move {
+            let leased = self.provider.issue().await?;
+            let lease = self.checked(leased.lease, "issuing credentials")?;
+            Ok(Leased::new(leased.value, lease))
+        })
     }
     fn renew<'a>(&'a self, lease: &'a Lease, increment: Duration) -> BoxFuture<'a, Result<Lease>> {
-        self.0.renew(lease, increment)
+        Box::pin(async move {
+            let renewed = self.provider.renew(lease, increment).await?;
+            if renewed.id == lease.id
+                && renewed.duration == lease.duration
+                && renewed.issued_at == lease.issued_at
+            {
+                return Ok(renewed); // unchanged: the engine rotates before the end
+            }
+            self.checked(renewed, "renewing a lease")
+        })
     }
     fn revoke<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
-        self.0.revoke(lease)
+        self.provider.revoke(lease)
     }
     fn poll_interval(&self) -> Option<Duration> {
-        self.0.poll_interval()
+        self.poll
     }
     fn changed<'a>(&'a self, current: &'a Lease) -> BoxFuture<'a, Result<bool>> {
-        self.0.changed(current)
+        self.provider.changed(current)
     }
 }
 

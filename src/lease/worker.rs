@@ -330,8 +330,11 @@ impl Drop for InFlight {
         let source = self.source.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Ok(Ok(leased)) = handle.await {
-                    revoke_until_end(source, leased.lease).await;
+                let mut handle = handle;
+                match tokio::time::timeout(ABANDONED_ISSUE_WAIT, &mut handle).await {
+                    Ok(Ok(Ok(leased))) => revoke_until_end(source, leased.lease).await,
+                    Ok(_) => {}
+                    Err(_) => handle.abort(), // never answered: nothing to revoke
                 }
             });
         }
@@ -350,7 +353,11 @@ impl InFlight {
         let Some(handle) = self.handle.as_mut() else {
             return Err(failed("no request under way".into()));
         };
-        let joined = handle.await;
+        // Bounded even for a source that never answers (a custom provider): the guard
+        // keeps the request and revokes what it may still return.
+        let Ok(joined) = tokio::time::timeout(STEP_MAX, handle).await else {
+            return Err(failed(format!("no answer within {STEP_MAX:?}")));
+        };
         self.handle = None;
         joined.map_err(|e| failed(format!("the request task failed ({e})")))?
     }
@@ -379,20 +386,47 @@ impl Drop for Unclaimed {
     }
 }
 
+/// How long an abandoned issue request is still awaited (to revoke what it returns).
+const ABANDONED_ISSUE_WAIT: Duration = Duration::from_secs(300);
+/// One revocation answers within this, or counts as a failed attempt.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A lease without an end is not tried for ever.
+const MAX_REVOKE_ATTEMPTS_WITHOUT_END: u32 = 20;
+
+/// Revoke with a deadline: a source that hangs counts as a transient failure.
+async fn revoke_bounded(source: &dyn Source, lease: &Lease) -> Result<()> {
+    tokio::time::timeout(REVOKE_TIMEOUT, source.revoke(lease))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Transport,
+                format!(
+                    "revoking lease {}: no answer within {REVOKE_TIMEOUT:?}",
+                    lease.id
+                ),
+            ))
+        })
+}
+
 /// Revoke a lease nobody uses, retrying with backoff (250 ms doubling to 5 s) until it
-/// succeeds, is refused for good (403), or the lease has ended anyway.
+/// succeeds, is refused for good (403), the lease has ended anyway, or (for a lease with
+/// no end) 20 attempts failed.
 async fn revoke_until_end(source: Arc<dyn Source>, lease: Lease) {
     let retry = Policy::default();
     let mut attempts = 0;
     loop {
-        match source.revoke(&lease).await {
+        match revoke_bounded(source.as_ref(), &lease).await {
             Ok(()) => {
                 tracing::debug!(lease_id = %lease.id, "revoked unused credentials");
                 return;
             }
             Err(e) => {
                 attempts += 1;
-                let over = !e.is_transient() || lease.expires_at().is_some_and(|end| now() >= end);
+                let over = !e.is_transient()
+                    || match lease.expires_at() {
+                        Some(end) => now() >= end,
+                        None => attempts >= MAX_REVOKE_ATTEMPTS_WITHOUT_END,
+                    };
                 if over {
                     tracing::warn!(lease_id = %lease.id, attempts, "unused credentials not revoked; they expire by TTL: {e}");
                     return;
@@ -713,7 +747,11 @@ async fn renew(shared: &Shared, book: &mut Book) {
     let current = shared.current.load_full();
     match shared.source.renew(&current.lease, book.full_ttl).await {
         Ok(lease) => {
-            book.capped = lease.duration < book.full_ttl;
+            // A renewal that does not move the end (a source whose renew gives the same
+            // lease back) counts as capped: rotate before the end instead of renewing again.
+            let old_end = current.lease.expires_at();
+            let new_end = lease.expires_at();
+            book.capped = lease.duration < book.full_ttl || new_end <= old_end;
             book.succeeded(shared);
             shared.stats().renewals += 1;
             metrics::counter!("vaultpool_renewals_total", "role" => shared.label.clone())
@@ -791,7 +829,10 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     book.unreachable = 0;
     book.unreachable_until = None;
     let old = shared.current.load_full();
-    if !old.lease.id.is_empty() && leased.lease.id == old.lease.id {
+    if !old.lease.id.is_empty()
+        && leased.lease.id == old.lease.id
+        && leased.lease.duration.is_zero()
+    {
         // The same secret again (a KV read served by a standby that lags behind the
         // metadata it answered): nothing new to swap in; the next poll tries again.
         tracing::debug!(lease_id = %old.lease.id, "issued the serving credentials again; no rotation");
@@ -885,7 +926,7 @@ async fn retire(shared: &Shared, book: &mut Book, all: bool) {
             i += 1;
             continue;
         }
-        match shared.source.revoke(&r.lease).await {
+        match revoke_bounded(shared.source.as_ref(), &r.lease).await {
             Ok(()) => {
                 tracing::info!(
                     generation = r.generation.0,
@@ -1426,6 +1467,91 @@ mod tests {
             "{tries} tries in 25 s: the old episode's backoff kept"
         );
         engine.close().await;
+    }
+
+    /// A provider that gives every lease the same id and leaves renewal to the default
+    /// (the lease back unchanged): no hot loop of issues or renewals. Before, the same id
+    /// made each rotation a no-op retried at once, and the unchanged renewal was due again
+    /// at once (thousands a second).
+    #[tokio::test(start_paused = true)]
+    async fn a_careless_custom_provider_cannot_make_the_engine_spin() {
+        #[derive(Default)]
+        struct Careless {
+            issued: AtomicUsize,
+            renewed: AtomicUsize,
+        }
+        impl super::super::CredentialProvider for Careless {
+            fn issue(&self) -> super::super::BoxFuture<'_, Result<Leased<Credentials>>> {
+                self.issued.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async {
+                    Ok(Leased::new(
+                        Credentials::new("u", "p".to_string()),
+                        Lease::new("always-the-same", Duration::from_secs(60), true),
+                    ))
+                })
+            }
+            fn renew<'a>(
+                &'a self,
+                lease: &'a Lease,
+                _: Duration,
+            ) -> super::super::BoxFuture<'a, Result<Lease>> {
+                self.renewed.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move { Ok(lease.clone()) })
+            }
+        }
+        let careless = Arc::new(Careless::default());
+        let source = super::super::CredentialSource::custom("careless", careless.clone())
+            .into_source(None)
+            .unwrap();
+        let engine = start(
+            ("careless".into(), "careless".into()),
+            source,
+            Policy::default(),
+            Some(Duration::from_secs(30)),
+            (None, Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let (issued, renewed) = (
+            careless.issued.load(Ordering::SeqCst),
+            careless.renewed.load(Ordering::SeqCst),
+        );
+        // A 60 s lease rotated before its end: about one issue a minute.
+        assert!((4..=12).contains(&issued), "{issued} issues in 300 s");
+        assert!(renewed <= 12, "{renewed} renewals in 300 s");
+        assert!(engine.generation().0 >= 4, "{:?}", engine.generation());
+        assert_ne!(engine.status().health, super::super::Health::Expired);
+        engine.close().await;
+    }
+
+    /// A provider's lease out of range is refused (and retried), never a panic.
+    #[tokio::test(start_paused = true)]
+    async fn a_custom_lease_out_of_range_is_an_error_not_a_panic() {
+        struct Forever;
+        impl super::super::CredentialProvider for Forever {
+            fn issue(&self) -> super::super::BoxFuture<'_, Result<Leased<Credentials>>> {
+                Box::pin(async {
+                    Ok(Leased::new(
+                        Credentials::new("u", "p".to_string()),
+                        Lease::new("forever", Duration::MAX, true),
+                    ))
+                })
+            }
+        }
+        let source = super::super::CredentialSource::custom("forever", Forever)
+            .into_source(None)
+            .unwrap();
+        let err = start(
+            ("forever".into(), "forever".into()),
+            source,
+            Policy::default(),
+            None,
+            (None, Duration::from_secs(10)),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("10 years"), "{err}");
     }
 
     #[tokio::test(start_paused = true)]

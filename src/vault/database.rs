@@ -26,9 +26,9 @@ pub struct StaticCreds {
     pub password: SecretString,
     /// When Vault last set the password (RFC 3339), which names this version.
     pub last_vault_rotation: String,
-    /// Seconds until Vault's next rotation.
-    #[serde(rename = "ttl")]
-    pub ttl_seconds: u64,
+    /// Seconds until Vault's next rotation, if Vault said.
+    #[serde(rename = "ttl", default)]
+    pub ttl_seconds: Option<u64>,
     /// Seconds between Vault's rotations.
     #[serde(rename = "rotation_period", default)]
     pub rotation_period_seconds: u64,

@@ -80,7 +80,8 @@ pub trait CredentialProvider: Send + Sync + 'static {
         Box::pin(async move { Ok(lease.clone()) })
     }
 
-    /// Invalidate credentials no longer in use. Default: nothing (they expire).
+    /// Invalidate credentials no longer in use. Default: nothing (they expire). It may be
+    /// called again for the same lease (a retry after a timeout): make it idempotent.
     fn revoke<'a>(&'a self, _lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
         Box::pin(async { Ok(()) })
     }
@@ -257,7 +258,8 @@ impl CredentialSource {
                 client,
                 role: r,
                 next_rotation: std::sync::Mutex::new(None),
-                soon: std::sync::atomic::AtomicU32::new(0),
+                late: std::sync::atomic::AtomicU32::new(0),
+                unswapped: std::sync::atomic::AtomicU32::new(0),
             }),
             Self::Custom(_) => unreachable!("handled above"),
         })
@@ -715,9 +717,12 @@ struct VaultStaticRole {
     role: StaticRole,
     /// When Vault rotates next, as of the last read.
     next_rotation: std::sync::Mutex<Option<Instant>>,
-    /// Reads in a row to be retried soon, with backoff: a failed read, a rotation Vault
-    /// has not made although due, a change not yet swapped in.
-    soon: std::sync::atomic::AtomicU32,
+    /// Reads in a row that failed or found Vault's rotation due but not made: retried
+    /// soon, with backoff; reset by any read with a ttl ahead.
+    late: std::sync::atomic::AtomicU32,
+    /// Changes seen in a row and not yet swapped in (a failing swap): looked at again
+    /// soon, with backoff; reset when a read finds the serving version.
+    unswapped: std::sync::atomic::AtomicU32,
 }
 
 /// Read again this long after Vault's rotation time (its clock and ours may differ).
@@ -735,7 +740,7 @@ impl VaultStaticRole {
         {
             Ok(c) => c,
             Err(e) => {
-                self.soon.fetch_add(1, Ordering::Relaxed);
+                self.late.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
             }
         };
@@ -746,7 +751,9 @@ impl VaultStaticRole {
             .min(86_400);
         if ttl == 0 {
             // Due, and not made yet: Vault's queue runs every few seconds.
-            self.soon.fetch_add(1, Ordering::Relaxed);
+            self.late.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.late.store(0, Ordering::Relaxed);
         }
         *self.next_rotation.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(Instant::now() + Duration::from_secs(ttl));
@@ -797,19 +804,21 @@ impl Source for VaultStaticRole {
     }
 
     fn poll_delay(&self) -> Option<Duration> {
-        let soon = self.soon.load(Ordering::Relaxed);
-        if soon > 0 {
-            return Some(super::policy::doubling(
-                STATIC_ROTATION_GRACE,
-                Duration::from_secs(30),
-                soon,
-            ));
+        let backoff =
+            |n| super::policy::doubling(STATIC_ROTATION_GRACE, Duration::from_secs(30), n);
+        let late = self.late.load(Ordering::Relaxed);
+        if late > 0 {
+            return Some(backoff(late));
         }
         let next = *self.next_rotation.lock().unwrap_or_else(|e| e.into_inner());
-        Some(match next {
+        let due = match next {
             Some(at) => (at.saturating_duration_since(Instant::now()) + STATIC_ROTATION_GRACE)
                 .min(STATIC_MAX_WAIT),
             None => STATIC_ROTATION_GRACE,
+        };
+        Some(match self.unswapped.load(Ordering::Relaxed) {
+            0 => due,
+            n => due.min(backoff(n)),
         })
     }
 
@@ -819,9 +828,9 @@ impl Source for VaultStaticRole {
             let changed = self.lease_id(&creds) != current.id;
             if changed {
                 // Looked again soon, in case the swap fails (then with backoff).
-                self.soon.fetch_add(1, Ordering::Relaxed);
-            } else if creds.ttl_seconds != Some(0) {
-                self.soon.store(0, Ordering::Relaxed); // steady: wait for Vault's ttl
+                self.unswapped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.unswapped.store(0, Ordering::Relaxed);
             }
             Ok(changed)
         })
@@ -869,12 +878,38 @@ impl Provided {
     }
 }
 
+/// A custom provider's issue answers within this (the engine's step limit).
+const PROVIDER_ISSUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A custom provider's revoke answers within this, or counts as a failed attempt.
+const PROVIDER_REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Provided {
+    fn timed_out(&self, what: &str, after: Duration) -> Error {
+        Error::new(
+            ErrorKind::Transport,
+            format!("{what} of {}: no answer within {after:?}", self.name),
+        )
+    }
+}
+
 impl Source for Provided {
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
         Box::pin(async move {
-            let leased = self.provider.issue().await?;
-            let lease = self.checked(leased.lease, "issuing credentials")?;
-            Ok(Leased::new(leased.value, lease))
+            let leased = tokio::time::timeout(PROVIDER_ISSUE_TIMEOUT, self.provider.issue())
+                .await
+                .map_err(|_| self.timed_out("issuing credentials", PROVIDER_ISSUE_TIMEOUT))??;
+            match self.checked(leased.lease.clone(), "issuing credentials") {
+                Ok(lease) => Ok(Leased::new(leased.value, lease)),
+                Err(e) => {
+                    // Refused, but it may exist: give it back.
+                    let _ = tokio::time::timeout(
+                        PROVIDER_REVOKE_TIMEOUT,
+                        self.provider.revoke(&leased.lease),
+                    )
+                    .await;
+                    Err(e)
+                }
+            }
         })
     }
     fn renew<'a>(&'a self, lease: &'a Lease, increment: Duration) -> BoxFuture<'a, Result<Lease>> {
@@ -886,11 +921,26 @@ impl Source for Provided {
             {
                 return Ok(renewed); // unchanged: the engine rotates before the end
             }
+            if renewed.duration.is_zero() && !lease.duration.is_zero() {
+                // "No end" for credentials that had one would stop every renewal and
+                // rotation: taken as the lease being over, so the engine replaces it.
+                return Err(Error::new(
+                    ErrorKind::LeaseExpired,
+                    format!(
+                        "renewing a lease of {}: the renewal has no duration",
+                        self.name
+                    ),
+                ));
+            }
             self.checked(renewed, "renewing a lease")
         })
     }
     fn revoke<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
-        self.provider.revoke(lease)
+        Box::pin(async move {
+            tokio::time::timeout(PROVIDER_REVOKE_TIMEOUT, self.provider.revoke(lease))
+                .await
+                .map_err(|_| self.timed_out("revoking a lease", PROVIDER_REVOKE_TIMEOUT))?
+        })
     }
     fn poll_interval(&self) -> Option<Duration> {
         self.poll

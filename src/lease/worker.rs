@@ -353,11 +353,9 @@ impl InFlight {
         let Some(handle) = self.handle.as_mut() else {
             return Err(failed("no request under way".into()));
         };
-        // Bounded even for a source that never answers (a custom provider): the guard
-        // keeps the request and revokes what it may still return.
-        let Ok(joined) = tokio::time::timeout(STEP_MAX, handle).await else {
-            return Err(failed(format!("no answer within {STEP_MAX:?}")));
-        };
+        // Vault's calls are bounded by the client's own budget; a custom provider's by its
+        // wrapper (`Provided`).
+        let joined = handle.await;
         self.handle = None;
         joined.map_err(|e| failed(format!("the request task failed ({e})")))?
     }
@@ -388,25 +386,8 @@ impl Drop for Unclaimed {
 
 /// How long an abandoned issue request is still awaited (to revoke what it returns).
 const ABANDONED_ISSUE_WAIT: Duration = Duration::from_secs(300);
-/// One revocation answers within this, or counts as a failed attempt.
-const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A lease without an end is not tried for ever.
 const MAX_REVOKE_ATTEMPTS_WITHOUT_END: u32 = 20;
-
-/// Revoke with a deadline: a source that hangs counts as a transient failure.
-async fn revoke_bounded(source: &dyn Source, lease: &Lease) -> Result<()> {
-    tokio::time::timeout(REVOKE_TIMEOUT, source.revoke(lease))
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorKind::Transport,
-                format!(
-                    "revoking lease {}: no answer within {REVOKE_TIMEOUT:?}",
-                    lease.id
-                ),
-            ))
-        })
-}
 
 /// Revoke a lease nobody uses, retrying with backoff (250 ms doubling to 5 s) until it
 /// succeeds, is refused for good (403), the lease has ended anyway, or (for a lease with
@@ -415,7 +396,7 @@ async fn revoke_until_end(source: Arc<dyn Source>, lease: Lease) {
     let retry = Policy::default();
     let mut attempts = 0;
     loop {
-        match revoke_bounded(source.as_ref(), &lease).await {
+        match source.revoke(&lease).await {
             Ok(()) => {
                 tracing::debug!(lease_id = %lease.id, "revoked unused credentials");
                 return;
@@ -926,7 +907,16 @@ async fn retire(shared: &Shared, book: &mut Book, all: bool) {
             i += 1;
             continue;
         }
-        match revoke_bounded(shared.source.as_ref(), &r.lease).await {
+        if !all && r.lease.id == shared.current.load().lease.id {
+            // A source that reused the serving lease's id: revoking it would end the
+            // credentials in use. Left to expire (on close, everything is revoked).
+            tracing::warn!(lease_id = %r.lease.id, "not revoking a retired lease with the serving lease's id");
+            let generation = r.generation;
+            book.retiring.remove(i);
+            shared.stats().retiring.retain(|(g, _, _)| *g != generation);
+            continue;
+        }
+        match shared.source.revoke(&r.lease).await {
             Ok(()) => {
                 tracing::info!(
                     generation = r.generation.0,

@@ -252,7 +252,6 @@ impl Builder {
         let (lease, deadpool, target) = self.into_parts();
         lease.source.validate()?;
         let env = |k: &str| std::env::var(k).ok();
-        let from_env = target.pg.is_none();
         let mut config = match target.pg {
             Some(c) => c,
             None => pg_config_from_lookup(env)?,
@@ -286,7 +285,6 @@ impl Builder {
                     Some(tls) => tls,
                     None => crate::tls::PgTls::from_lookup(env, &params)?,
                 };
-                let _ = from_env;
                 config.ssl_mode(tls.tokio_postgres_mode());
                 let connect: Arc<dyn deadpool_postgres::Connect> = match tls.connector()? {
                     Some(tls) => Arc::new(deadpool_postgres::ConfigConnectImpl { tls }),
@@ -321,7 +319,6 @@ impl Builder {
                         ),
                     ));
                 }
-                let _ = from_env;
                 Arc::new(deadpool_postgres::ConfigConnectImpl {
                     tls: tokio_postgres::NoTls,
                 })
@@ -384,21 +381,16 @@ pub fn pg_config_from_lookup(
             ));
         }
         // The strongest sslmode named (libpq takes the last; never weaker is safer).
-        let mut mode = None;
+        let strength = |m: &tokio_postgres::config::SslMode| match m {
+            tokio_postgres::config::SslMode::Disable => 0,
+            tokio_postgres::config::SslMode::Require => 2,
+            _ => 1,
+        };
+        let mut modes = Vec::new();
         for (_, m) in params.iter().filter(|(k, _)| k == "sslmode") {
-            let m = tokio_mode(m, "the sslmode of DATABASE_URL")?;
-            mode = Some(match (mode, m) {
-                (Some(tokio_postgres::config::SslMode::Require), _) => {
-                    tokio_postgres::config::SslMode::Require
-                }
-                (
-                    Some(tokio_postgres::config::SslMode::Prefer),
-                    tokio_postgres::config::SslMode::Disable,
-                ) => tokio_postgres::config::SslMode::Prefer,
-                (_, m) => m,
-            });
+            modes.push(tokio_mode(m, "the sslmode of DATABASE_URL")?);
         }
-        if let Some(mode) = mode {
+        if let Some(mode) = modes.into_iter().max_by_key(strength) {
             config.ssl_mode(mode);
         }
         return Ok(config);

@@ -281,6 +281,10 @@ pub struct RedisTarget {
     response_timeout: Option<Duration>,
 }
 
+/// What a TLS address is told (until TLS to Redis is built in).
+const NO_TLS_YET: &str = "TLS (rediss://) is not supported by vaultpool yet; use redis:// on \
+                          a trusted network, or a TLS-terminating sidecar";
+
 /// Default connect timeout (TCP connect and the `HELLO`/`AUTH` handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The PING before an idle connection is reused answers within this, or the connection
@@ -400,14 +404,13 @@ impl Builder {
             Some(Ok(i)) => Some(i),
             Some(Err(e)) => {
                 let why = if e.to_string().contains("TLS") {
-                    "uses TLS (rediss://), which vaultpool does not support yet; use \
-                     redis:// on a trusted network, or a TLS-terminating sidecar"
+                    NO_TLS_YET
                 } else {
-                    "is not a usable redis:// URL"
+                    "not a usable redis:// URL"
                 };
                 return Err(Error::new(
                     ErrorKind::Config,
-                    format!("configuring Redis: the address given to .address(…) {why}"),
+                    format!("configuring Redis: the address given to .address(…): {why}"),
                 )
                 .with_source(e));
             }
@@ -444,9 +447,7 @@ impl Builder {
             // Parsed only when an application enabled redis' TLS feature itself.
             return Err(Error::new(
                 ErrorKind::Config,
-                "configuring Redis: the address uses TLS (rediss://), which vaultpool does \
-                 not support yet; use redis:// on a trusted network, or a TLS-terminating \
-                 sidecar",
+                format!("configuring Redis at {}: {NO_TLS_YET}", info.addr()),
             ));
         }
         let settings = info.redis_settings();
@@ -495,9 +496,7 @@ pub fn redis_info_from_lookup(
     if url.starts_with("rediss://") || url.starts_with("valkeys://") {
         return Err(Error::new(
             ErrorKind::Config,
-            "reading the Redis address (REDIS_URL or REDIS_HOST/REDIS_PORT): TLS (rediss://) \
-             is not supported by vaultpool yet; use redis:// on a trusted network, or a \
-             TLS-terminating sidecar",
+            format!("reading the Redis address (REDIS_URL or REDIS_HOST/REDIS_PORT): {NO_TLS_YET}"),
         ));
     }
     url.into_connection_info().map_err(|e| {

@@ -22,6 +22,30 @@ fn vault() -> vaultpool::vault::Client {
     common::approle_client("INFRASTRUCTURE")
 }
 
+/// The SASL settings at `path`, polled every second, each version verified at the broker.
+async fn watched(path: &str) -> KafkaSasl {
+    KafkaSasl::builder(vault())
+        .secret(KvCredentials::new(path).poll_interval(Duration::from_secs(1)))
+        .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
+        .build()
+        .await
+        .unwrap()
+}
+
+/// A consumer of `topic` (group `g-{id}`, from the earliest offset) following `sasl`.
+fn consumer_of(sasl: &KafkaSasl, id: &str, topic: &str) -> RotatingClient<StreamConsumer> {
+    let mut base = ClientConfig::new();
+    base.set("group.id", format!("g-{id}"))
+        .set("auto.offset.reset", "earliest");
+    let topic = topic.to_owned();
+    RotatingClient::new(sasl, base, move |c| {
+        let consumer: StreamConsumer = c.create()?;
+        consumer.subscribe(&[&topic])?;
+        Ok(consumer)
+    })
+    .unwrap()
+}
+
 fn password() -> String {
     format!("pw-{}", fastrand::u64(..))
 }
@@ -40,26 +64,12 @@ async fn rotation_under_a_running_producer_and_consumer_loses_no_message() {
     admin(&["create-topic", &topic]);
     kv_put(&path, kafka_secret(&bootstrap, &user, &p1, "SCRAM-SHA-512")).await;
 
-    let sasl = KafkaSasl::builder(vault())
-        .secret(KvCredentials::new(&path).poll_interval(Duration::from_secs(1)))
-        .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
-        .build()
-        .await
-        .unwrap();
+    let sasl = watched(&path).await;
     let mut base = ClientConfig::new();
     base.set("acks", "all").set("message.timeout.ms", "60000");
     let producer: RotatingClient<FutureProducer> =
         RotatingClient::new(&sasl, base, |c| c.create()).unwrap();
-    let mut base = ClientConfig::new();
-    base.set("group.id", format!("g-{id}"))
-        .set("auto.offset.reset", "earliest");
-    let consumer_topic = topic.clone();
-    let consumer: RotatingClient<StreamConsumer> = RotatingClient::new(&sasl, base, move |c| {
-        let consumer: StreamConsumer = c.create()?;
-        consumer.subscribe(&[&consumer_topic])?;
-        Ok(consumer)
-    })
-    .unwrap();
+    let consumer = consumer_of(&sasl, &id, &topic);
 
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(Mutex::new(BTreeSet::new()));
@@ -388,12 +398,7 @@ async fn a_rebuild_keeps_keyed_order_and_the_consumer_stream_keeps_receiving() {
     admin(&["upsert-user", &user, &p1]);
     admin(&["create-topic", &topic]);
     kv_put(&path, kafka_secret(&bootstrap, &user, &p1, "SCRAM-SHA-512")).await;
-    let sasl = KafkaSasl::builder(vault())
-        .secret(KvCredentials::new(&path).poll_interval(Duration::from_secs(1)))
-        .verify_with(verifier(ClientConfig::new(), Duration::from_secs(10)))
-        .build()
-        .await
-        .unwrap();
+    let sasl = watched(&path).await;
     let mut base = ClientConfig::new();
     // Batches linger, so messages sit in the producer's queue when the rebuild comes.
     base.set("acks", "all")
@@ -401,16 +406,7 @@ async fn a_rebuild_keeps_keyed_order_and_the_consumer_stream_keeps_receiving() {
         .set("message.timeout.ms", "60000");
     let producer: RotatingClient<FutureProducer> =
         RotatingClient::new(&sasl, base, |c| c.create()).unwrap();
-    let mut base = ClientConfig::new();
-    base.set("group.id", format!("g-{id}"))
-        .set("auto.offset.reset", "earliest");
-    let consumer_topic = topic.clone();
-    let consumer: RotatingClient<StreamConsumer> = RotatingClient::new(&sasl, base, move |c| {
-        let consumer: StreamConsumer = c.create()?;
-        consumer.subscribe(&[&consumer_topic])?;
-        Ok(consumer)
-    })
-    .unwrap();
+    let consumer = consumer_of(&sasl, &id, &topic);
 
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(Mutex::new(Vec::<(u64, Instant)>::new()));

@@ -37,6 +37,20 @@ fn sqlx_tls_target(mode: PgSslMode, ca: &str) -> PgConnectOptions {
         .ssl_root_cert(ca)
 }
 
+/// Whether a session of `pool` is encrypted, as PostgreSQL sees it.
+async fn encrypted(pool: &VaultPgPool) -> bool {
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// 8 workers on `pool` across `rotations` forced rotations a second apart: none fails.
 async fn under_load_across_rotations<P: TestPool>(pool: &P, rotations: usize, flavour: &str) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -73,19 +87,7 @@ async fn verify_full_under_load_across_rotations_loses_no_query() {
         .build()
         .await
         .unwrap();
-    // Really encrypted.
-    let encrypted: bool = pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(encrypted);
+    assert!(encrypted(&pool).await, "not encrypted");
     under_load_across_rotations(&pool, 3, "deadpool").await;
 
     // The sqlx flavour, with sqlx's own TLS (the same libpq settings).
@@ -203,17 +205,7 @@ async fn tls_mistakes_are_typed_errors_that_say_what_to_fix() {
 async fn verify_ca_prefer_and_precedence_against_the_real_server() {
     let role = create_role("1h", "1h").await;
     let encrypted = |pool: VaultPgPool| async move {
-        let on: bool = pool
-            .get()
-            .await
-            .unwrap()
-            .query_one(
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let on = encrypted(&pool).await;
         pool.close().await;
         on
     };

@@ -104,6 +104,12 @@ EOF
     # shellcheck disable=SC1090
     . "$STATE"
   fi
+  # State files written before Redis had a TLS port.
+  if [ -z "${REDIS_TLS_PORT:-}" ]; then
+    printf 'REDIS_TLS_PORT=%s\n' "$(free_port)" >>"$STATE"
+    # shellcheck disable=SC1090
+    . "$STATE"
+  fi
 }
 
 # --------------------------------------------------------------------------- postgres
@@ -317,14 +323,43 @@ configure_kafka_kv() {
 }
 
 # --------------------------------------------------------------------------- redis
+# TLS for Redis: a server certificate naming only DNS:localhost (so 127.0.0.1 is a
+# "wrong host name"), signed by the stack's CA, and a client certificate the TLS port
+# requires (tls-auth-clients yes).
+redis_tls() {
+  local tls="$DIR/tls"
+  [ -f "$tls/client.crt" ] && return 0
+  log "generating a Redis server certificate and a client certificate (openssl)"
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$tls/redis.key" -out "$tls/redis.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\n' >"$tls/redis-san.ext"
+  openssl x509 -req -in "$tls/redis.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$tls/redis-san.ext" -out "$tls/redis.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=vaultpool client" \
+    -keyout "$tls/client.key" -out "$tls/client.csr" 2>/dev/null
+  printf 'extendedKeyUsage=clientAuth\n' >"$tls/client.ext"
+  openssl x509 -req -in "$tls/client.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$tls/client.ext" -out "$tls/client.crt" 2>/dev/null
+  chmod 644 "$tls/client.key"
+}
+
 start_redis() {
-  if pid_alive "$DIR/redis.pid" && port_open "$REDIS_PORT"; then return 0; fi
-  log "starting Redis on 127.0.0.1:$REDIS_PORT"
+  redis_tls
+  if pid_alive "$DIR/redis.pid" && port_open "$REDIS_PORT" && port_open "$REDIS_TLS_PORT"; then
+    return 0
+  fi
+  # A Redis from before the TLS port: restart it with one.
+  if pid_alive "$DIR/redis.pid"; then kill "$(cat "$DIR/redis.pid")" || true; sleep 1; fi
+  log "starting Redis on 127.0.0.1:$REDIS_PORT (TLS: $REDIS_TLS_PORT)"
   mkdir -p "$DIR/redis"
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --requirepass "$REDIS_ADMIN_PW" \
+    --tls-port "$REDIS_TLS_PORT" --tls-cert-file "$DIR/tls/redis.crt" \
+    --tls-key-file "$DIR/tls/redis.key" --tls-ca-cert-file "$DIR/tls/ca.crt" \
+    --tls-auth-clients yes \
     --daemonize yes --pidfile "$DIR/redis.pid" --dir "$DIR/redis" \
     --logfile "$DIR/redis.log" --save '' --appendonly no >/dev/null
   wait_port "$REDIS_PORT" Redis
+  wait_port "$REDIS_TLS_PORT" "Redis (TLS)"
   REDISCLI_AUTH="$REDIS_ADMIN_PW" redis-cli -p "$REDIS_PORT" SET app:greeting hello >/dev/null
 }
 
@@ -488,6 +523,9 @@ write_env() {
     echo "VAULTPOOL_PG_TLS_DB=immune_tls"
     echo "REDIS_HOST=127.0.0.1"
     echo "REDIS_PORT=$REDIS_PORT"
+    echo "VAULTPOOL_REDIS_TLS_PORT=$REDIS_TLS_PORT"
+    echo "VAULTPOOL_TLS_CLIENT_CERT=$DIR/tls/client.crt"
+    echo "VAULTPOOL_TLS_CLIENT_KEY=$DIR/tls/client.key"
     echo "VAULTPOOL_REDIS_ADMIN_PASSWORD=$REDIS_ADMIN_PW"
     echo "VAULTPOOL_BAO_BIN=$BAO"
     if [ "$KAFKA" = 1 ]; then

@@ -102,7 +102,8 @@ impl ErrorKind {
             }
             Self::Tls => {
                 "check the CA file given (VAULT_CACERT for Vault, PGSSLROOTCERT for \
-                 PostgreSQL) and that the host name connected to is in the certificate"
+                 PostgreSQL, REDIS_TLS_CA_FILE for Redis) and that the host name connected \
+                 to is in the certificate"
             }
             Self::CircuitOpen => {
                 "Vault failed repeatedly; calls resume after the breaker's cooldown"
@@ -141,6 +142,8 @@ struct Inner {
     vault_errors: Vec<String>,
     retry_after: Option<Duration>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// The context already says what to do: the kind's general hint is left out.
+    fix_given: bool,
 }
 
 /// Vault error strings are kept, but bounded: a broken proxy can send megabytes.
@@ -157,8 +160,16 @@ impl Error {
                 vault_errors: Vec::new(),
                 retry_after: None,
                 source: None,
+                fix_given: false,
             }),
         }
+    }
+
+    /// The context says what to fix: leave out the kind's general hint (for TLS, "check
+    /// the CA file given…"), which could point elsewhere.
+    pub(crate) fn fix_given(mut self) -> Self {
+        self.inner.fix_given = true;
+        self
     }
 
     /// Wrap a driver error from running a statement (e.g. a `tokio_postgres::Error`), so
@@ -261,7 +272,7 @@ impl fmt::Display for Error {
             (Some(status), true) => write!(f, " (HTTP {status})")?,
             (None, _) => {}
         }
-        if let Some(hint) = inner.kind.hint() {
+        if let Some(hint) = inner.kind.hint().filter(|_| !inner.fix_given) {
             write!(f, "; {hint}")?;
         }
         Ok(())

@@ -43,10 +43,24 @@
 //! returned while the server is still blocked in a command you cut short fails it and is
 //! closed), and verifying new credentials by the verify timeout (10 s).
 //!
+//! ## TLS
+//!
+//! With the `tls` feature, a `rediss://` address connects over TLS (rustls): the server's
+//! certificate is checked against the CA in `REDIS_TLS_CA_FILE` (or
+//! [`RedisTls::root_cert`](crate::tls::RedisTls::root_cert); default: the operating
+//! system's store), its host name included; a client certificate comes from
+//! `REDIS_TLS_CERT_FILE`/`REDIS_TLS_KEY_FILE` (or
+//! [`RedisTls::client_cert`](crate::tls::RedisTls::client_cert)) for a server with
+//! `tls-auth-clients yes`. Settings on the builder ([`Builder::tls`]) replace the
+//! variables. The verifying connection of each rotation uses the same settings. Refused
+//! at build: `rediss://` without the feature, redis' `#insecure` (no certificate check),
+//! and TLS settings with a plaintext `redis://` address (TLS was meant; it is never
+//! dropped silently). A KV secret's address uses TLS when its `tls` field is `true`, or
+//! when it has no `tls` field and TLS settings are given.
+//!
 //! ## Not supported
 //!
-//! TLS (`rediss://`) is not built in yet (an address with it is refused with a message
-//! saying so); Redis Cluster and Sentinel are not supported (one server address); pub/sub
+//! Redis Cluster and Sentinel are not supported (one server address); pub/sub
 //! needs a dedicated connection, which a pool does not give: use `XREAD BLOCK` on a
 //! pooled connection, or open one yourself with
 //! [`Engine::current`](crate::lease::Engine::current)'s credentials — knowing that it is
@@ -84,6 +98,10 @@ pub struct RedisConnect {
     /// set on the builder).
     address_from_kv: bool,
     config: ::redis::AsyncConnectionConfig,
+    /// The certificates for `rediss://` addresses (read at build); `Some` also makes a KV
+    /// secret without a `tls` field use TLS.
+    #[cfg(feature = "tls")]
+    tls: Option<::redis::TlsCertificates>,
 }
 
 impl fmt::Debug for RedisConnect {
@@ -92,18 +110,42 @@ impl fmt::Debug for RedisConnect {
             .field("addr", &self.info.addr().to_string())
             .field("db", &self.info.redis_settings().db())
             .field("address_from_kv", &self.address_from_kv)
+            .field("tls", &self.tls_configured())
             .finish()
     }
 }
 
 impl RedisConnect {
+    /// Whether TLS settings (a CA or client certificate) were given.
+    fn tls_configured(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// A redis client for `creds` at the current address, over TLS for `rediss://`.
+    fn client_for(&self, creds: &Credentials) -> Result<::redis::Client, ::redis::RedisError> {
+        let info = self.info_for(creds)?;
+        #[cfg(feature = "tls")]
+        if matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. }) {
+            crate::tls::ensure_default_provider();
+            let certificates = self.tls.clone().unwrap_or(::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: None,
+            });
+            return ::redis::Client::build_with_tls(info, certificates);
+        }
+        ::redis::Client::open(info)
+    }
+
     /// The address to connect to with `creds`: the KV secret's, or the fixed one.
     fn info_for(
         &self,
         creds: &Credentials,
     ) -> Result<::redis::ConnectionInfo, ::redis::RedisError> {
         let info = match (self.address_from_kv, creds.kv_secret()) {
-            (true, Some(kv)) => address_from_kv(kv).map_err(|e| {
+            (true, Some(kv)) => address_from_kv(kv, self.tls_configured()).map_err(|e| {
                 ::redis::RedisError::from((
                     ::redis::ErrorKind::InvalidClientConfig,
                     "no usable Redis address in the KV secret",
@@ -121,8 +163,12 @@ impl RedisConnect {
     }
 }
 
-/// The address in a KV secret: `host` (required) and `port` (default 6379).
-fn address_from_kv(kv: &crate::vault::KvSecret) -> Result<::redis::ConnectionInfo> {
+/// The address in a KV secret: `host` (required), `port` (default 6379) and `tls`
+/// (`true`/`false`; default `tls_default`, whether TLS settings were given).
+fn address_from_kv(
+    kv: &crate::vault::KvSecret,
+    tls_default: bool,
+) -> Result<::redis::ConnectionInfo> {
     let field = |k: &str| {
         kv.get(k)
             .map(|v| secrecy::ExposeSecret::expose_secret(v).trim().to_owned())
@@ -140,18 +186,47 @@ fn address_from_kv(kv: &crate::vault::KvSecret) -> Result<::redis::ConnectionInf
         ));
     };
     let port = field("port").unwrap_or_else(|| "6379".into());
-    redis_info_from_lookup(|k| match k {
-        "REDIS_HOST" => Some(host.clone()),
-        "REDIS_PORT" => Some(port.clone()),
-        _ => None,
-    })
-    .map_err(|e| {
-        e.context(format!(
-            "reading the Redis address from KV {} (version {})",
-            kv.path(),
-            kv.version()
-        ))
-    })
+    let tls = match field("tls").map(|t| t.to_ascii_lowercase()).as_deref() {
+        None => tls_default,
+        Some("true" | "1" | "yes") => true,
+        Some("false" | "0" | "no") if tls_default => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "reading the Redis address from KV {} (version {}): `tls` is false but TLS \
+                     settings are given (REDIS_TLS_* or .tls(…)); remove one of them",
+                    kv.path(),
+                    kv.version()
+                ),
+            ));
+        }
+        Some("false" | "0" | "no") => false,
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "reading the Redis address from KV {} (version {}): `tls` must be true or \
+                     false",
+                    kv.path(),
+                    kv.version()
+                ),
+            ));
+        }
+    };
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let scheme = if tls { "rediss" } else { "redis" };
+    redis_info_from_lookup(|k| (k == "REDIS_URL").then(|| format!("{scheme}://{host}:{port}/0")))
+        .map_err(|e| {
+            e.context(format!(
+                "reading the Redis address from KV {} (version {})",
+                kv.path(),
+                kv.version()
+            ))
+        })
 }
 
 impl pool::Connect for RedisConnect {
@@ -163,8 +238,7 @@ impl pool::Connect for RedisConnect {
         creds: &'a Credentials,
     ) -> BoxFuture<'a, Result<RedisConnection, ::redis::RedisError>> {
         Box::pin(async move {
-            let info = self.info_for(creds)?;
-            ::redis::Client::open(info)?
+            self.client_for(creds)?
                 .get_multiplexed_async_connection_with_config(&self.config)
                 .await
                 .map(RedisConnection)
@@ -174,6 +248,10 @@ impl pool::Connect for RedisConnect {
     fn is_auth_failure(&self, e: &::redis::RedisError) -> bool {
         e.kind() == ::redis::ErrorKind::AuthenticationFailed
             || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+    }
+
+    fn tls_problem(&self, e: &::redis::RedisError) -> Option<&'static str> {
+        tls_diagnosis(&pool::chain_text(e))
     }
 
     fn check<'a>(&'a self, conn: &'a mut RedisConnection) -> BoxFuture<'a, Result<(), String>> {
@@ -279,11 +357,48 @@ pub struct RedisTarget {
     info: Option<std::result::Result<::redis::ConnectionInfo, ::redis::RedisError>>,
     connect_timeout: Duration,
     response_timeout: Option<Duration>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::RedisTls>,
 }
 
-/// What a TLS address is told (until TLS to Redis is built in).
-const NO_TLS_YET: &str = "TLS (rediss://) is not supported by vaultpool yet; use redis:// on \
-                          a trusted network, or a TLS-terminating sidecar";
+/// What a TLS address is told without the `tls` feature.
+const NO_TLS_FEATURE: &str = "TLS (rediss://) needs vaultpool's `tls` feature; enable it, or \
+                              use redis:// on a trusted network";
+
+/// What to fix when a connection to Redis failed for a TLS reason, from the error's text
+/// (rustls' words and the alerts the server sends).
+fn tls_diagnosis(text: &str) -> Option<&'static str> {
+    let t = text.to_ascii_lowercase();
+    if t.contains("notvalidforname") || t.contains("not valid for name") {
+        Some(
+            "the server's certificate does not name the host connected to: connect by a name \
+             the certificate holds",
+        )
+    } else if t.contains("unknownissuer") || t.contains("unknown issuer") {
+        Some(
+            "the server's certificate is not signed by a trusted CA: set REDIS_TLS_CA_FILE (or \
+             RedisTls::root_cert) to the CA that signed it",
+        )
+    } else if t.contains("certificaterequired") || t.contains("certificate required") {
+        Some(
+            "the server requires a client certificate (tls-auth-clients): set \
+             REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE (or RedisTls::client_cert)",
+        )
+    } else if t.contains("alert") && (t.contains("unknownca") || t.contains("badcertificate")) {
+        Some(
+            "the server refused the client certificate: use one signed by a CA the server \
+             trusts (its tls-ca-cert-file)",
+        )
+    } else if t.contains("invalidcontenttype") || t.contains("corrupt message") {
+        Some("the server does not speak TLS on this port: use redis://, or the server's TLS port")
+    } else if t.contains("certificate")
+        && (t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid yet"))
+    {
+        Some("the server's certificate is expired or not yet valid: renew it on the server")
+    } else {
+        None
+    }
+}
 
 /// Default connect timeout (TCP connect and the `HELLO`/`AUTH` handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -344,6 +459,8 @@ impl VaultRedisPool {
                     info: None,
                     connect_timeout: CONNECT_TIMEOUT,
                     response_timeout: None,
+                    #[cfg(feature = "tls")]
+                    tls: None,
                 },
                 pool::Timeouts {
                     wait: Some(Duration::from_secs(10)),
@@ -382,13 +499,23 @@ impl Builder {
         self
     }
 
+    /// TLS settings for a `rediss://` address (feature `tls`), replacing
+    /// `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE` and `REDIS_TLS_KEY_FILE`.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::RedisTls) -> Self {
+        self.target.backend.tls = Some(tls);
+        self
+    }
+
     /// Lease and verify the first ACL user (one real connection and PING), start the
     /// engine, build the pool.
     ///
     /// # Errors
     /// [`ErrorKind::Config`] for a missing or invalid address (a KV secret without
-    /// `host` among them) or a zero timeout; whatever leasing or the verifying connection
-    /// fails with.
+    /// `host` among them), a zero timeout, or TLS settings that cannot be used (see
+    /// [TLS](crate::redis#tls)); [`ErrorKind::Tls`] when the verifying connection fails
+    /// for a TLS reason (the message says what to fix); whatever leasing or the
+    /// verifying connection fails with otherwise.
     pub async fn build(self) -> Result<VaultRedisPool> {
         let (lease, deadpool, target) = self.into_parts();
         lease.source.validate()?;
@@ -404,7 +531,7 @@ impl Builder {
             Some(Ok(i)) => Some(i),
             Some(Err(e)) => {
                 let why = if e.to_string().contains("TLS") {
-                    NO_TLS_YET
+                    NO_TLS_FEATURE
                 } else {
                     "not a usable redis:// URL"
                 };
@@ -423,6 +550,20 @@ impl Builder {
             (given, _) => given,
         };
         let from_kv = given.is_none();
+        #[cfg(feature = "tls")]
+        let tls = match target.tls {
+            Some(tls) => Some(tls),
+            None => crate::tls::RedisTls::from_lookup(|k| std::env::var(k).ok())?,
+        };
+        #[cfg(feature = "tls")]
+        let certificates = tls.as_ref().map(|t| t.certificates()).transpose()?;
+        #[cfg(feature = "tls")]
+        let tls_given = certificates.is_some();
+        #[cfg(not(feature = "tls"))]
+        let tls_given = false;
+        if let Some(info) = &given {
+            check_tls_address(info, tls_given)?;
+        }
         let vault = lease.vault()?;
         let info = match (given, &lease.source) {
             (Some(i), _) => i,
@@ -432,7 +573,10 @@ impl Builder {
                 let vault = vault.as_ref().ok_or_else(|| {
                     Error::new(ErrorKind::Config, "reading a KV secret: no Vault client")
                 })?;
-                address_from_kv(&vault.read_kv(kv.get_mount(), kv.get_path()).await?)?
+                address_from_kv(
+                    &vault.read_kv(kv.get_mount(), kv.get_path()).await?,
+                    tls_given,
+                )?
             }
             (None, other) => {
                 return Err(Error::new(
@@ -443,13 +587,7 @@ impl Builder {
                 ));
             }
         };
-        if matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. }) {
-            // Parsed only when an application enabled redis' TLS feature itself.
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("configuring Redis at {}: {NO_TLS_YET}", info.addr()),
-            ));
-        }
+        check_tls_address(&info, tls_given)?;
         let settings = info.redis_settings();
         if settings.username().is_some() || settings.password().is_some() {
             return Err(Error::new(
@@ -464,8 +602,40 @@ impl Builder {
             config: ::redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(target.connect_timeout))
                 .set_response_timeout(target.response_timeout),
+            #[cfg(feature = "tls")]
+            tls: certificates,
         };
         Self::build_with(lease, deadpool, vault, connect.clone(), connect).await
+    }
+}
+
+/// Refuses what would connect with less protection than asked: `rediss://` without the
+/// `tls` feature, redis' `#insecure`, and TLS settings (`tls_given`) with a plaintext
+/// address.
+fn check_tls_address(info: &::redis::ConnectionInfo, tls_given: bool) -> Result<()> {
+    match info.addr() {
+        ::redis::ConnectionAddr::TcpTls { .. } if cfg!(not(feature = "tls")) => Err(Error::new(
+            ErrorKind::Config,
+            format!("configuring Redis at {}: {NO_TLS_FEATURE}", info.addr()),
+        )),
+        ::redis::ConnectionAddr::TcpTls { insecure: true, .. } => Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "configuring Redis at {}: #insecure turns off the server certificate check, \
+                 which vaultpool does not do; give the CA that signed the server's certificate \
+                 (REDIS_TLS_CA_FILE or RedisTls::root_cert) and remove #insecure",
+                info.addr()
+            ),
+        )),
+        ::redis::ConnectionAddr::Tcp(..) if tls_given => Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "configuring Redis at {}: TLS settings are given (REDIS_TLS_* or .tls(…)) but \
+                 the address is plaintext redis://; use rediss:// (or remove the TLS settings)",
+                info.addr()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -493,10 +663,13 @@ pub fn redis_info_from_lookup(
         ),
     };
     let url = url.trim();
-    if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+    if cfg!(not(feature = "tls")) && (url.starts_with("rediss://") || url.starts_with("valkeys://"))
+    {
         return Err(Error::new(
             ErrorKind::Config,
-            format!("reading the Redis address (REDIS_URL or REDIS_HOST/REDIS_PORT): {NO_TLS_YET}"),
+            format!(
+                "reading the Redis address (REDIS_URL or REDIS_HOST/REDIS_PORT): {NO_TLS_FEATURE}"
+            ),
         ));
     }
     url.into_connection_info().map_err(|e| {
@@ -534,6 +707,7 @@ mod tests {
         assert!(err.to_string().contains(".address"), "{err}");
     }
 
+    #[cfg(not(feature = "tls"))]
     #[tokio::test]
     async fn a_tls_address_is_refused_saying_why() {
         let err = VaultRedisPool::builder("r")
@@ -542,10 +716,110 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);
-        assert!(err.to_string().contains("TLS (rediss://)"), "{err}");
+        assert!(err.to_string().contains("`tls` feature"), "{err}");
         let err = redis_info_from_lookup(|k| (k == "REDIS_URL").then(|| "rediss://c:1".into()))
             .unwrap_err();
-        assert!(err.to_string().contains("TLS (rediss://)"), "{err}");
+        assert!(err.to_string().contains("`tls` feature"), "{err}");
+    }
+
+    /// What would connect with less protection than asked is refused before anything
+    /// is leased: `#insecure`, TLS settings with a plaintext address, a certificate
+    /// without its key, a CA file that is not there.
+    #[cfg(feature = "tls")]
+    #[tokio::test]
+    async fn weaker_tls_than_asked_is_refused_at_build() {
+        use crate::tls::RedisTls;
+        let refused = |b: Builder, says: &'static str| async move {
+            let err = b.build().await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+            assert!(err.to_string().contains(says), "{says}: {err}");
+        };
+        let b = || VaultRedisPool::builder("r");
+        refused(b().address("rediss://cache:6380/0#insecure"), "#insecure").await;
+        refused(
+            b().address("redis://cache:6379/0")
+                .tls(RedisTls::new().root_cert("/nonexistent/ca.pem")),
+            "/nonexistent/ca.pem",
+        )
+        .await;
+        let ca = std::env::temp_dir().join(format!("vaultpool-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, "not a certificate").unwrap();
+        refused(
+            b().address("rediss://cache:6380/0")
+                .tls(RedisTls::new().root_cert(&ca)),
+            "PEM",
+        )
+        .await;
+        std::fs::remove_file(&ca).unwrap();
+        let err = RedisTls::from_lookup(|k| (k == "REDIS_TLS_CERT_FILE").then(|| "c.pem".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("REDIS_TLS_KEY_FILE"), "{err}");
+        assert_eq!(RedisTls::from_lookup(|_| None).unwrap(), None);
+        let info =
+            redis_info_from_lookup(|k| (k == "REDIS_URL").then(|| "rediss://c:1".into())).unwrap();
+        assert!(check_tls_address(&info, false).is_ok());
+        let info =
+            redis_info_from_lookup(|k| (k == "REDIS_URL").then(|| "redis://c:1".into())).unwrap();
+        let err = check_tls_address(&info, true).unwrap_err();
+        assert!(err.to_string().contains("use rediss://"), "{err}");
+    }
+
+    #[test]
+    fn kv_address_takes_tls_from_the_secret_or_the_settings() {
+        let kv = |tls: Option<&str>| {
+            let mut fields = vec![("host", "cache")];
+            fields.extend(tls.map(|t| ("tls", t)));
+            crate::vault::KvSecret::for_test("secret", "redis/main", 4, &fields)
+        };
+        let is_tls = |info: ::redis::ConnectionInfo| {
+            matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. })
+        };
+        if cfg!(feature = "tls") {
+            assert!(is_tls(address_from_kv(&kv(Some("true")), false).unwrap()));
+            assert!(is_tls(address_from_kv(&kv(None), true).unwrap()));
+        }
+        assert!(!is_tls(address_from_kv(&kv(None), false).unwrap()));
+        assert!(!is_tls(address_from_kv(&kv(Some("false")), false).unwrap()));
+        let err = address_from_kv(&kv(Some("false")), true).unwrap_err();
+        assert!(err.to_string().contains("`tls` is false"), "{err}");
+        let err = address_from_kv(&kv(Some("maybe")), false).unwrap_err();
+        assert!(err.to_string().contains("true or false"), "{err}");
+    }
+
+    #[test]
+    fn tls_failures_are_explained() {
+        for (text, says) in [
+            (
+                "invalid peer certificate: NotValidForName",
+                "does not name the host",
+            ),
+            (
+                "invalid peer certificate: UnknownIssuer",
+                "REDIS_TLS_CA_FILE",
+            ),
+            (
+                "received fatal alert: CertificateRequired",
+                "REDIS_TLS_CERT_FILE",
+            ),
+            (
+                "received fatal alert: UnknownCA",
+                "refused the client certificate",
+            ),
+            (
+                "received corrupt message of type InvalidContentType",
+                "does not speak TLS",
+            ),
+        ] {
+            assert!(
+                tls_diagnosis(text).is_some_and(|f| f.contains(says)),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            tls_diagnosis("WRONGPASS invalid username-password pair"),
+            None
+        );
+        assert_eq!(tls_diagnosis("Connection refused (os error 111)"), None);
     }
 
     #[tokio::test]
@@ -563,7 +837,7 @@ mod tests {
     #[test]
     fn kv_address_needs_a_host_and_defaults_the_port() {
         let kv = crate::vault::KvSecret::for_test("secret", "redis/main", 2, &[("port", "6380")]);
-        let err = address_from_kv(&kv).unwrap_err();
+        let err = address_from_kv(&kv, false).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);
         let msg = err.to_string();
         assert!(
@@ -572,7 +846,7 @@ mod tests {
         );
         let kv = crate::vault::KvSecret::for_test("secret", "redis/main", 3, &[("host", "cache")]);
         assert_eq!(
-            address_from_kv(&kv).unwrap().addr().to_string(),
+            address_from_kv(&kv, false).unwrap().addr().to_string(),
             "cache:6379"
         );
     }

@@ -498,7 +498,8 @@ impl Builder {
                                         ErrorKind::Tls,
                                         format!("{}: {fix}", what()),
                                     )
-                                    .with_source(e);
+                                    .with_source(e)
+                                    .fix_given();
                                 }
                                 let kind = if is_auth_failure(&e) {
                                     ErrorKind::AuthenticationFailed
@@ -783,7 +784,8 @@ fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
              trusts the public CAs, so any public certificate for any name would pass; use \
              verify-full (or the deadpool flavour, VaultPgPool, whose verify-ca trusts only \
              the root certificate)",
-        ));
+        )
+        .fix_given());
     }
     let system_root = std::env::var("PGSSLROOTCERT").is_ok_and(|v| v.trim() == "system")
         || std::env::var("DATABASE_URL").is_ok_and(|u| u.contains("sslrootcert=system"));
@@ -792,7 +794,8 @@ fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
             ErrorKind::Tls,
             "configuring TLS for the sqlx pool: sslrootcert=system is not supported by sqlx \
              (it would be read as a file named \"system\"); give the CA's PEM file",
-        ));
+        )
+        .fix_given());
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! TLS to PostgreSQL with libpq's meaning of `sslmode` (feature `tls`, rustls).
+//! TLS to PostgreSQL with libpq's meaning of `sslmode` (feature `tls`, rustls), and the
+//! certificate files for Redis' `rediss://` ([`RedisTls`], with the `redis` feature).
 //!
 //! [`PgTls`] holds what libpq reads from `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
 //! `PGSSLKEY` (or the `sslmode`, `sslrootcert`, `sslcert`, `sslkey` parameters of
@@ -260,7 +261,7 @@ impl PgTls {
                 ));
             }
             (Some(roots), mode) => {
-                let roots = Arc::new(root_store(roots)?);
+                let roots = Arc::new(root_store(roots, PG_CERT_VARS, "PostgreSQL")?);
                 if mode == SslMode::VerifyFull {
                     let verifier: Arc<dyn ServerCertVerifier> =
                         rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -286,7 +287,10 @@ impl PgTls {
         Ok(Some(match &self.client {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => builder
-                .with_client_auth_cert(certificates(cert)?, private_key(key)?)
+                .with_client_auth_cert(
+                    certificates(cert, PG_CERT_VARS)?,
+                    private_key(key, "PGSSLKEY")?,
+                )
                 .map_err(|e| {
                     Error::new(
                         ErrorKind::Config,
@@ -326,16 +330,157 @@ impl PgTls {
     }
 }
 
-fn root_store(roots: &Roots) -> Result<rustls::RootCertStore> {
+/// TLS settings for Redis (`rediss://`, feature `redis` too): the CA that signed the
+/// server's certificate (default: the operating system's store) and an optional client
+/// certificate. The server's certificate and host name are always checked (redis'
+/// `#insecure` is refused).
+///
+/// Read from `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE` and `REDIS_TLS_KEY_FILE` when none
+/// is set on the builder ([`redis::Builder::tls`](crate::redis::Builder::tls)); files
+/// are read when the pool is built.
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RedisTls {
+    root_cert: Option<PathBuf>,
+    client: Option<(PathBuf, PathBuf)>,
+}
+
+#[cfg(feature = "redis")]
+impl RedisTls {
+    /// The system's store, no client certificate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The CA certificate(s) that sign the server's, a PEM file (`redis-cli --cacert`).
+    #[must_use]
+    pub fn root_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.root_cert = Some(path.into());
+        self
+    }
+
+    /// A client certificate and its key, PEM files (`redis-cli --cert`, `--key`), for a
+    /// server with `tls-auth-clients yes`.
+    #[must_use]
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// From `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE` and `REDIS_TLS_KEY_FILE`; `None`
+    /// when none is set.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for a certificate without its key, or a key without its
+    /// certificate.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let get = |k: &str| {
+            lookup(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let root = get("REDIS_TLS_CA_FILE");
+        let client = match (get("REDIS_TLS_CERT_FILE"), get("REDIS_TLS_KEY_FILE")) {
+            (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+            (None, None) => None,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "reading the Redis client certificate: set both REDIS_TLS_CERT_FILE and \
+                     REDIS_TLS_KEY_FILE, or neither",
+                ));
+            }
+        };
+        Ok((root.is_some() || client.is_some()).then(|| Self {
+            root_cert: root.map(PathBuf::from),
+            client,
+        }))
+    }
+
+    /// The files read and checked (a CA that parses, a key that fits its certificate), in
+    /// the form redis takes them.
+    pub(crate) fn certificates(&self) -> Result<::redis::TlsCertificates> {
+        const VARS: &str = "REDIS_TLS_CA_FILE / REDIS_TLS_CERT_FILE";
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "reading the Redis TLS file {}: check the path ({VARS})",
+                        path.display()
+                    ),
+                )
+                .with_source(e)
+            })
+        };
+        let root_cert = match &self.root_cert {
+            Some(path) => {
+                root_store(&Roots::File(path.clone()), VARS, "Redis")?;
+                Some(read(path)?)
+            }
+            None => None,
+        };
+        let client_tls = match &self.client {
+            Some((cert, key)) => {
+                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| {
+                        Error::new(ErrorKind::Config, "configuring TLS for Redis").with_source(e)
+                    })?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_client_auth_cert(
+                        certificates(cert, VARS)?,
+                        private_key(key, "REDIS_TLS_KEY_FILE")?,
+                    )
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::Config,
+                            format!(
+                                "configuring the Redis client certificate {}: the key {} does \
+                                 not fit it",
+                                cert.display(),
+                                key.display()
+                            ),
+                        )
+                        .with_source(e)
+                    })?;
+                Some(::redis::ClientTlsConfig {
+                    client_cert: read(cert)?,
+                    client_key: read(key)?,
+                })
+            }
+            None => None,
+        };
+        Ok(::redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
+}
+
+/// The root store for `roots`; `vars` and `what` ("PostgreSQL") for messages.
+/// redis builds its rustls configuration with the process's default crypto provider:
+/// install aws-lc-rs (the one vaultpool uses) when the application has chosen none, so
+/// that two providers compiled in and none chosen cannot panic inside redis.
+#[cfg(feature = "redis")]
+pub(crate) fn ensure_default_provider() {
+    if CryptoProvider::get_default().is_none() {
+        // Another thread may install one between the check and here: either is fine.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+}
+
+fn root_store(roots: &Roots, vars: &str, what: &str) -> Result<rustls::RootCertStore> {
     let mut store = rustls::RootCertStore::empty();
     match roots {
         Roots::File(path) => {
-            for cert in certificates(path)? {
+            for cert in certificates(path, vars)? {
                 store.add(cert).map_err(|e| {
                     Error::new(
                         ErrorKind::Config,
                         format!(
-                            "reading the PostgreSQL root certificate {}: not a usable CA \
+                            "reading the {what} root certificate {}: not a usable CA \
                              certificate",
                             path.display()
                         ),
@@ -359,13 +504,16 @@ fn root_store(roots: &Roots) -> Result<rustls::RootCertStore> {
     Ok(store)
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+/// The variables that name PostgreSQL's certificate files, for messages.
+const PG_CERT_VARS: &str = "PGSSLROOTCERT / PGSSLCERT";
+
+fn certificates(path: &Path, vars: &str) -> Result<Vec<CertificateDer<'static>>> {
     let read = |e: &dyn fmt::Display| {
         Error::new(
             ErrorKind::Config,
             format!(
-                "reading the certificate file {}: {e}; check the path (PGSSLROOTCERT / \
-                 PGSSLCERT) and that it holds PEM certificates",
+                "reading the certificate file {}: {e}; check the path ({vars}) and that it \
+                 holds PEM certificates",
                 path.display()
             ),
         )
@@ -380,12 +528,12 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+fn private_key(path: &Path, var: &str) -> Result<PrivateKeyDer<'static>> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| {
         Error::new(
             ErrorKind::Config,
             format!(
-                "reading the client key file {}: {e}; check PGSSLKEY and that it holds a PEM \
+                "reading the client key file {}: {e}; check {var} and that it holds a PEM \
                  private key",
                 path.display()
             ),

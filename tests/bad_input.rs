@@ -394,6 +394,11 @@ async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
             .map(|_| String::new()),
     });
 
+    #[cfg(all(feature = "postgres", feature = "tls"))]
+    rows.extend(database_tls_rows().await);
+    #[cfg(all(feature = "redis", feature = "tls"))]
+    rows.extend(redis_tls_rows().await);
+
     // The right CA works: the TLS rows fail for the reason they name.
     let ok = Client::builder()
         .address(&tls.1)
@@ -442,6 +447,157 @@ async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
     }
     let _ = std::fs::remove_file(&not_a_ca);
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// TLS to PostgreSQL (the stack's TLS-only database): the mistakes a deployment makes,
+/// each refused at build.
+#[cfg(all(feature = "postgres", feature = "tls"))]
+async fn database_tls_rows() -> Vec<Row> {
+    use common::{approle_client, create_role, pg_tls_target};
+    use vaultpool::postgres::VaultPgPool;
+    use vaultpool::tls::{PgTls, SslMode};
+    let role = create_role("1h", "1h").await;
+    let build = |host: &'static str, tls: PgTls| {
+        let role = role.clone();
+        async move {
+            VaultPgPool::builder(&role)
+                .vault(approle_client("IMMUNE_SYSTEM"))
+                .pg_config(pg_tls_target(host))
+                .ssl(tls)
+                .build()
+                .await
+                .map(|p| format!("{:?}", p.status()))
+        }
+    };
+    let ca = var("VAULTPOOL_PG_CA");
+    vec![
+        Row {
+            input: "PostgreSQL TLS: a host name the certificate does not hold",
+            expect: ErrorKind::Tls,
+            words: &["wrong.example", "does not name the host"],
+            result: build(
+                "wrong.example",
+                PgTls::new(SslMode::VerifyFull).root_cert(&ca),
+            )
+            .await,
+        },
+        Row {
+            input: "PostgreSQL TLS: an untrusted CA",
+            expect: ErrorKind::Tls,
+            words: &["not signed by the root certificate", "PGSSLROOTCERT"],
+            result: build(
+                "localhost",
+                PgTls::new(SslMode::VerifyFull).root_cert(var("VAULTPOOL_PG_OTHER_CA")),
+            )
+            .await,
+        },
+        Row {
+            input: "PostgreSQL TLS: plaintext to a TLS-only database",
+            expect: ErrorKind::Tls,
+            words: &["accepts only TLS", "PGSSLMODE"],
+            result: build("localhost", PgTls::new(SslMode::Disable)).await,
+        },
+        Row {
+            input: "PostgreSQL TLS: verify-full without a root certificate",
+            expect: ErrorKind::Config,
+            words: &["verify-full", "PGSSLROOTCERT"],
+            result: PgTls::from_lookup(lookup(&[("PGSSLMODE", "verify-full")]), &[])
+                .and_then(|t| t.rustls_config())
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "PostgreSQL TLS: an unknown PGSSLMODE",
+            expect: ErrorKind::Config,
+            words: &["verify_full", "verify-full"],
+            result: PgTls::from_lookup(lookup(&[("PGSSLMODE", "verify_full")]), &[])
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "PostgreSQL TLS: PGSSLCERT without PGSSLKEY",
+            expect: ErrorKind::Config,
+            words: &["PGSSLKEY"],
+            result: PgTls::from_lookup(lookup(&[("PGSSLCERT", "/etc/client.crt")]), &[])
+                .map(|_| String::new()),
+        },
+    ]
+}
+
+/// TLS to Redis (the stack's TLS port, which requires a client certificate): the
+/// mistakes a deployment makes, each refused at build.
+#[cfg(all(feature = "redis", feature = "tls"))]
+async fn redis_tls_rows() -> Vec<Row> {
+    use common::{approle_client, create_redis_role};
+    use vaultpool::redis::VaultRedisPool;
+    use vaultpool::tls::RedisTls;
+    let role = create_redis_role("1h", "1h").await;
+    let tls_port = var("VAULTPOOL_REDIS_TLS_PORT");
+    let client = || {
+        RedisTls::new().client_cert(
+            var("VAULTPOOL_TLS_CLIENT_CERT"),
+            var("VAULTPOOL_TLS_CLIENT_KEY"),
+        )
+    };
+    let url = |scheme: &str, host: &str| format!("{scheme}://{host}:{tls_port}/0");
+    let build = |url: String, tls: RedisTls| {
+        let role = role.clone();
+        async move {
+            VaultRedisPool::builder(&role)
+                .vault(approle_client("IMMUNE_SYSTEM"))
+                .address(url)
+                .tls(tls)
+                .build()
+                .await
+                .map(|p| format!("{:?}", p.status()))
+        }
+    };
+    let ca = var("VAULTPOOL_PG_CA");
+    vec![
+        Row {
+            input: "Redis TLS: a host name the certificate does not hold",
+            expect: ErrorKind::Tls,
+            words: &["127.0.0.1", "does not name the host"],
+            result: build(url("rediss", "127.0.0.1"), client().root_cert(&ca)).await,
+        },
+        Row {
+            input: "Redis TLS: an untrusted CA",
+            expect: ErrorKind::Tls,
+            words: &["not signed by a trusted CA", "REDIS_TLS_CA_FILE"],
+            result: build(
+                url("rediss", "localhost"),
+                client().root_cert(var("VAULTPOOL_PG_OTHER_CA")),
+            )
+            .await,
+        },
+        Row {
+            input: "Redis TLS: no client certificate for tls-auth-clients yes",
+            expect: ErrorKind::Tls,
+            words: &["requires a client certificate", "REDIS_TLS_CERT_FILE"],
+            result: build(url("rediss", "localhost"), RedisTls::new().root_cert(&ca)).await,
+        },
+        Row {
+            input: "Redis TLS: rediss://…#insecure",
+            expect: ErrorKind::Config,
+            words: &["#insecure", "REDIS_TLS_CA_FILE"],
+            result: build(
+                format!("{}#insecure", url("rediss", "localhost")),
+                client().root_cert(&ca),
+            )
+            .await,
+        },
+        Row {
+            input: "Redis TLS: a CA given with a plaintext redis:// address",
+            expect: ErrorKind::Config,
+            words: &["use rediss://"],
+            result: build(url("redis", "localhost"), RedisTls::new().root_cert(&ca)).await,
+        },
+        Row {
+            input: "Redis TLS: REDIS_TLS_CERT_FILE without REDIS_TLS_KEY_FILE",
+            expect: ErrorKind::Config,
+            words: &["REDIS_TLS_KEY_FILE"],
+            result: RedisTls::from_lookup(lookup(&[("REDIS_TLS_CERT_FILE", "/etc/c.pem")]))
+                .map(|_| String::new()),
+        },
+    ]
 }
 
 /// A refused certificate is an answer from a live server: when it is the breaker's probe

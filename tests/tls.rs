@@ -17,17 +17,6 @@ use vaultpool::sqlx::VaultSqlxPool;
 use vaultpool::sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use vaultpool::tls::{PgTls, SslMode};
 
-/// The TLS-only database, reached by `host` (the certificate names localhost and
-/// 127.0.0.1) at the stack's address.
-fn tls_target(host: &str) -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host(host)
-        .hostaddr(var("PGHOST").parse().unwrap())
-        .port(var("PGPORT").parse().unwrap())
-        .dbname(var("VAULTPOOL_PG_TLS_DB"));
-    c
-}
-
 fn sqlx_tls_target(mode: PgSslMode, ca: &str) -> PgConnectOptions {
     PgConnectOptions::new_without_pgpass()
         .host("localhost")
@@ -80,7 +69,7 @@ async fn verify_full_under_load_across_rotations_loses_no_query() {
     let role = create_role("1h", "1h").await;
     let pool = VaultPgPool::builder(&role)
         .vault(approle_client("IMMUNE_SYSTEM"))
-        .pg_config(tls_target("localhost"))
+        .pg_config(pg_tls_target("localhost"))
         .ssl(verify_full())
         .max_size(4)
         .policy(fast_policy())
@@ -122,7 +111,7 @@ async fn tls_mistakes_are_typed_errors_that_say_what_to_fix() {
         async move {
             VaultPgPool::builder(&role)
                 .vault(approle_client("IMMUNE_SYSTEM"))
-                .pg_config(tls_target(host))
+                .pg_config(pg_tls_target(host))
                 .ssl(tls)
                 .build()
                 .await
@@ -221,10 +210,10 @@ async fn verify_ca_prefer_and_precedence_against_the_real_server() {
         }
     };
     let ca = PgTls::new(SslMode::VerifyCa).root_cert(var("VAULTPOOL_PG_CA"));
-    let pool = build(tls_target("wrong.example"), ca).await.unwrap();
+    let pool = build(pg_tls_target("wrong.example"), ca).await.unwrap();
     assert!(encrypted(pool).await, "verify-ca with another name");
     let e = build(
-        tls_target("localhost"),
+        pg_tls_target("localhost"),
         PgTls::new(SslMode::VerifyCa).root_cert(var("VAULTPOOL_PG_OTHER_CA")),
     )
     .await
@@ -234,11 +223,11 @@ async fn verify_ca_prefer_and_precedence_against_the_real_server() {
         e.to_string().contains("not signed by the root certificate"),
         "{e}"
     );
-    let pool = build(tls_target("localhost"), PgTls::new(SslMode::Prefer))
+    let pool = build(pg_tls_target("localhost"), PgTls::new(SslMode::Prefer))
         .await
         .unwrap();
     assert!(encrypted(pool).await, "prefer without a root certificate");
-    let mut require = tls_target("localhost");
+    let mut require = pg_tls_target("localhost");
     require.ssl_mode(tokio_postgres::config::SslMode::Require);
     let pool = build(require, PgTls::new(SslMode::Disable)).await.unwrap();
     assert!(encrypted(pool).await, "require weakened by .ssl(disable)");

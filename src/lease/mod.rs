@@ -568,6 +568,7 @@ impl Engine {
     }
 
     /// Whether `generation` is retired but its lease not yet revoked (it is draining).
+    #[cfg(feature = "sqlx")]
     pub(crate) fn is_retiring(&self, generation: Generation) -> bool {
         self.shared
             .stats()

@@ -102,7 +102,9 @@ impl<C: Connect> RotatingManager<C> {
             generation.0
         );
         match self.connect.tls_problem(&e) {
-            Some(fix) => Error::new(ErrorKind::Tls, format!("{what}: {fix}")).with_source(e),
+            Some(fix) => Error::new(ErrorKind::Tls, format!("{what}: {fix}"))
+                .with_source(e)
+                .fix_given(),
             None => Error::new(ErrorKind::Backend, what).with_source(e),
         }
     }
@@ -227,7 +229,8 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
                         ErrorKind::Tls,
                         format!("{} as {}: {fix}", what(), creds.username),
                     )
-                    .with_source(e);
+                    .with_source(e)
+                    .fix_given();
                 }
                 let kind = if connect.is_auth_failure(&e) {
                     ErrorKind::AuthenticationFailed

@@ -42,7 +42,7 @@ pub(crate) const PG_AUTH_FAILURE: [&str; 2] = ["28P01", "28000"];
 /// What a user should do about a failed TLS connection to PostgreSQL, from the error's
 /// text (rustls' and PostgreSQL's), if it is a TLS matter.
 /// An error and its sources as one line, to look for what they say.
-#[cfg(any(feature = "postgres", feature = "sqlx"))]
+#[cfg(any(feature = "postgres", feature = "sqlx", feature = "redis"))]
 pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();

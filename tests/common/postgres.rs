@@ -110,6 +110,18 @@ pub fn pg_target() -> vaultpool::postgres::tokio_postgres::Config {
     c
 }
 
+/// The stack's TLS-only database (`hostssl` only), reached by `host` (its certificate
+/// names localhost and 127.0.0.1) at the stack's address.
+#[cfg(feature = "postgres")]
+pub fn pg_tls_target(host: &str) -> vaultpool::postgres::tokio_postgres::Config {
+    let mut c = vaultpool::postgres::tokio_postgres::Config::new();
+    c.host(host)
+        .hostaddr(var("PGHOST").parse().unwrap())
+        .port(var("PGPORT").parse().unwrap())
+        .dbname(var("VAULTPOOL_PG_TLS_DB"));
+    c
+}
+
 /// A 4-connection pool on the stack's `adaptive_immunity` database with quick retries.
 #[cfg(feature = "postgres")]
 pub async fn small_pool(role: &str, vault: Client) -> vaultpool::postgres::VaultPgPool {

@@ -133,17 +133,19 @@ pub async fn run(
         .password(&target.admin_password);
     let (admin, connection) = admin_config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
-    let literal = user.replace('\'', "''");
     let ident = quote_ident(user);
+    // The name as a bound parameter and a quoted identifier: nothing in it is SQL.
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+        .await?
+        .is_some();
+    if !exists {
+        admin
+            .batch_execute(&format!("CREATE ROLE {ident} LOGIN"))
+            .await?;
+    }
     admin
-        .batch_execute(&format!(
-            "DO $$ BEGIN \
-               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{literal}') THEN \
-                 CREATE ROLE {ident} LOGIN; \
-               END IF; \
-             END $$; \
-             GRANT SELECT ON items TO {ident};"
-        ))
+        .batch_execute(&format!("GRANT SELECT ON items TO {ident}"))
         .await?;
     let source = CredentialSource::custom(
         format!("minted passwords for {user}"),

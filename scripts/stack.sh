@@ -340,7 +340,6 @@ redis_tls() {
   printf 'extendedKeyUsage=clientAuth\n' >"$tls/client.ext"
   openssl x509 -req -in "$tls/client.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
     -CAcreateserial -days 3650 -extfile "$tls/client.ext" -out "$tls/client.crt" 2>/dev/null
-  chmod 644 "$tls/client.key"
 }
 
 start_redis() {

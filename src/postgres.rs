@@ -210,7 +210,10 @@ impl Builder {
 
     /// TLS settings with libpq's meaning ([`PgTls`](crate::tls::PgTls): sslmode, root
     /// and client certificates). Default: from `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`,
-    /// `PGSSLKEY` and `DATABASE_URL`'s parameters; without them, `prefer`.
+    /// `PGSSLKEY` and `DATABASE_URL`'s parameters; without them, `prefer`. Given here,
+    /// they are merged with those: the strongest mode named anywhere wins, and a
+    /// certificate file not given here is taken from there. Refused together with
+    /// [`tls`](Self::tls).
     #[cfg(feature = "tls")]
     pub fn ssl(mut self, tls: crate::tls::PgTls) -> Self {
         self.target.backend.ssl = Some(tls);
@@ -256,6 +259,14 @@ impl Builder {
             Some(c) => c,
             None => pg_config_from_lookup(env)?,
         };
+        #[cfg(feature = "tls")]
+        if target.connect.is_some() && target.ssl.is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "configuring PostgreSQL TLS: both .tls(connector) and .ssl(settings) are given, \
+                 and the connector would silently win; give one of them",
+            ));
+        }
         let connect = match target.connect {
             Some(connect) => connect,
             #[cfg(feature = "tls")]
@@ -276,14 +287,17 @@ impl Builder {
                     }
                     _ => {}
                 }
+                let from_env = crate::tls::PgTls::from_lookup(env, &params)?;
                 let tls = match target.ssl {
-                    Some(tls)
-                        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require =>
-                    {
-                        tls.at_least(crate::tls::SslMode::Require)
+                    Some(tls) => {
+                        // A mode named in the environment (or the config), or
+                        // sslrootcert=system, counts; libpq's `prefer` default does not.
+                        let named = params.iter().any(|(k, _)| k == "sslmode")
+                            || env("PGSSLMODE").is_some_and(|m| !m.trim().is_empty())
+                            || from_env.uses_system_roots();
+                        tls.merged_with(from_env, named)
                     }
-                    Some(tls) => tls,
-                    None => crate::tls::PgTls::from_lookup(env, &params)?,
+                    None => from_env,
                 };
                 config.ssl_mode(tls.tokio_postgres_mode());
                 let connect: Arc<dyn deadpool_postgres::Connect> = match tls.connector()? {

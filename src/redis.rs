@@ -98,10 +98,13 @@ pub struct RedisConnect {
     /// set on the builder).
     address_from_kv: bool,
     config: ::redis::AsyncConnectionConfig,
-    /// The certificates for `rediss://` addresses (read at build); `Some` also makes a KV
-    /// secret without a `tls` field use TLS.
+    /// The certificates for `rediss://` addresses (read at build).
     #[cfg(feature = "tls")]
     tls: Option<::redis::TlsCertificates>,
+    /// A KV secret's address uses TLS unless it says `tls: false` (refused then): TLS
+    /// settings were given, or the first version's address used TLS. A pool never moves
+    /// to plaintext.
+    kv_tls: bool,
 }
 
 impl fmt::Debug for RedisConnect {
@@ -110,20 +113,12 @@ impl fmt::Debug for RedisConnect {
             .field("addr", &self.info.addr().to_string())
             .field("db", &self.info.redis_settings().db())
             .field("address_from_kv", &self.address_from_kv)
-            .field("tls", &self.tls_configured())
+            .field("kv_tls", &self.kv_tls)
             .finish()
     }
 }
 
 impl RedisConnect {
-    /// Whether TLS settings (a CA or client certificate) were given.
-    fn tls_configured(&self) -> bool {
-        #[cfg(feature = "tls")]
-        return self.tls.is_some();
-        #[cfg(not(feature = "tls"))]
-        false
-    }
-
     /// A redis client for `creds` at the current address, over TLS for `rediss://`.
     fn client_for(&self, creds: &Credentials) -> Result<::redis::Client, ::redis::RedisError> {
         let info = self.info_for(creds)?;
@@ -145,7 +140,7 @@ impl RedisConnect {
         creds: &Credentials,
     ) -> Result<::redis::ConnectionInfo, ::redis::RedisError> {
         let info = match (self.address_from_kv, creds.kv_secret()) {
-            (true, Some(kv)) => address_from_kv(kv, self.tls_configured()).map_err(|e| {
+            (true, Some(kv)) => address_from_kv(kv, self.kv_tls).map_err(|e| {
                 ::redis::RedisError::from((
                     ::redis::ErrorKind::InvalidClientConfig,
                     "no usable Redis address in the KV secret",
@@ -164,7 +159,8 @@ impl RedisConnect {
 }
 
 /// The address in a KV secret: `host` (required), `port` (default 6379) and `tls`
-/// (`true`/`false`; default `tls_default`, whether TLS settings were given).
+/// (`true`/`false`; default `tls_default`: whether the pool uses TLS — then `false` is
+/// refused).
 fn address_from_kv(
     kv: &crate::vault::KvSecret,
     tls_default: bool,
@@ -193,8 +189,10 @@ fn address_from_kv(
             return Err(Error::new(
                 ErrorKind::Config,
                 format!(
-                    "reading the Redis address from KV {} (version {}): `tls` is false but TLS \
-                     settings are given (REDIS_TLS_* or .tls(…)); remove one of them",
+                    "reading the Redis address from KV {} (version {}): `tls` is false but this \
+                     pool uses TLS (TLS settings are given, or the first version's address \
+                     used TLS); a pool never moves to plaintext: remove `tls`, or build a new \
+                     pool",
                     kv.path(),
                     kv.version()
                 ),
@@ -251,6 +249,11 @@ impl pool::Connect for RedisConnect {
     }
 
     fn tls_problem(&self, e: &::redis::RedisError) -> Option<&'static str> {
+        // Only a failed connection or handshake: an answer from the server (NOPERM,
+        // WRONGPASS) carries the user's name, which may contain any word.
+        if e.code().is_some() || self.is_auth_failure(e) {
+            return None;
+        }
         tls_diagnosis(&pool::chain_text(e))
     }
 
@@ -383,6 +386,11 @@ fn tls_diagnosis(text: &str) -> Option<&'static str> {
         Some(
             "the server requires a client certificate (tls-auth-clients): set \
              REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE (or RedisTls::client_cert)",
+        )
+    } else if t.contains("alert") && t.contains("certificateexpired") {
+        Some(
+            "the server refused the client certificate as expired: renew it \
+             (REDIS_TLS_CERT_FILE / REDIS_TLS_KEY_FILE)",
         )
     } else if t.contains("alert") && (t.contains("unknownca") || t.contains("badcertificate")) {
         Some(
@@ -596,9 +604,11 @@ impl Builder {
                  vaultpool authenticates with the ACL user leased from Vault",
             ));
         }
+        let kv_tls = tls_given || matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
         let connect = RedisConnect {
             info,
             address_from_kv: from_kv,
+            kv_tls,
             config: ::redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(target.connect_timeout))
                 .set_response_timeout(target.response_timeout),
@@ -624,6 +634,26 @@ fn check_tls_address(info: &::redis::ConnectionInfo, tls_given: bool) -> Result<
                 "configuring Redis at {}: #insecure turns off the server certificate check, \
                  which vaultpool does not do; give the CA that signed the server's certificate \
                  (REDIS_TLS_CA_FILE or RedisTls::root_cert) and remove #insecure",
+                info.addr()
+            ),
+        )),
+        ::redis::ConnectionAddr::TcpTls {
+            tls_params: Some(_),
+            ..
+        } => Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "configuring Redis at {}: the address carries redis' own TLS parameters \
+                 (Client::build_with_tls), which vaultpool would replace; give the CA and \
+                 client certificate as RedisTls (.tls(…)) and the address as a rediss:// URL",
+                info.addr()
+            ),
+        )),
+        ::redis::ConnectionAddr::Unix(_) if tls_given => Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "configuring Redis at {}: TLS settings are given (REDIS_TLS_* or .tls(…)) but \
+                 the address is a unix socket, which has no TLS; remove the TLS settings",
                 info.addr()
             ),
         )),
@@ -804,6 +834,10 @@ mod tests {
             (
                 "received fatal alert: UnknownCA",
                 "refused the client certificate",
+            ),
+            (
+                "received fatal alert: CertificateExpired",
+                "client certificate as expired",
             ),
             (
                 "received corrupt message of type InvalidContentType",

@@ -710,6 +710,11 @@ async fn probe_login(engine: Engine, verify: lease::Verifier, timeout: Duration)
         Ok(Err(e)) if e.kind() == ErrorKind::AuthenticationFailed => {
             engine.report_auth_failure(current.generation);
         }
+        Ok(Err(e)) if e.kind() == ErrorKind::Tls => {
+            // It lasts (a certificate expired, a CA changed) and every new connection of
+            // the pool fails with it: said where operators look.
+            tracing::warn!("probing the login of {}: {e}", engine.label());
+        }
         Ok(Err(e)) => {
             let cause = std::error::Error::source(&e).map(ToString::to_string);
             tracing::debug!(
@@ -774,9 +779,16 @@ async fn drain(
 
 /// sqlx's TLS trusts the public CAs besides the root certificate given: its `verify-ca`
 /// would accept any public certificate for any name, and `sslrootcert=system` means every
-/// public CA. Both are refused rather than quietly weaker than libpq's.
+/// public CA; and it checks nothing below `verify-ca`, where libpq (and the deadpool
+/// flavour) check the chain when a root certificate is given. All are refused rather than
+/// quietly weaker than libpq's — for the options given as for the environment's.
 fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
     use ::sqlx::postgres::PgSslMode;
+    // sqlx has no getter for the root certificate; its Debug shows it (the text, which
+    // holds the password too, is only searched, never shown).
+    let shown = format!("{options:?}");
+    let root_given = !shown.contains("ssl_root_cert: None");
+    let system_root = shown.contains("ssl_root_cert: Some(File(\"system\"))");
     if matches!(options.get_ssl_mode(), PgSslMode::VerifyCa) {
         return Err(Error::new(
             ErrorKind::Tls,
@@ -787,8 +799,6 @@ fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
         )
         .fix_given());
     }
-    let system_root = std::env::var("PGSSLROOTCERT").is_ok_and(|v| v.trim() == "system")
-        || std::env::var("DATABASE_URL").is_ok_and(|u| u.contains("sslrootcert=system"));
     if system_root {
         return Err(Error::new(
             ErrorKind::Tls,
@@ -797,7 +807,51 @@ fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
         )
         .fix_given());
     }
+    let mode = options.get_ssl_mode();
+    if root_given
+        && matches!(
+            mode,
+            PgSslMode::Allow | PgSslMode::Prefer | PgSslMode::Require
+        )
+    {
+        return Err(Error::new(
+            ErrorKind::Tls,
+            format!(
+                "configuring TLS for the sqlx pool: sslmode={} with a root certificate — libpq \
+                 (and the deadpool flavour) would check the server's certificate against it, \
+                 sqlx would not check it at all; use sslmode=verify-full, or remove the root \
+                 certificate",
+                sqlx_mode_name(mode)
+            ),
+        )
+        .fix_given());
+    }
     Ok(())
+}
+
+fn sqlx_mode_name(mode: ::sqlx::postgres::PgSslMode) -> &'static str {
+    use ::sqlx::postgres::PgSslMode as M;
+    match mode {
+        M::Disable => "disable",
+        M::Allow => "allow",
+        M::Prefer => "prefer",
+        M::Require => "require",
+        M::VerifyCa => "verify-ca",
+        M::VerifyFull => "verify-full",
+    }
+}
+
+/// libpq's modes weakest first, to pick the strongest of two.
+fn sqlx_mode_rank(mode: ::sqlx::postgres::PgSslMode) -> u8 {
+    use ::sqlx::postgres::PgSslMode as M;
+    match mode {
+        M::Disable => 0,
+        M::Allow => 1,
+        M::Prefer => 2,
+        M::Require => 3,
+        M::VerifyCa => 4,
+        M::VerifyFull => 5,
+    }
 }
 
 /// sqlx connect options from `DATABASE_URL` (without password) or the libpq variables.
@@ -831,13 +885,21 @@ fn options_from_env() -> Result<PgConnectOptions> {
                  postgres://db.internal:5432/app (no password) or unset it",
             ));
         }
-        let options: PgConnectOptions = url.trim().parse().map_err(|e| {
+        let mut options: PgConnectOptions = url.trim().parse().map_err(|e| {
             Error::new(
                 ErrorKind::Config,
                 "reading DATABASE_URL: not a PostgreSQL URL",
             )
             .with_source(e)
         })?;
+        // The URL's sslmode replaced PGSSLMODE's: keep the stronger (never weakened).
+        if let Some(env_mode) = std::env::var("PGSSLMODE")
+            .ok()
+            .and_then(|m| m.trim().parse::<::sqlx::postgres::PgSslMode>().ok())
+            && sqlx_mode_rank(env_mode) > sqlx_mode_rank(options.get_ssl_mode())
+        {
+            options = options.ssl_mode(env_mode);
+        }
         if url::Url::parse(url.trim()).is_ok_and(|u| u.password().is_some()) {
             return Err(Error::new(
                 ErrorKind::Config,

@@ -149,6 +149,28 @@ impl PgTls {
         self.mode
     }
 
+    /// These settings merged with `other` (the environment's): the stronger mode when
+    /// `other_named` (it named one), and each certificate file from `other` where these
+    /// have none.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn merged_with(self, other: Self, other_named: bool) -> Self {
+        Self {
+            mode: if other_named {
+                self.mode.max(other.mode)
+            } else {
+                self.mode
+            },
+            roots: self.roots.or(other.roots),
+            client: self.client.or(other.client),
+        }
+    }
+
+    /// Whether the root certificates are the system's (`sslrootcert=system`).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn uses_system_roots(&self) -> bool {
+        self.roots == Some(Roots::System)
+    }
+
     /// The same settings, with `mode` if it is stronger (never weaker).
     #[must_use]
     pub fn at_least(mut self, mode: SslMode) -> Self {
@@ -338,6 +360,13 @@ impl PgTls {
 /// Read from `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE` and `REDIS_TLS_KEY_FILE` when none
 /// is set on the builder ([`redis::Builder::tls`](crate::redis::Builder::tls)); files
 /// are read when the pool is built.
+///
+/// **Process-wide side effect:** redis builds its TLS configuration with rustls'
+/// process-default crypto provider. When the application has installed none by the
+/// first `rediss://` connection, vaultpool installs aws-lc-rs (the one it uses itself);
+/// an application that wants another (ring, a FIPS build) must install it *before*
+/// building the pool — installing one afterwards fails (`install_default` returns an
+/// error; `.expect(…)` on it would panic).
 #[cfg(feature = "redis")]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RedisTls {
@@ -612,6 +641,31 @@ impl ServerCertVerifier for AnyHostName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn settings_given_in_code_merge_with_the_environment_never_weaker() {
+        let env = PgTls::new(SslMode::VerifyFull)
+            .root_cert("/etc/ca.pem")
+            .client_cert("/c", "/k");
+        // A weaker mode given in code does not win over one the environment named; the
+        // environment's files fill what the code did not give.
+        let m = PgTls::new(SslMode::Prefer).merged_with(env.clone(), true);
+        assert_eq!(m.mode(), SslMode::VerifyFull);
+        assert_eq!(m.roots, Some(Roots::File("/etc/ca.pem".into())));
+        assert!(m.client.is_some());
+        // The code's own files win; libpq's default `prefer` (named by nobody) is no floor.
+        let m = PgTls::new(SslMode::Disable)
+            .root_cert("/mine.pem")
+            .merged_with(PgTls::new(SslMode::Prefer), false);
+        assert_eq!(m.mode(), SslMode::Disable);
+        assert_eq!(m.roots, Some(Roots::File("/mine.pem".into())));
+        assert!(
+            PgTls::from_lookup(|k| (k == "PGSSLROOTCERT").then(|| "system".into()), &[])
+                .unwrap()
+                .uses_system_roots()
+        );
+    }
     use crate::test_util::lookup;
 
     #[test]

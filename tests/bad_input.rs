@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{DevVault, builder, free_port, root_client, tiny_server, unique, var};
+use common::{DevVault, TlsDev, builder, free_port, root_client, tiny_server, unique, var};
 use vaultpool::vault::{Client, RetryConfig};
 use vaultpool::{Error, ErrorKind};
 
@@ -105,48 +105,6 @@ impl Drop for Uninitialized {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// `bao server -dev -dev-tls`: HTTPS with a CA of its own, written to a temp dir.
-struct TlsDev(Child, String, std::path::PathBuf);
-
-impl TlsDev {
-    async fn start() -> Self {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("vaultpool-tls-{}", unique()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(var("VAULTPOOL_BAO_BIN"))
-            .args([
-                "server",
-                "-dev",
-                "-dev-tls",
-                &format!("-dev-tls-cert-dir={}", dir.display()),
-                "-dev-root-token-id=root",
-                &format!("-dev-listen-address=127.0.0.1:{port}"),
-                "-dev-no-store-token",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let ca = dir.join("vault-ca.pem");
-        for _ in 0..400 {
-            if ca.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(ca.exists(), "no CA written in {}", dir.display());
-        Self(child, format!("https://127.0.0.1:{port}"), dir)
-    }
-}
-
-impl Drop for TlsDev {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.2);
     }
 }
 
@@ -449,6 +407,20 @@ async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// After builds refused for TLS: every lease they issued is revoked within 10 s.
+#[cfg(feature = "tls")]
+async fn assert_no_lease_left(role: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !common::leases_of(role).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leases of {role} left behind: {:?}",
+            common::leases_of(role).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// TLS to PostgreSQL (the stack's TLS-only database): the mistakes a deployment makes,
 /// each refused at build.
 #[cfg(all(feature = "postgres", feature = "tls"))]
@@ -470,7 +442,7 @@ async fn database_tls_rows() -> Vec<Row> {
         }
     };
     let ca = var("VAULTPOOL_PG_CA");
-    vec![
+    let rows = vec![
         Row {
             input: "PostgreSQL TLS: a host name the certificate does not hold",
             expect: ErrorKind::Tls,
@@ -519,7 +491,9 @@ async fn database_tls_rows() -> Vec<Row> {
             result: PgTls::from_lookup(lookup(&[("PGSSLCERT", "/etc/client.crt")]), &[])
                 .map(|_| String::new()),
         },
-    ]
+    ];
+    assert_no_lease_left(&role).await;
+    rows
 }
 
 /// TLS to Redis (the stack's TLS port, which requires a client certificate): the
@@ -551,7 +525,7 @@ async fn redis_tls_rows() -> Vec<Row> {
         }
     };
     let ca = var("VAULTPOOL_PG_CA");
-    vec![
+    let rows = vec![
         Row {
             input: "Redis TLS: a host name the certificate does not hold",
             expect: ErrorKind::Tls,
@@ -597,7 +571,9 @@ async fn redis_tls_rows() -> Vec<Row> {
             result: RedisTls::from_lookup(lookup(&[("REDIS_TLS_CERT_FILE", "/etc/c.pem")]))
                 .map(|_| String::new()),
         },
-    ]
+    ];
+    assert_no_lease_left(&role).await;
+    rows
 }
 
 /// A refused certificate is an answer from a live server: when it is the breaker's probe

@@ -167,6 +167,12 @@ async fn redis_tls_mistakes_are_typed_errors_that_say_what_to_fix() {
             .unwrap_err();
         println!("Redis TLS, {what} ({:?}): {e}", started.elapsed());
         assert_eq!(e.kind(), ErrorKind::Backend, "{what}: {e}");
+        // Bounded by the 2 s connect timeout (generous margin for a busy machine).
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what}: {:?}",
+            started.elapsed()
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !leases_of(&role).await.is_empty() {

@@ -243,4 +243,31 @@ async fn verify_ca_prefer_and_precedence_against_the_real_server() {
     println!("TLS, verify-ca (sqlx): {e}");
     assert_eq!(e.kind(), ErrorKind::Tls, "{e}");
     assert!(e.to_string().contains("verify-full"), "{e}");
+    // require with a root certificate: libpq checks the chain, sqlx would check nothing.
+    let e = VaultSqlxPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .connect_options(sqlx_tls_target(PgSslMode::Require, &var("VAULTPOOL_PG_CA")))
+        .build()
+        .await
+        .unwrap_err();
+    println!("TLS, require with a root certificate (sqlx): {e}");
+    assert_eq!(e.kind(), ErrorKind::Tls, "{e}");
+    assert!(e.to_string().contains("verify-full"), "{e}");
+    // A connector of one's own and libpq settings: one of them would be ignored.
+    let e = VaultPgPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(pg_tls_target("localhost"))
+        .ssl(verify_full())
+        .tls(tokio_postgres::NoTls)
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("give one of them"), "{e}");
+    // Nothing leased for the refused builds is left behind.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !leases_of(&role).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "leases left behind");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -234,7 +234,21 @@ impl CredentialSource {
     pub(crate) fn into_source(self, client: Option<Client>) -> Result<Arc<dyn Source>> {
         self.validate()?;
         if let Self::Custom(c) = self {
+            // Read once and checked once: a provider answering differently the second
+            // time (a zero among them) could otherwise make the engine poll in a loop.
             let poll = c.provider.poll_interval();
+            if let Some(every) = poll
+                && !(MIN_POLL..=MAX_POLL).contains(&every)
+            {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "{}: the poll interval {every:?} is out of range; use between \
+                         {MIN_POLL:?} and a day",
+                        c.name
+                    ),
+                ));
+            }
             return Ok(Arc::new(Provided {
                 provider: c.provider,
                 name: c.name,

@@ -790,9 +790,10 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         Ok(l) => l,
         Err(e) => {
             book.failed(shared, "rotating credentials", &e);
-            if e.kind() == ErrorKind::Backend {
+            if matches!(e.kind(), ErrorKind::Backend | ErrorKind::Tls) {
                 // Verification failed for another reason than a refused login (the
-                // database unreachable, hung, or failing the check): back off issuing
+                // database unreachable, hung, failing the check, or refusing TLS — an
+                // expired server certificate lasts): back off issuing
                 // (5 s doubling to 30 s) instead of creating and dropping a user per retry.
                 if book
                     .unreachable_until
@@ -1373,6 +1374,14 @@ mod tests {
     async fn engine_on_flaky_database(
         fake: &Arc<Fake>,
     ) -> (Engine, Arc<std::sync::atomic::AtomicBool>) {
+        engine_failing_verify(fake, ErrorKind::Backend).await
+    }
+
+    /// An engine whose verifier fails with `kind` while the flag is set.
+    async fn engine_failing_verify(
+        fake: &Arc<Fake>,
+        kind: ErrorKind,
+    ) -> (Engine, Arc<std::sync::atomic::AtomicBool>) {
         let db_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let verify: Verifier = {
             let db_down = db_down.clone();
@@ -1380,7 +1389,10 @@ mod tests {
                 let down = db_down.load(Ordering::SeqCst);
                 Box::pin(async move {
                     if down {
-                        Err(Error::new(ErrorKind::Backend, "fake database unreachable"))
+                        Err(Error::new(
+                            kind,
+                            "fake database unreachable or refusing TLS",
+                        ))
                     } else {
                         Ok(())
                     }
@@ -1401,6 +1413,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lost_lease_waits_for_the_unreachable_backoff_before_issuing_again() {
+        lost_lease_backs_off(ErrorKind::Backend).await;
+    }
+
+    /// A TLS failure that lasts (an expired server certificate, a CA changed on the
+    /// server) backs off the same way: no user created and dropped per retry.
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_tls_failure_backs_off_like_an_unreachable_database() {
+        lost_lease_backs_off(ErrorKind::Tls).await;
+    }
+
+    async fn lost_lease_backs_off(kind: ErrorKind) {
         // Looked up every 10 s, gone in Vault, and the database unreachable: each lookup
         // would issue (and drop) a user; the backoff (5 s doubling to 30 s) gates them.
         let fake = Arc::new(Fake {
@@ -1409,7 +1432,7 @@ mod tests {
             lease_check: Some(Duration::from_secs(10)),
             ..Fake::default()
         });
-        let (engine, db_down) = engine_on_flaky_database(&fake).await;
+        let (engine, db_down) = engine_failing_verify(&fake, kind).await;
         db_down.store(true, Ordering::SeqCst);
         fake.gone.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(300)).await;

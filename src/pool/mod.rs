@@ -55,21 +55,21 @@ pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// What to fix when a connection to PostgreSQL failed for a TLS reason: a refusal by
-/// the server (`sqlstate` given: only pg_hba's 28000 with "no encryption" / "SSL off" /
-/// "SSL encryption" counts, so a real login refusal is never taken for one) or a failed
-/// handshake (no SQLSTATE; rustls' and the drivers' words).
+/// the server (`sqlstate` given: only pg_hba's 28000 for a *plaintext* connection counts,
+/// so a real login refusal is never taken for one; a refusal of a TLS connection is not
+/// blamed on TLS — PostgreSQL names the encryption in every pg_hba refusal, and the
+/// advice would be to weaken it) or a failed handshake (no SQLSTATE; rustls' and the
+/// drivers' words).
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
 pub(crate) fn tls_diagnosis(sqlstate: Option<&str>, text: &str) -> Option<&'static str> {
     let t = text.to_ascii_lowercase();
     if let Some(code) = sqlstate {
         return match code {
             "28000" if t.contains("no encryption") || t.contains("ssl off") => Some(
-                "the server accepts only TLS connections here (pg_hba hostssl): set \
-                 PGSSLMODE to require or verify-full (with PGSSLROOTCERT)",
-            ),
-            "28000" if t.contains("ssl encryption") || t.contains("ssl on") => Some(
-                "the server refuses TLS connections here (pg_hba hostnossl): use \
-                 sslmode=prefer or disable",
+                "no pg_hba.conf entry accepts this plaintext connection: if the server \
+                 accepts only TLS connections here (pg_hba hostssl), set PGSSLMODE to require \
+                 or verify-full (with PGSSLROOTCERT); otherwise pg_hba lacks an entry for \
+                 this user and database",
             ),
             _ => None,
         };
@@ -91,6 +91,11 @@ pub(crate) fn tls_diagnosis(sqlstate: Option<&str>, text: &str) -> Option<&'stat
             "the server does not offer TLS: enable ssl on the server, or use sslmode=prefer \
              or disable",
         )
+    } else if t.contains("alert") && t.contains("certificateexpired") {
+        Some(
+            "the server refused the client certificate as expired: renew it (PGSSLCERT / \
+             PGSSLKEY)",
+        )
     } else if t.contains("certificate")
         && (t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid yet"))
         && !t.contains("revocation")
@@ -110,6 +115,16 @@ mod tests {
         let hba = "FATAL: pg_hba.conf rejects connection for host \"127.0.0.1\", user \"u\", \
                    database \"d\", no encryption";
         assert!(diagnose(Some("28000"), hba).unwrap().contains("PGSSLMODE"));
+        // Over TLS, a pg_hba refusal (a missing entry for the user) is not blamed on TLS.
+        let hba_tls = "FATAL: no pg_hba.conf entry for host \"127.0.0.1\", user \"v-app\", \
+                       database \"d\", SSL encryption";
+        assert!(diagnose(Some("28000"), hba_tls).is_none());
+        // A client certificate the server refused as expired is the client's to renew.
+        assert!(
+            diagnose(None, "received fatal alert: CertificateExpired")
+                .unwrap()
+                .contains("client certificate")
+        );
         // A real login refusal is never taken for TLS, whatever the user's name says.
         assert!(
             diagnose(

@@ -1,16 +1,25 @@
-//! Authentication: a static token or AppRole, the client's own token as a lease, and
-//! the public calls about it ([`Client::login`], [`Client::token_info`]).
+//! Authentication: how the client gets its Vault token, the token as a lease, and the
+//! public calls about it ([`Client::login`], [`Client::token_info`]).
 //!
-//! The token is renewed (`auth/token/renew-self`) once two thirds of its TTL have passed.
-//! When a renewal comes back capped by the token's max TTL, an AppRole client logs in
-//! afresh instead (a new token with a full TTL); a static token is used until it ends.
-//! One refresh runs at a time: concurrent callers wait for it and share its result.
+//! | method | credential | refreshed by |
+//! |---|---|---|
+//! | [`Token`](AuthMethod::Token) | a static token | renewal while renewable |
+//! | [`AppRole`](AuthMethod::AppRole), [`Kubernetes`](AuthMethod::Kubernetes), [`Jwt`](AuthMethod::Jwt), [`Cert`](AuthMethod::Cert), [`Custom`](AuthMethod::Custom) | a login (`auth/<mount>/login`) | renewal, then a new login when the renewal is capped by the token's max TTL |
+//! | [`TokenFile`](AuthMethod::TokenFile) | a token file (Vault Agent's file sink) | the file, read again when it changes; never renewed or revoked by us |
+//! | [`ProxyAutoAuth`](AuthMethod::ProxyAutoAuth) | none: Vault Proxy adds its own (`use_auto_auth_token`) | the Proxy |
 //!
-//! Old AppRole tokens are not revoked on re-login: revoking a token revokes every lease
-//! issued under it (database credentials included). They expire by their own TTL.
+//! Login credentials that live in files (the Kubernetes service-account token, a JWT, an
+//! AppRole secret_id file) are read again at every login, never cached: projected tokens
+//! rotate. One refresh runs at a time: concurrent callers wait for it and share its
+//! result.
+//!
+//! Old tokens are not revoked on re-login: revoking a token revokes every lease issued
+//! under it (database credentials included). They expire by their own TTL; the lease
+//! engine rotates leases issued under a token before that token's end, once it is known
+//! (a capped renewal, a replaced token file, a new token behind the Proxy).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +30,10 @@ use serde_json::json;
 use super::envelope::{AuthInfo, ttl};
 use super::{Call, Client};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lease::BoxFuture;
+
+/// Where the Kubernetes service-account token is mounted by default.
+pub const KUBERNETES_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 /// How the client authenticates to Vault.
 #[derive(Clone)]
@@ -37,6 +50,54 @@ pub enum AuthMethod {
         /// The secret_id, given or read from a file at each login.
         secret_id: SecretIdSource,
     },
+    /// Kubernetes login (`auth/{mount}/login` with `role` and the pod's service-account
+    /// token, read from `token_path` at every login: projected tokens rotate).
+    Kubernetes {
+        /// Where the Kubernetes auth method is mounted. Default `kubernetes`.
+        mount: String,
+        /// The Vault role bound to this service account.
+        role: String,
+        /// The service-account token file. Default [`KUBERNETES_TOKEN_PATH`].
+        token_path: PathBuf,
+    },
+    /// JWT/OIDC login (`auth/{mount}/login` with `role` and a JWT read afresh at every
+    /// login).
+    Jwt {
+        /// Where the JWT auth method is mounted. Default `jwt`.
+        mount: String,
+        /// The Vault role (`role_type=jwt`).
+        role: String,
+        /// Where the JWT comes from.
+        jwt: JwtSource,
+    },
+    /// TLS-certificate login (`auth/{mount}/login`): the credential is the client
+    /// certificate the client presents on every connection to Vault
+    /// ([`ClientBuilder::client_cert`](super::ClientBuilder::client_cert),
+    /// `VAULT_CLIENT_CERT`/`VAULT_CLIENT_KEY`).
+    Cert {
+        /// Where the cert auth method is mounted. Default `cert`.
+        mount: String,
+        /// The certificate role to log in against; `None` lets Vault pick the one that
+        /// matches.
+        name: Option<String>,
+    },
+    /// A token file that another process owns and replaces — Vault Agent's file sink.
+    /// Read again when it changes (checked every second); the token is never renewed
+    /// or revoked by vaultpool (the Agent does that). Leases issued under a token that
+    /// the Agent replaced rotate before that token's end.
+    TokenFile {
+        /// The sink file.
+        path: PathBuf,
+        /// How long the first read waits for the file to appear (the Agent may not have
+        /// written it yet); later reads do not wait. Default 30 s.
+        wait: Duration,
+    },
+    /// No token at all: requests go to a Vault Proxy with `use_auto_auth_token = true`,
+    /// which adds its own. The token behind it is looked up (through the Proxy) to learn
+    /// when it changes; leases issued under a replaced token rotate before its end.
+    ProxyAutoAuth,
+    /// A login of your own (AWS IAM, GCP, Azure, …): see [`Login`].
+    Custom(Arc<dyn Login>),
 }
 
 /// Where an AppRole secret_id comes from.
@@ -47,6 +108,79 @@ pub enum SecretIdSource {
     Value(SecretString),
     /// A file holding it, read at each login (so an agent can replace it).
     File(PathBuf),
+}
+
+/// Where a JWT comes from; read at every login.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum JwtSource {
+    /// A file holding the JWT (e.g. a projected token, or one a CI system writes).
+    File(PathBuf),
+    /// An environment variable holding the JWT (e.g. a CI job's OIDC token).
+    Env(String),
+}
+
+/// A login request: the path (`auth/aws/login`) and the JSON body Vault's auth method
+/// expects. The body is sent as is and never logged.
+#[derive(Clone)]
+pub struct LoginRequest {
+    /// The login path, without `/v1/`: e.g. `auth/aws/login`.
+    pub path: String,
+    /// The body, e.g. `{"role": "app", "iam_request_body": "…", …}`.
+    pub body: serde_json::Value,
+}
+
+impl fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("path", &self.path)
+            .field("body", &"[REDACTED]")
+            .finish()
+    }
+}
+
+/// An auth method vaultpool does not ship, as an extension point: build the login
+/// request (fresh credentials each time — a signed AWS request, a GCP or Azure identity
+/// token), and the client does the rest — sends it, renews the token it gets, logs in
+/// again when the renewal is capped or Vault says the token is gone, and the lease
+/// engine rotates leases before that token's end.
+///
+/// ```
+/// use vaultpool::lease::BoxFuture;
+/// use vaultpool::vault::{AuthMethod, Client, Login, LoginRequest};
+///
+/// /// GCP-style login: a role and an identity token fetched at each login.
+/// struct Gcp { role: String }
+///
+/// impl Login for Gcp {
+///     fn name(&self) -> &str { "gcp" }
+///     fn request(&self) -> BoxFuture<'_, vaultpool::Result<LoginRequest>> {
+///         Box::pin(async move {
+///             let jwt = String::from("…"); // e.g. from the metadata server
+///             Ok(LoginRequest {
+///                 path: "auth/gcp/login".into(),
+///                 body: serde_json::json!({ "role": self.role, "jwt": jwt }),
+///             })
+///         })
+///     }
+/// }
+///
+/// let client = Client::builder()
+///     .address("https://vault.internal:8200")
+///     .auth(AuthMethod::custom(Gcp { role: "app".into() }))
+///     .build()?;
+/// # let _ = client; Ok::<(), vaultpool::Error>(())
+/// ```
+pub trait Login: Send + Sync + 'static {
+    /// A short name for logs and errors ("aws", "gcp").
+    fn name(&self) -> &str;
+
+    /// The request for one login, built afresh each time.
+    ///
+    /// # Errors
+    /// Whatever prevents building it (a credential that cannot be read): it fails the
+    /// login with that error.
+    fn request(&self) -> BoxFuture<'_, Result<LoginRequest>>;
 }
 
 impl AuthMethod {
@@ -73,20 +207,106 @@ impl AuthMethod {
         }
     }
 
-    /// The same method at another mount (AppRole only; a token has no mount).
+    /// Kubernetes login as `role` at the mount `kubernetes`, with the service-account
+    /// token from [`KUBERNETES_TOKEN_PATH`] (change it with
+    /// [`with_token_path`](Self::with_token_path)).
+    pub fn kubernetes(role: impl Into<String>) -> Self {
+        Self::Kubernetes {
+            mount: "kubernetes".into(),
+            role: role.into(),
+            token_path: KUBERNETES_TOKEN_PATH.into(),
+        }
+    }
+
+    /// JWT login as `role` at the mount `jwt`, the JWT read from `path` at every login.
+    pub fn jwt_file(role: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self::Jwt {
+            mount: "jwt".into(),
+            role: role.into(),
+            jwt: JwtSource::File(path.into()),
+        }
+    }
+
+    /// JWT login as `role` at the mount `jwt`, the JWT read from the environment
+    /// variable `var` at every login.
+    pub fn jwt_env(role: impl Into<String>, var: impl Into<String>) -> Self {
+        Self::Jwt {
+            mount: "jwt".into(),
+            role: role.into(),
+            jwt: JwtSource::Env(var.into()),
+        }
+    }
+
+    /// TLS-certificate login at the mount `cert`, against the certificate role `name`
+    /// (or whichever matches, for `None`). The client certificate is set on the builder.
+    pub fn cert(name: Option<String>) -> Self {
+        Self::Cert {
+            mount: "cert".into(),
+            name,
+        }
+    }
+
+    /// The token in Vault Agent's file sink at `path` (waits up to 30 s for it at the
+    /// first read).
+    pub fn token_file(path: impl Into<PathBuf>) -> Self {
+        Self::TokenFile {
+            path: path.into(),
+            wait: Duration::from_secs(30),
+        }
+    }
+
+    /// A login of your own.
+    pub fn custom(login: impl Login) -> Self {
+        Self::Custom(Arc::new(login))
+    }
+
+    /// The same method at another mount (the methods that log in; a token, a token file
+    /// and the Proxy have none).
     #[must_use]
     pub fn with_mount(mut self, new_mount: impl Into<String>) -> Self {
-        if let Self::AppRole { mount, .. } = &mut self {
-            *mount = new_mount.into();
+        match &mut self {
+            Self::AppRole { mount, .. }
+            | Self::Kubernetes { mount, .. }
+            | Self::Jwt { mount, .. }
+            | Self::Cert { mount, .. } => *mount = new_mount.into(),
+            _ => {}
         }
         self
     }
 
-    pub(crate) fn name(&self) -> &'static str {
-        match self {
-            Self::Token(_) => "token",
-            Self::AppRole { .. } => "approle",
+    /// The same Kubernetes method with the service-account token read from `path`.
+    #[must_use]
+    pub fn with_token_path(mut self, path: impl Into<PathBuf>) -> Self {
+        if let Self::Kubernetes { token_path, .. } = &mut self {
+            *token_path = path.into();
         }
+        self
+    }
+
+    /// The name for logs and errors.
+    pub(crate) fn name(&self) -> String {
+        match self {
+            Self::Token(_) => "token".into(),
+            Self::AppRole { .. } => "approle".into(),
+            Self::Kubernetes { .. } => "kubernetes".into(),
+            Self::Jwt { .. } => "jwt".into(),
+            Self::Cert { .. } => "cert".into(),
+            Self::TokenFile { .. } => "token file".into(),
+            Self::ProxyAutoAuth => "proxy auto-auth".into(),
+            Self::Custom(l) => l.name().to_owned(),
+        }
+    }
+
+    /// Whether the client gets its token by logging in (and can log in again).
+    fn logs_in(&self) -> bool {
+        matches!(
+            self,
+            Self::AppRole { .. }
+                | Self::Kubernetes { .. }
+                | Self::Jwt { .. }
+                | Self::Cert { .. }
+                | Self::Custom(_)
+        )
     }
 }
 
@@ -102,6 +322,34 @@ impl fmt::Debug for AuthMethod {
                 .field("role_id", &"[REDACTED]")
                 .field("secret_id", secret_id)
                 .finish(),
+            Self::Kubernetes {
+                mount,
+                role,
+                token_path,
+            } => f
+                .debug_struct("Kubernetes")
+                .field("mount", mount)
+                .field("role", role)
+                .field("token_path", token_path)
+                .finish(),
+            Self::Jwt { mount, role, jwt } => f
+                .debug_struct("Jwt")
+                .field("mount", mount)
+                .field("role", role)
+                .field("jwt", jwt)
+                .finish(),
+            Self::Cert { mount, name } => f
+                .debug_struct("Cert")
+                .field("mount", mount)
+                .field("name", name)
+                .finish(),
+            Self::TokenFile { path, wait } => f
+                .debug_struct("TokenFile")
+                .field("path", path)
+                .field("wait", wait)
+                .finish(),
+            Self::ProxyAutoAuth => f.write_str("ProxyAutoAuth"),
+            Self::Custom(l) => f.debug_tuple("Custom").field(&l.name()).finish(),
         }
     }
 }
@@ -147,12 +395,31 @@ impl TokenInfo {
 }
 
 struct TokenState {
-    token: SecretString,
+    /// The token; `None` behind a Vault Proxy (it adds its own).
+    token: Option<SecretString>,
     info: TokenInfo,
     /// The TTL asked for on renewal: the token's TTL when first obtained.
     increment: Duration,
-    /// Renewal or login is due at this point (earlier than expiry).
+    /// Renewal, login or a new look (token file, Proxy) is due at this point.
     refresh_at: Option<Instant>,
+}
+
+impl TokenState {
+    fn same_token(&self, other: &SecretString) -> bool {
+        self.token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret() == other.expose_secret())
+    }
+
+    /// The token to send; renewals are only for methods that hold one.
+    fn held(&self) -> Result<&SecretString> {
+        self.token.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::CredentialsUnavailable,
+                "renewing the client's Vault token: the client holds none (Vault Proxy)",
+            )
+        })
+    }
 }
 
 pub(crate) struct TokenManager {
@@ -170,6 +437,10 @@ pub(crate) struct TokenManager {
 const REFRESH_RETRY_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between two token refreshes that fail.
 const REFRESH_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often a token file is read again to see whether the Agent replaced it.
+const TOKEN_FILE_CHECK: Duration = Duration::from_secs(1);
+/// How often a waiting first read looks for the token file.
+const TOKEN_FILE_POLL: Duration = Duration::from_millis(100);
 
 impl TokenManager {
     pub(crate) fn new(method: AuthMethod) -> Self {
@@ -182,8 +453,14 @@ impl TokenManager {
         }
     }
 
-    pub(crate) fn method_name(&self) -> &'static str {
+    pub(crate) fn method_name(&self) -> String {
         self.method.name()
+    }
+
+    /// Whether a token Vault says is gone can be replaced (a new login, or the token
+    /// file read again).
+    pub(crate) fn can_replace_token(&self) -> bool {
+        self.method.logs_in() || matches!(self.method, AuthMethod::TokenFile { .. })
     }
 
     pub(crate) fn info(&self) -> Option<TokenInfo> {
@@ -199,9 +476,9 @@ impl TokenManager {
             .copied()
     }
 
-    /// When the current token is due for renewal or re-login: never earlier than the
-    /// backoff after failed refreshes, so a token that cannot be refreshed is not asked
-    /// for again at every wake-up.
+    /// When the current token is due for renewal, re-login or a new look: never earlier
+    /// than the backoff after failed refreshes, so a token that cannot be refreshed is
+    /// not asked for again at every wake-up.
     pub(crate) fn refresh_at(&self) -> Option<Instant> {
         let due = self.current.load().as_deref().and_then(|s| s.refresh_at)?;
         let (_, not_before) = *self.failed.lock().unwrap_or_else(|e| e.into_inner());
@@ -229,10 +506,7 @@ impl TokenManager {
     /// first: leases it issued died with it, and the engine rotates them at once.
     pub(crate) fn invalidate(&self, gone: &SecretString) {
         let current = self.current.load_full();
-        let Some(state) = current
-            .as_ref()
-            .filter(|s| s.token.expose_secret() == gone.expose_secret())
-        else {
+        let Some(state) = current.as_ref().filter(|s| s.same_token(gone)) else {
             return;
         };
         let previous = self.current.compare_and_swap(&current, None);
@@ -249,23 +523,24 @@ impl TokenManager {
 
     /// The current token, due for refresh or not.
     pub(crate) fn current_token(&self) -> Option<SecretString> {
-        self.current.load().as_deref().map(|s| s.token.clone())
+        self.current.load().as_deref().and_then(|s| s.token.clone())
     }
 
     fn usable(state: &TokenState, now: Instant) -> bool {
         state.refresh_at.is_none_or(|at| now < at)
     }
 
-    /// The current token if it is not due for renewal.
-    pub(crate) fn cached(&self, now: Instant) -> Option<SecretString> {
+    /// The current token if it is not due for renewal (`Some(None)`: none is sent,
+    /// behind a Vault Proxy).
+    pub(crate) fn cached(&self, now: Instant) -> Option<Option<SecretString>> {
         let s = self.current.load();
         s.as_deref()
             .filter(|s| Self::usable(s, now))
             .map(|s| s.token.clone())
     }
 
-    /// The current token, renewing or logging in first if it is due.
-    pub(crate) async fn token(&self, client: &Client) -> Result<SecretString> {
+    /// The current token, renewing, logging in or reading it again first if it is due.
+    pub(crate) async fn token(&self, client: &Client) -> Result<Option<SecretString>> {
         if let Some(token) = self.cached(Instant::now()) {
             return Ok(token);
         }
@@ -292,14 +567,21 @@ impl TokenManager {
             }
         };
         if let Some(old) = &old {
-            // A renewal that came back short, or a token replaced by a login: the old
-            // token's end is now final.
-            if old.info.accessor != new.info.accessor || new.info.ttl < new.increment {
-                self.record_end(if old.info.accessor != new.info.accessor {
-                    &old.info
-                } else {
-                    &new.info
-                });
+            // A renewal that came back short, or a token replaced (a login, the Agent,
+            // the Proxy): the old token's end is now final.
+            if old.info.accessor != new.info.accessor {
+                if !matches!(self.method, AuthMethod::Token(_)) {
+                    tracing::info!(
+                        old = %old.info.accessor,
+                        new = %new.info.accessor,
+                        method = %self.method.name(),
+                        "the client's Vault token changed; leases issued under the old one \
+                         rotate before its end"
+                    );
+                }
+                self.record_end(&old.info);
+            } else if new.info.ttl < new.increment {
+                self.record_end(&new.info);
             }
         }
         let token = new.token.clone();
@@ -311,6 +593,10 @@ impl TokenManager {
         let now = Instant::now();
         let alive = old.filter(|s| s.info.expires_at().is_none_or(|end| now < end));
         match (&self.method, alive) {
+            (AuthMethod::TokenFile { path, wait }, _) => {
+                self.read_token_file(client, path, *wait, old).await
+            }
+            (AuthMethod::ProxyAutoAuth, _) => look_behind_proxy(client).await,
             (AuthMethod::Token(token), None) => {
                 if old.is_some() {
                     return Err(Error::new(
@@ -318,8 +604,10 @@ impl TokenManager {
                         "using the Vault token: it has expired",
                     ));
                 }
-                let info = lookup_self(client, token).await?;
-                Ok(state(token.clone(), info, None))
+                let info = lookup_self(client, token)
+                    .await
+                    .map_err(|e| e.context("checking the Vault token (VAULT_TOKEN)"))?;
+                Ok(state(Some(token.clone()), info, None))
             }
             (AuthMethod::Token(_), Some(s)) if !s.info.renewable => {
                 // Not renewable: use it until it ends.
@@ -334,24 +622,22 @@ impl TokenManager {
                 Ok(renewed) => Ok(renewed),
                 Err(e) => keep_until_retry(s, e),
             },
-            (AuthMethod::AppRole { .. }, Some(s)) if s.info.renewable => {
-                match renew_self(client, s).await {
-                    Ok(renewed) if renewed.info.ttl >= s.increment => Ok(renewed),
-                    Ok(renewed) => {
-                        tracing::debug!(
-                            ttl_s = renewed.info.ttl.as_secs(),
-                            "vault token renewal capped by its max TTL; logging in afresh"
-                        );
-                        self.login_or_keep(client, &renewed).await
-                    }
-                    Err(e) if e.is_transient() => keep_until_retry(s, e),
-                    Err(e) => {
-                        tracing::info!("vault token renewal refused ({e}); logging in afresh");
-                        self.login(client, old).await
-                    }
+            (_, Some(s)) if s.info.renewable => match renew_self(client, s).await {
+                Ok(renewed) if renewed.info.ttl >= s.increment => Ok(renewed),
+                Ok(renewed) => {
+                    tracing::debug!(
+                        ttl_s = renewed.info.ttl.as_secs(),
+                        "vault token renewal capped by its max TTL; logging in afresh"
+                    );
+                    self.login_or_keep(client, &renewed).await
                 }
-            }
-            (AuthMethod::AppRole { .. }, _) => self.login(client, old).await,
+                Err(e) if e.is_transient() => keep_until_retry(s, e),
+                Err(e) => {
+                    tracing::info!("vault token renewal refused ({e}); logging in afresh");
+                    self.login(client, old).await
+                }
+            },
+            _ => self.login(client, old).await,
         }
     }
 
@@ -365,28 +651,96 @@ impl TokenManager {
         }
     }
 
+    /// The request for one login, credentials read afresh.
+    async fn login_request(&self) -> Result<LoginRequest> {
+        let body = match &self.method {
+            AuthMethod::AppRole {
+                role_id, secret_id, ..
+            } => {
+                let secret_id = match secret_id {
+                    SecretIdSource::Value(v) => v.clone(),
+                    SecretIdSource::File(path) => read_secret_id(path)?,
+                };
+                json!({
+                    "role_id": role_id.expose_secret(),
+                    "secret_id": secret_id.expose_secret(),
+                })
+            }
+            AuthMethod::Kubernetes {
+                role, token_path, ..
+            } => {
+                let jwt = read_credential(
+                    token_path,
+                    "the Kubernetes service-account token",
+                    "check the pod's service account token mount (automountServiceAccountToken)",
+                    false,
+                )?;
+                json!({ "role": role, "jwt": jwt.expose_secret() })
+            }
+            AuthMethod::Jwt { role, jwt, .. } => {
+                let jwt = match jwt {
+                    JwtSource::File(path) => read_credential(
+                        path,
+                        "the JWT",
+                        "check the path given (VAULT_JWT_FILE)",
+                        false,
+                    )?,
+                    JwtSource::Env(var) => std::env::var(var)
+                        .ok()
+                        .map(|v| v.trim().to_owned())
+                        .filter(|v| !v.is_empty())
+                        .map(SecretString::from)
+                        .ok_or_else(|| {
+                            Error::new(
+                                ErrorKind::Config,
+                                format!(
+                                    "reading the JWT from the environment variable {var}: it \
+                                     is not set or empty; set it, or give a file"
+                                ),
+                            )
+                        })?,
+                };
+                json!({ "role": role, "jwt": jwt.expose_secret() })
+            }
+            AuthMethod::Cert { name, .. } => match name {
+                Some(name) => json!({ "name": name }),
+                None => json!({}),
+            },
+            AuthMethod::Custom(login) => {
+                return login.request().await.map_err(|e| {
+                    e.context(format!("building the {} login request", login.name()))
+                });
+            }
+            AuthMethod::Token(_) | AuthMethod::TokenFile { .. } | AuthMethod::ProxyAutoAuth => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "logging in to Vault: the {} method has no login",
+                        self.method.name()
+                    ),
+                ));
+            }
+        };
+        let mount = match &self.method {
+            AuthMethod::AppRole { mount, .. }
+            | AuthMethod::Kubernetes { mount, .. }
+            | AuthMethod::Jwt { mount, .. }
+            | AuthMethod::Cert { mount, .. } => mount.trim_matches('/'),
+            _ => "",
+        };
+        Ok(LoginRequest {
+            path: format!("auth/{mount}/login"),
+            body,
+        })
+    }
+
     async fn login(&self, client: &Client, old: Option<&TokenState>) -> Result<TokenState> {
-        let AuthMethod::AppRole {
-            mount,
-            role_id,
-            secret_id,
-        } = &self.method
-        else {
-            unreachable!("login is only called for AppRole");
-        };
-        let secret_id = match secret_id {
-            SecretIdSource::Value(v) => v.clone(),
-            SecretIdSource::File(path) => read_secret_id(path)?,
-        };
-        let path = format!("auth/{mount}/login");
-        let body = json!({
-            "role_id": role_id.expose_secret(),
-            "secret_id": secret_id.expose_secret(),
-        });
+        let LoginRequest { path, body } = self.login_request().await?;
+        let name = self.method.name();
         let (env, received) = client
             .call::<serde_json::Value>(Call::put(&path, &body).unauthenticated())
             .await
-            .map_err(|e| e.context("logging in to Vault with AppRole"))?;
+            .map_err(|e| login_error(&self.method, &path, e))?;
         let auth = env.auth.ok_or_else(|| {
             Error::new(
                 ErrorKind::Decode,
@@ -396,13 +750,175 @@ impl TokenManager {
         let logins = old.map_or(0, |s| s.info.logins) + 1;
         let info = token_info(&auth, received, logins, 0, &path)?;
         tracing::info!(
+            method = %name,
             accessor = %info.accessor,
             ttl_s = info.ttl.as_secs(),
             renewable = info.renewable,
             logins,
-            "logged in to Vault with AppRole"
+            "logged in to Vault"
         );
-        Ok(state(auth.client_token, info, None))
+        Ok(state(Some(auth.client_token), info, None))
+    }
+
+    /// Vault Agent's sink: the token in `path`, looked up when it is new or when its
+    /// last look is two thirds old (the Agent renews it); never renewed here.
+    async fn read_token_file(
+        &self,
+        client: &Client,
+        path: &Path,
+        wait: Duration,
+        old: Option<&TokenState>,
+    ) -> Result<TokenState> {
+        if old.is_none() {
+            // The first read (or the first after Vault refused the token): the Agent may
+            // not have written the sink yet.
+            let deadline = Instant::now() + wait;
+            while !path.exists() && Instant::now() < deadline {
+                tokio::time::sleep(TOKEN_FILE_POLL).await;
+            }
+            if !path.exists() {
+                return Err(Error::new(
+                    ErrorKind::CredentialsUnavailable,
+                    format!(
+                        "reading the Vault token file {}: it does not exist after waiting {wait:?}; \
+                         check that Vault Agent runs and that its file sink writes this path",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        let token = read_credential(
+            path,
+            "the Vault token file",
+            "check the Agent's file sink path (VAULT_TOKEN_FILE)",
+            true,
+        )?;
+        let now = Instant::now();
+        if let Some(s) = old.filter(|s| s.same_token(&token))
+            && s.info.renew_at().is_none_or(|at| now < at)
+            && s.info.expires_at().is_none_or(|end| now < end)
+        {
+            return Ok(TokenState {
+                token: s.token.clone(),
+                info: s.info.clone(),
+                increment: s.increment,
+                refresh_at: Some(next_look(now, TOKEN_FILE_CHECK, &s.info)),
+            });
+        }
+        let info = lookup_self(client, &token).await.map_err(|e| {
+            e.context(format!(
+                "checking the token in {} (Vault Agent's sink)",
+                path.display()
+            ))
+        })?;
+        let mut s = state(Some(token), info, None);
+        s.refresh_at = Some(next_look(now, TOKEN_FILE_CHECK, &s.info));
+        Ok(s)
+    }
+}
+
+/// Behind a Vault Proxy: no token of ours; the Proxy's is looked up (through it) to
+/// learn its accessor and TTL, again every 1/20 of its TTL (1 s to 30 s), so that a
+/// replaced token is seen well before its end.
+async fn look_behind_proxy(client: &Client) -> Result<TokenState> {
+    let (env, received) = client
+        .call::<LookupSelf>(Call::get("auth/token/lookup-self").unauthenticated())
+        .await
+        .map_err(|e| {
+            let hint = if e.kind() == ErrorKind::PermissionDenied {
+                "; is the Proxy's `use_auto_auth_token` on, and its auto-auth logged in?"
+            } else {
+                ""
+            };
+            e.context(format!(
+                "looking up the Vault Proxy's token (no token of our own){hint}"
+            ))
+        })?;
+    let info = lookup_info(env.into_data("auth/token/lookup-self")?.0, received)?;
+    let every = (info.ttl / 20).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut s = state(None, info, None);
+    s.refresh_at = Some(next_look(received, every, &s.info));
+    Ok(s)
+}
+
+/// The next look at a token that is not ours to renew: after `every`, or at two thirds
+/// of its remaining TTL if that comes first.
+fn next_look(now: Instant, every: Duration, info: &TokenInfo) -> Instant {
+    let at = now + every;
+    info.renew_at()
+        .map_or(at, |r| at.min(r.max(now + TOKEN_FILE_POLL)))
+}
+
+/// A login refused or failed: say which method, path and role, and what to fix when
+/// Vault's words say it.
+fn login_error(method: &AuthMethod, path: &str, e: Error) -> Error {
+    let text = e.to_string().to_ascii_lowercase();
+    let (what, fix): (String, Option<String>) = match method {
+        AuthMethod::AppRole { .. } => ("logging in to Vault with AppRole".into(), None),
+        AuthMethod::Kubernetes {
+            role, token_path, ..
+        } => (
+            format!(
+                "logging in to Vault with Kubernetes as role {role} ({path}, service-account \
+                 token {})",
+                token_path.display()
+            ),
+            if text.contains("role")
+                && (text.contains("not found") || text.contains("invalid role"))
+            {
+                Some(format!("no role {role} at {path}: check the role name"))
+            } else if text.contains("service account") || text.contains("namespace") {
+                Some(format!(
+                    "role {role} does not bind this pod's service account or namespace \
+                     (bound_service_account_names / _namespaces)"
+                ))
+            } else {
+                None
+            },
+        ),
+        AuthMethod::Jwt { role, jwt, .. } => (
+            format!(
+                "logging in to Vault with a JWT as role {role} ({path}, JWT from {})",
+                match jwt {
+                    JwtSource::File(p) => p.display().to_string(),
+                    JwtSource::Env(v) => format!("${v}"),
+                }
+            ),
+            if text.contains("expired") {
+                Some(
+                    "the JWT has expired: its issuer must provide a fresh one (it is read again \
+                     at every login)"
+                        .to_owned(),
+                )
+            } else if text.contains("audience") || text.contains("aud)") {
+                Some(format!(
+                    "the JWT's audience (aud) is not one role {role} accepts (bound_audiences)"
+                ))
+            } else if text.contains("role") && text.contains("could not be found") {
+                Some(format!("no role {role} at {path}: check the role name"))
+            } else {
+                None
+            },
+        ),
+        AuthMethod::Cert { name, .. } => (
+            format!(
+                "logging in to Vault with a TLS client certificate ({path}{})",
+                name.as_deref()
+                    .map(|n| format!(", role {n}"))
+                    .unwrap_or_default()
+            ),
+            (text.contains("certificate") || text.contains("permission denied")).then(|| {
+                "Vault did not accept the client certificate (VAULT_CLIENT_CERT): check that a \
+                 cert role at this mount trusts the CA that signed it, and that the certificate \
+                 and key match"
+                    .to_owned()
+            }),
+        ),
+        other => (format!("logging in to Vault with {}", other.name()), None),
+    };
+    match fix {
+        Some(fix) => e.context(format!("{what}: {fix}")).fix_given(),
+        None => e.context(what),
     }
 }
 
@@ -417,7 +933,7 @@ impl Drop for Unfinished<'_> {
     }
 }
 
-fn state(token: SecretString, info: TokenInfo, increment: Option<Duration>) -> TokenState {
+fn state(token: Option<SecretString>, info: TokenInfo, increment: Option<Duration>) -> TokenState {
     TokenState {
         refresh_at: info.renew_at(),
         increment: increment.unwrap_or(info.ttl),
@@ -443,23 +959,51 @@ fn keep_until_retry(s: &TokenState, e: Error) -> Result<TokenState> {
     })
 }
 
-fn read_secret_id(path: &std::path::Path) -> Result<SecretString> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+fn read_secret_id(path: &Path) -> Result<SecretString> {
+    read_credential(
+        path,
+        "the AppRole secret_id file",
+        "check VAULT_SECRET_ID_FILE",
+        false,
+    )
+}
+
+/// A credential from a file, trimmed: missing, unreadable or empty is a `Config` error
+/// naming the file; `private` also refuses a file every user can read (a Vault token).
+fn read_credential(path: &Path, what: &str, check: &str, private: bool) -> Result<SecretString> {
+    let failed = |why: &str| {
         Error::new(
             ErrorKind::Config,
-            format!("reading the AppRole secret_id file {}", path.display()),
+            format!("reading {what} {}: {why}; {check}", path.display()),
         )
-        .with_source(e)
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => "it does not exist",
+            std::io::ErrorKind::PermissionDenied => "this process may not read it",
+            _ => "it cannot be read",
+        };
+        failed(why).with_source(e)
     })?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        if mode & 0o004 != 0 {
+            return Err(failed(&format!(
+                "every user of this machine can read it (mode {:o}); make it 0600 or 0640 \
+                 (Vault Agent's sink `mode`)",
+                mode & 0o777
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = private;
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "reading the AppRole secret_id file {}: it is empty",
-                path.display()
-            ),
-        ));
+        return Err(failed("it is empty"));
     }
     Ok(SecretString::from(trimmed.to_owned()))
 }
@@ -485,7 +1029,7 @@ fn token_info(
 async fn renew_self(client: &Client, s: &TokenState) -> Result<TokenState> {
     let body = json!({ "increment": format!("{}s", s.increment.as_secs()) });
     let (env, received) = client
-        .call::<serde_json::Value>(Call::put("auth/token/renew-self", &body).with_token(&s.token))
+        .call::<serde_json::Value>(Call::put("auth/token/renew-self", &body).with_token(s.held()?))
         .await
         .map_err(|e| e.context("renewing the client's Vault token"))?;
     let auth = env.auth.ok_or_else(|| {
@@ -520,12 +1064,7 @@ pub(crate) struct LookupSelf {
     policies: Vec<String>,
 }
 
-async fn lookup_self(client: &Client, token: &SecretString) -> Result<TokenInfo> {
-    let (env, received) = client
-        .call::<LookupSelf>(Call::get("auth/token/lookup-self").with_token(token))
-        .await
-        .map_err(|e| e.context("checking the Vault token (VAULT_TOKEN)"))?;
-    let (data, _) = env.into_data("auth/token/lookup-self")?;
+fn lookup_info(data: LookupSelf, received: Instant) -> Result<TokenInfo> {
     Ok(TokenInfo {
         accessor: data.accessor,
         ttl: ttl(data.ttl.max(0) as u64, "auth/token/lookup-self")?,
@@ -535,6 +1074,13 @@ async fn lookup_self(client: &Client, token: &SecretString) -> Result<TokenInfo>
         logins: 0,
         renewals: 0,
     })
+}
+
+async fn lookup_self(client: &Client, token: &SecretString) -> Result<TokenInfo> {
+    let (env, received) = client
+        .call::<LookupSelf>(Call::get("auth/token/lookup-self").with_token(token))
+        .await?;
+    lookup_info(env.into_data("auth/token/lookup-self")?.0, received)
 }
 
 impl Client {
@@ -590,7 +1136,7 @@ mod tests {
             logins: 1,
             renewals: 0,
         };
-        let s = state(SecretString::from("t"), info, None);
+        let s = state(Some(SecretString::from("t")), info, None);
         assert!(TokenManager::usable(&s, now + Duration::from_secs(19)));
         assert!(!TokenManager::usable(&s, now + Duration::from_secs(20)));
         assert_eq!(s.increment, Duration::from_secs(30));
@@ -608,11 +1154,79 @@ mod tests {
             logins: 0,
             renewals: 0,
         };
-        let s = state(SecretString::from("root"), info, None);
+        let s = state(Some(SecretString::from("root")), info, None);
         assert!(TokenManager::usable(
             &s,
             now + Duration::from_secs(1_000_000)
         ));
+    }
+
+    #[test]
+    fn credential_files_missing_empty_or_world_readable_are_config_errors() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("vaultpool-tok-{}", std::process::id()));
+        let read = |private| read_credential(&path, "the Vault token file", "check it", private);
+        let err = read(true).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        std::fs::write(&path, "hvs.abc\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read(true).unwrap_err();
+        assert!(
+            err.to_string().contains("every user") && err.to_string().contains("644"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("hvs.abc"), "{err}");
+        // A Kubernetes service-account token is mounted 0644: not refused.
+        assert_eq!(read(false).unwrap().expose_secret(), "hvs.abc");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(read(true).unwrap().expose_secret(), "hvs.abc");
+        std::fs::write(&path, " \n").unwrap();
+        assert!(read(true).unwrap_err().to_string().contains("empty"));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn new_methods_never_show_secrets_and_name_their_mounts() {
+        let k = AuthMethod::kubernetes("app").with_mount("k8s");
+        assert!(
+            format!("{k:?}").contains("k8s") && format!("{k:?}").contains(KUBERNETES_TOKEN_PATH)
+        );
+        let r = LoginRequest {
+            path: "auth/aws/login".into(),
+            body: json!({"iam_request_body": "s3cr3t-sig"}),
+        };
+        assert!(!format!("{r:?}").contains("s3cr3t"), "{r:?}");
+        assert_eq!(AuthMethod::ProxyAutoAuth.name(), "proxy auto-auth");
+        assert!(AuthMethod::jwt_env("r", "CI_JWT").logs_in());
+        assert!(!AuthMethod::token_file("/run/sink").logs_in());
+    }
+
+    #[test]
+    fn a_look_at_a_token_not_ours_is_never_due_at_once() {
+        let now = Instant::now();
+        let mut info = TokenInfo {
+            accessor: "a".into(),
+            ttl: Duration::from_secs(30),
+            renewable: true,
+            policies: vec![],
+            obtained_at: now,
+            logins: 0,
+            renewals: 0,
+        };
+        assert_eq!(
+            next_look(now, Duration::from_secs(1), &info),
+            now + Duration::from_secs(1)
+        );
+        // Two thirds of its TTL come first.
+        info.ttl = Duration::from_millis(900);
+        assert_eq!(
+            next_look(now, Duration::from_secs(1), &info),
+            now + Duration::from_millis(600)
+        );
+        // Two thirds already past: not "now" (that would be a busy loop).
+        info.obtained_at = now - Duration::from_secs(10);
+        assert!(next_look(now, Duration::from_secs(1), &info) >= now + TOKEN_FILE_POLL);
     }
 
     #[test]
@@ -639,8 +1253,11 @@ mod tests {
             renewals: 0,
         };
         let m = TokenManager::new(AuthMethod::app_role("r", "s"));
-        m.current
-            .store(Some(Arc::new(state(SecretString::from("t"), info, None))));
+        m.current.store(Some(Arc::new(state(
+            Some(SecretString::from("t")),
+            info,
+            None,
+        ))));
         // Due long ago: before the fix the worker woke for it again and again at once.
         assert!(m.refresh_at().unwrap() < now);
         let mut waits = Vec::new();

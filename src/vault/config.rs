@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use super::auth::{AuthMethod, SecretIdSource, TokenManager};
+use super::auth::{AuthMethod, JwtSource, KUBERNETES_TOKEN_PATH, SecretIdSource, TokenManager};
 use super::breaker::{Breaker, BreakerConfig};
 use super::{Client, Inner, kv};
 use crate::error::{Error, ErrorKind, Result};
@@ -45,6 +45,7 @@ pub struct ClientBuilder {
     auth: Option<AuthMethod>,
     ca_cert: Option<PathBuf>,
     ca_pem: Option<Vec<u8>>,
+    client_cert: Option<(PathBuf, PathBuf)>,
     skip_verify: bool,
     connect_timeout: Duration,
     request_timeout: Duration,
@@ -71,6 +72,7 @@ impl ClientBuilder {
             auth: None,
             ca_cert: None,
             ca_pem: None,
+            client_cert: None,
             skip_verify: false,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(15),
@@ -86,9 +88,16 @@ impl ClientBuilder {
     /// | variable | meaning |
     /// |---|---|
     /// | `VAULT_ADDR` | address, e.g. `https://vault.internal:8200` (required) |
-    /// | `VAULT_TOKEN` | a token, used when no AppRole is configured |
-    /// | `VAULT_ROLE_ID` + `VAULT_SECRET_ID` or `VAULT_SECRET_ID_FILE` | AppRole login (wins over `VAULT_TOKEN`) |
+    /// | `VAULT_AUTH_METHOD` | `token`, `approle`, `kubernetes`, `jwt`, `cert`, `agent` (a token file) or `proxy` (no token: Vault Proxy's auto-auth); unset: AppRole if `VAULT_ROLE_ID` is set, else `VAULT_TOKEN`, else `VAULT_TOKEN_FILE` |
+    /// | `VAULT_TOKEN` | a token (`token`) |
+    /// | `VAULT_ROLE_ID` + `VAULT_SECRET_ID` or `VAULT_SECRET_ID_FILE` | AppRole login |
     /// | `VAULT_APPROLE_MOUNT` | AppRole mount, default `approle` |
+    /// | `VAULT_AUTH_MOUNT` | the mount of `kubernetes`, `jwt`, `cert` (default: the method's name) and `approle` |
+    /// | `VAULT_AUTH_ROLE` | the role to log in as (`kubernetes`, `jwt`; optional for `cert`) |
+    /// | `VAULT_KUBERNETES_TOKEN_PATH` | the service-account token, default `/var/run/secrets/kubernetes.io/serviceaccount/token` |
+    /// | `VAULT_JWT_FILE`, or `VAULT_JWT` | the JWT's file, or the variable holding it (read again at every login) |
+    /// | `VAULT_TOKEN_FILE` | Vault Agent's file sink (`agent`) |
+    /// | `VAULT_CLIENT_CERT` + `VAULT_CLIENT_KEY` | a client certificate presented on every connection to Vault (required by `cert`) |
     /// | `VAULT_NAMESPACE` | namespace header |
     /// | `VAULT_CACERT` | PEM file of the CA(s) to trust instead of the platform roots |
     /// | `VAULT_SKIP_VERIFY` | `true`/`1` disables TLS verification (never in production) |
@@ -142,31 +151,18 @@ impl ClientBuilder {
             })?;
             b.retry.max_retries = n;
         }
-        let mount = var("VAULT_APPROLE_MOUNT").unwrap_or_else(|| "approle".into());
-        let auth = match (
-            var("VAULT_ROLE_ID"),
-            var("VAULT_SECRET_ID"),
-            var("VAULT_SECRET_ID_FILE"),
-        ) {
-            (Some(role_id), Some(secret_id), _) => Some(AuthMethod::AppRole {
-                mount,
-                role_id: SecretString::from(role_id),
-                secret_id: SecretIdSource::Value(SecretString::from(secret_id)),
-            }),
-            (Some(role_id), None, Some(file)) => Some(AuthMethod::AppRole {
-                mount,
-                role_id: SecretString::from(role_id),
-                secret_id: SecretIdSource::File(file.into()),
-            }),
-            (Some(_), None, None) => {
+        match (var("VAULT_CLIENT_CERT"), var("VAULT_CLIENT_KEY")) {
+            (Some(cert), Some(key)) => b = b.client_cert(cert, key),
+            (None, None) => {}
+            _ => {
                 return Err(Error::new(
                     ErrorKind::Config,
-                    "configuring AppRole login: VAULT_ROLE_ID is set but neither \
-                     VAULT_SECRET_ID nor VAULT_SECRET_ID_FILE is",
+                    "configuring the Vault client certificate: set both VAULT_CLIENT_CERT and \
+                     VAULT_CLIENT_KEY, or neither",
                 ));
             }
-            (None, _, _) => var("VAULT_TOKEN").map(AuthMethod::token),
-        };
+        }
+        let auth = auth_from(&var)?;
         if let Some(auth) = auth {
             b = b.auth(auth);
         }
@@ -220,6 +216,15 @@ impl ClientBuilder {
     /// Default: the platform's roots.
     pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.ca_cert = Some(path.into());
+        self
+    }
+
+    /// A client certificate and its key (PEM files, like `VAULT_CLIENT_CERT` and
+    /// `VAULT_CLIENT_KEY`), presented on every connection to Vault: the credential of
+    /// [`AuthMethod::Cert`], and what a listener with `tls_require_and_verify_client_cert`
+    /// asks of every client. Default: none.
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
         self
     }
 
@@ -301,7 +306,7 @@ impl ClientBuilder {
         let auth = self.auth.ok_or_else(|| {
             Error::new(
                 ErrorKind::Config,
-                "building the Vault client: no auth method; set VAULT_TOKEN, or \
+                "building the Vault client: no auth method; set VAULT_TOKEN, or VAULT_AUTH_METHOD, or \
                  VAULT_ROLE_ID and VAULT_SECRET_ID, or call .auth(…)",
             )
         })?;
@@ -342,6 +347,18 @@ impl ClientBuilder {
                 })?;
             http = http.tls_certs_only(certs);
         }
+        match (&self.client_cert, &auth) {
+            (Some((cert, key)), _) => http = http.identity(client_identity(cert, key)?),
+            (None, AuthMethod::Cert { .. }) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "building the Vault client: TLS-certificate login needs a client \
+                     certificate; set VAULT_CLIENT_CERT and VAULT_CLIENT_KEY, or call \
+                     .client_cert(…)",
+                ));
+            }
+            (None, _) => {}
+        }
         if self.skip_verify {
             tracing::warn!("TLS verification of Vault is disabled (VAULT_SKIP_VERIFY)");
             http = http.tls_danger_accept_invalid_certs(true);
@@ -363,6 +380,123 @@ impl ClientBuilder {
             }),
         })
     }
+}
+
+/// The auth method the variables name (see [`ClientBuilder::from_env`]); `None` when
+/// they name none.
+fn auth_from(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<AuthMethod>> {
+    let missing = |what: &str, needs: &str| {
+        Error::new(
+            ErrorKind::Config,
+            format!("configuring {what} login (VAULT_AUTH_METHOD): {needs} is not set; set it"),
+        )
+    };
+    let method = match var("VAULT_AUTH_METHOD") {
+        Some(m) => m.trim().to_ascii_lowercase(),
+        None if var("VAULT_ROLE_ID").is_some() => "approle".into(),
+        None if var("VAULT_TOKEN").is_some() => "token".into(),
+        None if var("VAULT_TOKEN_FILE").is_some() => "agent".into(),
+        None => return Ok(None),
+    };
+    let mount = |default: &str| var("VAULT_AUTH_MOUNT").unwrap_or_else(|| default.into());
+    let role = |what: &str| var("VAULT_AUTH_ROLE").ok_or_else(|| missing(what, "VAULT_AUTH_ROLE"));
+    Ok(Some(match method.as_str() {
+        "token" => {
+            AuthMethod::token(var("VAULT_TOKEN").ok_or_else(|| missing("token", "VAULT_TOKEN"))?)
+        }
+        "approle" => {
+            let mount = var("VAULT_APPROLE_MOUNT").unwrap_or_else(|| mount("approle"));
+            let role_id =
+                var("VAULT_ROLE_ID").ok_or_else(|| missing("AppRole", "VAULT_ROLE_ID"))?;
+            let secret_id = match (var("VAULT_SECRET_ID"), var("VAULT_SECRET_ID_FILE")) {
+                (Some(v), _) => SecretIdSource::Value(SecretString::from(v)),
+                (None, Some(file)) => SecretIdSource::File(file.into()),
+                (None, None) => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        "configuring AppRole login: VAULT_ROLE_ID is set but neither \
+                         VAULT_SECRET_ID nor VAULT_SECRET_ID_FILE is",
+                    ));
+                }
+            };
+            AuthMethod::AppRole {
+                mount,
+                role_id: SecretString::from(role_id),
+                secret_id,
+            }
+        }
+        "kubernetes" => AuthMethod::Kubernetes {
+            mount: mount("kubernetes"),
+            role: role("Kubernetes")?,
+            token_path: var("VAULT_KUBERNETES_TOKEN_PATH")
+                .unwrap_or_else(|| KUBERNETES_TOKEN_PATH.into())
+                .into(),
+        },
+        "jwt" | "oidc" => AuthMethod::Jwt {
+            mount: mount("jwt"),
+            role: role("JWT")?,
+            jwt: match (var("VAULT_JWT_FILE"), var("VAULT_JWT")) {
+                (Some(file), _) => JwtSource::File(file.into()),
+                (None, Some(_)) => JwtSource::Env(
+                    if var("BAO_JWT").is_some() {
+                        "BAO_JWT"
+                    } else {
+                        "VAULT_JWT"
+                    }
+                    .into(),
+                ),
+                (None, None) => return Err(missing("JWT", "VAULT_JWT_FILE (or VAULT_JWT)")),
+            },
+        },
+        "cert" => AuthMethod::Cert {
+            mount: mount("cert"),
+            name: var("VAULT_AUTH_ROLE"),
+        },
+        "agent" | "token_file" => AuthMethod::token_file(
+            var("VAULT_TOKEN_FILE").ok_or_else(|| missing("Vault Agent", "VAULT_TOKEN_FILE"))?,
+        ),
+        "proxy" => AuthMethod::ProxyAutoAuth,
+        other => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "reading VAULT_AUTH_METHOD: unknown method {other:?}; use token, approle, \
+                     kubernetes, jwt, cert, agent or proxy"
+                ),
+            ));
+        }
+    }))
+}
+
+/// The client certificate and key as reqwest's identity; a `Config` error names the file.
+fn client_identity(cert: &std::path::Path, key: &std::path::Path) -> Result<reqwest::Identity> {
+    let read = |path: &std::path::Path, var: &str| {
+        std::fs::read(path).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "reading the Vault client certificate file {} ({var})",
+                    path.display()
+                ),
+            )
+            .with_source(e)
+        })
+    };
+    let mut pem = read(cert, "VAULT_CLIENT_CERT")?;
+    pem.push(b'\n');
+    pem.extend(read(key, "VAULT_CLIENT_KEY")?);
+    reqwest::Identity::from_pem(&pem).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "loading the Vault client certificate {} with the key {}: not a PEM certificate \
+                 and private key that belong together (VAULT_CLIENT_CERT / VAULT_CLIENT_KEY)",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .with_source(e)
+    })
 }
 
 fn parse_address(raw: &str) -> Result<url::Url> {
@@ -461,6 +595,84 @@ mod tests {
             })
         ));
         assert_eq!(b.address.as_deref(), Some("http://127.0.0.1:8200"));
+    }
+
+    #[test]
+    fn the_auth_method_variables_pick_the_method() {
+        let with = |pairs: &'static [(&'static str, &'static str)]| {
+            let mut all = vec![("VAULT_ADDR", "http://x:1")];
+            all.extend_from_slice(pairs);
+            let all: &'static [(&'static str, &'static str)] = Box::leak(all.into_boxed_slice());
+            ClientBuilder::from_lookup(lookup(all))
+        };
+        let b = with(&[
+            ("VAULT_AUTH_METHOD", "kubernetes"),
+            ("VAULT_AUTH_ROLE", "app"),
+            ("VAULT_TOKEN", "ignored"),
+        ])
+        .unwrap();
+        assert!(
+            matches!(&b.auth, Some(AuthMethod::Kubernetes { mount, role, token_path })
+            if mount == "kubernetes" && role == "app" && token_path.to_str() == Some(KUBERNETES_TOKEN_PATH))
+        );
+        let b = with(&[
+            ("VAULT_AUTH_METHOD", "JWT"),
+            ("VAULT_AUTH_ROLE", "ci"),
+            ("VAULT_AUTH_MOUNT", "gitlab"),
+            ("VAULT_JWT_FILE", "/run/jwt"),
+        ])
+        .unwrap();
+        assert!(
+            matches!(&b.auth, Some(AuthMethod::Jwt { mount, jwt: JwtSource::File(_), .. }) if mount == "gitlab")
+        );
+        let b = with(&[
+            ("VAULT_AUTH_METHOD", "jwt"),
+            ("VAULT_AUTH_ROLE", "ci"),
+            ("VAULT_JWT", "e30"),
+        ])
+        .unwrap();
+        assert!(
+            matches!(&b.auth, Some(AuthMethod::Jwt { jwt: JwtSource::Env(v), .. }) if v == "VAULT_JWT")
+        );
+        let b = with(&[("VAULT_TOKEN_FILE", "/run/sink")]).unwrap();
+        assert!(matches!(&b.auth, Some(AuthMethod::TokenFile { .. })));
+        let b = with(&[("VAULT_AUTH_METHOD", "proxy")]).unwrap();
+        assert!(matches!(&b.auth, Some(AuthMethod::ProxyAutoAuth)));
+        let b = with(&[
+            ("VAULT_AUTH_METHOD", "cert"),
+            ("VAULT_CLIENT_CERT", "/c.pem"),
+            ("VAULT_CLIENT_KEY", "/k.pem"),
+        ])
+        .unwrap();
+        assert!(matches!(&b.auth, Some(AuthMethod::Cert { name: None, .. })));
+        assert!(b.client_cert.is_some());
+        for (pairs, says) in [
+            (
+                &[("VAULT_AUTH_METHOD", "kubernetes")][..],
+                "VAULT_AUTH_ROLE",
+            ),
+            (
+                &[("VAULT_AUTH_METHOD", "jwt"), ("VAULT_AUTH_ROLE", "r")][..],
+                "VAULT_JWT_FILE",
+            ),
+            (&[("VAULT_AUTH_METHOD", "agent")][..], "VAULT_TOKEN_FILE"),
+            (&[("VAULT_AUTH_METHOD", "ldap")][..], "unknown method"),
+            (
+                &[("VAULT_CLIENT_CERT", "/c.pem"), ("VAULT_TOKEN", "t")][..],
+                "VAULT_CLIENT_KEY",
+            ),
+        ] {
+            let err = with(Box::leak(pairs.to_vec().into_boxed_slice())).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains(says), "{says}: {err}");
+        }
+        // Cert login without a client certificate is refused at build.
+        let err = ClientBuilder::new()
+            .address("http://x:1")
+            .auth(AuthMethod::cert(None))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("VAULT_CLIENT_CERT"), "{err}");
     }
 
     #[test]

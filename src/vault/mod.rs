@@ -31,7 +31,9 @@ mod transport;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use auth::{AuthMethod, SecretIdSource, TokenInfo};
+pub use auth::{
+    AuthMethod, JwtSource, KUBERNETES_TOKEN_PATH, Login, LoginRequest, SecretIdSource, TokenInfo,
+};
 pub use breaker::BreakerConfig;
 pub use config::{ClientBuilder, RetryConfig};
 pub use database::StaticCreds;

@@ -139,14 +139,15 @@ impl Client {
             Err(e)
                 if e.kind() == ErrorKind::PermissionDenied
                     && uses_client_token
-                    && self.inner.auth.method_name() == "approle" =>
+                    && self.inner.auth.can_replace_token() =>
             {
                 let Some(gone) = self.gone_token().await else {
                     return Err(e);
                 };
                 tracing::info!(
                     path = call.path,
-                    "vault refused the token and lookup-self says it is gone; logging in again"
+                    method = %self.inner.auth.method_name(),
+                    "vault refused the token and lookup-self says it is gone; replacing it"
                 );
                 self.inner.auth.invalidate(&gone);
                 self.send_with_retries(&call).await
@@ -176,7 +177,7 @@ impl Client {
             (Some(t), _) => Some(t),
             (None, true) => {
                 fetched = self.client_token().await?;
-                Some(&fetched)
+                fetched.as_ref()
             }
             (None, false) => None,
         };
@@ -249,7 +250,7 @@ impl Client {
     /// The client's token: the cached one, or a renewal/login. The refresh is boxed
     /// behind an explicit `dyn Future + Send`: a login is itself a call, and the future
     /// would otherwise contain itself.
-    pub(super) async fn client_token(&self) -> Result<secrecy::SecretString> {
+    pub(super) async fn client_token(&self) -> Result<Option<secrecy::SecretString>> {
         match self.inner.auth.cached(Instant::now()) {
             Some(token) => Ok(token),
             None => self.refresh_token().await,
@@ -258,7 +259,8 @@ impl Client {
 
     fn refresh_token(
         &self,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<secrecy::SecretString>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<secrecy::SecretString>>> + Send + '_>>
+    {
         Box::pin(self.inner.auth.token(self))
     }
 

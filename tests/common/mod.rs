@@ -4,6 +4,7 @@
 //! (`scenarios`). `use common::*;` brings all of it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod auth;
 pub mod faults;
 pub mod kafka;
 pub mod load;
@@ -15,7 +16,9 @@ pub mod vault_servers;
 
 // Each test binary uses a part of the harness; the rest is unused there.
 #[allow(unused_imports)]
-pub use {faults::*, kafka::*, load::*, postgres::*, redis::*, stack::*, vault_servers::*};
+pub use {
+    auth::*, faults::*, kafka::*, load::*, postgres::*, redis::*, stack::*, vault_servers::*,
+};
 
 use std::collections::HashMap;
 use std::net::TcpListener as StdListener;

@@ -134,6 +134,34 @@ pub fn unique() -> String {
     )
 }
 
+/// CA files of the test's own TLS servers, by address.
+static TRUSTED: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// Trust `ca` (a PEM file) for requests to `addr` made by [`vault_write`].
+pub fn trust_ca(addr: &str, ca: &std::path::Path) {
+    TRUSTED
+        .lock()
+        .unwrap()
+        .push((addr.to_owned(), ca.to_owned()));
+}
+
+/// An HTTP client for `addr`: trusting its registered CA, if any.
+pub fn http_for(addr: &str) -> reqwest::Client {
+    let ca = TRUSTED
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(a, _)| a == addr)
+        .map(|(_, ca)| ca.clone());
+    match ca {
+        Some(ca) => reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap()])
+            .build()
+            .unwrap(),
+        None => reqwest::Client::new(),
+    }
+}
+
 pub async fn vault_write(
     addr: &str,
     token: &str,
@@ -141,7 +169,7 @@ pub async fn vault_write(
     path: &str,
     body: serde_json::Value,
 ) -> serde_json::Value {
-    let r = reqwest::Client::new()
+    let r = http_for(addr)
         .request(method, format!("{addr}/v1/{path}"))
         .header("X-Vault-Token", token)
         .json(&body)

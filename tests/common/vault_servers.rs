@@ -405,3 +405,48 @@ pub async fn approle(
         secret_id["data"]["secret_id"].as_str().unwrap().to_owned(),
     )
 }
+
+/// `bao server -dev -dev-tls`: (process, https address, the dir holding `vault-ca.pem`).
+/// Its CA is registered, so [`vault_write`] to it is trusted.
+pub struct TlsDev(pub Child, pub String, pub std::path::PathBuf);
+
+impl TlsDev {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("vaultpool-tls-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(var("VAULTPOOL_BAO_BIN"))
+            .args([
+                "server",
+                "-dev",
+                "-dev-tls",
+                &format!("-dev-tls-cert-dir={}", dir.display()),
+                "-dev-root-token-id=root",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                "-dev-no-store-token",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let ca = dir.join("vault-ca.pem");
+        for _ in 0..400 {
+            if ca.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ca.exists(), "no CA written in {}", dir.display());
+        let addr = format!("https://127.0.0.1:{port}");
+        trust_ca(&addr, &ca);
+        Self(child, addr, dir)
+    }
+}
+
+impl Drop for TlsDev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.2);
+    }
+}

@@ -165,6 +165,12 @@ impl Error {
         }
     }
 
+    /// The same error as another kind (a 4xx on a login is a refused credential).
+    pub(crate) fn with_kind(mut self, kind: ErrorKind) -> Self {
+        self.inner.kind = kind;
+        self
+    }
+
     /// The context says what to fix: leave out the kind's general hint (for TLS, "check
     /// the CA file given…"), which could point elsewhere.
     pub(crate) fn fix_given(mut self) -> Self {

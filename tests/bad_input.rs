@@ -356,6 +356,7 @@ async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
     rows.extend(database_tls_rows().await);
     #[cfg(all(feature = "redis", feature = "tls"))]
     rows.extend(redis_tls_rows().await);
+    rows.extend(auth_rows(&tls).await);
 
     // The right CA works: the TLS rows fail for the reason they name.
     let ok = Client::builder()
@@ -405,6 +406,193 @@ async fn every_bad_input_is_a_typed_error_that_says_what_to_fix() {
     }
     let _ = std::fs::remove_file(&not_a_ca);
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Logging in to Vault (#13): the mistakes of each method, against the real methods on
+/// the stack's Vault (and cert auth on the TLS dev server `tls`).
+async fn auth_rows(tls: &TlsDev) -> Vec<Row> {
+    use common::{
+        JwtMount, TokenReview, cert_mount, epoch, jwt_keys, kubernetes_mount, stranger_certificate,
+        write_atomically,
+    };
+    use vaultpool::vault::{AuthMethod, ClientBuilder};
+    let login = async |auth: AuthMethod| -> Result<String, Error> {
+        builder()
+            .auth(auth)
+            .build()?
+            .login()
+            .await
+            .map(|t| t.accessor)
+    };
+    let dir = std::env::temp_dir().join(format!("vaultpool-auth-rows-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str, mode: u32| {
+        let path = dir.join(name);
+        write_atomically(&path, text, mode);
+        path
+    };
+    let jwt = JwtMount::new("1m", "1m").await;
+    let review = TokenReview::start().await;
+    let k8s = kubernetes_mount(&review, "1m", "1m").await;
+    let (keys, key, _) = jwt_keys();
+    let sa_token = file("sa-token", &common::service_account_token(&key, 0), 0o644);
+    cert_mount(tls, "1m", "1m").await;
+    let (stranger_dir, stranger_cert, stranger_key) = stranger_certificate();
+    let cert_login = |cert: std::path::PathBuf, key: std::path::PathBuf| {
+        Client::builder()
+            .address(&tls.1)
+            .ca_cert(tls.2.join("vault-ca.pem"))
+            .client_cert(cert, key)
+            .auth(AuthMethod::cert(Some("app".into())))
+            .build()
+    };
+    let rows = vec![
+        Row {
+            input: "Agent sink not yet written (waits, then fails)",
+            expect: ErrorKind::CredentialsUnavailable,
+            words: &[
+                "sink-never-written",
+                "does not exist after waiting",
+                "Vault Agent",
+            ],
+            result: login(AuthMethod::TokenFile {
+                path: dir.join("sink-never-written"),
+                wait: Duration::from_secs(1),
+            })
+            .await,
+        },
+        Row {
+            input: "token file unreadable (a directory)",
+            expect: ErrorKind::Config,
+            words: &["cannot be read", "VAULT_TOKEN_FILE"],
+            result: login(AuthMethod::token_file(&dir)).await,
+        },
+        Row {
+            input: "token file empty",
+            expect: ErrorKind::Config,
+            words: &["empty-sink", "it is empty"],
+            result: login(AuthMethod::token_file(file("empty-sink", "\n", 0o600))).await,
+        },
+        Row {
+            input: "token file world-readable",
+            expect: ErrorKind::Config,
+            words: &["open-sink", "every user", "0600"],
+            result: login(AuthMethod::token_file(file(
+                "open-sink",
+                "s3cr3t-token-xyz",
+                0o644,
+            )))
+            .await,
+        },
+        Row {
+            input: "JWT expired",
+            expect: ErrorKind::PermissionDenied,
+            words: &["role app", "has expired", "auth/jwt-"],
+            result: login(
+                AuthMethod::jwt_file("app", jwt.file(&jwt.jwt("vaultpool", epoch() - 60, 1)))
+                    .with_mount(&jwt.path),
+            )
+            .await,
+        },
+        Row {
+            input: "JWT with a wrong audience",
+            expect: ErrorKind::PermissionDenied,
+            words: &["audience", "bound_audiences"],
+            result: login(
+                AuthMethod::jwt_file("app", jwt.file(&jwt.jwt("elsewhere", epoch() + 60, 2)))
+                    .with_mount(&jwt.path),
+            )
+            .await,
+        },
+        Row {
+            input: "JWT role unknown",
+            expect: ErrorKind::PermissionDenied,
+            words: &["no role nope", "check the role name"],
+            result: login(
+                AuthMethod::jwt_file("nope", jwt.file(&jwt.jwt("vaultpool", epoch() + 60, 3)))
+                    .with_mount(&jwt.path),
+            )
+            .await,
+        },
+        Row {
+            input: "Kubernetes role unknown",
+            expect: ErrorKind::PermissionDenied,
+            words: &["no role nope", "auth/kubernetes-"],
+            result: login(
+                AuthMethod::kubernetes("nope")
+                    .with_mount(&k8s)
+                    .with_token_path(&sa_token),
+            )
+            .await,
+        },
+        Row {
+            input: "Kubernetes service-account token missing",
+            expect: ErrorKind::Config,
+            words: &["service-account token", "does not exist"],
+            result: login(
+                AuthMethod::kubernetes("app")
+                    .with_mount(&k8s)
+                    .with_token_path(dir.join("no-token")),
+            )
+            .await,
+        },
+        Row {
+            input: "client certificate no cert role trusts",
+            expect: ErrorKind::PermissionDenied,
+            words: &["client certificate", "VAULT_CLIENT_CERT", "auth/cert/login"],
+            result: match cert_login(stranger_cert.clone(), stranger_key) {
+                Ok(c) => c.login().await.map(|t| t.accessor),
+                Err(e) => Err(e),
+            },
+        },
+        Row {
+            input: "client certificate and key that do not belong together",
+            expect: ErrorKind::Config,
+            words: &["belong together", "VAULT_CLIENT_KEY"],
+            result: cert_login(stranger_cert, var("VAULTPOOL_TLS_CLIENT_KEY").into())
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "cert login without a client certificate",
+            expect: ErrorKind::Config,
+            words: &["VAULT_CLIENT_CERT"],
+            result: Client::builder()
+                .address(&tls.1)
+                .auth(AuthMethod::cert(None))
+                .build()
+                .map(|_| String::new()),
+        },
+        Row {
+            input: "proxy mode pointed at Vault itself (no use_auto_auth_token)",
+            expect: ErrorKind::PermissionDenied,
+            words: &["use_auto_auth_token"],
+            result: login(AuthMethod::ProxyAutoAuth).await,
+        },
+        Row {
+            input: "VAULT_AUTH_METHOD unknown",
+            expect: ErrorKind::Config,
+            words: &["VAULT_AUTH_METHOD", "ldap", "kubernetes"],
+            result: ClientBuilder::from_lookup(lookup(&[
+                ("VAULT_ADDR", "http://127.0.0.1:8200"),
+                ("VAULT_AUTH_METHOD", "ldap"),
+            ]))
+            .map(|_| String::new()),
+        },
+        Row {
+            input: "VAULT_AUTH_METHOD=kubernetes without a role",
+            expect: ErrorKind::Config,
+            words: &["VAULT_AUTH_ROLE"],
+            result: ClientBuilder::from_lookup(lookup(&[
+                ("VAULT_ADDR", "http://127.0.0.1:8200"),
+                ("VAULT_AUTH_METHOD", "kubernetes"),
+            ]))
+            .map(|_| String::new()),
+        },
+    ];
+    for d in [&dir, &keys, &stranger_dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    rows
 }
 
 /// After builds refused for TLS: every lease they issued is revoked within 10 s.

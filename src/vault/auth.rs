@@ -437,8 +437,11 @@ pub(crate) struct TokenManager {
 const REFRESH_RETRY_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between two token refreshes that fail.
 const REFRESH_RETRY_MAX: Duration = Duration::from_secs(30);
-/// How often a token file is read again to see whether the Agent replaced it.
+/// The longest wait before a token file is read again to see whether the Agent
+/// replaced it (sooner as the token nears its end: see [`next_look`]).
 const TOKEN_FILE_CHECK: Duration = Duration::from_secs(1);
+/// The longest wait before the Proxy's token is looked up again.
+const PROXY_CHECK: Duration = Duration::from_secs(30);
 /// How often a waiting first read looks for the token file.
 const TOKEN_FILE_POLL: Duration = Duration::from_millis(100);
 
@@ -818,8 +821,8 @@ impl TokenManager {
 }
 
 /// Behind a Vault Proxy: no token of ours; the Proxy's is looked up (through it) to
-/// learn its accessor and TTL, again every 1/20 of its TTL (1 s to 30 s), so that a
-/// replaced token is seen well before its end.
+/// learn which token it is and its TTL, again more often as it nears its end (see
+/// [`next_look`]), so that a replaced token is seen before the old one ends.
 async fn look_behind_proxy(client: &Client) -> Result<TokenState> {
     let (env, received) = client
         .call::<LookupSelf>(Call::get("auth/token/lookup-self").unauthenticated())
@@ -835,18 +838,23 @@ async fn look_behind_proxy(client: &Client) -> Result<TokenState> {
             ))
         })?;
     let info = lookup_info(env.into_data("auth/token/lookup-self")?.0, received)?;
-    let every = (info.ttl / 20).clamp(Duration::from_secs(1), Duration::from_secs(30));
     let mut s = state(None, info, None);
-    s.refresh_at = Some(next_look(received, every, &s.info));
+    s.refresh_at = Some(next_look(received, PROXY_CHECK, &s.info));
     Ok(s)
 }
 
-/// The next look at a token that is not ours to renew: after `every`, or at two thirds
-/// of its remaining TTL if that comes first.
-fn next_look(now: Instant, every: Duration, info: &TokenInfo) -> Instant {
-    let at = now + every;
-    info.renew_at()
-        .map_or(at, |r| at.min(r.max(now + TOKEN_FILE_POLL)))
+/// The next look at a token that is not ours to renew (the Agent's or the Proxy's):
+/// after a tenth of what is left of it as last seen, between 100 ms and `longest`.
+/// Whoever owns it replaces it shortly before its end (Vault's lifetime watcher keeps a
+/// grace of 10-20 % of its TTL), so the looks get denser as that moment nears, and the
+/// replacement is seen well before the old token ends; a token far from its end is
+/// looked at rarely.
+fn next_look(now: Instant, longest: Duration, info: &TokenInfo) -> Instant {
+    let every = info
+        .expires_at()
+        .map_or(longest, |end| end.saturating_duration_since(now) / 10)
+        .clamp(TOKEN_FILE_POLL, longest);
+    now + every
 }
 
 /// A login refused or failed: say which method, path and role, and what to fix when
@@ -854,7 +862,7 @@ fn next_look(now: Instant, every: Duration, info: &TokenInfo) -> Instant {
 fn login_error(method: &AuthMethod, path: &str, e: Error) -> Error {
     let text = e.to_string().to_ascii_lowercase();
     let (what, fix): (String, Option<String>) = match method {
-        AuthMethod::AppRole { .. } => ("logging in to Vault with AppRole".into(), None),
+        AuthMethod::AppRole { .. } => (format!("logging in to Vault with AppRole ({path})"), None),
         AuthMethod::Kubernetes {
             role, token_path, ..
         } => (
@@ -914,7 +922,17 @@ fn login_error(method: &AuthMethod, path: &str, e: Error) -> Error {
                     .to_owned()
             }),
         ),
-        other => (format!("logging in to Vault with {}", other.name()), None),
+        other => (
+            format!("logging in to Vault with {} ({path})", other.name()),
+            None,
+        ),
+    };
+    // A login Vault answered with 4xx is a refused credential, whatever the method's
+    // own words (an expired JWT, an unknown certificate are 400s).
+    let e = if e.kind() == ErrorKind::InvalidRequest {
+        e.with_kind(ErrorKind::PermissionDenied)
+    } else {
+        e
     };
     match fix {
         Some(fix) => e.context(format!("{what}: {fix}")).fix_given(),
@@ -1062,12 +1080,31 @@ pub(crate) struct LookupSelf {
     renewable: bool,
     #[serde(default)]
     policies: Vec<String>,
+    /// When the token was issued: who it is when the accessor is withheld (Vault Proxy
+    /// strips it from answers about its own token).
+    #[serde(default)]
+    issue_time: String,
+    /// When it ends; null for a token that never does.
+    #[serde(default)]
+    expire_time: Option<String>,
 }
 
 fn lookup_info(data: LookupSelf, received: Instant) -> Result<TokenInfo> {
+    let accessor = match (data.accessor.is_empty(), data.issue_time.is_empty()) {
+        (true, false) => format!("issued at {}", data.issue_time),
+        _ => data.accessor,
+    };
+    // Whole seconds: a token in its last second says 0, which for TokenInfo means "never
+    // ends" (a root token's 0 comes with no expire_time). Count it as ending now.
+    let expiring = data.expire_time.as_deref().is_some_and(|t| !t.is_empty());
+    let left = if data.ttl <= 0 && expiring {
+        Duration::from_millis(1)
+    } else {
+        ttl(data.ttl.max(0) as u64, "auth/token/lookup-self")?
+    };
     Ok(TokenInfo {
-        accessor: data.accessor,
-        ttl: ttl(data.ttl.max(0) as u64, "auth/token/lookup-self")?,
+        accessor,
+        ttl: left,
         renewable: data.renewable,
         policies: data.policies,
         obtained_at: received,
@@ -1203,30 +1240,53 @@ mod tests {
     }
 
     #[test]
-    fn a_look_at_a_token_not_ours_is_never_due_at_once() {
+    fn a_token_in_its_last_second_is_ending_not_endless() {
+        let at = Instant::now();
+        let data = |ttl: i64, expire: Option<&str>| LookupSelf {
+            accessor: String::new(),
+            ttl,
+            renewable: true,
+            policies: vec![],
+            issue_time: "2026-11-30T12:00:00Z".into(),
+            expire_time: expire.map(Into::into),
+        };
+        let ending = lookup_info(data(0, Some("2026-11-30T12:00:10Z")), at).unwrap();
+        assert!(
+            ending
+                .expires_at()
+                .is_some_and(|e| e <= at + Duration::from_millis(1))
+        );
+        assert_eq!(ending.accessor, "issued at 2026-11-30T12:00:00Z");
+        let root = lookup_info(data(0, None), at).unwrap();
+        assert_eq!(root.expires_at(), None);
+    }
+
+    #[test]
+    fn looks_at_a_token_not_ours_get_denser_near_its_end_but_never_busy() {
         let now = Instant::now();
         let mut info = TokenInfo {
             accessor: "a".into(),
-            ttl: Duration::from_secs(30),
+            ttl: Duration::from_secs(3600),
             renewable: true,
             policies: vec![],
             obtained_at: now,
             logins: 0,
             renewals: 0,
         };
-        assert_eq!(
-            next_look(now, Duration::from_secs(1), &info),
-            now + Duration::from_secs(1)
-        );
-        // Two thirds of its TTL come first.
-        info.ttl = Duration::from_millis(900);
-        assert_eq!(
-            next_look(now, Duration::from_secs(1), &info),
-            now + Duration::from_millis(600)
-        );
-        // Two thirds already past: not "now" (that would be a busy loop).
+        let wait = |info: &TokenInfo, longest| next_look(now, longest, info) - now;
+        // An hour left: the longest wait (30 s for the Proxy, 1 s for a file).
+        assert_eq!(wait(&info, PROXY_CHECK), PROXY_CHECK);
+        assert_eq!(wait(&info, TOKEN_FILE_CHECK), TOKEN_FILE_CHECK);
+        // 60 s left: every 6 s; 2 s left: every 200 ms.
+        info.ttl = Duration::from_secs(60);
+        assert_eq!(wait(&info, PROXY_CHECK), Duration::from_secs(6));
+        info.ttl = Duration::from_secs(2);
+        assert_eq!(wait(&info, PROXY_CHECK), Duration::from_millis(200));
+        // Past its end, or no end: never "now" (a busy loop), never more than the longest.
         info.obtained_at = now - Duration::from_secs(10);
-        assert!(next_look(now, Duration::from_secs(1), &info) >= now + TOKEN_FILE_POLL);
+        assert_eq!(wait(&info, PROXY_CHECK), TOKEN_FILE_POLL);
+        info.ttl = Duration::ZERO;
+        assert_eq!(wait(&info, PROXY_CHECK), PROXY_CHECK);
     }
 
     #[test]

@@ -364,7 +364,18 @@ impl ClientBuilder {
             http = http.tls_danger_accept_invalid_certs(true);
         }
         let http = http.build().map_err(|e| {
-            Error::new(ErrorKind::Config, "building the HTTP client for Vault").with_source(e)
+            let what = match &self.client_cert {
+                // reqwest checks the pair only here: name the files.
+                Some((cert, key)) => format!(
+                    "building the HTTP client for Vault with the client certificate {} and the \
+                     key {}: check that they are a PEM certificate and private key that belong \
+                     together (VAULT_CLIENT_CERT / VAULT_CLIENT_KEY)",
+                    cert.display(),
+                    key.display()
+                ),
+                None => "building the HTTP client for Vault".to_owned(),
+            };
+            Error::new(ErrorKind::Config, what).with_source(e)
         })?;
         let cache_ttl = (!self.kv_cache_ttl.is_zero()).then_some(self.kv_cache_ttl);
         Ok(Client {

@@ -290,38 +290,237 @@ fn b64url_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A `bao agent` or `bao proxy` of the test's own, killed on drop.
+/// A `bao agent` or `bao proxy` of the test's own, killed on drop: `prepare` writes its
+/// config (with `{dir}` replaced by its temp dir) so that files it reads can be put
+/// there, `spawn` starts it.
 pub struct BaoHelper {
-    child: Child,
+    mode: String,
+    child: Option<Child>,
     pub dir: PathBuf,
     pub log: PathBuf,
 }
 
 impl BaoHelper {
-    /// `bao <mode> -config=…` with `config` (HCL) written in a temp dir; `{dir}` in it is
-    /// replaced by that dir.
-    pub fn start(mode: &str, config: &str) -> Self {
+    pub fn prepare(mode: &str, config: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("vaultpool-{mode}-{}", unique()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("config.hcl");
-        std::fs::write(&path, config.replace("{dir}", dir.to_str().unwrap())).unwrap();
+        std::fs::write(
+            dir.join("config.hcl"),
+            config.replace("{dir}", dir.to_str().unwrap()),
+        )
+        .unwrap();
         let log = dir.join("out.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(var("VAULTPOOL_BAO_BIN"))
-            .arg(mode)
-            .arg(format!("-config={}", path.display()))
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Self { child, dir, log }
+        Self {
+            mode: mode.to_owned(),
+            child: None,
+            dir,
+            log,
+        }
+    }
+
+    pub fn spawn(mut self) -> Self {
+        let out = std::fs::File::create(&self.log).unwrap();
+        self.child = Some(
+            Command::new(var("VAULTPOOL_BAO_BIN"))
+                .arg(&self.mode)
+                .arg(format!("-config={}", self.dir.join("config.hcl").display()))
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap(),
+        );
+        self
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
 impl Drop for BaoHelper {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A JWT auth mount of the test's own on the stack's Vault: a key pair, role `app`
+/// (`bound_audiences = vaultpool`, `user_claim = sub`) with tokens of `token_ttl`
+/// renewable to `token_max_ttl`.
+pub struct JwtMount {
+    pub path: String,
+    pub dir: PathBuf,
+    key: PathBuf,
+}
+
+impl JwtMount {
+    pub async fn new(token_ttl: &str, token_max_ttl: &str) -> Self {
+        let path = format!("jwt-{}", unique());
+        enable_auth("jwt", &path).await;
+        let policy = format!("policy-{path}");
+        immune_policy(&policy).await;
+        let (dir, key, public) = jwt_keys();
+        root_write(
+            reqwest::Method::POST,
+            &format!("auth/{path}/config"),
+            serde_json::json!({ "jwt_validation_pubkeys": [public] }),
+        )
+        .await;
+        root_write(
+            reqwest::Method::POST,
+            &format!("auth/{path}/role/app"),
+            serde_json::json!({
+                "role_type": "jwt",
+                "user_claim": "sub",
+                "bound_audiences": ["vaultpool"],
+                "token_policies": [policy],
+                "token_ttl": token_ttl,
+                "token_max_ttl": token_max_ttl,
+            }),
+        )
+        .await;
+        Self { path, dir, key }
+    }
+
+    /// A JWT for audience `aud` ending at `exp` (epoch seconds), `n` its id.
+    pub fn jwt(&self, aud: &str, exp: u64, n: u64) -> String {
+        sign_jwt(
+            &self.key,
+            &serde_json::json!({
+                "sub": "svc", "aud": aud, "iat": epoch(), "exp": exp, "jti": n.to_string()
+            }),
+        )
+    }
+
+    /// `jwt` written to a new file in the mount's dir (mode 0600); its path.
+    pub fn file(&self, jwt: &str) -> PathBuf {
+        let file = self.dir.join(format!("jwt-{}", unique()));
+        write_atomically(&file, jwt, 0o600);
+        file
+    }
+}
+
+impl Drop for JwtMount {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Kubernetes auth mount of the test's own on the stack's Vault, reviewing tokens at
+/// `review` (see [`TokenReview`]): role `app` for service account `app` in namespace
+/// `payments`, tokens of `token_ttl` renewable to `token_max_ttl`. Its path.
+pub async fn kubernetes_mount(
+    review: &TokenReview,
+    token_ttl: &str,
+    token_max_ttl: &str,
+) -> String {
+    let path = format!("kubernetes-{}", unique());
+    enable_auth("kubernetes", &path).await;
+    let policy = format!("policy-{path}");
+    immune_policy(&policy).await;
+    root_write(
+        reqwest::Method::POST,
+        &format!("auth/{path}/config"),
+        serde_json::json!({
+            "kubernetes_host": review.addr,
+            "disable_local_ca_jwt": true,
+            // Required with disable_local_ca_jwt; unused on the stand-in's plain HTTP.
+            "kubernetes_ca_cert": std::fs::read_to_string(var("VAULTPOOL_PG_CA")).unwrap(),
+        }),
+    )
+    .await;
+    root_write(
+        reqwest::Method::POST,
+        &format!("auth/{path}/role/app"),
+        serde_json::json!({
+            "bound_service_account_names": ["app"],
+            "bound_service_account_namespaces": ["payments"],
+            "token_policies": [policy],
+            "token_ttl": token_ttl,
+            "token_max_ttl": token_max_ttl,
+        }),
+    )
+    .await;
+    path
+}
+
+/// A projected service-account token for `payments/app` as kubelet writes it (the
+/// nested `kubernetes.io` claims), signed with `key`; `n` its id.
+pub fn service_account_token(key: &std::path::Path, n: u64) -> String {
+    sign_jwt(
+        key,
+        &serde_json::json!({
+            "iss": "https://kubernetes.default.svc",
+            "sub": "system:serviceaccount:payments:app",
+            "aud": ["https://kubernetes.default.svc"],
+            "iat": epoch(),
+            "exp": epoch() + 3600,
+            "jti": format!("sa-{n}"),
+            "kubernetes.io": {
+                "namespace": "payments",
+                "serviceaccount": { "name": "app", "uid": "6c9b2f5e-0000-4000-8000-000000000001" },
+            },
+        }),
+    )
+}
+
+/// TLS-certificate auth on `tls` (a TLS dev server): cert role `app` trusting the
+/// stack's CA (which signed the stack's client certificate), tokens of `token_ttl`
+/// renewable to `token_max_ttl`, policy [`IMMUNE_POLICY`] for roles named `cert-*`.
+pub async fn cert_mount(tls: &TlsDev, token_ttl: &str, token_max_ttl: &str) {
+    let write = async |method, path: &str, body| {
+        vault_write(&tls.1, "root", method, path, body).await;
+    };
+    write(
+        reqwest::Method::POST,
+        "sys/auth/cert",
+        serde_json::json!({"type": "cert"}),
+    )
+    .await;
+    write(
+        reqwest::Method::PUT,
+        "sys/policies/acl/app",
+        serde_json::json!({ "policy": IMMUNE_POLICY.replace("test-*", "cert-*") }),
+    )
+    .await;
+    write(
+        reqwest::Method::POST,
+        "auth/cert/certs/app",
+        serde_json::json!({
+            "certificate": std::fs::read_to_string(var("VAULTPOOL_PG_CA")).unwrap(),
+            "token_policies": ["app"],
+            "token_ttl": token_ttl,
+            "token_max_ttl": token_max_ttl,
+        }),
+    )
+    .await;
+}
+
+/// A self-signed certificate (no cert role trusts it) and its key, in a new temp dir:
+/// (dir, cert, key).
+pub fn stranger_certificate() -> (PathBuf, PathBuf, PathBuf) {
+    let (dir, key, _) = jwt_keys();
+    let cert = dir.join("stranger.pem");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-new",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=stranger",
+            "-key",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .status()
+        .unwrap();
+    assert!(made.success(), "openssl req -x509");
+    (dir, cert, key)
 }

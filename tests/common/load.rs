@@ -39,7 +39,15 @@ impl TestPool for vaultpool::postgres::VaultPgPool {
             let row = client
                 .query_one("SELECT count(*) FROM items", &[])
                 .await
-                .map_err(|e| format!("query (gen {}): {e}", client.generation().0))?;
+                .map_err(|e| {
+                    format!(
+                        "query (gen {}): {e} ({})",
+                        client.generation().0,
+                        std::error::Error::source(&e)
+                            .map(ToString::to_string)
+                            .unwrap_or_default()
+                    )
+                })?;
             Ok(row.get(0))
         })
     }

@@ -1,0 +1,437 @@
+//! Every way to log in to Vault, against the real `bao` binary: JWT (a key pair the test
+//! generates), Kubernetes (OpenBao's real kubernetes auth method; only the Kubernetes
+//! API's TokenReview endpoint it calls is a stand-in, see `common::TokenReview`), TLS
+//! certificates (a TLS dev server), Vault Agent (AppRole auto-auth, a file sink) and
+//! Vault Proxy (`use_auto_auth_token`). Each leases, renews, rotates and revokes under
+//! a query load with short tokens, so that logins and token replacements happen during
+//! the run.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vaultpool::ErrorKind;
+use vaultpool::postgres::VaultPgPool;
+use vaultpool::vault::{AuthMethod, Client};
+
+/// What one run under load saw (printed for the notes; some fields asserted on).
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug
+struct Figures {
+    queries: u64,
+    failed: u64,
+    rotations: u64,
+    renewals: u64,
+    /// The client's logins at the end (0 for methods that do not log in).
+    logins: u64,
+    /// Distinct token accessors the client used.
+    tokens: usize,
+}
+
+/// A pool on a database role of its own (4 s leases renewable to 8 s: renewals and
+/// rotations every few seconds) through `client`, 4 query loops for `run_for`, calling
+/// `during` every second; then close, and every lease of the role must be revoked.
+async fn under_load(
+    what: &str,
+    client: Client,
+    run_for: Duration,
+    mut during: impl FnMut(u64),
+) -> Figures {
+    let role = create_role("4s", "8s").await;
+    let pool = VaultPgPool::builder(&role)
+        .vault(client.clone())
+        .pg_config(pg_target())
+        .policy(fast_policy())
+        .max_size(4)
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(&pool, 4, stop.clone());
+    let started = Instant::now();
+    let mut accessors = std::collections::HashSet::new();
+    let mut second = 0;
+    while started.elapsed() < run_for {
+        if let Some(t) = client.token_info() {
+            accessors.insert(t.accessor);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = started.elapsed().as_secs();
+        if s > second {
+            second = s;
+            during(s);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    let status = pool.status().lease;
+    pool.close().await;
+    let figures = Figures {
+        queries: report.ok,
+        failed: report.failed,
+        rotations: status.rotations,
+        renewals: status.renewals,
+        logins: client.token_info().map_or(0, |t| t.logins),
+        tokens: accessors.len(),
+    };
+    println!("{what}: {figures:?}");
+    assert_eq!(report.failed, 0, "{what}: {:?}", report.errors);
+    assert!(report.ok > 100, "{what}: only {} queries", report.ok);
+    assert!(status.rotations >= 1, "{what}: no rotation");
+    assert!(status.renewals >= 1, "{what}: no renewal");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leases_of(&role).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: leases left after close: {:?}",
+            leases_of(&role).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    figures
+}
+
+fn write_private(path: &std::path::Path, text: &str) {
+    write_atomically(path, text, 0o600);
+}
+
+/// JWT login with the JWT in a file rewritten every 3 s (as a CI system or a sidecar
+/// does): each login reads the current one. Then the mistakes: an expired JWT, a wrong
+/// audience, an unknown role — typed errors naming the role and what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_login_reads_the_jwt_afresh_and_survives_token_replacement_under_load() {
+    let mount = JwtMount::new("3s", "6s").await;
+    let file = mount.dir.join("jwt");
+    write_private(&file, &mount.jwt("vaultpool", epoch() + 300, 0));
+    let client = builder()
+        .auth(AuthMethod::jwt_file("app", &file).with_mount(&mount.path))
+        .build()
+        .unwrap();
+    let mut written = 1;
+    let f = under_load("JWT", client, Duration::from_secs(20), |s| {
+        if s % 3 == 0 {
+            write_private(&file, &mount.jwt("vaultpool", epoch() + 300, s));
+            written += 1;
+        }
+    })
+    .await;
+    assert!(f.logins >= 3, "{f:?}");
+    assert!(f.tokens >= 3, "{f:?}");
+    println!("JWT: {written} JWTs written during the run");
+
+    // The mistakes, each against the real method.
+    let login = |jwt: String, role: &'static str| {
+        let client = builder()
+            .auth(AuthMethod::jwt_file(role, mount.file(&jwt)).with_mount(&mount.path))
+            .build()
+            .unwrap();
+        async move { client.login().await.unwrap_err() }
+    };
+    for (what, e, says) in [
+        (
+            "an expired JWT",
+            login(mount.jwt("vaultpool", epoch() - 120, 1), "app").await,
+            "has expired",
+        ),
+        (
+            "a wrong audience",
+            login(mount.jwt("someone-else", epoch() + 300, 2), "app").await,
+            "audience",
+        ),
+        (
+            "an unknown role",
+            login(mount.jwt("vaultpool", epoch() + 300, 3), "nope").await,
+            "role nope",
+        ),
+    ] {
+        println!("JWT, {what}: {e}");
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{what}: {e}");
+        assert!(e.to_string().contains(says), "{what}: {e}");
+        assert!(e.to_string().contains(&mount.path), "{what}: {e}");
+    }
+}
+
+/// Kubernetes login against OpenBao's real kubernetes auth method, with the
+/// service-account token file replaced mid-run (projected tokens rotate) and the old
+/// token then invalidated at the TokenReview stand-in: logins read the file each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_login_reads_the_service_account_token_at_every_login_under_load() {
+    let review = TokenReview::start().await;
+    let path = kubernetes_mount(&review, "3s", "6s").await;
+    let (dir, key, _) = jwt_keys();
+    let file = dir.join("token");
+    let first = service_account_token(&key, 0);
+    write_atomically(&file, &first, 0o644); // kubelet's default mode: not refused
+    let client = builder()
+        .auth(
+            AuthMethod::kubernetes("app")
+                .with_mount(&path)
+                .with_token_path(&file),
+        )
+        .build()
+        .unwrap();
+    let f = under_load("Kubernetes", client, Duration::from_secs(20), |s| {
+        if s == 8 {
+            write_atomically(&file, &service_account_token(&key, 1), 0o644);
+            review.revoke(&first);
+        }
+    })
+    .await;
+    let reviews = review.reviews.load(Ordering::Relaxed);
+    println!("Kubernetes: {reviews} TokenReview calls");
+    assert!(f.logins >= 3, "{f:?}");
+    assert!(
+        reviews >= f.logins,
+        "{reviews} reviews for {} logins",
+        f.logins
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An AppRole on the stack's Vault whose tokens live 5 s, renewable to 10 s, written as
+/// role_id / secret_id files in `dir` for an Agent or Proxy to log in with.
+async fn short_approle(dir: &std::path::Path) {
+    let name = format!("agent-{}", unique());
+    let (role_id, secret_id) = approle(
+        &var("VAULT_ADDR"),
+        &var("VAULTPOOL_ROOT_TOKEN"),
+        &name,
+        IMMUNE_POLICY,
+        ("5s", "10s"),
+    )
+    .await;
+    std::fs::write(dir.join("role_id"), role_id).unwrap();
+    std::fs::write(dir.join("secret_id"), secret_id).unwrap();
+}
+
+const AUTO_AUTH: &str = r#"
+auto_auth {
+  method "approle" {
+    config = {
+      role_id_file_path = "{dir}/role_id"
+      secret_id_file_path = "{dir}/secret_id"
+      remove_secret_id_file_after_reading = false
+    }
+  }
+  SINK
+}
+"#;
+
+/// Vault Agent with AppRole auto-auth and a file sink; its token lives 5 s renewable to
+/// 10 s, so the Agent replaces it (shortly before the old one ends) several times during
+/// the run. The client reads the
+/// sink, never renews or revokes the Agent's token, and rotates leases issued under a
+/// replaced token before its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_agent_token_file_replaced_during_the_run_loses_no_query() {
+    let config = format!(
+        "vault {{ address = \"{}\" }}\n{}",
+        var("VAULT_ADDR"),
+        AUTO_AUTH.replace(
+            "SINK",
+            r#"sink "file" { config = { path = "{dir}/token" mode = 0600 } }"#
+        )
+    );
+    let agent = BaoHelper::prepare("agent", &config);
+    short_approle(&agent.dir).await;
+    let agent = agent.spawn();
+    let sink = agent.dir.join("token");
+    // Started before the Agent wrote its sink: the first read waits for it.
+    let client = builder()
+        .auth(AuthMethod::token_file(&sink))
+        .build()
+        .unwrap();
+    let f = under_load(
+        "Vault Agent",
+        client.clone(),
+        Duration::from_secs(25),
+        |_| {},
+    )
+    .await;
+    assert!(
+        f.tokens >= 3,
+        "the Agent's token was replaced only {} times: {f:?}",
+        f.tokens - 1
+    );
+    assert_eq!(
+        client.token_info().map(|t| t.renewals),
+        Some(0),
+        "renewed the Agent's token"
+    );
+    // A sink file every user can read is refused.
+    use std::os::unix::fs::PermissionsExt;
+    let open = agent.dir.join("open-token");
+    std::fs::copy(&sink, &open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = builder()
+        .auth(AuthMethod::token_file(&open))
+        .build()
+        .unwrap()
+        .login()
+        .await
+        .unwrap_err();
+    println!("Agent, a world-readable sink: {e}");
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("every user"), "{e}");
+    // A sink the Agent never writes: a typed error after the wait, no hang.
+    let e = builder()
+        .auth(AuthMethod::TokenFile {
+            path: agent.dir.join("never"),
+            wait: Duration::from_secs(1),
+        })
+        .build()
+        .unwrap()
+        .login()
+        .await
+        .unwrap_err();
+    println!("Agent, a sink never written: {e}");
+    assert_eq!(e.kind(), ErrorKind::CredentialsUnavailable, "{e}");
+    drop(agent);
+}
+
+/// Vault Proxy with AppRole auto-auth and `use_auto_auth_token = true`: the client has no
+/// token at all; leases are issued, renewed, rotated and revoked through the Proxy while
+/// it replaces its token several times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_proxy_auto_auth_token_replaced_during_the_run_loses_no_query() {
+    let port = free_port();
+    let config = format!(
+        "vault {{ address = \"{}\" }}\n{}\napi_proxy {{ use_auto_auth_token = true }}\n\
+         listener \"tcp\" {{ address = \"127.0.0.1:{port}\" tls_disable = true }}\n",
+        var("VAULT_ADDR"),
+        AUTO_AUTH.replace("SINK", "")
+    );
+    let proxy = BaoHelper::prepare("proxy", &config);
+    short_approle(&proxy.dir).await;
+    let proxy = proxy.spawn();
+    let addr = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(10), "the Proxy listening", || {
+        port_open(&format!("127.0.0.1:{port}"))
+    })
+    .await;
+    let client = Client::builder()
+        .address(&addr)
+        .auth(AuthMethod::ProxyAutoAuth)
+        .build()
+        .unwrap();
+    let f = under_load("Vault Proxy", client, Duration::from_secs(25), |_| {}).await;
+    assert!(
+        f.tokens >= 3,
+        "the Proxy's token was replaced only {} times: {f:?}",
+        f.tokens - 1
+    );
+    drop(proxy);
+}
+
+/// TLS-certificate login on a TLS dev server: the client certificate (signed by the
+/// stack's CA, which a cert role trusts) is presented on every connection; leases of the
+/// dev server's own database engine under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_certificate_login_under_load() {
+    let tls = TlsDev::start().await;
+    let role = format!("cert-{}", unique());
+    configure_database_engine(&tls.1, "root", &role, "4s", "8s").await;
+    cert_mount(&tls, "3s", "6s").await;
+    let client = Client::builder()
+        .address(&tls.1)
+        .ca_cert(tls.2.join("vault-ca.pem"))
+        .client_cert(
+            var("VAULTPOOL_TLS_CLIENT_CERT"),
+            var("VAULTPOOL_TLS_CLIENT_KEY"),
+        )
+        .auth(AuthMethod::cert(Some("app".into())))
+        .build()
+        .unwrap();
+    let pool = VaultPgPool::builder(&role)
+        .vault(client.clone())
+        .pg_config(pg_target())
+        .policy(fast_policy())
+        .max_size(4)
+        .build()
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(&pool, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    let status = pool.status().lease;
+    pool.close().await;
+    let logins = client.token_info().map_or(0, |t| t.logins);
+    println!(
+        "TLS certificate: {} queries, {} failed, {} rotations, {} renewals, {logins} logins",
+        report.ok, report.failed, status.rotations, status.renewals
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert!(status.rotations >= 1 && status.renewals >= 1, "{status:?}");
+    assert!(logins >= 2, "{logins} logins");
+}
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/custom_login.rs"]
+mod custom_login;
+
+/// The example's own auth method (userpass, the password read from a file at each
+/// login), plugged in through `Login`: logs in again when its short token is capped,
+/// under load, like the methods vaultpool ships.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_login_from_the_example_under_load() {
+    let path = format!("userpass-{}", unique());
+    enable_auth("userpass", &path).await;
+    let policy = format!("policy-{path}");
+    immune_policy(&policy).await;
+    let password = format!("pw-{}", unique());
+    root_write(
+        reqwest::Method::POST,
+        &format!("auth/{path}/users/svc"),
+        serde_json::json!({
+            "password": password,
+            "token_policies": [policy],
+            "token_ttl": "3s",
+            "token_max_ttl": "6s",
+        }),
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("vaultpool-userpass-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("password");
+    write_private(&file, &password);
+    let client = builder()
+        .auth(AuthMethod::custom(custom_login::Userpass {
+            mount: path.clone(),
+            user: "svc".into(),
+            password_file: file.clone(),
+        }))
+        .build()
+        .unwrap();
+    let f = under_load(
+        "custom login (userpass)",
+        client,
+        Duration::from_secs(15),
+        |_| {},
+    )
+    .await;
+    assert!(f.logins >= 2, "{f:?}");
+    // A wrong password: refused, named by the method's name and path.
+    write_private(&file, "not-the-password");
+    let e = builder()
+        .auth(AuthMethod::custom(custom_login::Userpass {
+            mount: path.clone(),
+            user: "svc".into(),
+            password_file: file,
+        }))
+        .build()
+        .unwrap()
+        .login()
+        .await
+        .unwrap_err();
+    println!("custom login, a wrong password: {e}");
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("userpass"), "{e}");
+    assert!(!e.to_string().contains("not-the-password"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

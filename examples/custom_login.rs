@@ -50,10 +50,10 @@ impl Login for Userpass {
                 )
                 .with_source(e)
             })?;
-            Ok(LoginRequest {
-                path: format!("auth/{}/login/{}", self.mount, self.user),
-                body: serde_json::json!({ "password": password.trim() }),
-            })
+            Ok(LoginRequest::new(
+                format!("auth/{}/login/{}", self.mount, self.user),
+                serde_json::json!({ "password": password.trim() }),
+            ))
         })
     }
 }

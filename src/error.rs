@@ -165,6 +165,23 @@ impl Error {
         }
     }
 
+    /// A copy without the source, to hand the same failure to several callers (a token
+    /// refresh shared by everyone waiting for it).
+    pub(crate) fn shared_copy(&self) -> Self {
+        let i = &self.inner;
+        Self {
+            inner: Box::new(Inner {
+                kind: i.kind,
+                context: i.context.clone(),
+                status: i.status,
+                vault_errors: i.vault_errors.clone(),
+                retry_after: i.retry_after,
+                source: None,
+                fix_given: i.fix_given,
+            }),
+        }
+    }
+
     /// The same error as another kind (a 4xx on a login is a refused credential).
     pub(crate) fn with_kind(mut self, kind: ErrorKind) -> Self {
         self.inner.kind = kind;

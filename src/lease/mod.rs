@@ -430,6 +430,8 @@ pub(crate) async fn start(
     drain_timeout: Option<Duration>,
     (verify, verify_timeout): (Option<Verifier>, Duration),
 ) -> Result<Engine> {
+    // Before the issue, as for every rotation (see `worker::rotate`).
+    let issuing_token = source.issuing_token();
     let (first, _, _) =
         worker::issue_verified(&source, verify.as_ref(), verify_timeout, &source_name)
             .await
@@ -439,7 +441,10 @@ pub(crate) async fn start(
         let _ = source.revoke(&first.lease).await;
         return Err(e);
     }
-    let book = worker::Book::new(&first.lease, source.issuing_token());
+    let book = worker::Book::new(
+        &first.lease,
+        issuing_token.or_else(|| source.issuing_token()),
+    );
     let current = Current {
         generation: Generation(1),
         credentials: first.value,

@@ -773,6 +773,10 @@ async fn renew(shared: &Shared, book: &mut Book) {
 
 async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Generation> {
     let started = now();
+    // The token before the issue: if it is replaced meanwhile (an Agent, a Proxy), the
+    // lease may be the old token's, whose end is then known; the newer one could be
+    // taken for it and its end missed.
+    let issuing_token = shared.source.issuing_token();
     let issued = issue_verified(
         &shared.source,
         shared.verify.as_ref(),
@@ -859,7 +863,8 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     });
     book.full_ttl = new_full_ttl;
     book.capped = false;
-    book.issuing_token = shared.source.issuing_token();
+    // No token before (none yet, or just invalidated): the one that issued it.
+    book.issuing_token = issuing_token.or_else(|| shared.source.issuing_token());
     book.succeeded(shared);
     {
         let mut stats = shared.stats();

@@ -82,19 +82,21 @@ pub enum AuthMethod {
         name: Option<String>,
     },
     /// A token file that another process owns and replaces — Vault Agent's file sink.
-    /// Read again when it changes (checked every second); the token is never renewed
-    /// or revoked by vaultpool (the Agent does that). Leases issued under a token that
-    /// the Agent replaced rotate before that token's end.
+    /// Read again to see whether it changed (every second at most, more often as the
+    /// token nears its end); the token is never renewed or revoked by vaultpool (the
+    /// Agent does that). Leases issued under a token that the Agent replaced rotate
+    /// before that token's end.
     TokenFile {
         /// The sink file.
         path: PathBuf,
         /// How long the first read waits for the file to appear (the Agent may not have
-        /// written it yet); later reads do not wait. Default 30 s.
+        /// written it yet; at most an hour); later reads do not wait. Default 30 s.
         wait: Duration,
     },
     /// No token at all: requests go to a Vault Proxy with `use_auto_auth_token = true`,
     /// which adds its own. The token behind it is looked up (through the Proxy) to learn
-    /// when it changes; leases issued under a replaced token rotate before its end.
+    /// when it changes; leases issued under a replaced token rotate before its end. The
+    /// Proxy's token must be allowed `auth/token/lookup-self` (Vault's default policy is).
     ProxyAutoAuth,
     /// A login of your own (AWS IAM, GCP, Azure, …): see [`Login`].
     Custom(Arc<dyn Login>),
@@ -116,18 +118,32 @@ pub enum SecretIdSource {
 pub enum JwtSource {
     /// A file holding the JWT (e.g. a projected token, or one a CI system writes).
     File(PathBuf),
-    /// An environment variable holding the JWT (e.g. a CI job's OIDC token).
+    /// An environment variable of this process holding the JWT (e.g. a CI job's OIDC
+    /// token), read at every login — also when the client was configured with
+    /// [`ClientBuilder::from_lookup`](super::ClientBuilder::from_lookup) (`VAULT_JWT`).
     Env(String),
 }
 
 /// A login request: the path (`auth/aws/login`) and the JSON body Vault's auth method
-/// expects. The body is sent as is and never logged.
+/// expects. The body is sent as is and never logged. Made with [`LoginRequest::new`]
+/// (more may be added, e.g. headers).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct LoginRequest {
     /// The login path, without `/v1/`: e.g. `auth/aws/login`.
     pub path: String,
     /// The body, e.g. `{"role": "app", "iam_request_body": "…", …}`.
     pub body: serde_json::Value,
+}
+
+impl LoginRequest {
+    /// A `PUT` of `body` to `path` (e.g. `auth/aws/login`).
+    pub fn new(path: impl Into<String>, body: serde_json::Value) -> Self {
+        Self {
+            path: path.into(),
+            body,
+        }
+    }
 }
 
 impl fmt::Debug for LoginRequest {
@@ -157,10 +173,10 @@ impl fmt::Debug for LoginRequest {
 ///     fn request(&self) -> BoxFuture<'_, vaultpool::Result<LoginRequest>> {
 ///         Box::pin(async move {
 ///             let jwt = String::from("…"); // e.g. from the metadata server
-///             Ok(LoginRequest {
-///                 path: "auth/gcp/login".into(),
-///                 body: serde_json::json!({ "role": self.role, "jwt": jwt }),
-///             })
+///             Ok(LoginRequest::new(
+///                 "auth/gcp/login",
+///                 serde_json::json!({ "role": self.role, "jwt": jwt }),
+///             ))
 ///         })
 ///     }
 /// }
@@ -431,6 +447,13 @@ pub(crate) struct TokenManager {
     /// Refreshes failed in a row, and when the next one is due: a token that cannot be
     /// refreshed (Vault down past its end) is retried with backoff, not at every wake-up.
     failed: std::sync::Mutex<(u32, Option<Instant>)>,
+    /// The last refresh's failure, handed to callers inside the backoff that follows it
+    /// (instead of each trying again).
+    last_error: std::sync::Mutex<Option<Error>>,
+    /// A token file's first read has waited for the file (later reads never wait).
+    waited_for_file: std::sync::atomic::AtomicBool,
+    /// Names for tokens whose accessor Vault does not give (batch tokens).
+    unnamed: std::sync::atomic::AtomicU64,
 }
 
 /// The first wait after a failed token refresh; it doubles up to [`REFRESH_RETRY_MAX`].
@@ -442,6 +465,10 @@ const REFRESH_RETRY_MAX: Duration = Duration::from_secs(30);
 const TOKEN_FILE_CHECK: Duration = Duration::from_secs(1);
 /// The longest wait before the Proxy's token is looked up again.
 const PROXY_CHECK: Duration = Duration::from_secs(30);
+/// How long a custom [`Login::request`] may take.
+const CUSTOM_LOGIN_BOUND: Duration = Duration::from_secs(30);
+/// The longest a token file's first read waits for the file.
+const TOKEN_FILE_WAIT_MAX: Duration = Duration::from_secs(3600);
 /// How often a waiting first read looks for the token file.
 const TOKEN_FILE_POLL: Duration = Duration::from_millis(100);
 
@@ -453,6 +480,9 @@ impl TokenManager {
             refresh: tokio::sync::Mutex::new(()),
             ends: std::sync::Mutex::new(std::collections::HashMap::new()),
             failed: std::sync::Mutex::new((0, None)),
+            last_error: std::sync::Mutex::new(None),
+            waited_for_file: std::sync::atomic::AtomicBool::new(false),
+            unnamed: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -488,19 +518,62 @@ impl TokenManager {
         Some(not_before.map_or(due, |nb| due.max(nb)))
     }
 
-    fn refresh_failed(&self, now: Instant) {
+    fn refresh_failed(&self, now: Instant, error: Option<&Error>) {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         failed.0 = failed.0.saturating_add(1);
         let wait = crate::lease::doubling(REFRESH_RETRY_MIN, REFRESH_RETRY_MAX, failed.0);
         failed.1 = Some(now + wait);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error.map(Error::shared_copy);
+    }
+
+    /// Inside the backoff after a refresh that failed for a lasting reason (a refused
+    /// login, a missing credential file): that failure, to hand out instead of a new
+    /// attempt. A transient failure (Vault unreachable, sealed) is not shared: the
+    /// client's retries and circuit breaker already pace those, and say so.
+    fn backing_off(&self, now: Instant) -> Option<Error> {
+        let (_, not_before) = *self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        not_before.filter(|nb| now < *nb)?;
+        let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref()
+            .filter(|e| !e.is_transient() && e.kind() != ErrorKind::CircuitOpen)
+            .map(Error::shared_copy)
+    }
+
+    /// Whether `s` can still be used after a failed refresh: until its end (behind a
+    /// Proxy, always — the Proxy holds the token).
+    fn still_valid(&self, s: &TokenState, now: Instant) -> bool {
+        matches!(self.method, AuthMethod::ProxyAutoAuth)
+            || s.info.expires_at().is_none_or(|end| now < end)
+    }
+
+    /// Record when the token `accessor` ends, keeping the earlier of two ends (a token
+    /// Vault refused ended "now", whatever its TTL said). Tokens without a name are not
+    /// tracked.
+    fn end_token(&self, accessor: &str, end: Instant) {
+        if accessor.is_empty() {
+            return;
+        }
+        let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        ends.retain(|_, e| *e > now);
+        ends.entry(accessor.to_owned())
+            .and_modify(|e| *e = (*e).min(end))
+            .or_insert(end);
     }
 
     fn record_end(&self, info: &TokenInfo) {
         if let Some(end) = info.expires_at() {
-            let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            ends.retain(|_, e| *e > now);
-            ends.insert(info.accessor.clone(), end);
+            self.end_token(&info.accessor, end);
+        }
+    }
+
+    /// A name for a token Vault gave none (a batch token): unique in this process.
+    fn name_unnamed(&self, info: &mut TokenInfo) {
+        if info.accessor.is_empty() {
+            let n = self
+                .unnamed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            info.accessor = format!("unnamed token #{n}");
         }
     }
 
@@ -514,8 +587,7 @@ impl TokenManager {
         };
         let previous = self.current.compare_and_swap(&current, None);
         if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, state)) {
-            let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
-            ends.insert(state.info.accessor.clone(), Instant::now());
+            self.end_token(&state.info.accessor, Instant::now());
         }
     }
 
@@ -549,10 +621,19 @@ impl TokenManager {
         }
         let _one_at_a_time = self.refresh.lock().await;
         let old = self.current.load_full();
+        let now = Instant::now();
         if let Some(s) = &old
-            && Self::usable(s, Instant::now())
+            && Self::usable(s, now)
         {
             return Ok(s.token.clone());
+        }
+        // Inside the backoff after a failure, callers do not try again one after another:
+        // they keep the token while it is valid, or get the failure itself.
+        if let Some(e) = self.backing_off(now) {
+            return match old.as_deref().filter(|s| self.still_valid(s, now)) {
+                Some(s) => Ok(s.token.clone()),
+                None => Err(e),
+            };
         }
         // A refresh dropped midway (its caller cut by a deadline) counts as failed, so
         // the backoff holds however the attempt ended.
@@ -562,13 +643,47 @@ impl TokenManager {
         let new = match refreshed {
             Ok(new) => {
                 *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = (0, None);
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 Arc::new(new)
             }
             Err(e) => {
-                self.refresh_failed(Instant::now());
+                let now = Instant::now();
+                self.refresh_failed(now, Some(&e));
+                // A token that still works stays in use (a Proxy lookup that failed, a
+                // token file briefly unreadable, a re-login refused while the renewed
+                // token has time left); the next attempt comes after the backoff.
+                if let Some(s) = old.as_deref().filter(|s| self.still_valid(s, now)) {
+                    tracing::warn!(
+                        method = %self.method.name(),
+                        "refreshing the client's Vault token failed; the current one stays \
+                         in use while it is valid: {e}"
+                    );
+                    return Ok(s.token.clone());
+                }
                 return Err(e);
             }
         };
+        // Vault refused the token this refresh started from while it ran (`invalidate`):
+        // a refresh that came back with that same token must not bring it back.
+        let replaced = self.current.load_full();
+        let invalidated = !match (&replaced, &old) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if invalidated
+            && let (Some(gone), Some(token)) = (old.as_deref(), new.token.as_ref())
+            && gone.same_token(token)
+        {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "using the Vault token ({}): Vault refused it while it was being checked; \
+                     waiting for a new one",
+                    self.method.name()
+                ),
+            ));
+        }
         if let Some(old) = &old {
             // A renewal that came back short, or a token replaced (a login, the Agent,
             // the Proxy): the old token's end is now final.
@@ -644,13 +759,22 @@ impl TokenManager {
         }
     }
 
-    /// After a capped renewal: log in, but if Vault fails transiently keep the still-valid
-    /// renewed token.
+    /// After a capped renewal: log in, but if that fails keep the still-valid renewed
+    /// token (a refused login — an expired JWT, a rotated service-account token — may be
+    /// fixed before it ends) and try again later.
     async fn login_or_keep(&self, client: &Client, renewed: &TokenState) -> Result<TokenState> {
         match self.login(client, Some(renewed)).await {
             Ok(s) => Ok(s),
-            Err(e) if e.is_transient() => keep_until_retry(renewed, e),
-            Err(e) => Err(e),
+            Err(e) => {
+                if !e.is_transient() {
+                    tracing::warn!(
+                        method = %self.method.name(),
+                        "logging in again failed; the current token stays in use until its \
+                         end: {e}"
+                    );
+                }
+                keep_until_retry(renewed, e)
+            }
         }
     }
 
@@ -710,9 +834,20 @@ impl TokenManager {
                 None => json!({}),
             },
             AuthMethod::Custom(login) => {
-                return login.request().await.map_err(|e| {
-                    e.context(format!("building the {} login request", login.name()))
-                });
+                // Bounded: it runs under the refresh lock that every Vault call may wait on.
+                return match tokio::time::timeout(CUSTOM_LOGIN_BOUND, login.request()).await {
+                    Ok(r) => r.map_err(|e| {
+                        e.context(format!("building the {} login request", login.name()))
+                    }),
+                    Err(_) => Err(Error::new(
+                        ErrorKind::CredentialsUnavailable,
+                        format!(
+                            "building the {} login request: no answer within \
+                             {CUSTOM_LOGIN_BOUND:?}",
+                            login.name()
+                        ),
+                    )),
+                };
             }
             AuthMethod::Token(_) | AuthMethod::TokenFile { .. } | AuthMethod::ProxyAutoAuth => {
                 return Err(Error::new(
@@ -731,10 +866,7 @@ impl TokenManager {
             | AuthMethod::Cert { mount, .. } => mount.trim_matches('/'),
             _ => "",
         };
-        Ok(LoginRequest {
-            path: format!("auth/{mount}/login"),
-            body,
-        })
+        Ok(LoginRequest::new(format!("auth/{mount}/login"), body))
     }
 
     async fn login(&self, client: &Client, old: Option<&TokenState>) -> Result<TokenState> {
@@ -751,7 +883,8 @@ impl TokenManager {
             )
         })?;
         let logins = old.map_or(0, |s| s.info.logins) + 1;
-        let info = token_info(&auth, received, logins, 0, &path)?;
+        let mut info = token_info(&auth, received, logins, 0, &path)?;
+        self.name_unnamed(&mut info);
         tracing::info!(
             method = %name,
             accessor = %info.accessor,
@@ -772,10 +905,12 @@ impl TokenManager {
         wait: Duration,
         old: Option<&TokenState>,
     ) -> Result<TokenState> {
-        if old.is_none() {
-            // The first read (or the first after Vault refused the token): the Agent may
-            // not have written the sink yet.
-            let deadline = Instant::now() + wait;
+        if !self
+            .waited_for_file
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // The first read only: the Agent may not have written the sink yet.
+            let deadline = Instant::now() + wait.min(TOKEN_FILE_WAIT_MAX);
             while !path.exists() && Instant::now() < deadline {
                 tokio::time::sleep(TOKEN_FILE_POLL).await;
             }
@@ -808,12 +943,22 @@ impl TokenManager {
                 refresh_at: Some(next_look(now, TOKEN_FILE_CHECK, &s.info)),
             });
         }
-        let info = lookup_self(client, &token).await.map_err(|e| {
+        let mut info = lookup_self(client, &token).await.map_err(|e| {
             e.context(format!(
                 "checking the token in {} (Vault Agent's sink)",
                 path.display()
             ))
         })?;
+        if let Some(o) = old.filter(|o| o.same_token(&token)) {
+            // The same token looked up again: the same name; and a 0 TTL after a finite
+            // one is its last second (without an expire_time to say so), not "never".
+            info.accessor.clone_from(&o.info.accessor);
+            if info.ttl.is_zero() && !o.info.ttl.is_zero() {
+                info.ttl = Duration::from_millis(1);
+            }
+        } else {
+            self.name_unnamed(&mut info);
+        }
         let mut s = state(Some(token), info, None);
         s.refresh_at = Some(next_look(now, TOKEN_FILE_CHECK, &s.info));
         Ok(s)
@@ -860,7 +1005,13 @@ fn next_look(now: Instant, longest: Duration, info: &TokenInfo) -> Instant {
 /// A login refused or failed: say which method, path and role, and what to fix when
 /// Vault's words say it.
 fn login_error(method: &AuthMethod, path: &str, e: Error) -> Error {
-    let text = e.to_string().to_ascii_lowercase();
+    // Only Vault's own words count: a TLS or transport failure says "certificate" or
+    // "expired" about something else (the server's certificate).
+    let text = if e.vault_status().is_some() {
+        e.vault_errors().join("; ").to_ascii_lowercase()
+    } else {
+        String::new()
+    };
     let (what, fix): (String, Option<String>) = match method {
         AuthMethod::AppRole { .. } => (format!("logging in to Vault with AppRole ({path})"), None),
         AuthMethod::Kubernetes {
@@ -946,7 +1097,7 @@ struct Unfinished<'a>(Option<&'a TokenManager>);
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         if let Some(manager) = self.0.take() {
-            manager.refresh_failed(Instant::now());
+            manager.refresh_failed(Instant::now(), None);
         }
     }
 }
@@ -995,20 +1146,22 @@ fn read_credential(path: &Path, what: &str, check: &str, private: bool) -> Resul
             format!("reading {what} {}: {why}; {check}", path.display()),
         )
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let io = |e: std::io::Error| {
         let why = match e.kind() {
             std::io::ErrorKind::NotFound => "it does not exist",
             std::io::ErrorKind::PermissionDenied => "this process may not read it",
             _ => "it cannot be read",
         };
         failed(why).with_source(e)
-    })?;
+    };
+    // One handle for the mode and the text: the file cannot change in between.
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(io)?;
     #[cfg(unix)]
     if private {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map(|m| m.permissions().mode())
-            .unwrap_or(0);
+        let mode = file.metadata().map_err(io)?.permissions().mode();
         if mode & 0o004 != 0 {
             return Err(failed(&format!(
                 "every user of this machine can read it (mode {:o}); make it 0600 or 0640 \
@@ -1056,13 +1209,20 @@ async fn renew_self(client: &Client, s: &TokenState) -> Result<TokenState> {
             "renewing the client's Vault token: the answer has no `auth` block",
         )
     })?;
-    let info = token_info(
+    let mut info = token_info(
         &auth,
         received,
         s.info.logins,
         s.info.renewals + 1,
         "auth/token/renew-self",
     )?;
+    if info.accessor.is_empty() {
+        info.accessor.clone_from(&s.info.accessor);
+    }
+    if info.ttl.is_zero() && !s.info.ttl.is_zero() {
+        // Whole seconds: a renewal in the token's last second says 0 — ending, not endless.
+        info.ttl = Duration::from_millis(1);
+    }
     tracing::debug!(
         ttl_s = info.ttl.as_secs(),
         "renewed the client's Vault token"
@@ -1229,14 +1389,70 @@ mod tests {
         assert!(
             format!("{k:?}").contains("k8s") && format!("{k:?}").contains(KUBERNETES_TOKEN_PATH)
         );
-        let r = LoginRequest {
-            path: "auth/aws/login".into(),
-            body: json!({"iam_request_body": "s3cr3t-sig"}),
-        };
+        let r = LoginRequest::new("auth/aws/login", json!({"iam_request_body": "s3cr3t-sig"}));
         assert!(!format!("{r:?}").contains("s3cr3t"), "{r:?}");
         assert_eq!(AuthMethod::ProxyAutoAuth.name(), "proxy auto-auth");
         assert!(AuthMethod::jwt_env("r", "CI_JWT").logs_in());
         assert!(!AuthMethod::token_file("/run/sink").logs_in());
+    }
+
+    #[test]
+    fn a_failed_refresh_is_shared_inside_its_backoff_and_ends_keep_the_earlier() {
+        let m = TokenManager::new(AuthMethod::jwt_file("app", "/run/jwt"));
+        let now = Instant::now();
+        assert!(m.backing_off(now).is_none());
+        let refused = Error::new(
+            ErrorKind::PermissionDenied,
+            "logging in to Vault with a JWT",
+        );
+        m.refresh_failed(now, Some(&refused));
+        let shared = m.backing_off(now + Duration::from_millis(500)).unwrap();
+        assert_eq!(shared.kind(), ErrorKind::PermissionDenied);
+        assert_eq!(shared.to_string(), refused.to_string());
+        assert!(
+            m.backing_off(now + Duration::from_secs(2)).is_none(),
+            "1 s backoff"
+        );
+        // A token refused "now" keeps that end over the later one its TTL gave.
+        m.end_token("acc", now + Duration::from_secs(60));
+        m.end_token("acc", now + Duration::from_secs(5));
+        m.end_token("acc", now + Duration::from_secs(90));
+        assert_eq!(m.end_of("acc"), Some(now + Duration::from_secs(5)));
+        // A token without a name is never tracked (every lease would share its end).
+        m.end_token("", now + Duration::from_secs(5));
+        assert_eq!(m.end_of(""), None);
+        let mut batch = TokenInfo {
+            accessor: String::new(),
+            ttl: Duration::from_secs(60),
+            renewable: false,
+            policies: vec![],
+            obtained_at: now,
+            logins: 1,
+            renewals: 0,
+        };
+        m.name_unnamed(&mut batch);
+        let mut another = batch.clone();
+        another.accessor.clear();
+        m.name_unnamed(&mut another);
+        assert!(!batch.accessor.is_empty() && batch.accessor != another.accessor);
+    }
+
+    #[test]
+    fn login_advice_comes_only_from_vaults_answer() {
+        let jwt = AuthMethod::jwt_file("app", "/run/jwt");
+        // A TLS failure reaching Vault says "certificate ... expired": not the JWT's.
+        let tls = Error::new(
+            ErrorKind::Tls,
+            "TLS handshake: invalid peer certificate: Expired",
+        );
+        let e = login_error(&jwt, "auth/jwt/login", tls);
+        assert_eq!(e.kind(), ErrorKind::Tls);
+        assert!(!e.to_string().contains("the JWT has expired"), "{e}");
+        let answered = Error::new(ErrorKind::InvalidRequest, "PUT auth/jwt/login")
+            .with_vault(400, vec!["error validating token: token is expired".into()]);
+        let e = login_error(&jwt, "auth/jwt/login", answered);
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("the JWT has expired"), "{e}");
     }
 
     #[test]
@@ -1323,7 +1539,7 @@ mod tests {
         let mut waits = Vec::new();
         for _ in 0..8 {
             let at = Instant::now();
-            m.refresh_failed(at);
+            m.refresh_failed(at, None);
             waits.push((m.refresh_at().unwrap() - at).as_secs());
         }
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);

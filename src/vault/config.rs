@@ -115,11 +115,12 @@ impl ClientBuilder {
     /// # Errors
     /// As [`from_env`](Self::from_env).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        // BAO_X wins over VAULT_X when set and not empty (an empty one hides nothing).
         let var = |name: &str| {
             let bao = format!("BAO_{}", name.trim_start_matches("VAULT_"));
             lookup(&bao)
-                .or_else(|| lookup(name))
                 .filter(|v| !v.trim().is_empty())
+                .or_else(|| lookup(name).filter(|v| !v.trim().is_empty()))
         };
         let mut b = Self::new();
         let addr = var("VAULT_ADDR").ok_or_else(|| {
@@ -443,7 +444,7 @@ fn auth_from(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<AuthMethod>>
                 .unwrap_or_else(|| KUBERNETES_TOKEN_PATH.into())
                 .into(),
         },
-        "jwt" | "oidc" => AuthMethod::Jwt {
+        "jwt" => AuthMethod::Jwt {
             mount: mount("jwt"),
             role: role("JWT")?,
             jwt: match (var("VAULT_JWT_FILE"), var("VAULT_JWT")) {

@@ -533,7 +533,7 @@ impl Builder {
             verify: verify.clone(),
         });
         let vault = lease.vault()?;
-        let engine = lease.engine(vault, verify.clone()).await?;
+        let engine = lease.engine(vault, verify.clone(), None).await?;
         let swap = Arc::new(Swap::new(Instant::now()));
         let (on_acquire, on_release, on_connect) = (swap.clone(), swap.clone(), swap.clone());
         let UserHooks {

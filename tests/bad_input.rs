@@ -595,20 +595,6 @@ async fn auth_rows(tls: &TlsDev) -> Vec<Row> {
     rows
 }
 
-/// After builds refused for TLS: every lease they issued is revoked within 10 s.
-#[cfg(feature = "tls")]
-async fn assert_no_lease_left(role: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !common::leases_of(role).await.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "leases of {role} left behind: {:?}",
-            common::leases_of(role).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// TLS to PostgreSQL (the stack's TLS-only database): the mistakes a deployment makes,
 /// each refused at build.
 #[cfg(all(feature = "postgres", feature = "tls"))]
@@ -680,7 +666,7 @@ async fn database_tls_rows() -> Vec<Row> {
                 .map(|_| String::new()),
         },
     ];
-    assert_no_lease_left(&role).await;
+    common::assert_leases_gone(&role).await;
     rows
 }
 
@@ -760,7 +746,7 @@ async fn redis_tls_rows() -> Vec<Row> {
                 .map(|_| String::new()),
         },
     ];
-    assert_no_lease_left(&role).await;
+    common::assert_leases_gone(&role).await;
     rows
 }
 

@@ -648,3 +648,71 @@ async fn a_credential_source_of_your_own_rotates_under_load() {
         .await
         .unwrap();
 }
+
+/// Pre-warm (the default): the connections handed out after a rotation were opened
+/// before `rotate()` returned — with the new credentials, while the old ones served —
+/// so no checkout waited on a connect; with `prewarm(false)` they are opened after, on
+/// demand. PostgreSQL's own `backend_start` says when each session began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarmed_rotation_hands_out_connections_opened_before_the_swap() {
+    let role = create_role("1h", "1h").await;
+    for prewarm in [true, false] {
+        let pool = VaultPgPool::builder(&role)
+            .vault(approle_client("IMMUNE_SYSTEM"))
+            .pg_config(pg_target())
+            .max_size(4)
+            .prewarm(prewarm)
+            .build()
+            .await
+            .unwrap();
+        // Four connections in the pool.
+        let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.get()))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        drop(held);
+        pool.rotate().await.unwrap();
+        let timing = pool.status().lease.last_rotation.unwrap();
+        let rotated: std::time::SystemTime = pg_admin("adaptive_immunity")
+            .await
+            .query_one("SELECT now()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let conns: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.get()))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let mut opened_before = 0;
+        for c in &conns {
+            assert_eq!(c.generation(), Generation(2));
+            let started: std::time::SystemTime = c
+                .query_one(
+                    "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if started < rotated {
+                opened_before += 1;
+            }
+        }
+        println!(
+            "pre-warm {prewarm}: warmed {} in {:?}; {opened_before} of 4 connections handed \
+             out after the rotation were opened before it returned",
+            timing.warmed, timing.warm
+        );
+        if prewarm {
+            assert_eq!(timing.warmed, 4, "{timing:?}");
+            assert_eq!(opened_before, 4);
+        } else {
+            assert_eq!(timing.warmed, 0, "{timing:?}");
+            assert_eq!(opened_before, 0);
+        }
+        drop(conns);
+        pool.close().await;
+    }
+}

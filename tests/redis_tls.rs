@@ -174,13 +174,5 @@ async fn redis_tls_mistakes_are_typed_errors_that_say_what_to_fix() {
             started.elapsed()
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !leases_of(&role).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "leases left: {:?}",
-            leases_of(&role).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_leases_gone(&role).await;
 }

@@ -174,15 +174,7 @@ async fn tls_mistakes_are_typed_errors_that_say_what_to_fix() {
         assert_eq!(e.kind(), ErrorKind::Tls, "{what}: {e}");
     }
     // Every credential issued for these builds was revoked (in the background, at once).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !leases_of(&role).await.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "leases left behind: {:?}",
-            leases_of(&role).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_leases_gone(&role).await;
 }
 
 /// The verifiers other than verify-full, against the real server: verify-ca takes a
@@ -265,9 +257,5 @@ async fn verify_ca_prefer_and_precedence_against_the_real_server() {
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
     assert!(e.to_string().contains("give one of them"), "{e}");
     // Nothing leased for the refused builds is left behind.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !leases_of(&role).await.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "leases left behind");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_leases_gone(&role).await;
 }

@@ -63,6 +63,11 @@ pub(crate) const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Checks new credentials before they are swapped in (e.g. one real connection).
 pub type Verifier = Arc<dyn Fn(Credentials) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
+/// Prepares for new credentials after they are verified and before they are swapped in
+/// (pools open connections with them: a pre-warm); returns how many it prepared. Cut
+/// at the verify timeout; what it prepared by then counts.
+pub type Prewarm = Arc<dyn Fn(Credentials) -> BoxFuture<'static, usize> + Send + Sync>;
+
 /// The credentials serving now.
 #[non_exhaustive]
 pub struct Current {
@@ -240,6 +245,11 @@ pub struct RotationTiming {
     /// Verifying them (one real connection).
     #[serde(serialize_with = "secs::one")]
     pub verify: Duration,
+    /// Pre-warming: opening connections with them before the swap (zero without).
+    #[serde(serialize_with = "secs::one")]
+    pub warm: Duration,
+    /// How many connections the pre-warm opened.
+    pub warmed: usize,
     /// Swapping them in and notifying subscribers.
     #[serde(serialize_with = "secs::one")]
     pub swap: Duration,
@@ -304,8 +314,10 @@ pub(crate) struct Shared {
     /// A cap on how long a retired generation may drain; `None`: until its lease's end.
     drain_timeout: Option<Duration>,
     verify: Option<Verifier>,
-    /// How long a verification may take before it counts as failed.
+    /// How long a verification may take before it counts as failed (and the bound of
+    /// a pre-warm).
     verify_timeout: Duration,
+    prewarm: Option<Prewarm>,
     current: ArcSwap<Current>,
     /// The current generation, mirrored for the cheapest possible read.
     generation: AtomicU64,
@@ -354,6 +366,7 @@ pub struct Builder {
     drain_timeout: Option<Duration>,
     verify: Option<Verifier>,
     verify_timeout: Duration,
+    prewarm: Option<Prewarm>,
 }
 
 impl fmt::Debug for Builder {
@@ -392,6 +405,13 @@ impl Builder {
         self
     }
 
+    /// Prepare for new credentials once verified, before the swap (pools pass "open
+    /// connections with them"); bounded by the verify timeout. Default: none.
+    pub fn prewarm_with(mut self, prewarm: Prewarm) -> Self {
+        self.prewarm = Some(prewarm);
+        self
+    }
+
     /// How long that check may take before it counts as failed (a server that accepts
     /// connections but never answers the login). Default 10 s; a whole step of the engine
     /// is cut at 30 s anyway.
@@ -417,6 +437,7 @@ impl Builder {
             self.policy,
             self.drain_timeout,
             (self.verify, self.verify_timeout),
+            self.prewarm,
         )
         .await
     }
@@ -429,6 +450,7 @@ pub(crate) async fn start(
     policy: Policy,
     drain_timeout: Option<Duration>,
     (verify, verify_timeout): (Option<Verifier>, Duration),
+    prewarm: Option<Prewarm>,
 ) -> Result<Engine> {
     // Before the issue, as for every rotation (see `worker::rotate`).
     let issuing_token = source.issuing_token();
@@ -462,6 +484,7 @@ pub(crate) async fn start(
         drain_timeout,
         verify,
         verify_timeout,
+        prewarm,
         current: ArcSwap::from_pointee(current),
         generation: AtomicU64::new(1),
         generation_tx,
@@ -502,6 +525,7 @@ impl Engine {
             drain_timeout: None,
             verify: None,
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
+            prewarm: None,
         }
     }
 

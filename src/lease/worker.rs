@@ -824,6 +824,24 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         tracing::debug!(lease_id = %old.lease.id, "issued the serving credentials again; no rotation");
         return Ok(old.generation);
     }
+    // Pre-warm: connections with the new credentials, opened while the old ones serve,
+    // bounded so that the swap still comes well before the old lease's end.
+    let (warm, warmed) = match &shared.prewarm {
+        Some(prewarm) => {
+            let at = self::now();
+            // At most the verify timeout, and half of what is left of the serving lease.
+            let bound = old.lease.expires_at().map_or(shared.verify_timeout, |end| {
+                shared
+                    .verify_timeout
+                    .min(end.saturating_duration_since(at) / 2)
+            });
+            let n = tokio::time::timeout(bound, prewarm(leased.value.clone()))
+                .await
+                .unwrap_or(0);
+            (self::now() - at, n)
+        }
+        None => (Duration::ZERO, 0),
+    };
     let generation = Generation(old.generation.0 + 1);
     let new = Current {
         generation,
@@ -848,6 +866,8 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     let timing = super::RotationTiming {
         issue: issue_took,
         verify: verify_took,
+        warm,
+        warmed,
         swap: now - swap_started,
         total: now - started,
     };
@@ -1131,6 +1151,7 @@ mod tests {
             Policy::default(),
             Some(Duration::from_secs(30)),
             (None, Duration::from_secs(10)),
+            None,
         )
         .await
         .unwrap()
@@ -1283,6 +1304,7 @@ mod tests {
             Policy::default(),
             Some(Duration::MAX),
             (None, Duration::from_secs(10)),
+            None,
         )
         .await
         .unwrap();
@@ -1305,6 +1327,7 @@ mod tests {
             Policy::default(),
             None,
             (None, Duration::from_secs(10)),
+            None,
         )
         .await
         .unwrap();
@@ -1410,6 +1433,7 @@ mod tests {
             Policy::default(),
             Some(Duration::from_secs(30)),
             (Some(verify), Duration::from_secs(10)),
+            None,
         )
         .await
         .unwrap();
@@ -1527,6 +1551,7 @@ mod tests {
             Policy::default(),
             Some(Duration::from_secs(30)),
             (None, Duration::from_secs(10)),
+            None,
         )
         .await
         .unwrap();
@@ -1566,6 +1591,7 @@ mod tests {
             Policy::default(),
             None,
             (None, Duration::from_secs(10)),
+            None,
         )
         .await
         .unwrap_err();

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::inner::{self, Connect, Pooled};
 use super::{Builder, LeaseOptions, PoolStatus, Timeouts};
@@ -14,16 +15,33 @@ use crate::vault::Client;
 /// The settings of a deadpool-based pool around a backend's own settings `X`.
 #[derive(Debug)]
 pub struct Deadpool<X> {
-    max_size: usize,
-    timeouts: Timeouts,
+    settings: PoolSettings,
     pub(crate) backend: X,
 }
+
+/// The pool's own settings (not the backend's).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolSettings {
+    pub(crate) max_size: usize,
+    pub(crate) timeouts: Timeouts,
+    /// Pre-warm on rotation, this many connections opened at once; `None`: off.
+    pub(crate) prewarm: Option<usize>,
+    /// Close a connection once it is this old (less up to 20 %, per connection).
+    pub(crate) max_lifetime: Option<Duration>,
+}
+
+/// Connections opened at once by a pre-warm, by default.
+const PREWARM_CONCURRENCY: usize = 4;
 
 impl<X> Deadpool<X> {
     pub(crate) fn new(backend: X, timeouts: Timeouts) -> Self {
         Self {
-            max_size: 16,
-            timeouts,
+            settings: PoolSettings {
+                max_size: 16,
+                timeouts,
+                prewarm: Some(PREWARM_CONCURRENCY),
+                max_lifetime: None,
+            },
             backend,
         }
     }
@@ -32,7 +50,38 @@ impl<X> Deadpool<X> {
 impl<X> Builder<Deadpool<X>> {
     /// The most connections open at once (all generations together). Default 16.
     pub fn max_size(mut self, max_size: usize) -> Self {
-        self.target.max_size = max_size;
+        self.target.settings.max_size = max_size;
+        self
+    }
+
+    /// Pre-warm on rotation (default on): once new credentials are verified, and before
+    /// they are swapped in, open as many connections with them as the pool holds
+    /// (`concurrency` at a time, bounded by the verify timeout) while the old generation
+    /// keeps serving; after the swap, connections that replace the retired ones are
+    /// taken from those, so no checkout waits on a connect (a TLS and SCRAM handshake)
+    /// because of a rotation. The rotation's `warm` time says how long it took.
+    /// `prewarm(false)` opens replacements on demand, as checkouts need them.
+    pub fn prewarm(mut self, on: bool) -> Self {
+        self.target.settings.prewarm =
+            on.then_some(self.target.settings.prewarm.unwrap_or(PREWARM_CONCURRENCY));
+        self
+    }
+
+    /// How many connections a pre-warm opens at once (default 4; at least 1). Higher
+    /// warms faster; each connect costs the database a handshake.
+    pub fn prewarm_concurrency(mut self, concurrency: usize) -> Self {
+        if let Some(c) = &mut self.target.settings.prewarm {
+            *c = concurrency.max(1);
+        }
+        self
+    }
+
+    /// Close connections once they are this old (each one less up to 20 %, chosen when
+    /// it opens, so a fleet of pools does not reconnect in step), checked before an
+    /// idle connection is reused. Default `None`: connections live until a rotation
+    /// retires them (rotation already renews every connection once per lease).
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.target.settings.max_lifetime = lifetime;
         self
     }
 
@@ -40,7 +89,7 @@ impl<X> Builder<Deadpool<X>> {
     /// idle one before reuse. Defaults per backend (PostgreSQL: wait 10 s, create 10 s,
     /// recycle 5 s; Redis: wait 10 s, create 5 s, recycle 2 s).
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
-        self.target.timeouts = timeouts;
+        self.target.settings.timeouts = timeouts;
         self
     }
 
@@ -48,27 +97,29 @@ impl<X> Builder<Deadpool<X>> {
     /// start the engine and build the pool. What a backend's `build()` ends with.
     pub(crate) async fn build_with<C: Connect + Clone>(
         lease: LeaseOptions,
-        (max_size, timeouts): (usize, Timeouts),
+        settings: PoolSettings,
         vault: Option<Client>,
         verify: C,
         connect: C,
     ) -> Result<VaultPool<C>> {
         let auth_failure_wait = lease.auth_failure_wait;
-        let engine = lease.engine(vault, inner::verifier(verify)).await?;
-        let shared = inner::Shared::build(engine, connect, max_size, timeouts, auth_failure_wait)?;
+        let warm = Arc::new(inner::Warm::new(settings));
+        let prewarm = settings
+            .prewarm
+            .map(|_| inner::prewarmer(warm.clone(), connect.clone()));
+        let engine = lease
+            .engine(vault, inner::verifier(verify), prewarm)
+            .await?;
+        let shared = inner::Shared::build(engine, connect, settings, warm, auth_failure_wait)?;
         Ok(VaultPool {
             inner: Arc::new(shared),
         })
     }
 
-    /// Split into the leasing settings, deadpool's and the backend's.
-    pub(crate) fn into_parts(self) -> (LeaseOptions, (usize, Timeouts), X) {
-        let Deadpool {
-            max_size,
-            timeouts,
-            backend,
-        } = self.target;
-        (self.lease, (max_size, timeouts), backend)
+    /// Split into the leasing settings, the pool's and the backend's.
+    pub(crate) fn into_parts(self) -> (LeaseOptions, PoolSettings, X) {
+        let Deadpool { settings, backend } = self.target;
+        (self.lease, settings, backend)
     }
 }
 

@@ -7,7 +7,10 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use secrecy::ExposeSecret;
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 
@@ -47,6 +50,8 @@ pub struct Tagged<C: Connect> {
     conn: C::Conn,
     generation: Generation,
     engine: Engine,
+    /// Closed when it is reused past this moment (the pool's max lifetime, jittered).
+    retire_after: Option<Instant>,
     _guard: ConnectionGuard,
 }
 
@@ -55,6 +60,112 @@ pub struct RotatingManager<C: Connect> {
     engine: Engine,
     connect: C,
     auth_failure_wait: Duration,
+    warm: Arc<Warm<C>>,
+}
+
+/// Connections opened with new credentials before they were swapped in (a pre-warm),
+/// waiting to replace the retired generation's: `create` takes one before it connects.
+pub(crate) struct Warm<C: Connect> {
+    conns: Mutex<Vec<Prepared<C>>>,
+    /// The pool, to know how many connections a pre-warm should open (set once built).
+    pool: OnceLock<managed::WeakPool<RotatingManager<C>>>,
+    settings: super::handle::PoolSettings,
+}
+
+struct Prepared<C: Connect> {
+    username: String,
+    password: secrecy::SecretString,
+    conn: C::Conn,
+}
+
+impl<C: Connect> Warm<C> {
+    pub(crate) fn new(settings: super::handle::PoolSettings) -> Self {
+        Self {
+            conns: Mutex::new(Vec::new()),
+            pool: OnceLock::new(),
+            settings,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Prepared<C>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A prepared connection for `creds`; prepared ones for other credentials (an
+    /// older generation, a rotation that did not swap) are closed.
+    fn take(&self, creds: &Credentials) -> Option<C::Conn> {
+        let mut conns = self.lock();
+        conns.retain(|p| {
+            p.username == creds.username
+                && p.password.expose_secret() == creds.password.expose_secret()
+        });
+        conns.pop().map(|p| p.conn)
+    }
+
+    /// Close the prepared connections that are not for `creds`.
+    fn keep_only(&self, creds: &Credentials) {
+        self.lock().retain(|p| {
+            p.username == creds.username
+                && p.password.expose_secret() == creds.password.expose_secret()
+        });
+    }
+
+    /// How many to open: as many as the pool holds now (each will be replaced), less
+    /// what is already prepared for the same credentials.
+    fn wanted(&self) -> usize {
+        let size = self
+            .pool
+            .get()
+            .and_then(managed::WeakPool::upgrade)
+            .map_or(0, |p| p.status().size);
+        size.min(self.settings.max_size)
+    }
+}
+
+/// The engine's pre-warm for a pool: open [`Warm::wanted`] connections with the new
+/// credentials, `concurrency` at a time; each is kept as soon as it is open (a pre-warm
+/// cut by its bound keeps what it opened). A connection that fails to open is skipped:
+/// the verification already proved the credentials, and a replacement is opened on
+/// demand anyway.
+pub(crate) fn prewarmer<C: Connect + Clone>(
+    warm: Arc<Warm<C>>,
+    connect: C,
+) -> crate::lease::Prewarm {
+    Arc::new(move |creds: Credentials| {
+        let (warm, connect) = (warm.clone(), connect.clone());
+        Box::pin(async move {
+            let want = warm.wanted();
+            let concurrency = warm.settings.prewarm.unwrap_or(1).max(1);
+            let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..want {
+                let (warm, connect, creds, permits) = (
+                    warm.clone(),
+                    connect.clone(),
+                    creds.clone(),
+                    permits.clone(),
+                );
+                tasks.spawn(async move {
+                    let _permit = permits.acquire_owned().await.ok()?;
+                    let conn = connect.open(&creds).await.ok()?;
+                    warm.lock().push(Prepared {
+                        username: creds.username.clone(),
+                        password: creds.password.clone(),
+                        conn,
+                    });
+                    Some(())
+                });
+            }
+            // Dropping the set (the engine's bound cut this future) aborts the rest.
+            let mut opened: usize = 0;
+            while let Some(done) = tasks.join_next().await {
+                if matches!(done, Ok(Some(()))) {
+                    opened += 1;
+                }
+            }
+            opened
+        }) as BoxFuture<'static, usize>
+    })
 }
 
 impl<C: Connect> fmt::Debug for RotatingManager<C> {
@@ -67,12 +178,25 @@ impl<C: Connect> fmt::Debug for RotatingManager<C> {
 }
 
 impl<C: Connect> RotatingManager<C> {
-    pub(crate) fn new(engine: Engine, connect: C, auth_failure_wait: Duration) -> Self {
+    pub(crate) fn new(
+        engine: Engine,
+        connect: C,
+        auth_failure_wait: Duration,
+        warm: Arc<Warm<C>>,
+    ) -> Self {
         Self {
             engine,
             connect,
             auth_failure_wait,
+            warm,
         }
+    }
+
+    /// When a connection opened now should be closed: the max lifetime, less up to 20 %
+    /// chosen here (so a fleet of pools does not reconnect in step).
+    fn retire_after(&self) -> Option<Instant> {
+        let lifetime = self.warm.settings.max_lifetime?;
+        Instant::now().checked_add(lifetime.mul_f64(1.0 - 0.2 * fastrand::f64()))
     }
 
     /// What the connections go to, for messages.
@@ -90,6 +214,7 @@ impl<C: Connect> RotatingManager<C> {
             conn,
             generation: current.generation,
             engine: self.engine.clone(),
+            retire_after: self.retire_after(),
             _guard: guard,
         })
     }
@@ -116,6 +241,16 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
 
     async fn create(&self) -> Result<Tagged<C>> {
         let current = self.engine.usable()?;
+        // One opened before the swap with these credentials: no connect on this path.
+        if let Some(conn) = self.warm.take(&current.credentials) {
+            return Ok(Tagged {
+                conn,
+                generation: current.generation,
+                engine: self.engine.clone(),
+                retire_after: self.retire_after(),
+                _guard: current.track(),
+            });
+        }
         match self.open(&current).await {
             Ok(conn) => Ok(conn),
             Err(e) if self.connect.is_auth_failure(&e) => {
@@ -153,6 +288,9 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
         let current = self.engine.usable()?;
         if conn.generation != current.generation {
             return Err(RecycleError::message("credentials rotated"));
+        }
+        if conn.retire_after.is_some_and(|at| Instant::now() >= at) {
+            return Err(RecycleError::message("max lifetime reached"));
         }
         self.connect
             .check(&mut conn.conn)
@@ -269,21 +407,23 @@ impl<C: Connect> Shared<C> {
     pub(crate) fn build(
         engine: Engine,
         connect: C,
-        max_size: usize,
-        timeouts: deadpool::managed::Timeouts,
+        settings: super::handle::PoolSettings,
+        warm: Arc<Warm<C>>,
         auth_failure_wait: Duration,
     ) -> Result<Self> {
         let source = engine.source().to_owned();
-        let manager = RotatingManager::new(engine.clone(), connect, auth_failure_wait);
+        let manager =
+            RotatingManager::new(engine.clone(), connect, auth_failure_wait, warm.clone());
         let pool = Pool::<C>::builder(manager)
-            .max_size(max_size)
-            .timeouts(timeouts)
+            .max_size(settings.max_size)
+            .timeouts(settings.timeouts)
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| {
                 Error::new(ErrorKind::Config, format!("building the pool for {source}"))
                     .with_source(e)
             })?;
+        let _ = warm.pool.set(pool.weak());
         let retire_task = tokio::spawn(retire_idle(engine.subscribe(), pool.weak()));
         Ok(Self {
             pool,
@@ -352,6 +492,10 @@ async fn retire_idle<C: Connect>(
     while generations.changed().await.is_ok() {
         let current = *generations.borrow_and_update();
         let Some(pool) = pool.upgrade() else { return };
+        // Prepared connections of a rotation that never swapped in are closed too.
+        if let Ok(serving) = pool.manager().engine.usable() {
+            pool.manager().warm.keep_only(&serving.credentials);
+        }
         let retired = pool.retain(|conn, _| conn.generation >= current);
         if !retired.removed.is_empty() {
             tracing::debug!(

@@ -216,10 +216,18 @@ impl LeaseOptions {
     }
 
     /// Lease and verify the first credentials and start the engine.
-    pub(crate) async fn engine(self, vault: Option<Client>, verify: Verifier) -> Result<Engine> {
+    pub(crate) async fn engine(
+        self,
+        vault: Option<Client>,
+        verify: Verifier,
+        prewarm: Option<crate::lease::Prewarm>,
+    ) -> Result<Engine> {
         let mut engine = Engine::builder_with(vault, self.source)
             .policy(self.policy)
             .verify_with(verify);
+        if let Some(prewarm) = prewarm {
+            engine = engine.prewarm_with(prewarm);
+        }
         if let Some(timeout) = self.drain_timeout {
             engine = engine.drain_timeout(timeout);
         }

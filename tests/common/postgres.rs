@@ -35,6 +35,23 @@ pub fn pg_statements() -> (String, String) {
     (creation.to_string(), revocation.to_string())
 }
 
+/// Every lease of `role` revoked within 10 s (builds refused, pools closed); panics
+/// naming those left behind.
+pub async fn assert_leases_gone(role: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = leases_of(role).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leases of {role} left behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A database role of the test's own on the stack's Vault (named `test-…`, which the
 /// immune-system policy may lease), so revoke-prefix and counting stay per test.
 pub async fn create_role(ttl: &str, max_ttl: &str) -> String {

@@ -301,6 +301,7 @@ impl VaultSqlxPool {
             available: pool.num_idle(),
             waiting: 0,
             max_size: pool.options().get_max_connections() as usize,
+            prepared: 0,
         }
     }
 

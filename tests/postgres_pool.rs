@@ -714,5 +714,40 @@ async fn a_prewarmed_rotation_hands_out_connections_opened_before_the_swap() {
         }
         drop(conns);
         pool.close().await;
+        assert_eq!(
+            pool.status().prepared,
+            0,
+            "prepared connections left after close"
+        );
     }
+    assert_leases_gone(&role).await;
+}
+
+/// `max_lifetime`: a connection older than it (less up to 20 %) is closed before reuse
+/// and replaced by a new session; a younger one is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_its_max_lifetime_is_replaced_before_reuse() {
+    let role = create_role("1h", "1h").await;
+    let pool = VaultPgPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(pg_target())
+        .max_size(1)
+        .max_lifetime(Some(Duration::from_secs(2)))
+        .build()
+        .await
+        .unwrap();
+    let pid = async || -> i32 {
+        pool.get()
+            .await
+            .unwrap()
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let first = pid().await;
+    assert_eq!(pid().await, first, "reused while young");
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert_ne!(pid().await, first, "reused past its max lifetime");
+    pool.close().await;
 }

@@ -102,6 +102,8 @@ async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
         t.await.unwrap();
     }
     let status = pool.status().lease;
+    // Scheduled and forced rotations pre-warm: connections opened before the swap.
+    let warmed = status.last_rotation.map_or(0, |t| t.warmed);
     pool.close().await;
     watcher.abort();
     let names = users.lock().unwrap().clone();
@@ -118,6 +120,10 @@ async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
     assert_eq!(failed, 0, "failed: {:?}", &errors.lock().unwrap()[..]);
     assert!(ok > 1000);
     assert!(status.rotations >= 5, "only {} rotations", status.rotations);
+    assert!(
+        warmed >= 1,
+        "the last rotation pre-warmed nothing: {status:?}"
+    );
     assert!(max_alive <= 2, "{max_alive} ACL users alive at once");
     assert!(left.is_empty(), "ACL users left: {left:?}");
     assert!(leases_of(&role).await.is_empty());

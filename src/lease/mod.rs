@@ -65,8 +65,19 @@ pub type Verifier = Arc<dyn Fn(Credentials) -> BoxFuture<'static, Result<()>> + 
 
 /// Prepares for new credentials after they are verified and before they are swapped in
 /// (pools open connections with them: a pre-warm); returns how many it prepared. Cut
-/// at the verify timeout; what it prepared by then counts.
-pub type Prewarm = Arc<dyn Fn(Credentials) -> BoxFuture<'static, usize> + Send + Sync>;
+/// at the verify timeout (or sooner, near the serving lease's end); what it prepared by
+/// then counts. Only for scheduled and forced rotations, while the old credentials serve.
+pub type Prewarm = Arc<dyn Fn(Prepare) -> BoxFuture<'static, usize> + Send + Sync>;
+
+/// What a [`Prewarm`] prepares for: new credentials and the lease they belong to.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Prepare {
+    /// The new lease's id (what [`Current::lease`] will say once they serve).
+    pub lease_id: String,
+    /// The new credentials.
+    pub credentials: Credentials,
+}
 
 /// The credentials serving now.
 #[non_exhaustive]

@@ -773,6 +773,9 @@ async fn renew(shared: &Shared, book: &mut Book) {
 
 async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Generation> {
     let started = now();
+    // The limit the caller's step runs under (the same computation): a pre-warm must
+    // leave the swap time within it.
+    let limit = step_limit(shared);
     // The token before the issue: if it is replaced meanwhile (an Agent, a Proxy), the
     // lease may be the old token's, whose end is then known; the newer one could be
     // taken for it and its end missed.
@@ -824,23 +827,41 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         tracing::debug!(lease_id = %old.lease.id, "issued the serving credentials again; no rotation");
         return Ok(old.generation);
     }
-    // Pre-warm: connections with the new credentials, opened while the old ones serve,
-    // bounded so that the swap still comes well before the old lease's end.
+    // From here until the swap the new lease is ours alone: if this future is dropped
+    // (close, the step's limit), revoke it instead of leaving its user behind.
+    let mut unclaimed = Unclaimed {
+        source: shared.source.clone(),
+        lease: Some(leased.lease.clone()),
+    };
+    // Pre-warm: connections with the new credentials, opened while the old ones serve —
+    // only when they do (a scheduled or forced rotation; after a refused login, a lost
+    // lease or a changed secret the old generation may not work, and the swap must not
+    // wait) — bounded so that the swap comes well before the old lease's end and within
+    // the step's limit.
+    let serving = matches!(reason, Reason::Schedule | Reason::Forced);
     let (warm, warmed) = match &shared.prewarm {
-        Some(prewarm) => {
+        Some(prewarm) if serving => {
             let at = self::now();
-            // At most the verify timeout, and half of what is left of the serving lease.
-            let bound = old.lease.expires_at().map_or(shared.verify_timeout, |end| {
-                shared
-                    .verify_timeout
-                    .min(end.saturating_duration_since(at) / 2)
-            });
-            let n = tokio::time::timeout(bound, prewarm(leased.value.clone()))
-                .await
-                .unwrap_or(0);
+            let mut bound = shared
+                .verify_timeout
+                .min(limit.saturating_sub(at - started) / 2);
+            if let Some(end) = old.lease.expires_at() {
+                bound = bound.min(end.saturating_duration_since(at) / 2);
+            }
+            let n = if bound.is_zero() {
+                0
+            } else {
+                let prepare = super::Prepare {
+                    lease_id: leased.lease.id.clone(),
+                    credentials: leased.value.clone(),
+                };
+                tokio::time::timeout(bound, prewarm(prepare))
+                    .await
+                    .unwrap_or(0)
+            };
             (self::now() - at, n)
         }
-        None => (Duration::ZERO, 0),
+        _ => (Duration::ZERO, 0),
     };
     let generation = Generation(old.generation.0 + 1);
     let new = Current {
@@ -860,6 +881,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
         old.connections.clone(),
     ));
     shared.current.store(Arc::new(new));
+    unclaimed.lease = None; // serving now
     shared.generation.store(generation.0, Ordering::Release);
     shared.generation_tx.send_replace(generation);
     let now = now();
@@ -1155,6 +1177,50 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    /// A pre-warm that never finishes: the engine bounds it and swaps anyway; a close
+    /// during it revokes the new lease (it never served) and stops.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_prewarm_is_bounded_and_a_close_during_it_revokes_the_new_lease() {
+        let fake = fake(600, 3600);
+        let hung: super::super::Prewarm = Arc::new(|_| Box::pin(std::future::pending::<usize>()));
+        let engine = start(
+            ("fake role".into(), "fake-role".into()),
+            Arc::new(fake.clone()),
+            Policy::default(),
+            Some(Duration::from_secs(30)),
+            (None, Duration::from_secs(10)),
+            Some(hung),
+        )
+        .await
+        .unwrap();
+        // Forced: it pre-warms; the hang is cut at the verify timeout and the swap comes.
+        let started = tokio::time::Instant::now();
+        assert_eq!(engine.rotate().await.unwrap(), Generation(2));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(10) && took < Duration::from_secs(11),
+            "{took:?}"
+        );
+        let timing = engine.status().last_rotation.unwrap();
+        assert_eq!(timing.warmed, 0);
+        // A close while the next pre-warm hangs: the lease issued for it never served and
+        // is revoked with the others.
+        let rotating = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.rotate().await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let third = fake.issued.lock().unwrap().last().unwrap().0.clone();
+        engine.close().await;
+        let _ = rotating.await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            fake.revoked.lock().unwrap().contains(&third),
+            "the lease issued for a cut rotation was left behind: {:?}",
+            fake.revoked.lock().unwrap()
+        );
     }
 
     fn fake(ttl: u64, max_ttl: u64) -> Arc<Fake> {

@@ -24,8 +24,10 @@ pub struct Deadpool<X> {
 pub(crate) struct PoolSettings {
     pub(crate) max_size: usize,
     pub(crate) timeouts: Timeouts,
-    /// Pre-warm on rotation, this many connections opened at once; `None`: off.
-    pub(crate) prewarm: Option<usize>,
+    /// Pre-warm on rotation.
+    pub(crate) prewarm: bool,
+    /// Connections a pre-warm opens at once.
+    pub(crate) prewarm_concurrency: usize,
     /// Close a connection once it is this old (less up to 20 %, per connection).
     pub(crate) max_lifetime: Option<Duration>,
 }
@@ -39,7 +41,8 @@ impl<X> Deadpool<X> {
             settings: PoolSettings {
                 max_size: 16,
                 timeouts,
-                prewarm: Some(PREWARM_CONCURRENCY),
+                prewarm: true,
+                prewarm_concurrency: PREWARM_CONCURRENCY,
                 max_lifetime: None,
             },
             backend,
@@ -61,27 +64,32 @@ impl<X> Builder<Deadpool<X>> {
     /// taken from those, so no checkout waits on a connect (a TLS and SCRAM handshake)
     /// because of a rotation. The rotation's `warm` time says how long it took.
     /// `prewarm(false)` opens replacements on demand, as checkouts need them.
+    ///
+    /// While it runs, the database sees up to twice the pool's size in sessions (the
+    /// serving generation's and the prepared ones): leave room for that in
+    /// `max_connections` (and a role's `CONNECTION LIMIT`). Prepared connections no
+    /// checkout took are closed 30 s after the swap. Only scheduled and forced rotations
+    /// pre-warm: after a refused login or a changed secret the old generation may not
+    /// serve, and the swap does not wait.
     pub fn prewarm(mut self, on: bool) -> Self {
-        self.target.settings.prewarm =
-            on.then_some(self.target.settings.prewarm.unwrap_or(PREWARM_CONCURRENCY));
+        self.target.settings.prewarm = on;
         self
     }
 
-    /// How many connections a pre-warm opens at once (default 4; at least 1). Higher
-    /// warms faster; each connect costs the database a handshake.
+    /// How many connections a pre-warm opens at once (default 4; 1 to 64). Higher warms
+    /// faster; each connect costs the database a handshake.
     pub fn prewarm_concurrency(mut self, concurrency: usize) -> Self {
-        if let Some(c) = &mut self.target.settings.prewarm {
-            *c = concurrency.max(1);
-        }
+        self.target.settings.prewarm_concurrency = concurrency.clamp(1, 64);
         self
     }
 
     /// Close connections once they are this old (each one less up to 20 %, chosen when
     /// it opens, so a fleet of pools does not reconnect in step), checked before an
     /// idle connection is reused. Default `None`: connections live until a rotation
-    /// retires them (rotation already renews every connection once per lease).
+    /// retires them (rotation already renews every connection once per lease); a zero
+    /// lifetime is read as `None` (it would reconnect at every checkout).
     pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
-        self.target.settings.max_lifetime = lifetime;
+        self.target.settings.max_lifetime = lifetime.filter(|l| !l.is_zero());
         self
     }
 
@@ -106,7 +114,7 @@ impl<X> Builder<Deadpool<X>> {
         let warm = Arc::new(inner::Warm::new(settings));
         let prewarm = settings
             .prewarm
-            .map(|_| inner::prewarmer(warm.clone(), connect.clone()));
+            .then(|| inner::prewarmer(warm.clone(), connect.clone()));
         let engine = lease
             .engine(vault, inner::verifier(verify), prewarm)
             .await?;

@@ -65,6 +65,8 @@ pub struct RotatingManager<C: Connect> {
 
 /// Connections opened with new credentials before they were swapped in (a pre-warm),
 /// waiting to replace the retired generation's: `create` takes one before it connects.
+/// Bounded: at most the pool's size per rotation, closed [`PREPARED_FOR`] after the swap
+/// if no checkout took them, at the next generation, and when the pool closes.
 pub(crate) struct Warm<C: Connect> {
     conns: Mutex<Vec<Prepared<C>>>,
     /// The pool, to know how many connections a pre-warm should open (set once built).
@@ -72,10 +74,23 @@ pub(crate) struct Warm<C: Connect> {
     settings: super::handle::PoolSettings,
 }
 
+/// How long prepared connections nobody took are kept after the swap.
+const PREPARED_FOR: Duration = Duration::from_secs(30);
+
+/// A connection opened for one lease's credentials (never shown: no Debug).
 struct Prepared<C: Connect> {
+    lease_id: String,
     username: String,
     password: secrecy::SecretString,
     conn: C::Conn,
+}
+
+impl<C: Connect> Prepared<C> {
+    fn is_for(&self, current: &Current) -> bool {
+        self.lease_id == current.lease.id
+            && self.username == current.credentials.username
+            && self.password.expose_secret() == current.credentials.password.expose_secret()
+    }
 }
 
 impl<C: Connect> Warm<C> {
@@ -91,66 +106,76 @@ impl<C: Connect> Warm<C> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A prepared connection for `creds`; prepared ones for other credentials (an
-    /// older generation, a rotation that did not swap) are closed.
-    fn take(&self, creds: &Credentials) -> Option<C::Conn> {
+    /// A prepared connection for `current`, if any. Others are left alone: during a
+    /// pre-warm, the ones being prepared are for credentials not yet serving.
+    fn take(&self, current: &Current) -> Option<C::Conn> {
         let mut conns = self.lock();
-        conns.retain(|p| {
-            p.username == creds.username
-                && p.password.expose_secret() == creds.password.expose_secret()
-        });
-        conns.pop().map(|p| p.conn)
+        let at = conns.iter().rposition(|p| p.is_for(current))?;
+        Some(conns.swap_remove(at).conn)
     }
 
-    /// Close the prepared connections that are not for `creds`.
-    fn keep_only(&self, creds: &Credentials) {
-        self.lock().retain(|p| {
-            p.username == creds.username
-                && p.password.expose_secret() == creds.password.expose_secret()
-        });
+    /// Close the prepared connections that are not for `serving` (all, for `None`).
+    fn keep_only(&self, serving: Option<&Current>) {
+        self.lock()
+            .retain(|p| serving.is_some_and(|current| p.is_for(current)));
+    }
+
+    /// How many prepared connections there are.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
     }
 
     /// How many to open: as many as the pool holds now (each will be replaced), less
-    /// what is already prepared for the same credentials.
+    /// what is already prepared (for any credentials: the database's connection limit
+    /// counts them all), never more than the pool's maximum.
     fn wanted(&self) -> usize {
         let size = self
             .pool
             .get()
             .and_then(managed::WeakPool::upgrade)
             .map_or(0, |p| p.status().size);
-        size.min(self.settings.max_size)
+        size.min(self.settings.max_size).saturating_sub(self.len())
     }
 }
 
 /// The engine's pre-warm for a pool: open [`Warm::wanted`] connections with the new
-/// credentials, `concurrency` at a time; each is kept as soon as it is open (a pre-warm
-/// cut by its bound keeps what it opened). A connection that fails to open is skipped:
-/// the verification already proved the credentials, and a replacement is opened on
-/// demand anyway.
+/// credentials, `concurrency` at a time, each bounded by the pool's create timeout; each
+/// is kept as soon as it is open (a pre-warm cut by its bound keeps what it opened). A
+/// connection that fails to open is skipped: the verification already proved the
+/// credentials, and a replacement is opened on demand anyway.
 pub(crate) fn prewarmer<C: Connect + Clone>(
     warm: Arc<Warm<C>>,
     connect: C,
 ) -> crate::lease::Prewarm {
-    Arc::new(move |creds: Credentials| {
+    Arc::new(move |leased: crate::lease::Prepare| {
         let (warm, connect) = (warm.clone(), connect.clone());
         Box::pin(async move {
             let want = warm.wanted();
-            let concurrency = warm.settings.prewarm.unwrap_or(1).max(1);
+            let concurrency = warm.settings.prewarm_concurrency.max(1);
+            let per_connect = warm
+                .settings
+                .timeouts
+                .create
+                .unwrap_or(Duration::from_secs(10));
             let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
             let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..want {
-                let (warm, connect, creds, permits) = (
+                let (warm, connect, leased, permits) = (
                     warm.clone(),
                     connect.clone(),
-                    creds.clone(),
+                    leased.clone(),
                     permits.clone(),
                 );
                 tasks.spawn(async move {
                     let _permit = permits.acquire_owned().await.ok()?;
-                    let conn = connect.open(&creds).await.ok()?;
+                    let conn = tokio::time::timeout(per_connect, connect.open(&leased.credentials))
+                        .await
+                        .ok()?
+                        .ok()?;
                     warm.lock().push(Prepared {
-                        username: creds.username.clone(),
-                        password: creds.password.clone(),
+                        lease_id: leased.lease_id.clone(),
+                        username: leased.credentials.username.clone(),
+                        password: leased.credentials.password.clone(),
                         conn,
                     });
                     Some(())
@@ -195,7 +220,12 @@ impl<C: Connect> RotatingManager<C> {
     /// When a connection opened now should be closed: the max lifetime, less up to 20 %
     /// chosen here (so a fleet of pools does not reconnect in step).
     fn retire_after(&self) -> Option<Instant> {
-        let lifetime = self.warm.settings.max_lifetime?;
+        // At most ~100 years: the product below cannot overflow.
+        let lifetime = self
+            .warm
+            .settings
+            .max_lifetime?
+            .min(Duration::from_secs(100 * 365 * 86_400));
         Instant::now().checked_add(lifetime.mul_f64(1.0 - 0.2 * fastrand::f64()))
     }
 
@@ -242,15 +272,22 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
     async fn create(&self) -> Result<Tagged<C>> {
         let current = self.engine.usable()?;
         // One opened before the swap with these credentials: no connect on this path.
-        if let Some(conn) = self.warm.take(&current.credentials) {
+        // Counted first (as `open` does), then checked (it waited unused; a server or a
+        // middlebox may have closed it); still the serving generation after that.
+        let guard = current.track();
+        if let Some(mut conn) = self.warm.take(&current)
+            && self.connect.check(&mut conn).await.is_ok()
+            && self.engine.generation() == current.generation
+        {
             return Ok(Tagged {
                 conn,
                 generation: current.generation,
                 engine: self.engine.clone(),
                 retire_after: self.retire_after(),
-                _guard: current.track(),
+                _guard: guard,
             });
         }
+        drop(guard);
         match self.open(&current).await {
             Ok(conn) => Ok(conn),
             Err(e) if self.connect.is_auth_failure(&e) => {
@@ -444,12 +481,16 @@ impl<C: Connect> Shared<C> {
             available: pool.available,
             waiting: pool.waiting,
             max_size: pool.max_size,
+            prepared: self.pool.manager().warm.len(),
         }
     }
 
     pub(crate) async fn close(&self) {
         self.pool.close();
+        self.pool.manager().warm.keep_only(None);
         self.engine.close().await;
+        // A rotation cut by the close may have prepared some meanwhile.
+        self.pool.manager().warm.keep_only(None);
     }
 
     fn pool_error(&self, e: PoolError<Error>) -> Error {
@@ -484,18 +525,35 @@ impl<C: Connect> Shared<C> {
     }
 }
 
-/// On every new generation, close the idle connections of older ones.
+/// On every new generation, close the idle connections of older ones (and prepared
+/// connections not for the serving credentials); [`PREPARED_FOR`] after it, the
+/// prepared connections no checkout took.
 async fn retire_idle<C: Connect>(
     mut generations: tokio::sync::watch::Receiver<Generation>,
     pool: managed::WeakPool<RotatingManager<C>>,
 ) {
-    while generations.changed().await.is_ok() {
+    let mut purge_at: Option<tokio::time::Instant> = None;
+    loop {
+        let changed = match purge_at {
+            Some(at) => tokio::select! {
+                changed = generations.changed() => changed,
+                () = tokio::time::sleep_until(at) => {
+                    purge_at = None;
+                    let Some(pool) = pool.upgrade() else { return };
+                    pool.manager().warm.keep_only(None);
+                    continue;
+                }
+            },
+            None => generations.changed().await,
+        };
+        if changed.is_err() {
+            return;
+        }
         let current = *generations.borrow_and_update();
         let Some(pool) = pool.upgrade() else { return };
-        // Prepared connections of a rotation that never swapped in are closed too.
-        if let Ok(serving) = pool.manager().engine.usable() {
-            pool.manager().warm.keep_only(&serving.credentials);
-        }
+        let serving = pool.manager().engine.usable().ok();
+        pool.manager().warm.keep_only(serving.as_deref());
+        purge_at = Some(tokio::time::Instant::now() + PREPARED_FOR);
         let retired = pool.retain(|conn, _| conn.generation >= current);
         if !retired.removed.is_empty() {
             tracing::debug!(

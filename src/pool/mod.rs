@@ -163,6 +163,9 @@ pub struct PoolStatus {
     pub waiting: usize,
     /// The pool's maximum size.
     pub max_size: usize,
+    /// Connections opened by a pre-warm and not yet taken (outside `size`; at most the
+    /// pool's size, closed 30 s after the swap if unused). Always 0 for sqlx.
+    pub prepared: usize,
 }
 
 /// Builds a pool: the leasing settings shared by every backend, plus the backend's own

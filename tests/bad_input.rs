@@ -599,18 +599,13 @@ async fn auth_rows(tls: &TlsDev) -> Vec<Row> {
 /// each refused at build.
 #[cfg(all(feature = "postgres", feature = "tls"))]
 async fn database_tls_rows() -> Vec<Row> {
-    use common::{approle_client, create_role, pg_tls_target};
-    use vaultpool::postgres::VaultPgPool;
+    use common::{create_role, pg_tls_target};
     use vaultpool::tls::{PgTls, SslMode};
     let role = create_role("1h", "1h").await;
     let build = |host: &'static str, tls: PgTls| {
         let role = role.clone();
         async move {
-            VaultPgPool::builder(&role)
-                .vault(approle_client("IMMUNE_SYSTEM"))
-                .pg_config(pg_tls_target(host))
-                .ssl(tls)
-                .build()
+            common::build_tls_pool(&role, pg_tls_target(host), tls)
                 .await
                 .map(|p| format!("{:?}", p.status()))
         }

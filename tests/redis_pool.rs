@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -24,19 +24,6 @@ async fn pool_for(role: &str, vault: vaultpool::vault::Client) -> VaultRedisPool
         .build()
         .await
         .unwrap()
-}
-
-async fn set_get(pool: &VaultRedisPool, key: &str) -> Result<(), String> {
-    let mut conn = pool.get().await.map_err(|e| format!("get: {e}"))?;
-    let _: () = conn
-        .set(key, "v")
-        .await
-        .map_err(|e| format!("SET (gen {}): {e}", conn.generation().0))?;
-    let v: String = conn.get(key).await.map_err(|e| format!("GET: {e}"))?;
-    if v != "v" {
-        return Err(format!("read back {v:?}"));
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,31 +47,7 @@ async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
         })
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for i in 0..16 {
-        let (pool, stop, ok, failed, errors) = (
-            pool.clone(),
-            stop.clone(),
-            ok.clone(),
-            failed.clone(),
-            errors.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let key = format!("app:load-{i}");
-            while !stop.load(Ordering::Relaxed) {
-                match set_get(&pool, &key).await {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        errors.lock().unwrap().push(e);
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
+    let load = spawn_redis_load(&pool, 16, "load", stop.clone());
     let started = Instant::now();
     let mut max_alive = 0;
     let mut next_force = started + Duration::from_secs(7);
@@ -98,9 +61,8 @@ async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (ok, errors) = load.await.unwrap();
+    let failed = errors.len();
     let status = pool.status().lease;
     // Scheduled and forced rotations pre-warm: connections opened before the swap.
     let warmed = status.last_rotation.map_or(0, |t| t.warmed);
@@ -108,7 +70,6 @@ async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
     watcher.abort();
     let names = users.lock().unwrap().clone();
     let left = redis_users_alive(&names).await;
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     println!(
         "redis rotation_under_load: commands ok {} (SET+GET pairs), failed {failed}, rotations {}, \
          ACL users {}, max alive {max_alive}, left after close {}",
@@ -117,7 +78,7 @@ async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
         names.len(),
         left.len()
     );
-    assert_eq!(failed, 0, "failed: {:?}", &errors.lock().unwrap()[..]);
+    assert_eq!(failed, 0, "failed: {errors:?}");
     assert!(ok > 1000);
     assert!(status.rotations >= 5, "only {} rotations", status.rotations);
     assert!(
@@ -133,7 +94,7 @@ async fn redis_rotation_under_load_loses_no_command_and_old_acl_users_go() {
 async fn redis_user_deleted_from_outside_is_replaced() {
     let role = create_redis_role("1h", "2h").await;
     let pool = pool_for(&role, approle_client("IMMUNE_SYSTEM")).await;
-    set_get(&pool, "app:outside").await.unwrap();
+    redis_set_get(&pool, "app:outside").await.unwrap();
     let user = pool.engine().current().credentials.username.clone();
     // ACL DELUSER closes the user's connections at once, like a revocation.
     let reply = redis_admin(&["ACL", "DELUSER", &user]).await;
@@ -141,7 +102,7 @@ async fn redis_user_deleted_from_outside_is_replaced() {
     let t = Instant::now();
     let mut failures = Vec::new();
     loop {
-        match set_get(&pool, "app:outside").await {
+        match redis_set_get(&pool, "app:outside").await {
             Ok(()) => break,
             Err(e) => failures.push(e),
         }
@@ -164,7 +125,7 @@ async fn refused_credentials_with_vault_gone_give_a_typed_error() {
     let vault = DevVault::start();
     vault.configure_redis("app", "1h").await;
     let pool = pool_for("app", vault.client().build().unwrap()).await;
-    set_get(&pool, "app:typed").await.unwrap();
+    redis_set_get(&pool, "app:typed").await.unwrap();
     let user = pool.engine().current().credentials.username.clone();
     drop(vault); // Vault gone: no re-lease possible
     redis_admin(&["ACL", "DELUSER", &user]).await;
@@ -218,7 +179,7 @@ async fn static_kv_password_rotation_is_picked_up_without_restart() {
     .build()
     .await
     .unwrap();
-    set_get(&pool, "app:kv").await.unwrap();
+    redis_set_get(&pool, "app:kv").await.unwrap();
     assert_eq!(pool.engine().generation(), Generation(1));
 
     // Commands keep flowing while the password changes underneath.
@@ -228,7 +189,7 @@ async fn static_kv_password_rotation_is_picked_up_without_restart() {
         tokio::spawn(async move {
             let (mut ok, mut failed) = (0u64, Vec::new());
             while !stop.load(Ordering::Relaxed) {
-                match set_get(&pool, "app:kv").await {
+                match redis_set_get(&pool, "app:kv").await {
                     Ok(()) => ok += 1,
                     Err(e) => failed.push(e),
                 }
@@ -272,7 +233,7 @@ async fn static_kv_password_rotation_is_picked_up_without_restart() {
     );
     let last = status.last_error.unwrap_or_default();
     assert!(last.contains("verifying new credentials"), "{last}");
-    set_get(&pool, "app:kv").await.unwrap();
+    redis_set_get(&pool, "app:kv").await.unwrap();
 
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
@@ -381,7 +342,7 @@ async fn a_new_kv_version_with_another_address_moves_the_pool() {
     .build()
     .await
     .unwrap();
-    set_get(&pool, "app:kvmove").await.unwrap();
+    redis_set_get(&pool, "app:kvmove").await.unwrap();
     assert_eq!(proxy.accepted.load(Ordering::Relaxed), 0);
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
@@ -389,7 +350,7 @@ async fn a_new_kv_version_with_another_address_moves_the_pool() {
         tokio::spawn(async move {
             let (mut ok, mut failed) = (0u64, Vec::new());
             while !stop.load(Ordering::Relaxed) {
-                match set_get(&pool, "app:kvmove").await {
+                match redis_set_get(&pool, "app:kvmove").await {
                     Ok(()) => ok += 1,
                     Err(e) => failed.push(e),
                 }

@@ -7,13 +7,12 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use vaultpool::ErrorKind;
 use vaultpool::redis::VaultRedisPool;
-use vaultpool::redis::redis::AsyncCommands;
 use vaultpool::tls::RedisTls;
 
 /// The TLS port by `host`.
@@ -51,38 +50,7 @@ async fn rediss_with_a_client_certificate_under_load_across_rotations_loses_no_c
         .unwrap();
     let mut users = vec![pool.engine().current().credentials.username.clone()];
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let tasks: Vec<_> = (0..8)
-        .map(|i| {
-            let (pool, stop, ok, failed, errors) = (
-                pool.clone(),
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                errors.clone(),
-            );
-            tokio::spawn(async move {
-                let key = format!("app:tls-{i}");
-                while !stop.load(Ordering::Relaxed) {
-                    let r: Result<String, String> = async {
-                        let mut c = pool.get().await.map_err(|e| e.to_string())?;
-                        let _: () = c.set(&key, "v").await.map_err(|e| e.to_string())?;
-                        c.get(&key).await.map_err(|e| e.to_string())
-                    }
-                    .await;
-                    match r {
-                        Ok(v) if v == "v" => ok.fetch_add(1, Ordering::Relaxed),
-                        other => {
-                            errors.lock().unwrap().push(format!("{other:?}"));
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-        })
-        .collect();
+    let load = spawn_redis_load(&pool, 8, "tls", stop.clone());
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         pool.rotate().await.unwrap();
@@ -90,14 +58,12 @@ async fn rediss_with_a_client_certificate_under_load_across_rotations_loses_no_c
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (ok, errors) = load.await.unwrap();
     let rotations = pool.status().lease.rotations;
     pool.close().await;
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let failed = errors.len();
     println!("Redis TLS: {ok} SET+GET pairs across {rotations} rotations, {failed} failed");
-    assert_eq!(failed, 0, "{:?}", &errors.lock().unwrap()[..]);
+    assert_eq!(failed, 0, "{errors:?}");
     assert!(ok > 100, "only {ok}");
     assert!(rotations >= 3, "{rotations} rotations");
     assert!(redis_users_alive(&users).await.is_empty());

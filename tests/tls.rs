@@ -109,11 +109,7 @@ async fn tls_mistakes_are_typed_errors_that_say_what_to_fix() {
     let deadpool = |host: &'static str, tls: PgTls| {
         let role = role.clone();
         async move {
-            VaultPgPool::builder(&role)
-                .vault(approle_client("IMMUNE_SYSTEM"))
-                .pg_config(pg_tls_target(host))
-                .ssl(tls)
-                .build()
+            build_tls_pool(&role, pg_tls_target(host), tls)
                 .await
                 .unwrap_err()
         }
@@ -192,14 +188,7 @@ async fn verify_ca_prefer_and_precedence_against_the_real_server() {
     };
     let build = |config: tokio_postgres::Config, tls: PgTls| {
         let role = role.clone();
-        async move {
-            VaultPgPool::builder(&role)
-                .vault(approle_client("IMMUNE_SYSTEM"))
-                .pg_config(config)
-                .ssl(tls)
-                .build()
-                .await
-        }
+        async move { build_tls_pool(&role, config, tls).await }
     };
     let ca = PgTls::new(SslMode::VerifyCa).root_cert(var("VAULTPOOL_PG_CA"));
     let pool = build(pg_tls_target("wrong.example"), ca).await.unwrap();

@@ -120,6 +120,12 @@ impl<C: Connect> Warm<C> {
             .retain(|p| serving.is_some_and(|current| p.is_for(current)));
     }
 
+    /// Close the prepared connections for `serving` that no checkout took; those being
+    /// prepared for a rotation under way (other credentials) are left to it.
+    fn drop_unused(&self, serving: &Current) {
+        self.lock().retain(|p| !p.is_for(serving));
+    }
+
     /// How many prepared connections there are.
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
@@ -540,7 +546,9 @@ async fn retire_idle<C: Connect>(
                 () = tokio::time::sleep_until(at) => {
                     purge_at = None;
                     let Some(pool) = pool.upgrade() else { return };
-                    pool.manager().warm.keep_only(None);
+                    if let Ok(serving) = pool.manager().engine.usable() {
+                        pool.manager().warm.drop_unused(&serving);
+                    }
                     continue;
                 }
             },

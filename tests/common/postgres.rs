@@ -139,6 +139,21 @@ pub fn pg_tls_target(host: &str) -> vaultpool::postgres::tokio_postgres::Config 
     c
 }
 
+/// A pool for `role` on `config` with the TLS settings `tls` (the stack's AppRole).
+#[cfg(all(feature = "postgres", feature = "tls"))]
+pub async fn build_tls_pool(
+    role: &str,
+    config: vaultpool::postgres::tokio_postgres::Config,
+    tls: vaultpool::tls::PgTls,
+) -> vaultpool::Result<vaultpool::postgres::VaultPgPool> {
+    vaultpool::postgres::VaultPgPool::builder(role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(config)
+        .ssl(tls)
+        .build()
+        .await
+}
+
 /// A 4-connection pool on the stack's `adaptive_immunity` database with quick retries.
 #[cfg(feature = "postgres")]
 pub async fn small_pool(role: &str, vault: Client) -> vaultpool::postgres::VaultPgPool {

@@ -75,3 +75,60 @@ pub async fn redis_users_alive(users: &[String]) -> Vec<String> {
         .cloned()
         .collect()
 }
+
+/// SET then GET `key` on a pooled connection; the error names the step.
+#[cfg(feature = "redis")]
+pub async fn redis_set_get(
+    pool: &vaultpool::redis::VaultRedisPool,
+    key: &str,
+) -> Result<(), String> {
+    use vaultpool::redis::redis::AsyncCommands;
+    let mut conn = pool.get().await.map_err(|e| format!("get: {e}"))?;
+    let _: () = conn
+        .set(key, "v")
+        .await
+        .map_err(|e| format!("SET (gen {}): {e}", conn.generation().0))?;
+    let v: String = conn.get(key).await.map_err(|e| format!("GET: {e}"))?;
+    if v != "v" {
+        return Err(format!("read back {v:?}"));
+    }
+    Ok(())
+}
+
+/// `tasks` loops of [`redis_set_get`] on keys `app:{prefix}-{i}` until `stop`: the
+/// SET+GET pairs that succeeded and the errors of those that failed.
+#[cfg(feature = "redis")]
+pub fn spawn_redis_load(
+    pool: &vaultpool::redis::VaultRedisPool,
+    tasks: usize,
+    prefix: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    use std::sync::atomic::Ordering;
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let loops: Vec<_> = (0..tasks)
+            .map(|i| {
+                let (pool, stop) = (pool.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (key, mut ok, mut errors) = (format!("app:{prefix}-{i}"), 0, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        match redis_set_get(&pool, &key).await {
+                            Ok(()) => ok += 1,
+                            Err(e) => errors.push(e),
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    (ok, errors)
+                })
+            })
+            .collect();
+        let (mut ok, mut errors) = (0, Vec::new());
+        for l in loops {
+            let (o, e) = l.await.unwrap();
+            ok += o;
+            errors.extend(e);
+        }
+        (ok, errors)
+    })
+}

@@ -93,7 +93,7 @@ async fn a_connection_checked_out_across_a_rotation_finishes_and_is_never_reused
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_down_shorter_than_the_lease_loses_no_query_and_renewals_resume() {
     let role = "app";
-    // 40 s lease: renewal due at ~24-27 s, rotation point at 35 s.
+    // 40 s lease: first renewal due between 2.7 and 27 s (spread), rotation point at 35 s.
     let mut vault = PersistentVault::start(role, "40s", "10m").await;
     let client = vault.client();
     let pool = VaultPgPool::builder(role)

@@ -4,8 +4,13 @@
 //!
 //! The rules:
 //! - A renewable lease is renewed at `renew_fraction` of its TTL (default 2/3), brought
-//!   forward by up to `jitter` of that (default 10%), so many leases issued together do
-//!   not renew together. Vault's Go `LifetimeWatcher` renews at ~70% with 10–20% grace.
+//!   forward by up to `jitter` of that (default 10%). Vault's Go `LifetimeWatcher` renews
+//!   at ~70% with 10–20% grace.
+//! - The first renewal of a newly issued lease is brought forward by up to
+//!   `first_renewal_spread` of that instead (default 90%: anywhere from 1/15 to 2/3 of
+//!   the TTL). A 10% jitter alone keeps leases issued together (a fleet starting at
+//!   once, many pools in one process) renewing in clumps for many cycles; spread over a
+//!   whole cycle once, they stay apart. It costs at most one early renewal per lease.
 //! - A lease that cannot be renewed (not renewable, or its last renewal came back capped
 //!   by max_ttl, or the token that issued it ends first) is rotated `margin` before its
 //!   end: new credentials serve before the old ones are in danger.
@@ -25,6 +30,11 @@ pub struct Policy {
     pub renew_fraction: f64,
     /// Renewal is brought forward by up to this fraction of its delay (random). Default 0.1.
     pub jitter: f64,
+    /// The first renewal of a newly issued lease is brought forward by up to this
+    /// fraction of its delay (spread evenly across the leases of the process), so leases
+    /// issued together renew apart from then on. Default 0.9; at most `jitter` has no
+    /// further effect.
+    pub first_renewal_spread: f64,
     /// How long before its end a lease that cannot be renewed further is replaced.
     /// Default `None`: the larger of 10% of the lease's TTL and `min_margin`, but at most
     /// half the TTL.
@@ -43,6 +53,7 @@ impl Default for Policy {
         Self {
             renew_fraction: 2.0 / 3.0,
             jitter: 0.1,
+            first_renewal_spread: 0.9,
             margin: None,
             min_margin: Duration::from_secs(5),
             retry_min: Duration::from_millis(250),
@@ -77,6 +88,15 @@ impl Policy {
             return bad(format!(
                 "jitter is {}; use a fraction from 0 up to (not including) 1 (default 0.1)",
                 self.jitter
+            ));
+        }
+        if !(self.first_renewal_spread.is_finite()
+            && (0.0..1.0).contains(&self.first_renewal_spread))
+        {
+            return bad(format!(
+                "first_renewal_spread is {}; use a fraction from 0 up to (not including) 1 \
+                 (default 0.9)",
+                self.first_renewal_spread
             ));
         }
         if self.retry_min < Duration::from_millis(1) {
@@ -124,6 +144,28 @@ pub(crate) fn doubling(min: Duration, max: Duration, failures: u32) -> Duration 
         .min(max)
 }
 
+/// A sample in `[0, 1)` for a first renewal's spread: successive calls in a process walk
+/// the golden-ratio sequence from a random start, so leases issued one after another get
+/// samples spread evenly over the interval (no clumps a run of random draws can have),
+/// and processes starting together do not share their samples.
+pub(crate) fn spread_sample() -> f64 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static START: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| fastrand::u64(..));
+    golden(start, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The `k`th point of the golden-ratio sequence from `start`, in `[0, 1)`.
+fn golden(start: u64, k: u64) -> f64 {
+    // 2^64 / φ: adding it walks the unit interval in the golden ratio, fixed-point.
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let x = start.wrapping_add(k.wrapping_mul(GOLDEN));
+    // The top 53 bits as a double in [0, 1).
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// How long before the end the last attempt of a failing lease is made.
 pub(crate) const LAST_TRY_BEFORE_END: Duration = Duration::from_millis(100);
 
@@ -140,6 +182,8 @@ pub(crate) struct LeaseState {
     pub(crate) renewable: bool,
     /// The last renewal returned less than asked: the lease is at its max_ttl.
     pub(crate) capped: bool,
+    /// Not renewed since it was issued: its first renewal is spread wider.
+    pub(crate) fresh: bool,
     /// An end imposed from outside, e.g. the issuing token's hard expiry.
     pub(crate) hard_end: Option<Instant>,
     /// Consecutive failed attempts (renew or rotate) since the last success.
@@ -240,9 +284,14 @@ pub(crate) fn plan(
             at: rotate_at,
         });
     }
+    let spread = if lease.fresh {
+        policy.first_renewal_spread.max(policy.jitter)
+    } else {
+        policy.jitter
+    };
     let delay = lease
         .ttl
-        .mul_f64(policy.renew_fraction * (1.0 - policy.jitter * jitter_unit.clamp(0.0, 1.0)));
+        .mul_f64(policy.renew_fraction * (1.0 - spread * jitter_unit.clamp(0.0, 1.0)));
     let renew_at = (lease.renewed_at + delay).min(rotate_at).max(now);
     Some(Plan {
         action: Action::Renew,
@@ -257,12 +306,16 @@ mod tests {
     #[test]
     fn out_of_range_settings_are_config_errors_naming_the_field() {
         type Case = (&'static str, fn(&mut Policy));
-        let cases: [Case; 9] = [
+        let cases: [Case; 11] = [
             ("renew_fraction", |p| p.renew_fraction = 0.0),
             ("renew_fraction", |p| p.renew_fraction = 1.5),
             ("renew_fraction", |p| p.renew_fraction = f64::NAN),
             ("jitter", |p| p.jitter = -0.1),
             ("jitter", |p| p.jitter = 1.0),
+            ("first_renewal_spread", |p| p.first_renewal_spread = 1.0),
+            ("first_renewal_spread", |p| {
+                p.first_renewal_spread = f64::INFINITY
+            }),
             ("retry_min", |p| p.retry_min = Duration::ZERO),
             ("retry_min", |p| p.retry_min = Duration::from_nanos(1)),
             ("retry_max", |p| p.retry_max = Duration::MAX),
@@ -287,6 +340,7 @@ mod tests {
             full_ttl: S * ttl as u32,
             renewable: true,
             capped: false,
+            fresh: false,
             hard_end: None,
             failures: 0,
             last_failure: None,
@@ -503,12 +557,13 @@ mod tests {
         let t0 = Instant::now();
         for ttl in [2u64, 10, 30, 60, 3600] {
             for failures in [0u32, 1, 3, 10, 40] {
-                for capped in [false, true] {
+                for (capped, fresh) in [(false, false), (true, false), (false, true)] {
                     for now_frac in [0.0, 0.3, 0.6, 0.9, 0.99] {
                         for jitter in [0.0, 0.5, 0.999] {
                             let now = t0 + Duration::from_secs(ttl).mul_f64(now_frac);
                             let l = LeaseState {
                                 capped,
+                                fresh,
                                 failures,
                                 last_failure: (failures > 0).then_some(now),
                                 ..lease(t0, ttl)
@@ -538,6 +593,48 @@ mod tests {
             a - b > Duration::from_secs(200),
             "jitter must spread by ~10%"
         );
+    }
+
+    #[test]
+    fn a_fresh_lease_renews_first_anywhere_in_its_first_cycle() {
+        let p = Policy::default();
+        let t0 = Instant::now();
+        let fresh = LeaseState {
+            fresh: true,
+            ..lease(t0, 60)
+        };
+        // From 2/3 of the TTL (40 s) down to 1/15 of it (4 s).
+        assert_eq!(secs(t0, plan(&p, &fresh, t0, 0.0).unwrap().at), 40.0);
+        let earliest = secs(t0, plan(&p, &fresh, t0, 0.999_999).unwrap().at);
+        assert!((earliest - 4.0).abs() < 0.01, "{earliest}");
+        // After that, 10% only.
+        let renewed = plan(&p, &lease(t0, 60), t0, 0.999_999).unwrap().at;
+        assert!((secs(t0, renewed) - 36.0).abs() < 0.01);
+        // Off: as wide as `jitter`, never narrower.
+        let off = Policy {
+            first_renewal_spread: 0.0,
+            ..p
+        };
+        assert!((secs(t0, plan(&off, &fresh, t0, 0.999_999).unwrap().at) - 36.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn spread_samples_cover_the_interval_evenly() {
+        // 1,000 samples in a row (as 1,000 leases issued one after another get them):
+        // every tenth of [0, 1) holds 100 ± 2 of them; random draws would vary by ~±10.
+        for start in [0, 1 << 63, fastrand::u64(..), u64::MAX] {
+            let mut tenths = [0u32; 10];
+            for k in 0..1000 {
+                let x = golden(start, k);
+                assert!((0.0..1.0).contains(&x));
+                tenths[(x * 10.0) as usize] += 1;
+            }
+            assert!(
+                tenths.iter().all(|&n| (98..=102).contains(&n)),
+                "{tenths:?}"
+            );
+        }
+        assert!((0.0..1.0).contains(&spread_sample()));
     }
 
     #[test]

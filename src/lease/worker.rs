@@ -118,6 +118,12 @@ pub(crate) fn now() -> Instant {
 pub(crate) struct Book {
     full_ttl: Duration,
     capped: bool,
+    /// Not renewed since it was issued (its first renewal is spread wider).
+    fresh: bool,
+    /// The jitter sample for the current lease's next renewal: drawn once per issue and
+    /// renewal, so re-planning (after every wake) does not draw again and pull the
+    /// renewal early.
+    jitter: f64,
     failures: u32,
     last_failure: Option<Instant>,
     issuing_token: Option<String>,
@@ -155,6 +161,8 @@ impl Book {
         Self {
             full_ttl: lease.duration,
             capped: false,
+            fresh: true,
+            jitter: policy::spread_sample(),
             failures: 0,
             last_failure: None,
             issuing_token,
@@ -176,6 +184,7 @@ impl Book {
             full_ttl: self.full_ttl,
             renewable: lease.renewable,
             capped: self.capped,
+            fresh: self.fresh,
             hard_end: self
                 .issuing_token
                 .as_deref()
@@ -445,7 +454,7 @@ pub(crate) async fn run(
                 &shared.policy,
                 &book.state(&current.lease, shared.source.as_ref()),
                 now,
-                fastrand::f64(),
+                book.jitter,
             );
             // The database cannot be reached from here: issuing a user only to drop it
             // again helps nobody; the next rotation waits for the backoff.
@@ -733,6 +742,8 @@ async fn renew(shared: &Shared, book: &mut Book) {
             let old_end = current.lease.expires_at();
             let new_end = lease.expires_at();
             book.capped = lease.duration < book.full_ttl || new_end <= old_end;
+            book.fresh = false;
+            book.jitter = fastrand::f64();
             book.succeeded(shared);
             shared.stats().renewals += 1;
             metrics::counter!("vaultpool_renewals_total", "role" => shared.label.clone())
@@ -905,6 +916,8 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
     });
     book.full_ttl = new_full_ttl;
     book.capped = false;
+    book.fresh = true;
+    book.jitter = policy::spread_sample();
     // No token before (none yet, or just invalidated): the one that issued it.
     book.issuing_token = issuing_token.or_else(|| shared.source.issuing_token());
     book.succeeded(shared);

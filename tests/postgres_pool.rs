@@ -751,3 +751,115 @@ async fn a_connection_past_its_max_lifetime_is_replaced_before_reuse() {
     assert_ne!(pid().await, first, "reused past its max lifetime");
     pool.close().await;
 }
+
+/// A driver the crate has no feature for, as a user would plug it in: a `Connect` of its
+/// own (here plain tokio-postgres, opened by the test) behind `VaultPool::custom`.
+#[derive(Clone)]
+struct OwnDriver;
+
+impl vaultpool::pool::Connect for OwnDriver {
+    type Conn = vaultpool::postgres::tokio_postgres::Client;
+    type Error = vaultpool::postgres::tokio_postgres::Error;
+
+    fn open<'a>(
+        &'a self,
+        creds: &'a vaultpool::Credentials,
+    ) -> vaultpool::lease::BoxFuture<'a, Result<Self::Conn, Self::Error>> {
+        Box::pin(async move {
+            let mut config = pg_target();
+            config
+                .user(&creds.username)
+                .password(creds.password.expose_secret());
+            let (client, conn) = config
+                .connect(vaultpool::postgres::tokio_postgres::NoTls)
+                .await?;
+            tokio::spawn(conn);
+            Ok(client)
+        })
+    }
+
+    fn is_auth_failure(&self, e: &Self::Error) -> bool {
+        e.code().is_some_and(|c| c.code() == "28P01")
+    }
+
+    fn check<'a>(
+        &'a self,
+        conn: &'a mut Self::Conn,
+    ) -> vaultpool::lease::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            conn.simple_query("")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn target(&self) -> String {
+        "PostgreSQL (the test's own driver)".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_of_your_own_behind_vault_pool_custom_rotates_under_load() {
+    let role = create_role("1h", "2h").await;
+    let pool =
+        vaultpool::pool::VaultPool::custom(vaultpool::lease::DatabaseRole::new(&role), OwnDriver)
+            .vault(approle_client("IMMUNE_SYSTEM"))
+            .max_size(4)
+            .policy(fast_policy())
+            .build()
+            .await
+            .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::<String>::new())),
+    );
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, stop, ok, failed) = (pool.clone(), stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = async {
+                        let c = pool.get().await.map_err(|e| e.to_string())?;
+                        c.query_one("SELECT count(*) FROM items", &[])
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    .await;
+                    match r {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            failed.lock().unwrap().push(e);
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pool.rotate().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let status = pool.status();
+    pool.close().await;
+    let failed = failed.lock().unwrap().clone();
+    let ok = ok.load(Ordering::Relaxed);
+    println!(
+        "own driver: queries ok {ok}, failed {}, generation {}, prepared by pre-warm at the end {}",
+        failed.len(),
+        status.lease.generation.0,
+        status.prepared
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 100, "too few queries: {ok}");
+    assert_eq!(status.lease.generation, Generation(4));
+    assert!(status.size <= 4, "{status:?}");
+    assert_leases_gone(&role).await;
+}

@@ -607,6 +607,24 @@ impl Engine {
         Ok(current)
     }
 
+    /// Whether a connection of `generation` may be reused: `Ok(true)` while it is the
+    /// current generation, `Ok(false)` once it is retired; the errors of
+    /// [`usable`](Self::usable) when no credentials are usable. What every checkout of a
+    /// pooled connection asks, so it takes no reference count (an `arc-swap` guard).
+    #[cfg(any(feature = "postgres", feature = "redis"))]
+    pub(crate) fn reusable(&self, generation: Generation) -> Result<bool> {
+        let current = self.shared.current.load();
+        if self.shared.closed.load(Ordering::Acquire)
+            || !self.shared.worker_alive.load(Ordering::Acquire)
+            || current.expired_at(worker::now())
+        {
+            // Not on the hot path: build the error.
+            drop(current);
+            return self.usable().map(|_| false);
+        }
+        Ok(current.generation == generation)
+    }
+
     /// Whether `generation` is retired but its lease not yet revoked (it is draining).
     #[cfg(feature = "sqlx")]
     pub(crate) fn is_retiring(&self, generation: Generation) -> bool {

@@ -9,7 +9,7 @@ use super::inner::{self, Connect, Pooled};
 use super::{Builder, LeaseOptions, PoolStatus, Timeouts};
 use crate::credentials::Generation;
 use crate::error::Result;
-use crate::lease::Engine;
+use crate::lease::{CredentialSource, Engine};
 use crate::vault::Client;
 
 /// The settings of a deadpool-based pool around a backend's own settings `X`.
@@ -131,6 +131,26 @@ impl<X> Builder<Deadpool<X>> {
     }
 }
 
+/// A backend of your own: the [`Connect`] given to [`VaultPool::custom`], as a builder's
+/// target.
+#[derive(Debug)]
+pub struct Custom<C>(C);
+
+impl<C: Connect + Clone> Builder<Deadpool<Custom<C>>> {
+    /// Lease the first credentials (verified with one connection through the
+    /// [`Connect`]), start the engine and build the pool.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for an invalid source or policy;
+    /// whatever leasing or the verifying connection fails with.
+    pub async fn build(self) -> Result<VaultPool<C>> {
+        let (lease, settings, Custom(connect)) = self.into_parts();
+        lease.source.validate()?;
+        let vault = lease.vault()?;
+        Self::build_with(lease, settings, vault, connect.clone(), connect).await
+    }
+}
+
 /// A pool on rotating Vault credentials over a backend's [`Connect`]: cheap to clone,
 /// not generic in use (`VaultPgPool`, `VaultRedisPool` are aliases), so it drops straight
 /// into axum state.
@@ -159,6 +179,40 @@ impl<C: Connect> fmt::Debug for VaultPool<C> {
             .field("generation", &self.inner.engine.generation())
             .field("pool", &self.inner.pool.status())
             .finish()
+    }
+}
+
+impl<C: Connect + Clone> VaultPool<C> {
+    /// A pool over a backend of your own (a driver this crate has no feature for): your
+    /// [`Connect`] opens and checks one connection with given credentials; the pool does
+    /// the rest — generations, draining, pre-warm, revocation — as for PostgreSQL and
+    /// Redis. Defaults as theirs: 16 connections, waits and connects bounded by 10 s, a
+    /// recycle check by 5 s.
+    ///
+    /// ```no_run
+    /// # async fn f(connect: impl vaultpool::pool::Connect + Clone) -> vaultpool::Result<()> {
+    /// use vaultpool::lease::DatabaseRole;
+    /// use vaultpool::pool::VaultPool;
+    ///
+    /// let pool = VaultPool::custom(DatabaseRole::new("app"), connect)
+    ///     .max_size(8)
+    ///     .build()
+    ///     .await?;
+    /// let conn = pool.get().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn custom(source: impl Into<CredentialSource>, connect: C) -> Builder<Deadpool<Custom<C>>> {
+        Builder::new(
+            source,
+            Deadpool::new(
+                Custom(connect),
+                Timeouts {
+                    wait: Some(Duration::from_secs(10)),
+                    create: Some(Duration::from_secs(10)),
+                    recycle: Some(Duration::from_secs(5)),
+                },
+            ),
+        )
     }
 }
 

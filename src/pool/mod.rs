@@ -4,7 +4,8 @@
 //!   `close`, written once. `postgres::VaultPgPool` and `redis::VaultRedisPool` are
 //!   this type over their backend's [`Connect`]; a new deadpool-based backend is a
 //!   `Connect` impl and a few lines (deadpool-postgres does the same with its
-//!   `Manager`). (Inside this crate: the constructors a backend needs are crate-private.)
+//!   `Manager`). A driver this crate has no feature for is a `Connect` of your own given
+//!   to [`VaultPool::custom`].
 //! - [`Builder<T>`](Builder) holds what every pool sets about leasing — the
 //!   [`CredentialSource`], the Vault client, the [`Policy`], the drain timeout — with its
 //!   setters written once here; `T` is the backend's own settings (its target, and for
@@ -30,7 +31,7 @@ use crate::vault::Client;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub use ::deadpool::managed::Timeouts;
 #[cfg(any(feature = "postgres", feature = "redis"))]
-pub use handle::{Deadpool, VaultPool};
+pub use handle::{Custom, Deadpool, VaultPool};
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub use inner::{Connect, Pooled, RotatingManager, Tagged};
 

@@ -1179,11 +1179,21 @@ mod tests {
         }
     }
 
+    /// The default policy without the first renewal's spread: these tests reason about
+    /// when a lease ends, and a first renewal anywhere from 1/15 of the TTL on would move
+    /// it. (The spread has its own test.)
+    fn steady() -> Policy {
+        Policy {
+            first_renewal_spread: 0.0,
+            ..Policy::default()
+        }
+    }
+
     async fn engine(fake: &Arc<Fake>) -> Engine {
         start(
             ("fake role".into(), "fake-role".into()),
             Arc::new(fake.clone()),
-            Policy::default(),
+            steady(),
             Some(Duration::from_secs(30)),
             (None, Duration::from_secs(10)),
             None,
@@ -1201,7 +1211,7 @@ mod tests {
         let engine = start(
             ("fake role".into(), "fake-role".into()),
             Arc::new(fake.clone()),
-            Policy::default(),
+            steady(),
             Some(Duration::from_secs(30)),
             (None, Duration::from_secs(10)),
             Some(hung),
@@ -1375,12 +1385,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn leases_issued_together_renew_first_across_their_first_cycle() {
+        // 20 engines issued at once, 600 s leases: before, all renewed within 360-400 s.
+        let fake = fake(600, 3600);
+        let mut engines = Vec::new();
+        for _ in 0..20 {
+            engines.push(
+                start(
+                    ("fake role".into(), "fake-role".into()),
+                    Arc::new(fake.clone()),
+                    Policy::default(),
+                    None,
+                    (None, Duration::from_secs(10)),
+                    None,
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        let renewed = || engines.iter().filter(|e| e.status().renewals > 0).count();
+        tokio::time::sleep(Duration::from_secs(39)).await;
+        assert_eq!(renewed(), 0, "renewed before 1/15 of the TTL");
+        // Halfway through the window (40-400 s): about half of them.
+        tokio::time::sleep(Duration::from_secs(181)).await;
+        let half = renewed();
+        assert!((3..=17).contains(&half), "{half} of 20 renewed by 220 s");
+        tokio::time::sleep(Duration::from_secs(181)).await;
+        assert_eq!(renewed(), 20, "a first renewal later than 2/3 of the TTL");
+        for e in &engines {
+            e.close().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_huge_drain_timeout_does_not_overflow() {
         let fake = fake(600, 3600);
         let engine = start(
             ("fake role".into(), "fake-role".into()),
             Arc::new(fake.clone()),
-            Policy::default(),
+            steady(),
             Some(Duration::MAX),
             (None, Duration::from_secs(10)),
             None,
@@ -1403,7 +1446,7 @@ mod tests {
         let engine = start(
             ("fake role".into(), "fake-role".into()),
             Arc::new(fake.clone()),
-            Policy::default(),
+            steady(),
             None,
             (None, Duration::from_secs(10)),
             None,
@@ -1509,7 +1552,7 @@ mod tests {
         let engine = start(
             ("fake role".into(), "fake-role".into()),
             Arc::new(fake.clone()),
-            Policy::default(),
+            steady(),
             Some(Duration::from_secs(30)),
             (Some(verify), Duration::from_secs(10)),
             None,
@@ -1627,7 +1670,7 @@ mod tests {
         let engine = start(
             ("careless".into(), "careless".into()),
             source,
-            Policy::default(),
+            steady(),
             Some(Duration::from_secs(30)),
             (None, Duration::from_secs(10)),
             None,
@@ -1667,7 +1710,7 @@ mod tests {
         let err = start(
             ("forever".into(), "forever".into()),
             source,
-            Policy::default(),
+            steady(),
             None,
             (None, Duration::from_secs(10)),
             None,

@@ -139,7 +139,7 @@ fn benches(c: &mut Criterion) {
     });
     g.bench_function("vaultpool_VaultSqlxPool", |b| {
         b.to_async(&rt).iter(|| async {
-            let mut conn = vault_sqlx.pool().acquire().await.unwrap();
+            let mut conn = vault_sqlx.acquire().await.unwrap();
             let one: i32 = vaultpool::sqlx::sqlx::query_scalar("SELECT 1")
                 .fetch_one(&mut *conn)
                 .await

@@ -692,6 +692,10 @@ async fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke");
     // `--only=scale` or `--only=load`: one part (a rerun of one figure).
     let only = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_owned));
+    if let Some(o) = only.as_deref().filter(|o| !["scale", "load"].contains(o)) {
+        eprintln!("--only={o}: use --only=scale or --only=load");
+        std::process::exit(2);
+    }
     let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let s = if smoke {
         Settings {

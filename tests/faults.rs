@@ -28,6 +28,8 @@ async fn vault_sealed_during_a_run_is_reported_and_renewal_resumes_after_unseal(
     // rather rotate.
     let mut policy = fast_policy();
     policy.renew_fraction = 0.5;
+    // Renewal points this test reasons about: no first renewal spread forward.
+    policy.first_renewal_spread = 0.0;
     let pool = small_pool_with("app", vault.client(), policy).await;
     let stop = Arc::new(AtomicBool::new(false));
     let workers = spawn_load(&pool, 4, stop.clone());
@@ -141,6 +143,8 @@ async fn a_hanging_vault_never_stalls_the_request_path() {
     // Renew at half the TTL (18–20 s), well inside the hang; rotation would start at 35 s.
     let mut policy = fast_policy();
     policy.renew_fraction = 0.5;
+    // Renewal points this test reasons about: no first renewal spread forward.
+    policy.first_renewal_spread = 0.0;
     let pool = small_pool_with("app", client, policy).await;
     let stop = Arc::new(AtomicBool::new(false));
     let steady = spawn_load(&pool, 4, stop.clone());
@@ -216,6 +220,9 @@ async fn two_hundred_pools_after_an_outage_renew_spread_out_not_in_step() {
     // Renew at half the TTL (40 s, jittered down to 36 s); rotation would start at 72 s.
     let mut policy = vaultpool::lease::Policy::default();
     policy.renew_fraction = 0.5;
+    // Every pool past its renewal point while Vault is down: no first renewal spread
+    // forward (that spreading has its own test).
+    policy.first_renewal_spread = 0.0;
     let started = Instant::now();
     let mut engines = Vec::with_capacity(POOLS);
     for _ in 0..POOLS {
@@ -382,7 +389,9 @@ async fn a_database_that_answers_no_login_never_stalls_the_engine() {
     let _one = ONE_FAULT_AT_A_TIME.lock().await;
     let role = create_role("30s", "1h").await;
     let mut policy = fast_policy();
-    policy.renew_fraction = 0.5; // renew at 13.5–15 s into the 30 s lease
+    // Renew at 13.5–15 s into the 30 s lease (no first renewal spread forward).
+    policy.renew_fraction = 0.5;
+    policy.first_renewal_spread = 0.0;
     // Through a proxy that logs each renewal request sent to Vault.
     let vault_proxy = Proxy::start(&var("VAULT_ADDR"), "/v1/sys/leases/renew").await;
     let client = approle_builder("IMMUNE_SYSTEM")

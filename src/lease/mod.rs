@@ -3,7 +3,8 @@
 //!
 //! [`Engine`] holds the current credentials in an [`ArcSwap`] together with a
 //! [`Generation`]. A background task renews the lease at about two thirds of its TTL
-//! (jittered), rotates — issue, verify, swap, bump the generation — when the lease cannot
+//! (jittered; a new lease's first renewal anywhere from 1/15 to 2/3, so leases issued
+//! together spread out), rotates — issue, verify, swap, bump the generation — when the lease cannot
 //! be renewed any further, and revokes a retired generation's lease once its connections
 //! are gone (or at the drain deadline: by default just before that lease's own end). Adapters (the pools) read [`current`] when they
 //! open a connection, count their connections per generation with [`Current::track`],
@@ -13,7 +14,7 @@
 //! ## Timeline of one lease
 //!
 //! ```text
-//! issue ──── renew@⅔ ──── renew@⅔ ── … ── renew (capped by max_ttl) ── rotate@end-margin ── end
+//! issue ── renew@≤⅔ ──── renew@⅔ ── … ── renew (capped by max_ttl) ── rotate@end-margin ── end
 //!                                                                        │
 //!                        new generation serving ◄────────────────────────┘
 //!                        old generation: idle connections closed, busy ones closed on

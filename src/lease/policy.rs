@@ -11,6 +11,7 @@
 //!   the TTL). A 10% jitter alone keeps leases issued together (a fleet starting at
 //!   once, many pools in one process) renewing in clumps for many cycles; spread over a
 //!   whole cycle once, they stay apart. It costs at most one early renewal per lease.
+//!   (Rotations are not spread: leases issued together reach their max_ttl together.)
 //! - A lease that cannot be renewed (not renewable, or its last renewal came back capped
 //!   by max_ttl, or the token that issued it ends first) is rotated `margin` before its
 //!   end: new credentials serve before the old ones are in danger.

@@ -54,7 +54,9 @@ pub enum CredentialSource {
 ///
 /// [`issue`](Self::issue) returns credentials with their [`Lease`]: a duration of zero
 /// means "no expiry" (replace them when [`changed`](Self::changed) says so); otherwise the
-/// engine renews a renewable lease at ⅔ of its TTL and rotates to freshly issued
+/// engine renews a renewable lease at about ⅔ of its TTL (the first time, anywhere from
+/// 1/15 to ⅔: see [`Policy::first_renewal_spread`](super::Policy::first_renewal_spread))
+/// and rotates to freshly issued
 /// credentials before it ends (a non-renewable one, such as an IAM token, is rotated
 /// before its end). A retired generation is revoked once its last connection is back.
 /// Issuing and verification failures are retried with backoff; every call is bounded

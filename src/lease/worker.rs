@@ -124,6 +124,8 @@ pub(crate) struct Book {
     /// renewal, so re-planning (after every wake) does not draw again and pull the
     /// renewal early.
     jitter: f64,
+    /// The jitter of the next retry's delay, drawn at each failure.
+    retry_jitter: f64,
     failures: u32,
     last_failure: Option<Instant>,
     issuing_token: Option<String>,
@@ -163,6 +165,7 @@ impl Book {
             capped: false,
             fresh: true,
             jitter: policy::spread_sample(),
+            retry_jitter: 0.5,
             failures: 0,
             last_failure: None,
             issuing_token,
@@ -197,6 +200,9 @@ impl Book {
     fn failed(&mut self, shared: &Shared, what: &str, e: &crate::Error) {
         self.failures = self.failures.saturating_add(1);
         self.last_failure = Some(now());
+        // Each retry backs off with a jitter of its own (engines that failed together
+        // do not retry in step).
+        self.retry_jitter = fastrand::f64();
         let mut stats = shared.stats();
         stats.failures += 1;
         stats.degraded = true;
@@ -454,7 +460,11 @@ pub(crate) async fn run(
                 &shared.policy,
                 &book.state(&current.lease, shared.source.as_ref()),
                 now,
-                book.jitter,
+                if book.failures > 0 {
+                    book.retry_jitter
+                } else {
+                    book.jitter
+                },
             );
             // The database cannot be reached from here: issuing a user only to drop it
             // again helps nobody; the next rotation waits for the backoff.

@@ -186,8 +186,11 @@ impl<C: Connect + Clone> VaultPool<C> {
     /// A pool over a backend of your own (a driver this crate has no feature for): your
     /// [`Connect`] opens and checks one connection with given credentials; the pool does
     /// the rest — generations, draining, pre-warm, revocation — as for PostgreSQL and
-    /// Redis. Defaults as theirs: 16 connections, waits and connects bounded by 10 s, a
-    /// recycle check by 5 s.
+    /// Redis. Defaults as the PostgreSQL pool's: 16 connections, waits and connects
+    /// bounded by 10 s, a recycle check by 5 s. New credentials are verified by opening
+    /// one connection and running your `check` on it: make it a round trip (a ping), or
+    /// a rotation proves only the login. (Built on deadpool: needs the `postgres` or
+    /// `redis` feature.)
     ///
     /// ```no_run
     /// # async fn f(connect: impl vaultpool::pool::Connect + Clone) -> vaultpool::Result<()> {

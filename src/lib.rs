@@ -95,6 +95,8 @@ pub mod lease;
 pub mod pool;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlx")]

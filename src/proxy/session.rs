@@ -1,0 +1,531 @@
+//! One client session: startup, authentication, a server connection of the route's
+//! current generation, the relay, and the reset (`DISCARD ALL`) that lets the next
+//! session reuse the server connection.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::upstream::{CheckoutError, LoginError, Route, Upstream};
+use super::wire::{self, Seen, Startup, StartupError};
+use super::{CancelKey, Shared};
+
+/// Who is on the other end.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Peer {
+    /// A TCP client (password only).
+    Tcp,
+    /// A Unix-socket client with this uid (if the kernel told).
+    Unix(Option<u32>),
+}
+
+/// Serve one client connection until it ends. Never panics on client input; every
+/// failure ends this session only.
+pub(crate) async fn serve<S>(shared: Arc<Shared>, mut client: S, peer: Peer)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let started =
+        tokio::time::timeout(shared.startup_timeout, start(&shared, &mut client, peer)).await;
+    let (route, mut up, permit, key) = match started {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "client session ended during startup");
+            return;
+        }
+        Err(_) => {
+            // Never finished its startup: tell it (it may be a slow client) and close.
+            let mut out = BytesMut::new();
+            wire::error_response(
+                &mut out,
+                "FATAL",
+                "08P01",
+                &format!(
+                    "vaultpool-proxy: the session did not start within {:?}",
+                    shared.startup_timeout
+                ),
+            );
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), client.write_all(&out))
+                .await;
+            return;
+        }
+    };
+    route.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
+    route.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+    let outcome = relay(&mut client, &mut up).await;
+    shared
+        .cancels
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    match outcome {
+        Ok(Ending::Idle) if up.generation == route.engine.generation() => {
+            // Reset for the next session; a connection that does not come back idle
+            // within the bound is closed instead.
+            let reset =
+                tokio::time::timeout(std::time::Duration::from_secs(5), up.simple("DISCARD ALL"))
+                    .await;
+            if matches!(reset, Ok(Ok(_))) {
+                route.checkin(up);
+            } else {
+                tokio::spawn(up.terminate());
+            }
+        }
+        Ok(Ending::Idle) => route.checkin(up), // closes it: retired generation
+        Ok(Ending::Busy) | Err(_) => {
+            // The client left with a query running (or the stream broke): cancel it on
+            // the server, then close the connection (its state is unknown).
+            let (addr, pid, secret) = (up.addr, up.pid, up.secret);
+            tokio::spawn(async move {
+                let _ = super::upstream::cancel(addr, pid, secret).await;
+            });
+            drop(up);
+        }
+        Ok(Ending::ServerGone) => drop(up),
+    }
+    drop(permit);
+    route.stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+type Started = (
+    Arc<Route>,
+    Upstream,
+    tokio::sync::OwnedSemaphorePermit,
+    CancelKey,
+);
+
+async fn fatal<S: AsyncWrite + Unpin>(client: &mut S, code: &str, msg: &str) -> io::Result<()> {
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, "FATAL", code, msg);
+    client.write_all(&out).await?;
+    client.flush().await
+}
+
+async fn start<S>(shared: &Arc<Shared>, client: &mut S, peer: Peer) -> io::Result<Option<Started>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    // 1. The startup packet (after at most one SSL and one GSSENC request).
+    let mut requests = 0;
+    let params = loop {
+        match wire::read_startup(client).await {
+            Ok(Startup::Ssl | Startup::GssEnc) if requests < 2 => {
+                requests += 1;
+                client.write_all(b"N").await?;
+            }
+            Ok(Startup::Ssl | Startup::GssEnc) => {
+                fatal(
+                    client,
+                    "08P01",
+                    "vaultpool-proxy: too many encryption requests",
+                )
+                .await?;
+                return Ok(None);
+            }
+            Ok(Startup::Cancel { pid, secret }) => {
+                shared.cancel((pid, secret)).await;
+                return Ok(None);
+            }
+            Ok(Startup::Session(p)) => break p,
+            Err(StartupError::Closed) => return Ok(None),
+            Err(StartupError::Io(e)) => return Err(e),
+            Err(e) => {
+                fatal(client, "08P01", &format!("vaultpool-proxy: {e}")).await?;
+                return Ok(None);
+            }
+        }
+    };
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        fatal(
+            client,
+            "28000",
+            "vaultpool-proxy: no user name given in the startup packet",
+        )
+        .await?;
+        return Ok(None);
+    };
+    let database = get("database").filter(|d| !d.is_empty()).unwrap_or(user);
+    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        fatal(
+            client,
+            "08P01",
+            "vaultpool-proxy does not proxy replication connections",
+        )
+        .await?;
+        return Ok(None);
+    }
+    let sets = match settings(&params) {
+        Ok(s) => s,
+        Err(msg) => {
+            fatal(client, "08P01", &format!("vaultpool-proxy: {msg}")).await?;
+            return Ok(None);
+        }
+    };
+
+    // 2. Who the client is: a trusted uid on the Unix socket, or the local secret.
+    let trusted = matches!(peer, Peer::Unix(Some(uid)) if shared.allowed_uids.contains(&uid));
+    if !trusted {
+        let Some(verifier) = &shared.scram else {
+            let msg = match peer {
+                Peer::Unix(Some(uid)) => format!(
+                    "vaultpool-proxy: uid {uid} is not among the allowed_uids, and no \
+                     scram_secret_file is configured for password logins"
+                ),
+                _ => "vaultpool-proxy: password logins need listen.scram_secret_file; connect \
+                      through the Unix socket as an allowed uid instead"
+                    .to_owned(),
+            };
+            fatal(client, "28000", &msg).await?;
+            return Ok(None);
+        };
+        if !scram_login(client, verifier, user).await? {
+            return Ok(None);
+        }
+    }
+
+    // 3. The route.
+    let Some(route) = shared.routes.iter().find(|r| r.name == database).cloned() else {
+        fatal(
+            client,
+            "3D000",
+            &format!("vaultpool-proxy: no database \"{database}\" is configured"),
+        )
+        .await?;
+        return Ok(None);
+    };
+    if !route.users.is_empty() && !route.users.iter().any(|u| u == user) {
+        fatal(
+            client,
+            "28000",
+            &format!("vaultpool-proxy: user \"{user}\" may not use database \"{database}\""),
+        )
+        .await?;
+        return Ok(None);
+    }
+
+    // 4. A server connection of the current generation, with the client's settings.
+    let (permit, mut up) = match route.checkout().await {
+        Ok(x) => x,
+        Err(CheckoutError::Timeout) => {
+            fatal(
+                client,
+                "53300",
+                &format!(
+                    "vaultpool-proxy: all {} connections of database \"{database}\" are in use; \
+                     waited {:?}",
+                    route.max_connections, route.wait_timeout
+                ),
+            )
+            .await?;
+            return Ok(None);
+        }
+        Err(CheckoutError::Credentials(e)) => {
+            fatal(client, "08006", &format!("vaultpool-proxy: {e}")).await?;
+            return Ok(None);
+        }
+        Err(CheckoutError::Login(e)) => {
+            forward_login_error(client, &route, e).await?;
+            return Ok(None);
+        }
+    };
+    if !sets.is_empty()
+        && let Err(e) = up.simple(&sets).await
+    {
+        forward_login_error(client, &route, e).await?;
+        route.checkin(up);
+        return Ok(None);
+    }
+
+    // 5. Tell the client it is in: the server's parameters, a key of ours, ready.
+    let mut out = BytesMut::new();
+    wire::auth_ok(&mut out);
+    for (k, v) in &up.params {
+        wire::parameter_status(&mut out, k, v);
+    }
+    let key = shared.register_cancel(&up);
+    wire::backend_key_data(&mut out, key.0, key.1);
+    wire::ready_for_query(&mut out);
+    if let Err(e) = client.write_all(&out).await {
+        shared
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        route.checkin(up);
+        return Err(e);
+    }
+    Ok(Some((route, up, permit, key)))
+}
+
+/// The client's startup settings (`application_name`, `client_encoding`, `-c` options)
+/// as one `SET` batch for the server connection.
+fn settings(params: &[(String, String)]) -> Result<String, String> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => {
+                // libpq: `-c name=value` or `--name=value`, space separated.
+                let mut words = v.split_whitespace();
+                while let Some(w) = words.next() {
+                    let setting = if w == "-c" {
+                        words.next().ok_or("an options \"-c\" without a setting")?
+                    } else if let Some(s) = w.strip_prefix("-c") {
+                        s
+                    } else if let Some(s) = w.strip_prefix("--") {
+                        s
+                    } else {
+                        return Err(format!(
+                            "startup option {w:?} is not supported; use -c name=value"
+                        ));
+                    };
+                    let (name, value) = setting
+                        .split_once('=')
+                        .ok_or_else(|| format!("startup option {setting:?} has no value"))?;
+                    pairs.push((name.replace('-', "_"), value.to_owned()));
+                }
+            }
+            _ => pairs.push((k.clone(), v.clone())),
+        }
+    }
+    let mut sql = String::new();
+    for (name, value) in pairs {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        {
+            return Err(format!("startup parameter {name:?} is not a setting name"));
+        }
+        sql.push_str(&format!("SET {name} = '{}'; ", value.replace('\'', "''")));
+    }
+    Ok(sql)
+}
+
+/// A refused or failed server login, told to the client: the server's own error when it
+/// sent one (verbatim), else the proxy's.
+async fn forward_login_error<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    route: &Route,
+    e: LoginError,
+) -> io::Result<()> {
+    tracing::warn!(database = %route.name, target = %route.target.describe(), error = %e, "server login failed");
+    match e {
+        LoginError::Server { raw, .. } if !raw.is_empty() => {
+            client.write_all(&raw).await?;
+            client.flush().await
+        }
+        other => {
+            fatal(
+                client,
+                "08006",
+                &format!(
+                    "vaultpool-proxy: cannot connect to PostgreSQL at {}: {other}",
+                    route.target.describe()
+                ),
+            )
+            .await
+        }
+    }
+}
+
+/// SCRAM-SHA-256 against the local secret. `Ok(false)`: refused (the client was told).
+async fn scram_login<S>(
+    client: &mut S,
+    verifier: &super::scram::Verifier,
+    user: &str,
+) -> io::Result<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    wire::auth_sasl(&mut out);
+    client.write_all(&out).await?;
+    let refuse = |why: &str| {
+        tracing::info!(user, reason = why, "password login refused");
+        format!("password authentication failed for user \"{user}\"")
+    };
+    // SASLInitialResponse: mechanism, length, data.
+    let (tag, body) = wire::read_message(client, wire::MAX_AUTH_MESSAGE).await?;
+    let initial = (|| {
+        if tag != b'p' {
+            return None;
+        }
+        let end = body.iter().position(|&b| b == 0)?;
+        if &body[..end] != b"SCRAM-SHA-256" || body.len() < end + 5 {
+            return None;
+        }
+        let len = i32::from_be_bytes(body[end + 1..end + 5].try_into().ok()?);
+        let data = &body[end + 5..];
+        (len as usize == data.len()).then(|| data.to_vec())
+    })();
+    let Some(initial) = initial else {
+        fatal(
+            client,
+            "28P01",
+            &refuse("not a SCRAM-SHA-256 initial response"),
+        )
+        .await?;
+        return Ok(false);
+    };
+    let (server_first, exchange) = match verifier.first(&initial) {
+        Ok(x) => x,
+        Err(why) => {
+            fatal(client, "28P01", &refuse(why)).await?;
+            return Ok(false);
+        }
+    };
+    out.clear();
+    wire::auth_sasl_data(&mut out, 11, server_first.as_bytes());
+    client.write_all(&out).await?;
+    let (tag, body) = wire::read_message(client, wire::MAX_AUTH_MESSAGE).await?;
+    if tag != b'p' {
+        fatal(client, "28P01", &refuse("not a SASL response")).await?;
+        return Ok(false);
+    }
+    match verifier.finish(&exchange, &body) {
+        Ok(server_final) => {
+            out.clear();
+            wire::auth_sasl_data(&mut out, 12, server_final.as_bytes());
+            client.write_all(&out).await?;
+            Ok(true)
+        }
+        Err(why) => {
+            fatal(client, "28P01", &refuse(why)).await?;
+            Ok(false)
+        }
+    }
+}
+
+/// How a relayed session ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// The client said goodbye (or left) between queries, outside a transaction.
+    Idle,
+    /// The client left with a query or transaction open.
+    Busy,
+    /// The server closed the connection.
+    ServerGone,
+}
+
+/// Forward bytes both ways until the client terminates or either side closes. The
+/// client's `Terminate` is not forwarded (the server connection stays open for reuse).
+async fn relay<S>(client: &mut S, up: &mut Upstream) -> io::Result<Ending>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut sr, mut sw) = tokio::io::split(&mut up.io);
+    // Queries sent (Query, Sync, FunctionCall) whose ReadyForQuery has not come back.
+    let outstanding = std::sync::atomic::AtomicI64::new(0);
+    let status = std::sync::atomic::AtomicU8::new(b'I');
+    let mut server_frames = wire::Frames::default();
+
+    let client_to_server = async {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut body_left = 0usize;
+        loop {
+            if cr.read_buf(&mut buf).await? == 0 {
+                return Ok::<_, io::Error>(false); // left without Terminate
+            }
+            let mut i = 0;
+            let mut end = 0;
+            loop {
+                if body_left > 0 {
+                    let n = body_left.min(buf.len() - i);
+                    i += n;
+                    body_left -= n;
+                    end = i;
+                }
+                if i == buf.len() || buf.len() - i < 5 {
+                    break; // an incomplete header is held back
+                }
+                let tag = buf[i];
+                let len = i32::from_be_bytes([buf[i + 1], buf[i + 2], buf[i + 3], buf[i + 4]]);
+                if len < 4 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a client message of invalid length",
+                    ));
+                }
+                if tag == b'X' {
+                    sw.write_all(&buf[..i]).await?;
+                    return Ok(true);
+                }
+                if matches!(tag, b'Q' | b'S' | b'F') {
+                    outstanding.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 5;
+                body_left = len as usize - 4;
+                end = i;
+            }
+            sw.write_all(&buf[..end]).await?;
+            let _ = buf.split_to(end);
+        }
+    };
+    let server_to_client = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = sr.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, io::Error>(());
+            }
+            server_frames.feed(&buf[..n], |seen| {
+                if let Seen::Ready(s) = seen {
+                    status.store(s, Ordering::Relaxed);
+                    outstanding.fetch_sub(1, Ordering::Relaxed);
+                }
+            })?;
+            cw.write_all(&buf[..n]).await?;
+        }
+    };
+    tokio::select! {
+        r = client_to_server => {
+            r?;
+            let idle = outstanding.load(Ordering::Relaxed) <= 0
+                && status.load(Ordering::Relaxed) == b'I'
+                && server_frames.at_boundary();
+            Ok(if idle { Ending::Idle } else { Ending::Busy })
+        }
+        r = server_to_client => {
+            r?;
+            Ok(Ending::ServerGone)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_settings_become_one_quoted_set_batch() {
+        let p = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            settings(&p(&[
+                ("user", "u"),
+                ("application_name", "it's"),
+                ("options", "-c search_path=x --work-mem=64kB")
+            ]))
+            .unwrap(),
+            "SET application_name = 'it''s'; SET search_path = 'x'; SET work_mem = '64kB'; "
+        );
+        for bad in [
+            p(&[("a;DROP", "x")]),
+            p(&[("options", "-x")]),
+            p(&[("options", "-c")]),
+            p(&[("options", "-c novalue")]),
+        ] {
+            assert!(settings(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

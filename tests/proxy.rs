@@ -1,0 +1,669 @@
+//! vaultpool-proxy against the real stack, driven by clients nobody here wrote: psql,
+//! pgbench, tokio-postgres (its CancelRequest), Python's psycopg; and by raw bytes for
+//! bad input.
+#![cfg(all(feature = "proxy", feature = "postgres"))]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use vaultpool::lease::Engine;
+use vaultpool::proxy::{Config, Proxy};
+
+const SECRET: &str = "local-only proxy secret";
+
+/// A proxy of the test's own, in this process.
+struct Running {
+    tcp: SocketAddr,
+    http: SocketAddr,
+    dir: PathBuf,
+    port: u16,
+    engine: Engine,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn config_text(dir: &Path, role: &str, extra_listen: &str, extra_db: &str) -> String {
+    std::fs::write(dir.join("secret"), format!("{SECRET}\n")).unwrap();
+    format!(
+        r#"
+        [listen]
+        tcp = "127.0.0.1:0"
+        unix_dir = "{dir}"
+        scram_secret_file = "{dir}/secret"
+        http = "127.0.0.1:0"
+        {extra_listen}
+
+        [[database]]
+        name = "app"
+        users = ["app"]
+        role = "{role}"
+        host = "{host}"
+        port = {port}
+        dbname = "adaptive_immunity"
+        {extra_db}
+        "#,
+        dir = dir.display(),
+        host = var("PGHOST"),
+        port = var("PGPORT"),
+    )
+}
+
+async fn start(role: &str, extra_listen: &str, extra_db: &str) -> Running {
+    let dir = std::env::temp_dir().join(format!("vaultpool-proxy-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = Config::parse(&config_text(&dir, role, extra_listen, extra_db), "test").unwrap();
+    let proxy = Proxy::start(config, approle_client("IMMUNE_SYSTEM"))
+        .await
+        .unwrap();
+    let tcp = proxy.tcp_addr().unwrap();
+    let http = proxy.http_addr().unwrap();
+    let engine = proxy.engine("app").unwrap().clone();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(proxy.run(stop.clone()));
+    Running {
+        tcp,
+        http,
+        port: tcp.port(),
+        dir,
+        engine,
+        stop,
+        task,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the proxy stops")
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// A client command with the proxy's address (Unix socket) and nothing inherited.
+    fn client(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PG") {
+                c.env_remove(k);
+            }
+        }
+        c.env("PGHOST", &self.dir)
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", "app")
+            .env("PGDATABASE", "app");
+        c
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(self.http, "/metrics").await
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+fn output(mut c: Command) -> (bool, String, String) {
+    let o = c.output().expect("run a client");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_logs_in_on_the_socket_without_a_password_and_over_tcp_with_the_local_secret() {
+    let role = create_role("1h", "2h").await;
+    let proxy = start(&role, "", "").await;
+
+    // Unix socket, our own uid: no password.
+    let mut c = proxy.client("psql");
+    c.args(["-Atc", "SELECT current_user, current_database()"]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("v-"), "logged in as the leased user: {out}");
+    assert!(out.trim_end().ends_with("|adaptive_immunity"), "{out}");
+
+    // TCP: SCRAM-SHA-256 with the local secret.
+    let mut c = proxy.client("psql");
+    c.env("PGHOST", "127.0.0.1")
+        .env("PGPASSWORD", SECRET)
+        .args(["-Atc", "SELECT 1"]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "1");
+    // A wrong secret, an unknown database, an unknown user: refused, with PostgreSQL's
+    // kind of message.
+    let mut c = proxy.client("psql");
+    c.env("PGHOST", "127.0.0.1")
+        .env("PGPASSWORD", "guess")
+        .args(["-Atc", "SELECT 1"]);
+    let (ok, _, err) = output(c);
+    assert!(
+        !ok && err.contains("password authentication failed for user \"app\""),
+        "{err}"
+    );
+    let mut c = proxy.client("psql");
+    c.env("PGDATABASE", "nope").args(["-Atc", "SELECT 1"]);
+    let (ok, _, err) = output(c);
+    assert!(
+        !ok && err.contains("no database \"nope\" is configured"),
+        "{err}"
+    );
+    let mut c = proxy.client("psql");
+    c.env("PGUSER", "mallory").args(["-Atc", "SELECT 1"]);
+    let (ok, _, err) = output(c);
+    assert!(
+        !ok && err.contains("user \"mallory\" may not use database \"app\""),
+        "{err}"
+    );
+    // Startup settings reach the server session.
+    let mut c = proxy.client("psql");
+    c.env("PGAPPNAME", "through-the-proxy")
+        .env("PGOPTIONS", "-c search_path=pg_catalog")
+        .args(["-Atc", "SHOW application_name; SHOW search_path"]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{err}");
+    assert_eq!(out, "through-the-proxy\npg_catalog\n");
+    // ... and do not leak into the next session on the same server connection.
+    let mut c = proxy.client("psql");
+    c.args(["-Atc", "SHOW search_path"]);
+    let (_, out, _) = output(c);
+    assert_eq!(
+        out.trim(),
+        "\"$user\", public",
+        "DISCARD ALL between sessions"
+    );
+
+    let m = proxy.metrics().await;
+    println!("{m}");
+    assert!(
+        metric(&m, "vaultpool_proxy_server_reused_total") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "vaultpool_proxy_sessions_active"), 0.0);
+    assert!(
+        http_get(proxy.http, "/health")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    proxy.stop().await;
+    assert_leases_gone(&role).await;
+}
+
+/// pgbench's tables in `adaptive_immunity`, made once (by the superuser, so that roles
+/// created afterwards get their grants).
+async fn pgbench_tables() {
+    static ONCE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    ONCE.get_or_init(|| async {
+        let pg = pg_admin("adaptive_immunity").await;
+        let exists = pg
+            .query_opt(
+                "SELECT 1 FROM pg_tables WHERE tablename = 'pgbench_accounts'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if !exists {
+            let status = Command::new("pgbench")
+                .args(["-i", "-s", "1", "-q"])
+                .env("PGHOST", var("PGHOST"))
+                .env("PGPORT", var("PGPORT"))
+                .env("PGUSER", "postgres")
+                .env("PGPASSWORD", var("VAULTPOOL_PG_SUPER_PASSWORD"))
+                .env("PGDATABASE", "adaptive_immunity")
+                .status()
+                .unwrap();
+            assert!(status.success(), "pgbench -i");
+        }
+    })
+    .await;
+}
+
+/// pgbench's report: (transactions processed, failed transactions, tps).
+fn pgbench_report(out: &str) -> (u64, u64, f64) {
+    let field = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {prefix:?} in {out}"))
+            .to_owned()
+    };
+    let processed = field("number of transactions actually processed:")
+        .parse()
+        .unwrap();
+    let failed = field("number of failed transactions:").parse().unwrap();
+    let tps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    (processed, failed, tps)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_through_the_proxy_across_scheduled_and_forced_rotations_fails_no_transaction() {
+    pgbench_tables().await;
+    // 12 s leases that cannot be renewed past 12 s: a scheduled rotation about every 7 s,
+    // and a forced one every 10 s on top. A connection per transaction (-C): every new
+    // session takes the serving generation.
+    let role = create_role("12s", "12s").await;
+    let proxy = start(&role, "", "max_connections = 16").await;
+    let mut c = proxy.client("pgbench");
+    c.args(["-c", "16", "-j", "2", "-T", "60", "-C", "-n"]);
+    let bench = tokio::task::spawn_blocking(move || output(c));
+    let forcer = {
+        let engine = proxy.engine.clone();
+        tokio::spawn(async move {
+            let mut forced = 0;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(55) {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                engine.rotate().await.unwrap();
+                forced += 1;
+            }
+            forced
+        })
+    };
+    let (ok, out, err) = bench.await.unwrap();
+    let forced = forcer.await.unwrap();
+    let status = proxy.engine.status();
+    println!("{out}\n{err}");
+    let (processed, failed, tps) = pgbench_report(&out);
+    println!(
+        "pgbench -C through the proxy: {processed} transactions, {failed} failed, {tps:.0} tps; \
+         rotations {} ({forced} forced), revocations {}",
+        status.rotations, status.revocations
+    );
+    assert!(ok, "pgbench failed: {err}");
+    assert_eq!(failed, 0);
+    assert!(processed > 500, "{processed}");
+    assert!(status.rotations >= 8, "{status:?}");
+    assert!(forced >= 5);
+
+    // Persistent sessions (no -C) across forced rotations: they keep their server
+    // connections (and generation) to the end; afterwards every old lease is revoked.
+    let before = proxy.engine.status().rotations;
+    let mut c = proxy.client("pgbench");
+    c.args(["-c", "16", "-j", "2", "-T", "20", "-n"]);
+    let bench = tokio::task::spawn_blocking(move || output(c));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        proxy.engine.rotate().await.unwrap();
+    }
+    let (ok, out, err) = bench.await.unwrap();
+    let (processed, failed, tps) = pgbench_report(&out);
+    println!(
+        "pgbench (sessions held) through the proxy: {processed} transactions, {failed} failed, {tps:.0} tps"
+    );
+    assert!(ok, "pgbench failed: {err}");
+    assert_eq!(failed, 0);
+    assert!(proxy.engine.status().rotations >= before + 3);
+    proxy.stop().await;
+    assert_leases_gone(&role).await;
+}
+
+/// A tokio-postgres client through the proxy's TCP port with the local secret.
+async fn tokio_client(port: u16) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("app")
+        .dbname("app")
+        .password(SECRET)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_reaches_the_backend_of_its_session_and_no_other() {
+    let role = create_role("1h", "2h").await;
+    let proxy = start(&role, "", "").await;
+    let (a, b) = (
+        tokio_client(proxy.port).await,
+        tokio_client(proxy.port).await,
+    );
+    let a_pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let token = a.cancel_token();
+    let sleeping_a = tokio::spawn(async move { a.query_one("SELECT pg_sleep(30)", &[]).await });
+    let sleeping_b =
+        tokio::spawn(async move { b.query_one("SELECT pg_sleep(3)", &[]).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    // tokio-postgres sends the CancelRequest to where it connected: the proxy.
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), sleeping_a)
+        .await
+        .expect("the cancel ended the query")
+        .unwrap()
+        .unwrap_err();
+    println!("cancelled backend {a_pid} in {:?}: {e}", sent.elapsed());
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{e}"
+    );
+    // The other session's query was not touched.
+    sleeping_b
+        .await
+        .unwrap()
+        .expect("the other session's query completes");
+    proxy.stop().await;
+    assert_leases_gone(&role).await;
+}
+
+/// Raw bytes to the proxy's TCP port; what comes back before it closes (bounded).
+async fn raw(proxy: &Running, bytes: &[u8], hold: Duration) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(proxy.tcp).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    tokio::time::sleep(hold).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = 196_608i32.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_clients_get_an_error_or_a_closed_socket_and_everyone_else_is_served() {
+    let role = create_role("1h", "2h").await;
+    let proxy = start(&role, "startup_timeout_secs = 1", "").await;
+    // Someone keeps querying all along.
+    let good = tokio_client(proxy.port).await;
+    let steady = tokio::spawn(async move {
+        let mut n = 0u64;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(8) {
+            good.query_one("SELECT 1", &[])
+                .await
+                .expect("the good client is served");
+            n += 1;
+        }
+        n
+    });
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let cases: Vec<(&str, Vec<u8>, Duration, &str)> = vec![
+        (
+            "garbage",
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            Duration::ZERO,
+            "invalid startup packet length",
+        ),
+        (
+            "oversized startup",
+            1_000_000i32.to_be_bytes().to_vec(),
+            Duration::ZERO,
+            "invalid startup packet length",
+        ),
+        (
+            "old protocol",
+            [8i32.to_be_bytes(), 0x0002_0000i32.to_be_bytes()].concat(),
+            Duration::ZERO,
+            "unsupported frontend protocol 2.0",
+        ),
+        (
+            "no user",
+            startup(&[("database", "app")]),
+            Duration::ZERO,
+            "no user name",
+        ),
+        (
+            "half a startup packet, then silence",
+            100i32.to_be_bytes().to_vec(),
+            Duration::ZERO,
+            "did not start within 1s",
+        ),
+        (
+            "replication",
+            startup(&[("user", "app"), ("replication", "true")]),
+            Duration::ZERO,
+            "replication",
+        ),
+        (
+            "a setting that is not a name",
+            startup(&[("user", "app"), ("a;b", "c")]),
+            Duration::ZERO,
+            "not a setting name",
+        ),
+    ];
+    for (what, bytes, hold, want) in cases {
+        let got = text(&raw(&proxy, &bytes, hold).await);
+        println!("{what}: {got:?}");
+        assert!(got.contains(want), "{what}: {got:?}");
+    }
+    // Connect and say nothing: cut at the startup timeout.
+    let started = Instant::now();
+    let got = raw(&proxy, b"", Duration::ZERO).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(text(&got).contains("did not start within"), "{got:?}");
+    // A password login that never answers the SASL challenge: cut too.
+    let got = text(
+        &raw(
+            &proxy,
+            &startup(&[("user", "app"), ("database", "app")]),
+            Duration::ZERO,
+        )
+        .await,
+    );
+    assert!(got.contains("did not start within"), "{got:?}");
+
+    // A client that disappears mid-query: its query is cancelled on the server.
+    let gone = tokio_client(proxy.port).await;
+    let pid: i32 = gone
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let q = tokio::spawn(async move {
+        let _ = gone.query_one("SELECT pg_sleep(60)", &[]).await;
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    q.abort(); // drops the client: its socket closes mid-query
+    let admin = pg_admin("postgres").await;
+    let mut still = true;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        still = admin
+            .query_opt(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(60)%' AND state = 'active'",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if !still {
+            break;
+        }
+    }
+    assert!(!still, "the abandoned query still runs on backend {pid}");
+
+    let served = steady.await.unwrap();
+    println!("the good client ran {served} queries meanwhile");
+    assert!(served > 100);
+    // Nothing left: no session counted, every server connection accounted for.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "vaultpool_proxy_sessions_active"), 0.0, "{m}");
+    proxy.stop().await;
+    assert_leases_gone(&role).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_psycopg_queries_and_transactions_across_rotations_without_an_error() {
+    let python = std::env::var("VAULTPOOL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_psycopg = Command::new(&python)
+        .args(["-c", "import psycopg"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_psycopg,
+        "psycopg is not installed: scripts/stack.sh installs it (pip)"
+    );
+    let role = create_role("10s", "10s").await;
+    let proxy = start(&role, "", "").await;
+    let script = r#"
+import json, sys, time, threading, psycopg
+dsn = sys.argv[1]
+stats = {"queries": 0, "transactions": 0, "errors": []}
+lock = threading.Lock()
+def work(kind):
+    end = time.time() + 25
+    held = psycopg.connect(dsn) if kind == "held" else None
+    while time.time() < end:
+        try:
+            if kind == "held":
+                held.execute("SELECT count(*) FROM items").fetchone()
+                with lock: stats["queries"] += 1
+            else:
+                with psycopg.connect(dsn) as conn:
+                    with conn.transaction():
+                        conn.execute("SELECT count(*) FROM items").fetchone()
+                        conn.execute("SELECT pg_sleep(0.01)")
+                    with lock: stats["transactions"] += 1
+        except Exception as e:
+            with lock: stats["errors"].append(repr(e))
+threads = [threading.Thread(target=work, args=(k,)) for k in ["held", "new", "new", "new"]]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(stats))
+"#;
+    let dsn = format!(
+        "host={} port={} user=app dbname=app",
+        proxy.dir.display(),
+        proxy.port
+    );
+    let mut c = proxy.client(&python);
+    c.args(["-c", script, &dsn]);
+    let run = tokio::task::spawn_blocking(move || output(c));
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        proxy.engine.rotate().await.unwrap();
+    }
+    let (ok, out, err) = run.await.unwrap();
+    println!("psycopg: {out} {err}");
+    assert!(ok, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(stats["errors"], serde_json::json!([]), "{stats}");
+    assert!(stats["transactions"].as_u64().unwrap() > 100, "{stats}");
+    assert!(stats["queries"].as_u64().unwrap() > 100, "{stats}");
+    assert!(proxy.engine.status().rotations >= 4);
+    proxy.stop().await;
+    assert_leases_gone(&role).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_lets_open_sessions_finish_and_revokes_every_lease() {
+    let role = create_role("1h", "2h").await;
+    let dir = std::env::temp_dir().join(format!("vaultpool-proxy-bin-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let text = config_text(&dir, &role, "", "").replace(
+        "127.0.0.1:0\"\n        unix_dir",
+        &format!("127.0.0.1:{port}\"\n        unix_dir"),
+    );
+    std::fs::write(dir.join("proxy.toml"), &text).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vaultpool-proxy"))
+        .args(["--config", dir.join("proxy.toml").to_str().unwrap()])
+        .env("VAULT_ADDR", var("VAULT_ADDR"))
+        .env("VAULT_ROLE_ID", var("IMMUNE_SYSTEM_ROLE_ID"))
+        .env("VAULT_SECRET_ID", var("IMMUNE_SYSTEM_SECRET_ID"))
+        .env_remove("VAULT_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
+    )
+    .await
+    .expect("the proxy says it is ready")
+    .unwrap();
+    assert!(line.contains("ready"), "{line}");
+    let client = tokio_client(port).await;
+    client
+        .batch_execute("BEGIN; SELECT count(*) FROM items")
+        .await
+        .unwrap();
+
+    let pid = child.id().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // No new session...
+    let refused = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("app")
+        .dbname("app")
+        .password(SECRET)
+        .connect_timeout(Duration::from_secs(2))
+        .connect(tokio_postgres::NoTls)
+        .await;
+    assert!(refused.is_err(), "a new session after SIGTERM");
+    // ... the open one finishes its transaction.
+    client
+        .batch_execute("SELECT 1; COMMIT")
+        .await
+        .expect("the open session finishes");
+    drop(client);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the proxy exits once its last session ended")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert_leases_gone(&role).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

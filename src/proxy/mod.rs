@@ -498,7 +498,7 @@ fn health(shared: &Shared) -> (&'static str, String) {
 fn metrics(shared: &Shared) -> String {
     let mut out = String::new();
     type Metric = (&'static str, &'static str, &'static str, fn(&Route) -> f64);
-    let metrics: [Metric; 10] = [
+    let metrics: [Metric; 12] = [
         (
             "vaultpool_proxy_sessions_active",
             "gauge",
@@ -552,6 +552,18 @@ fn metrics(shared: &Shared) -> String {
             "counter",
             "Sessions refused after waiting.",
             |r| r.stats.wait_timeouts.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "vaultpool_proxy_handovers_total",
+            "counter",
+            "Sessions moved to the serving generation between transactions.",
+            |r| r.stats.handovers.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "vaultpool_proxy_handovers_refused_total",
+            "counter",
+            "Sessions left on a retired generation (state that cannot move).",
+            |r| r.stats.handovers_refused.load(Ordering::Relaxed) as f64,
         ),
         (
             "vaultpool_proxy_generation",

@@ -56,7 +56,42 @@ where
     };
     route.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
     route.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-    let outcome = relay(&mut client, &mut up).await;
+    // Relay; between transactions after a rotation, hand the session over to the serving
+    // generation (see `hand_over`), so its old lease can go.
+    let mut movable = true;
+    let outcome = loop {
+        match relay(&mut client, &mut up, &route, movable).await {
+            Ok(Ending::HandOver) => {
+                let moved =
+                    tokio::time::timeout(HAND_OVER_WITHIN, hand_over(&route, &mut up)).await;
+                match moved {
+                    Ok(Ok(new)) => {
+                        let old = std::mem::replace(&mut up, new);
+                        shared
+                            .cancels
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(key, (up.addr, up.pid, up.secret));
+                        route.stats.handovers.fetch_add(1, Ordering::Relaxed);
+                        route.checkin(old); // closes it: retired generation
+                    }
+                    Ok(Err(why)) => {
+                        tracing::info!(database = %route.name, reason = %why, "session stays on its retired generation");
+                        route
+                            .stats
+                            .handovers_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        movable = false;
+                    }
+                    Err(_) => {
+                        // Cut mid-way: the old connection's state is unknown.
+                        break Ok(Ending::ServerGone);
+                    }
+                }
+            }
+            other => break other,
+        }
+    };
     shared
         .cancels
         .lock()
@@ -85,7 +120,7 @@ where
             });
             drop(up);
         }
-        Ok(Ending::ServerGone) => drop(up),
+        Ok(Ending::ServerGone | Ending::HandOver) => drop(up),
     }
     drop(permit);
     route.stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
@@ -402,9 +437,100 @@ where
     }
 }
 
+/// How long a hand-over may take (reading the state, a login, replaying it).
+const HAND_OVER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Move an idle session to a server connection of the serving generation: its settings
+/// (`SET`, startup parameters) and prepared statements (protocol and SQL) are read from
+/// the old connection and replayed on the new one. Refused — the session then stays,
+/// untouched, on its old connection — when it holds what cannot move: `LISTEN`, an
+/// open cursor, an advisory lock, or a temporary table.
+async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String> {
+    let text = |e: LoginError| e.to_string();
+    let blockers = old
+        .rows(
+            "SELECT (SELECT count(*) FROM pg_listening_channels()) \
+             + (SELECT count(*) FROM pg_cursors) \
+             + (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) \
+             + (CASE WHEN pg_my_temp_schema() = 0 THEN 0 ELSE 1 END)",
+        )
+        .await
+        .map_err(text)?;
+    if blockers
+        .first()
+        .and_then(|r| r.first())
+        .cloned()
+        .flatten()
+        .as_deref()
+        != Some("0")
+    {
+        return Err(
+            "it holds state that cannot move (LISTEN, a cursor, an advisory lock or a \
+                    temporary table)"
+                .into(),
+        );
+    }
+    let settings = old
+        .rows(
+            "SELECT name, current_setting(name) FROM pg_settings WHERE source IN ('session', \
+             'client') AND name NOT LIKE 'transaction%' AND name <> 'session_authorization'",
+        )
+        .await
+        .map_err(text)?;
+    let prepared = old
+        .rows("SELECT name, statement, parameter_types::oid[]::text, from_sql FROM pg_prepared_statements")
+        .await
+        .map_err(text)?;
+    let mut new = match route.connection().await {
+        Ok(up) => up,
+        Err(CheckoutError::Login(e)) => return Err(e.to_string()),
+        Err(CheckoutError::Credentials(e)) => return Err(e.to_string()),
+        Err(CheckoutError::Timeout) => return Err("no connection".into()),
+    };
+    let mut sets = String::new();
+    for row in &settings {
+        if let [Some(name), Some(value)] = row.as_slice() {
+            sets.push_str(&format!(
+                "SET \"{}\" = '{}'; ",
+                name.replace('"', "\"\""),
+                value.replace('\'', "''")
+            ));
+        }
+    }
+    let mut protocol = Vec::new();
+    for row in &prepared {
+        if let [Some(name), Some(statement), Some(types), Some(from_sql)] = row.as_slice() {
+            if from_sql == "t" {
+                new.simple(statement).await.map_err(text)?;
+            } else {
+                let oids = types
+                    .trim_matches(['{', '}'])
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(|t| {
+                        t.trim()
+                            .parse::<u32>()
+                            .map_err(|_| format!("parameter type {t:?}"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                protocol.push((name.clone(), statement.clone(), oids));
+            }
+        }
+    }
+    if !sets.is_empty() {
+        new.simple(&sets).await.map_err(text)?;
+    }
+    if !protocol.is_empty() {
+        new.prepare(&protocol).await.map_err(text)?;
+    }
+    Ok(new)
+}
+
 /// How a relayed session ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Ending {
+    /// Idle after a rotation: to be handed over to the serving generation.
+    HandOver,
     /// The client said goodbye (or left) between queries, outside a transaction.
     Idle,
     /// The client left with a query or transaction open.
@@ -415,24 +541,44 @@ enum Ending {
 
 /// Forward bytes both ways until the client terminates or either side closes. The
 /// client's `Terminate` is not forwarded (the server connection stays open for reuse).
-async fn relay<S>(client: &mut S, up: &mut Upstream) -> io::Result<Ending>
+async fn relay<S>(
+    client: &mut S,
+    up: &mut Upstream,
+    route: &Route,
+    movable: bool,
+) -> io::Result<Ending>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let generation = up.generation;
+    let mut generations = route.engine.subscribe();
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut sr, mut sw) = tokio::io::split(&mut up.io);
     // Queries sent (Query, Sync, FunctionCall) whose ReadyForQuery has not come back.
     let outstanding = std::sync::atomic::AtomicI64::new(0);
     let status = std::sync::atomic::AtomicU8::new(b'I');
     let mut server_frames = wire::Frames::default();
+    // Mid-message or writing, per direction: no hand-over then.
+    let client_busy = std::sync::atomic::AtomicBool::new(false);
+    let server_busy = std::sync::atomic::AtomicBool::new(false);
+    let server_mid_message = std::sync::atomic::AtomicBool::new(false);
+    let retired = || movable && route.engine.generation() != generation;
+    let idle = |frames_at_boundary: bool| {
+        outstanding.load(Ordering::Relaxed) <= 0
+            && status.load(Ordering::Relaxed) == b'I'
+            && frames_at_boundary
+            && !client_busy.load(Ordering::Relaxed)
+    };
 
     let client_to_server = async {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let mut body_left = 0usize;
         loop {
+            client_busy.store(!buf.is_empty() || body_left > 0, Ordering::Relaxed);
             if cr.read_buf(&mut buf).await? == 0 {
                 return Ok::<_, io::Error>(false); // left without Terminate
             }
+            client_busy.store(true, Ordering::Relaxed);
             let mut i = 0;
             let mut end = 0;
             loop {
@@ -473,15 +619,35 @@ where
         loop {
             let n = sr.read(&mut buf).await?;
             if n == 0 {
-                return Ok::<_, io::Error>(());
+                return Ok::<_, io::Error>(false);
             }
+            server_busy.store(true, Ordering::Relaxed);
             server_frames.feed(&buf[..n], |seen| {
                 if let Seen::Ready(s) = seen {
                     status.store(s, Ordering::Relaxed);
                     outstanding.fetch_sub(1, Ordering::Relaxed);
                 }
             })?;
+            server_mid_message.store(!server_frames.at_boundary(), Ordering::Relaxed);
             cw.write_all(&buf[..n]).await?;
+            server_busy.store(false, Ordering::Relaxed);
+            if retired() && idle(server_frames.at_boundary()) {
+                return Ok(true); // hand over now, between transactions
+            }
+        }
+    };
+    // A rotation while the session sits idle: hand over without waiting for a query.
+    let rotated = async {
+        loop {
+            if generations.changed().await.is_err() {
+                return std::future::pending::<()>().await;
+            }
+            if retired()
+                && !server_busy.load(Ordering::Relaxed)
+                && idle(!server_mid_message.load(Ordering::Relaxed))
+            {
+                return;
+            }
         }
     };
     tokio::select! {
@@ -493,9 +659,9 @@ where
             Ok(if idle { Ending::Idle } else { Ending::Busy })
         }
         r = server_to_client => {
-            r?;
-            Ok(Ending::ServerGone)
+            Ok(if r? { Ending::HandOver } else { Ending::ServerGone })
         }
+        () = rotated => Ok(Ending::HandOver),
     }
 }
 

@@ -389,6 +389,73 @@ impl Upstream {
         }
     }
 
+    /// Run `sql` (one statement) as a simple query and return its rows as text.
+    pub(crate) async fn rows(
+        &mut self,
+        sql: &str,
+    ) -> std::result::Result<Vec<Vec<Option<String>>>, LoginError> {
+        use fallible_iterator::FallibleIterator;
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(LoginError::protocol)?;
+        self.io.write_all(&out).await?;
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let raw_error = peek_error(&buf);
+            match next_message(&mut self.io, &mut buf).await? {
+                backend::Message::DataRow(body) => {
+                    let mut row = Vec::new();
+                    let mut ranges = body.ranges();
+                    while let Some(r) = ranges.next().map_err(LoginError::protocol)? {
+                        row.push(
+                            r.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()),
+                        );
+                    }
+                    rows.push(row);
+                }
+                backend::Message::ErrorResponse(body) => {
+                    error = Some(server_error(raw_error.unwrap_or_default(), &body));
+                }
+                backend::Message::ReadyForQuery(_) => {
+                    self.pending = buf;
+                    return error.map_or(Ok(rows), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Prepare `statements` (name, query, parameter type OIDs) with the extended
+    /// protocol, as a client's Parse messages did on another connection.
+    pub(crate) async fn prepare(
+        &mut self,
+        statements: &[(String, String, Vec<u32>)],
+    ) -> std::result::Result<(), LoginError> {
+        let mut out = BytesMut::new();
+        for (name, query, types) in statements {
+            frontend::parse(name, query, types.iter().copied(), &mut out)
+                .map_err(LoginError::protocol)?;
+        }
+        frontend::sync(&mut out);
+        self.io.write_all(&out).await?;
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut error = None;
+        loop {
+            let raw_error = peek_error(&buf);
+            match next_message(&mut self.io, &mut buf).await? {
+                backend::Message::ErrorResponse(body) => {
+                    error = Some(server_error(raw_error.unwrap_or_default(), &body));
+                }
+                backend::Message::ReadyForQuery(_) => {
+                    self.pending = buf;
+                    return error.map_or(Ok(()), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Send `Terminate` and close (best effort).
     pub(crate) async fn terminate(mut self) {
         let mut out = BytesMut::new();
@@ -427,6 +494,8 @@ pub(crate) struct RouteStats {
     pub(crate) waits: AtomicU64,
     pub(crate) wait_ns: AtomicU64,
     pub(crate) wait_timeouts: AtomicU64,
+    pub(crate) handovers: AtomicU64,
+    pub(crate) handovers_refused: AtomicU64,
 }
 
 /// One configured database: what clients ask for, the lease behind it, the server
@@ -502,6 +571,12 @@ impl Route {
                 }
             }
         };
+        self.connection().await.map(|up| (permit, up))
+    }
+
+    /// A server connection of the serving generation, outside the limit (the caller holds
+    /// a slot already: a checkout, or a session handed over to a new generation).
+    pub(crate) async fn connection(&self) -> std::result::Result<Upstream, CheckoutError> {
         loop {
             let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let Some(mut up) = candidate else { break };
@@ -516,12 +591,9 @@ impl Route {
                 }
             }
             self.stats.server_reused.fetch_add(1, Ordering::Relaxed);
-            return Ok((permit, up));
+            return Ok(up);
         }
-        match self.open().await {
-            Ok(up) => Ok((permit, up)),
-            Err(e) => Err(e),
-        }
+        self.open().await
     }
 
     /// Log in with the current credentials; after a refusal (revoked behind our back),

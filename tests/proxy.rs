@@ -691,3 +691,88 @@ async fn sigterm_stops_accepting_lets_open_sessions_finish_and_revokes_every_lea
     assert_leases_gone(&role).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_to_the_new_generation_with_its_settings_and_prepared_statements() {
+    let role = create_role("1h", "2h").await;
+    let proxy = start(&role, "", "").await;
+    let client = tokio_client(proxy.port).await;
+    let listener = tokio_client(proxy.port).await;
+    client
+        .batch_execute("SET search_path = pg_catalog, public; PREPARE by_sql AS SELECT 40 + 2")
+        .await
+        .unwrap();
+    // A protocol-level prepared statement (Parse with a name), as drivers make them.
+    let stmt = client.prepare("SELECT $1::int4 * 2").await.unwrap();
+    let before: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    listener.batch_execute("LISTEN news").await.unwrap();
+    let listener_before: i32 = listener
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let old_user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    proxy.engine.rotate().await.unwrap();
+    // Idle at the rotation: handed over without waiting for a query.
+    let mut m = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m = proxy.metrics().await;
+        if metric(&m, "vaultpool_proxy_handovers_total") >= 1.0
+            && metric(&m, "vaultpool_proxy_handovers_refused_total") >= 1.0
+        {
+            break;
+        }
+    }
+    assert_eq!(metric(&m, "vaultpool_proxy_handovers_total"), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "vaultpool_proxy_handovers_refused_total"),
+        1.0,
+        "the LISTEN session stays"
+    );
+    let after: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let new_user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(before, after, "a new server connection");
+    assert_ne!(old_user, new_user, "of the new generation");
+    let doubled: i32 = client.query_one(&stmt, &[&21i32]).await.unwrap().get(0);
+    assert_eq!(doubled, 42, "the prepared statement moved along");
+    let by_sql: i32 = client
+        .query_one("EXECUTE by_sql", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_sql, 42);
+    let path: String = client
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(path, "pg_catalog, public", "the setting moved along");
+    // The LISTEN session is where it was, and works.
+    let listener_after: i32 = listener
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listener_before, listener_after);
+    drop((client, listener));
+    proxy.stop().await;
+    assert_leases_gone(&role).await;
+}

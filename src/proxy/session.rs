@@ -328,8 +328,7 @@ fn settings(params: &[(String, String)]) -> Result<String, String> {
             _ => pairs.push((k.clone(), v.clone())),
         }
     }
-    let mut sql = String::new();
-    for (name, value) in pairs {
+    for (name, _) in &pairs {
         if name.is_empty()
             || !name
                 .bytes()
@@ -337,9 +336,23 @@ fn settings(params: &[(String, String)]) -> Result<String, String> {
         {
             return Err(format!("startup parameter {name:?} is not a setting name"));
         }
-        sql.push_str(&format!("SET {name} = '{}'; ", value.replace('\'', "''")));
     }
-    Ok(sql)
+    Ok(set_config(&pairs))
+}
+
+/// One query that sets `pairs` for the session as the startup packet would: with
+/// `set_config`, which reads each value in its setting's own syntax (a list such as
+/// `search_path` stays a list; `SET x = '...'` would make it one quoted name).
+fn set_config(pairs: &[(String, String)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let calls: Vec<String> = pairs
+        .iter()
+        .map(|(n, v)| format!("set_config({}, {}, false)", quote(n), quote(v)))
+        .collect();
+    format!("SELECT {}", calls.join(", "))
 }
 
 /// A refused or failed server login, told to the client: the server's own error when it
@@ -487,16 +500,14 @@ async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String
         Err(CheckoutError::Credentials(e)) => return Err(e.to_string()),
         Err(CheckoutError::Timeout) => return Err("no connection".into()),
     };
-    let mut sets = String::new();
-    for row in &settings {
-        if let [Some(name), Some(value)] = row.as_slice() {
-            sets.push_str(&format!(
-                "SET \"{}\" = '{}'; ",
-                name.replace('"', "\"\""),
-                value.replace('\'', "''")
-            ));
-        }
-    }
+    let pairs: Vec<(String, String)> = settings
+        .iter()
+        .filter_map(|row| match row.as_slice() {
+            [Some(name), Some(value)] => Some((name.clone(), value.clone())),
+            _ => None,
+        })
+        .collect();
+    let sets = set_config(&pairs);
     let mut protocol = Vec::new();
     for row in &prepared {
         if let [Some(name), Some(statement), Some(types), Some(from_sql)] = row.as_slice() {
@@ -683,7 +694,8 @@ mod tests {
                 ("options", "-c search_path=x --work-mem=64kB")
             ]))
             .unwrap(),
-            "SET application_name = 'it''s'; SET search_path = 'x'; SET work_mem = '64kB'; "
+            "SELECT set_config('application_name', 'it''s', false), set_config('search_path', \
+             'x', false), set_config('work_mem', '64kB', false)"
         );
         for bad in [
             p(&[("a;DROP", "x")]),

@@ -5,7 +5,7 @@
 //!   TCP or a Unix socket. On the socket, peers whose uid is allowed log in without a
 //!   password (`SO_PEERCRED`); everyone else proves the proxy's local secret with
 //!   SCRAM-SHA-256. No client ever sees a database password.
-//! - Each configured database is a [`Route`](upstream::Route): a lease engine on its
+//! - Each configured database is a *route* (`upstream.rs`): a lease engine on its
 //!   Vault role, and the server connections logged in with the lease's credentials.
 //!   **Session pooling:** a client session owns one server connection from startup to
 //!   the end; the connection is then reset (`DISCARD ALL`) and kept for the next session.

@@ -154,6 +154,8 @@ struct Sample {
 #[derive(Clone)]
 enum Subject {
     Vaultpool(VaultPgPool),
+    /// The sqlx flavour (no pre-warm: sqlx takes no connection opened outside its pool).
+    Sqlx(vaultpool::sqlx::VaultSqlxPool),
     Naive(Arc<ArcSwap<deadpool_postgres::Pool>>),
 }
 
@@ -163,6 +165,13 @@ impl Subject {
             Subject::Vaultpool(p) => {
                 let c = p.get().await.map_err(|e| e.to_string())?;
                 c.query_one("SELECT count(*) FROM items", &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Subject::Sqlx(p) => {
+                let mut c = p.acquire().await.map_err(|e| e.to_string())?;
+                let _: i64 = vaultpool::sqlx::sqlx::query_scalar("SELECT count(*) FROM items")
+                    .fetch_one(&mut *c)
                     .await
                     .map_err(|e| e.to_string())?;
             }
@@ -205,7 +214,23 @@ struct Run {
 async fn load_run(approach: &'static str, role: &str, workers: usize, s: &Settings) -> Run {
     let size = workers.min(32);
     let client = common::approle_client("IMMUNE_SYSTEM");
-    let (subject, naive_lease) = if approach.starts_with("vaultpool") {
+    let (subject, naive_lease) = if approach == "vaultpool-sqlx" {
+        use vaultpool::sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+        let pool = vaultpool::sqlx::VaultSqlxPool::builder(role)
+            .vault(client.clone())
+            .connect_options(
+                PgConnectOptions::new_without_pgpass()
+                    .host(&common::var("PGHOST"))
+                    .port(common::var("PGPORT").parse().unwrap())
+                    .database("adaptive_immunity")
+                    .ssl_mode(PgSslMode::Disable),
+            )
+            .pool_options(PgPoolOptions::new().max_connections(size as u32))
+            .build()
+            .await
+            .unwrap();
+        (Subject::Sqlx(pool), None)
+    } else if approach.starts_with("vaultpool") {
         let pool = VaultPgPool::builder(role)
             .vault(client.clone())
             .pg_config(common::pg_target())
@@ -266,6 +291,10 @@ async fn load_run(approach: &'static str, role: &str, workers: usize, s: &Settin
                 p.rotate().await.unwrap();
                 timings.extend(p.status().lease.last_rotation);
             }
+            Subject::Sqlx(p) => {
+                p.rotate().await.unwrap();
+                timings.extend(p.status().lease.last_rotation);
+            }
             Subject::Naive(p) => {
                 // What services do today: new credentials, a new pool, swap it in, drop the
                 // old pool and revoke the old lease.
@@ -287,6 +316,7 @@ async fn load_run(approach: &'static str, role: &str, workers: usize, s: &Settin
     }
     match subject {
         Subject::Vaultpool(p) => p.close().await,
+        Subject::Sqlx(p) => p.close().await,
         Subject::Naive(p) => {
             p.load().close();
             if let Some(l) = lease {
@@ -490,6 +520,7 @@ fn svg(runs: &[Run], window: Duration) -> String {
             let colour = match *approach {
                 "vaultpool" => "#1565c0",
                 "vaultpool-cold" => "#6a1b9a",
+                "vaultpool-sqlx" => "#2e7d32",
                 _ => "#e65100",
             };
             let pts: Vec<String> = ws
@@ -510,6 +541,7 @@ fn svg(runs: &[Run], window: Duration) -> String {
         writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#1565c0" stroke-width="2"/><text x="{}" y="{}">vaultpool</text>"##, lx, ly - 4.0, lx + 25.0, ly - 4.0, lx + 30.0, ly).unwrap();
         writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#e65100" stroke-width="2"/><text x="{}" y="{}">naive rebuild</text>"##, lx + 110.0, ly - 4.0, lx + 135.0, ly - 4.0, lx + 140.0, ly).unwrap();
         writeln!(out, r#"<circle cx="{}" cy="{}" r="4" fill="red"/><text x="{}" y="{}">failed queries</text>"#, lx + 240.0, ly - 4.0, lx + 248.0, ly).unwrap();
+        writeln!(out, r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#6a1b9a" stroke-width="2"/><text x="{}" y="{}">vaultpool, no pre-warm</text><line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#2e7d32" stroke-width="2"/><text x="{}" y="{}">vaultpool (sqlx)</text>"##, lx, ly + 12.0, lx + 25.0, ly + 12.0, lx + 30.0, ly + 16.0, lx + 180.0, ly + 12.0, lx + 205.0, ly + 12.0, lx + 210.0, ly + 16.0).unwrap();
     }
     writeln!(out, "</svg>").unwrap();
     out
@@ -734,7 +766,7 @@ async fn main() {
     let mut runs = Vec::new();
     for &n in s.workers.iter().filter(|_| part("load")) {
         // vaultpool with pre-warm (the default), without ("cold"), and the naive rebuild.
-        for approach in ["vaultpool", "vaultpool-cold", "naive"] {
+        for approach in ["vaultpool", "vaultpool-cold", "vaultpool-sqlx", "naive"] {
             eprintln!("load: {approach}, {n} workers, {:?}", s.run);
             runs.push(load_run(approach, &role, n, &s).await);
         }

@@ -699,7 +699,7 @@ async fn a_session_moves_to_the_new_generation_with_its_settings_and_prepared_st
     let client = tokio_client(proxy.port).await;
     let listener = tokio_client(proxy.port).await;
     client
-        .batch_execute("SET search_path = pg_catalog, public; PREPARE by_sql AS SELECT 40 + 2")
+        .batch_execute("SET search_path = pg_catalog, public")
         .await
         .unwrap();
     // A protocol-level prepared statement (Parse with a name), as drivers make them.
@@ -710,6 +710,28 @@ async fn a_session_moves_to_the_new_generation_with_its_settings_and_prepared_st
         .unwrap()
         .get(0);
     listener.batch_execute("LISTEN news").await.unwrap();
+    // A custom setting (row-level security's tenant, say) cannot be read back from the
+    // server: that session must stay where it is.
+    let tenant = tokio_client(proxy.port).await;
+    tenant
+        .batch_execute("SET app.tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let tenant_before: i32 = tenant
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // A SQL PREPARE: its text may hold other statements, so it is not replayed.
+    let sql_prepared = tokio_client(proxy.port).await;
+    sql_prepared
+        .batch_execute("PREPARE by_sql AS SELECT 40 + 2")
+        .await
+        .unwrap();
+    let temp = tokio_client(proxy.port).await;
+    temp.batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (7)")
+        .await
+        .unwrap();
     let listener_before: i32 = listener
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -728,7 +750,7 @@ async fn a_session_moves_to_the_new_generation_with_its_settings_and_prepared_st
         tokio::time::sleep(Duration::from_millis(100)).await;
         m = proxy.metrics().await;
         if metric(&m, "vaultpool_proxy_handovers_total") >= 1.0
-            && metric(&m, "vaultpool_proxy_handovers_refused_total") >= 1.0
+            && metric(&m, "vaultpool_proxy_handovers_refused_total") >= 2.0
         {
             break;
         }
@@ -736,8 +758,9 @@ async fn a_session_moves_to_the_new_generation_with_its_settings_and_prepared_st
     assert_eq!(metric(&m, "vaultpool_proxy_handovers_total"), 1.0, "{m}");
     assert_eq!(
         metric(&m, "vaultpool_proxy_handovers_refused_total"),
-        1.0,
-        "the LISTEN session stays"
+        2.0,
+        "the sessions with a temporary table and a SQL PREPARE are looked at and stay (the \
+         LISTEN and the tenant sessions are known to stay without a look)"
     );
     let after: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
@@ -753,12 +776,6 @@ async fn a_session_moves_to_the_new_generation_with_its_settings_and_prepared_st
     assert_ne!(old_user, new_user, "of the new generation");
     let doubled: i32 = client.query_one(&stmt, &[&21i32]).await.unwrap().get(0);
     assert_eq!(doubled, 42, "the prepared statement moved along");
-    let by_sql: i32 = client
-        .query_one("EXECUTE by_sql", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(by_sql, 42);
     let path: String = client
         .query_one("SHOW search_path", &[])
         .await
@@ -772,7 +789,100 @@ async fn a_session_moves_to_the_new_generation_with_its_settings_and_prepared_st
         .unwrap()
         .get(0);
     assert_eq!(listener_before, listener_after);
-    drop((client, listener));
+    let tenant_after: i32 = tenant
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let id: String = tenant
+        .query_one("SELECT current_setting('app.tenant_id')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (tenant_before, id.as_str()),
+        (tenant_after, "acme"),
+        "never moved without its tenant"
+    );
+    let kept: i32 = temp
+        .query_one("SELECT x FROM scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 7, "the temporary table is still there");
+    let by_sql: i32 = sql_prepared
+        .query_one("EXECUTE by_sql", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_sql, 42, "the SQL PREPARE session kept its statement");
+    drop((client, listener, tenant, temp, sql_prepared));
     proxy.stop().await;
+    assert_leases_gone(&role).await;
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_server_with_verify_full_and_a_wrong_ca_refused_at_start() {
+    let role = create_role("1h", "2h").await;
+    // The stack's TLS-only database (hostssl), its certificate for localhost.
+    let tls_db = |ca: &str| {
+        format!(
+            "[[database]]\nname = \"secure\"\nrole = \"{role}\"\nhost = \"localhost\"\nport = {}\n\
+             dbname = \"{}\"\nsslmode = \"verify-full\"\nsslrootcert = \"{ca}\"\n",
+            var("PGPORT"),
+            var("VAULTPOOL_PG_TLS_DB")
+        )
+    };
+    let dir = std::env::temp_dir().join(format!("vaultpool-proxy-tls-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "{}\n{}",
+        config_text(&dir, &role, "", ""),
+        tls_db(&var("VAULTPOOL_PG_CA"))
+    );
+    let proxy = Proxy::start(
+        Config::parse(&text, "test").unwrap(),
+        approle_client("IMMUNE_SYSTEM"),
+    )
+    .await
+    .unwrap();
+    let port = proxy.tcp_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(proxy.run(stop.clone()));
+    let mut c = Command::new("psql");
+    c.env("PGHOST", &dir)
+        .env("PGPORT", port.to_string())
+        .env("PGUSER", "app")
+        .env("PGDATABASE", "secure")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE")
+        .args([
+            "-Atc",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ]);
+    let (ok, out, err) = output(c);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "t", "the server session is encrypted");
+    stop.cancel();
+    task.await.unwrap();
+
+    // A CA that did not sign the server's certificate: the proxy does not start, and says
+    // why (the first login verifies).
+    let text = format!(
+        "{}\n{}",
+        config_text(&dir, &role, "", ""),
+        tls_db(&var("VAULTPOOL_PG_OTHER_CA"))
+    );
+    let e = Proxy::start(
+        Config::parse(&text, "test").unwrap(),
+        approle_client("IMMUNE_SYSTEM"),
+    )
+    .await
+    .unwrap_err();
+    println!("{e}");
+    assert_eq!(e.kind(), vaultpool::ErrorKind::Tls, "{e}");
+    assert!(e.to_string().contains("secure"), "names the database: {e}");
+    let _ = std::fs::remove_dir_all(&dir);
     assert_leases_gone(&role).await;
 }

@@ -231,13 +231,24 @@ impl Config {
         if self.listen.tcp.is_empty() && self.listen.unix_dir.is_none() {
             return bad("the proxy listens nowhere: set listen.tcp or listen.unix_dir".into());
         }
-        if !self.listen.tcp.is_empty()
-            && let Err(e) = self.listen.tcp.parse::<SocketAddr>()
-        {
-            return bad(format!(
-                "listen.tcp {:?} is not an address (ip:port): {e}",
-                self.listen.tcp
-            ));
+        if !self.listen.tcp.is_empty() {
+            match self.listen.tcp.parse::<SocketAddr>() {
+                Err(e) => {
+                    return bad(format!(
+                        "listen.tcp {:?} is not an address (ip:port): {e}",
+                        self.listen.tcp
+                    ));
+                }
+                // Clients speak plaintext to the proxy: it is a sidecar, on loopback.
+                Ok(a) if !a.ip().is_loopback() => {
+                    return bad(format!(
+                        "listen.tcp {a} is not a loopback address: vaultpool-proxy is a \
+                         sidecar and speaks plaintext to its clients; listen on 127.0.0.1 or \
+                         ::1, or on a Unix socket"
+                    ));
+                }
+                Ok(_) => {}
+            }
         }
         for (i, a) in self.databases.iter().enumerate() {
             if a.name.is_empty() || a.role.is_empty() {
@@ -332,6 +343,10 @@ mod tests {
             (
                 "[[database]]\nname = \"a\"\nrole = \"r\"\nmax_connections = 0\n",
                 "max_connections",
+            ),
+            (
+                "[listen]\ntcp = \"0.0.0.0:6432\"\n[[database]]\nname = \"a\"\nrole = \"r\"\n",
+                "not a loopback address",
             ),
         ];
         for (text, want) in cases {

@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     allowed_uids: Vec<u32>,
     scram: Option<scram::Verifier>,
     startup_timeout: Duration,
+    /// Cancelled when the shutdown timeout has passed: sessions still open end.
+    closing: CancellationToken,
     /// The proxy's keys → the server backend they stand for.
     cancels: Mutex<HashMap<CancelKey, (SocketAddr, i32, i32)>>,
 }
@@ -65,7 +67,9 @@ impl Shared {
     fn register_cancel(&self, up: &Upstream) -> CancelKey {
         let mut map = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let key = (fastrand::i32(1..), fastrand::i32(..));
+            // From the operating system's CSPRNG: a key lets whoever knows it cancel the
+            // session's queries, without logging in.
+            let key = ((random_i32() & i32::MAX).max(1), random_i32());
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(key) {
                 e.insert((up.addr, up.pid, up.secret));
                 return key;
@@ -98,7 +102,9 @@ pub struct Proxy {
     shared: Arc<Shared>,
     config: Config,
     tcp: Option<TcpListener>,
-    unix: Option<(UnixListener, PathBuf)>,
+    /// The listener, its path, and the socket file's inode (removed at the end only if
+    /// it is still ours).
+    unix: Option<(UnixListener, PathBuf, u64)>,
     http: Option<TcpListener>,
 }
 
@@ -134,34 +140,12 @@ impl Proxy {
             Some(path) => Some(scram::Verifier::new(read_secret(path)?.as_bytes())),
             None => None,
         };
-        let mut routes = Vec::new();
-        for db in &config.databases {
-            let target = Arc::new(target_for(db)?);
-            let source: crate::lease::CredentialSource = if db.static_role {
-                StaticRole::new(&db.role).mount(&db.mount).into()
-            } else {
-                DatabaseRole::new(&db.role).mount(&db.mount).into()
-            };
-            let engine = Engine::builder(vault.clone(), source)
-                .verify_with(upstream::verifier(target.clone()))
-                .build()
-                .await
-                .map_err(|e| {
-                    Error::new(
-                        e.kind(),
-                        format!("starting database \"{}\" of the proxy", db.name),
-                    )
-                    .with_source(e)
-                })?;
-            routes.push(Arc::new(Route::new(
-                db.name.clone(),
-                db.users.clone(),
-                engine,
-                target,
-                db.max_connections,
-                Duration::from_secs(db.wait_timeout_secs.clamp(0, 3600)),
-            )));
-        }
+        // Everything that can fail without a lease first: targets, then the listeners.
+        let targets = config
+            .databases
+            .iter()
+            .map(|db| target_for(db).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
         let bind_err = |what: &str, e: std::io::Error| {
             Error::new(
                 ErrorKind::Config,
@@ -189,15 +173,29 @@ impl Proxy {
                     })
                     .unwrap_or(6432);
                 let path = dir.join(format!(".s.PGSQL.{port}"));
-                // A socket left by a proxy that died: remove it (never another file).
+                // A socket left by a proxy that died: remove it — never a socket someone
+                // still listens on, never another kind of file.
                 if std::fs::symlink_metadata(&path)
                     .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
                 {
+                    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                        return Err(Error::new(
+                            ErrorKind::Config,
+                            format!(
+                                "vaultpool-proxy: another process listens on {}; stop it or use \
+                                 another unix_dir or port",
+                                path.display()
+                            ),
+                        ));
+                    }
                     let _ = std::fs::remove_file(&path);
                 }
                 let l = UnixListener::bind(&path)
                     .map_err(|e| bind_err(&path.display().to_string(), e))?;
-                Some((l, path))
+                let inode = std::fs::symlink_metadata(&path)
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .unwrap_or(0);
+                Some((l, path, inode))
             }
             None => None,
         };
@@ -209,6 +207,40 @@ impl Proxy {
             ),
             None => None,
         };
+        // Then lease, database by database; a failure gives back what was leased.
+        let mut routes: Vec<Arc<Route>> = Vec::new();
+        for (db, target) in config.databases.iter().zip(targets) {
+            let source: crate::lease::CredentialSource = if db.static_role {
+                StaticRole::new(&db.role).mount(&db.mount).into()
+            } else {
+                DatabaseRole::new(&db.role).mount(&db.mount).into()
+            };
+            let built = Engine::builder(vault.clone(), source)
+                .verify_with(upstream::verifier(target.clone()))
+                .build()
+                .await;
+            let engine = match built {
+                Ok(engine) => engine,
+                Err(e) => {
+                    for r in &routes {
+                        r.engine.close().await;
+                    }
+                    return Err(Error::new(
+                        e.kind(),
+                        format!("starting database \"{}\" of the proxy", db.name),
+                    )
+                    .with_source(e));
+                }
+            };
+            routes.push(Arc::new(Route::new(
+                db.name.clone(),
+                db.users.clone(),
+                engine,
+                target,
+                db.max_connections,
+                Duration::from_secs(db.wait_timeout_secs.clamp(0, 3600)),
+            )));
+        }
         let allowed_uids = config
             .listen
             .allowed_uids
@@ -220,6 +252,7 @@ impl Proxy {
                 allowed_uids,
                 scram,
                 startup_timeout: config.startup_timeout(),
+                closing: CancellationToken::new(),
                 cancels: Mutex::new(HashMap::new()),
             }),
             config,
@@ -300,8 +333,8 @@ impl Proxy {
                 }
             });
         }
-        let socket_path = unix.as_ref().map(|u| u.1.clone());
-        if let Some((l, _)) = unix {
+        let socket_path = unix.as_ref().map(|u| (u.1.clone(), u.2));
+        if let Some((l, _, _)) = unix {
             let (shared, sessions, accept) = (shared.clone(), sessions.clone(), accept.clone());
             tokio::spawn(async move {
                 loop {
@@ -328,6 +361,7 @@ impl Proxy {
         }
         if let Some(l) = http {
             let (shared, accept) = (shared.clone(), accept.clone());
+            let http_slots = Arc::new(tokio::sync::Semaphore::new(16));
             tokio::spawn(async move {
                 loop {
                     let conn = tokio::select! {
@@ -335,7 +369,15 @@ impl Proxy {
                         c = l.accept() => c,
                     };
                     if let Ok((s, _)) = conn {
-                        tokio::spawn(http_request(shared.clone(), s));
+                        // At most 16 requests at a time; more wait in the backlog.
+                        let Ok(permit) = http_slots.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            http_request(shared, s).await;
+                            drop(permit);
+                        });
                     } else {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -354,6 +396,8 @@ impl Proxy {
                 timeout = ?config.shutdown_timeout(),
                 "sessions still open at the shutdown timeout: closing them"
             );
+            shared.closing.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
         }
         for route in &shared.routes {
             route.close_idle(true);
@@ -362,10 +406,28 @@ impl Proxy {
         for route in &shared.routes {
             route.engine.close().await;
         }
-        if let Some(p) = socket_path {
+        if let Some((p, inode)) = socket_path
+            && std::fs::symlink_metadata(&p)
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode)
+        {
             let _ = std::fs::remove_file(p);
         }
         tracing::info!("vaultpool-proxy stopped; every lease revoked");
+    }
+}
+
+/// A random `i32` from the operating system's CSPRNG.
+pub(crate) fn random_i32() -> i32 {
+    let mut b = [0u8; 4];
+    random_bytes(&mut b);
+    i32::from_be_bytes(b)
+}
+
+/// Fill `buf` from the operating system's CSPRNG (salts, nonces, cancel keys).
+pub(crate) fn random_bytes(buf: &mut [u8]) {
+    if getrandom::fill(buf).is_err() {
+        // No OS randomness at all (never on Linux): refuse to make guessable values.
+        panic!("vaultpool-proxy: the operating system's random number generator failed");
     }
 }
 

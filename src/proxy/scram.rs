@@ -48,9 +48,7 @@ impl Verifier {
     /// Salt and stretch `password` (done once).
     pub(crate) fn new(password: &[u8]) -> Self {
         let mut salt = [0u8; 16];
-        for b in &mut salt {
-            *b = fastrand::u8(..);
-        }
+        super::random_bytes(&mut salt);
         let salted = hi(password, &salt, ITERATIONS);
         let client_key = hmac(&salted, &[b"Client Key"]);
         Self {
@@ -79,9 +77,7 @@ impl Verifier {
             .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic() && b != b','))
             .ok_or("no client nonce")?;
         let mut server_nonce = [0u8; 18];
-        for b in &mut server_nonce {
-            *b = fastrand::u8(..);
-        }
+        super::random_bytes(&mut server_nonce);
         let nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
         let server_first = format!("r={nonce},s={},i={ITERATIONS}", B64.encode(self.salt));
         Ok((

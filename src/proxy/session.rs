@@ -59,8 +59,18 @@ where
     // Relay; between transactions after a rotation, hand the session over to the serving
     // generation (see `hand_over`), so its old lease can go.
     let mut movable = true;
+    let known = Known::default();
     let outcome = loop {
-        match relay(&mut client, &mut up, &route, movable).await {
+        match relay(
+            &mut client,
+            &mut up,
+            &route,
+            movable,
+            &known,
+            &shared.closing,
+        )
+        .await
+        {
             Ok(Ending::HandOver) => {
                 let moved =
                     tokio::time::timeout(HAND_OVER_WITHIN, hand_over(&route, &mut up)).await;
@@ -84,7 +94,20 @@ where
                         movable = false;
                     }
                     Err(_) => {
-                        // Cut mid-way: the old connection's state is unknown.
+                        // Cut mid-way: the old connection's state is unknown; say so.
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(1),
+                            fatal(
+                                &mut client,
+                                "08006",
+                                &format!(
+                                    "vaultpool-proxy: moving the session to new credentials of \
+                                     database \"{}\" did not finish within {HAND_OVER_WITHIN:?}",
+                                    route.name
+                                ),
+                            ),
+                        )
+                        .await;
                         break Ok(Ending::ServerGone);
                     }
                 }
@@ -121,6 +144,18 @@ where
             drop(up);
         }
         Ok(Ending::ServerGone | Ending::HandOver) => drop(up),
+        Ok(Ending::Shutdown) => {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                fatal(
+                    &mut client,
+                    "57P01",
+                    "terminating connection: vaultpool-proxy is shutting down",
+                ),
+            )
+            .await;
+            tokio::spawn(up.terminate());
+        }
     }
     drop(permit);
     route.stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
@@ -271,8 +306,9 @@ where
     if !sets.is_empty()
         && let Err(e) = up.simple(&sets).await
     {
+        // Its settings are in doubt: close it rather than hand it to the next session.
+        tokio::spawn(up.terminate());
         forward_login_error(client, &route, e).await?;
-        route.checkin(up);
         return Ok(None);
     }
 
@@ -291,7 +327,8 @@ where
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
-        route.checkin(up);
+        // The client's settings are on it: never to the next session without a reset.
+        tokio::spawn(up.terminate());
         return Err(e);
     }
     Ok(Some((route, up, permit, key)))
@@ -460,12 +497,20 @@ const HAND_OVER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10)
 /// open cursor, an advisory lock, or a temporary table.
 async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String> {
     let text = |e: LoginError| e.to_string();
+    // What cannot move: LISTEN, cursors, advisory locks, temporary objects, a changed
+    // role or session user, SQL-level PREPAREs (their text may hold other statements),
+    // more prepared statements than a hand-over should carry.
     let blockers = old
         .rows(
             "SELECT (SELECT count(*) FROM pg_listening_channels()) \
              + (SELECT count(*) FROM pg_cursors) \
              + (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) \
-             + (CASE WHEN pg_my_temp_schema() = 0 THEN 0 ELSE 1 END)",
+             + (CASE WHEN pg_my_temp_schema() = 0 THEN 0 ELSE 1 END) \
+             + (CASE WHEN current_setting('role') = 'none' AND current_user = session_user \
+                THEN 0 ELSE 1 END) \
+             + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) \
+             + (SELECT CASE WHEN count(*) > 1000 OR coalesce(sum(length(statement)), 0) > 1048576 \
+                THEN 1 ELSE 0 END FROM pg_prepared_statements)",
         )
         .await
         .map_err(text)?;
@@ -478,8 +523,8 @@ async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String
         != Some("0")
     {
         return Err(
-            "it holds state that cannot move (LISTEN, a cursor, an advisory lock or a \
-                    temporary table)"
+            "it holds state that cannot move (LISTEN, a cursor, an advisory lock, a \
+                    temporary table, SET ROLE, a SQL PREPARE, or over 1,000 prepared statements)"
                 .into(),
         );
     }
@@ -491,7 +536,7 @@ async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String
         .await
         .map_err(text)?;
     let prepared = old
-        .rows("SELECT name, statement, parameter_types::oid[]::text, from_sql FROM pg_prepared_statements")
+        .rows("SELECT name, statement, parameter_types::oid[]::text FROM pg_prepared_statements")
         .await
         .map_err(text)?;
     let mut new = match route.connection().await {
@@ -510,22 +555,18 @@ async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String
     let sets = set_config(&pairs);
     let mut protocol = Vec::new();
     for row in &prepared {
-        if let [Some(name), Some(statement), Some(types), Some(from_sql)] = row.as_slice() {
-            if from_sql == "t" {
-                new.simple(statement).await.map_err(text)?;
-            } else {
-                let oids = types
-                    .trim_matches(['{', '}'])
-                    .split(',')
-                    .filter(|t| !t.is_empty())
-                    .map(|t| {
-                        t.trim()
-                            .parse::<u32>()
-                            .map_err(|_| format!("parameter type {t:?}"))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                protocol.push((name.clone(), statement.clone(), oids));
-            }
+        if let [Some(name), Some(statement), Some(types)] = row.as_slice() {
+            let oids = types
+                .trim_matches(['{', '}'])
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    t.trim()
+                        .parse::<u32>()
+                        .map_err(|_| format!("parameter type {t:?}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            protocol.push((name.clone(), statement.clone(), oids));
         }
     }
     if !sets.is_empty() {
@@ -537,9 +578,93 @@ async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String
     Ok(new)
 }
 
+/// What the proxy has learnt about a session from its messages, across hand-overs.
+#[derive(Debug, Default)]
+struct Known {
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: std::sync::atomic::AtomicBool,
+    /// The last statement was started by Execute (not by a simple Query).
+    extended_exec: std::sync::atomic::AtomicBool,
+    /// The client used what a hand-over cannot read back from the server (custom
+    /// settings such as `app.tenant_id`, `set_config`, `LISTEN`): it is never moved.
+    opaque: std::sync::atomic::AtomicBool,
+    /// An unnamed prepared statement the client may still bind (a simple query, which a
+    /// hand-over runs, would end it).
+    unnamed_live: std::sync::atomic::AtomicBool,
+}
+
+/// Looks through query text as it streams past for what makes a session opaque to a
+/// hand-over: `set_config(`, `LISTEN`, and `SET [SESSION|LOCAL] name.with.dot`
+/// (custom settings, which `pg_settings` does not list). Conservative: a false alarm
+/// only keeps a session where it is.
+#[derive(Debug, Default)]
+struct Scanner {
+    /// The end of the text seen so far (patterns across chunk boundaries).
+    tail: Vec<u8>,
+}
+
+impl Scanner {
+    const KEEP: usize = 160;
+
+    /// Feed more text; whether something opaque was seen.
+    fn feed(&mut self, chunk: &[u8]) -> bool {
+        let mut text: Vec<u8> = Vec::with_capacity(self.tail.len() + chunk.len());
+        text.extend_from_slice(&self.tail);
+        text.extend(chunk.iter().map(u8::to_ascii_lowercase));
+        let found = Self::opaque(&text);
+        let keep = text.len().min(Self::KEEP);
+        self.tail = text[text.len() - keep..].to_vec();
+        found
+    }
+
+    fn opaque(t: &[u8]) -> bool {
+        let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
+        let find = |needle: &[u8]| t.windows(needle.len()).position(|w| w == needle).is_some();
+        if find(b"set_config") || find(b"listen") {
+            return true;
+        }
+        let mut at = 0;
+        while let Some(p) = t[at..].windows(3).position(|w| w == b"set") {
+            let start = at + p;
+            at = start + 3;
+            if start > 0 && word(t[start - 1]) {
+                continue;
+            }
+            let mut i = start + 3;
+            if i >= t.len() || !t[i].is_ascii_whitespace() {
+                continue;
+            }
+            let skip_ws = |mut i: usize| {
+                while i < t.len() && t[i].is_ascii_whitespace() {
+                    i += 1;
+                }
+                i
+            };
+            i = skip_ws(i);
+            for kw in [&b"session"[..], b"local"] {
+                if t[i..].starts_with(kw)
+                    && t.get(i + kw.len()).is_some_and(u8::is_ascii_whitespace)
+                {
+                    i = skip_ws(i + kw.len());
+                }
+            }
+            let name_end = t[i..]
+                .iter()
+                .position(|&b| !(word(b) || b == b'.' || b == b'"'))
+                .map_or(t.len(), |n| i + n);
+            if t[i..name_end].contains(&b'.') {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// How a relayed session ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Ending {
+    /// The proxy is shutting down and the session outlived the shutdown timeout.
+    Shutdown,
     /// Idle after a rotation: to be handed over to the serving generation.
     HandOver,
     /// The client said goodbye (or left) between queries, outside a transaction.
@@ -557,11 +682,16 @@ async fn relay<S>(
     up: &mut Upstream,
     route: &Route,
     movable: bool,
+    known: &Known,
+    closing: &tokio_util::sync::CancellationToken,
 ) -> io::Result<Ending>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let generation = up.generation;
+    // Bytes the proxy read past its own last message (a notice after ReadyForQuery):
+    // the client's.
+    let pending = std::mem::take(&mut up.pending);
     let mut generations = route.engine.subscribe();
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut sr, mut sw) = tokio::io::split(&mut up.io);
@@ -573,17 +703,34 @@ where
     let client_busy = std::sync::atomic::AtomicBool::new(false);
     let server_busy = std::sync::atomic::AtomicBool::new(false);
     let server_mid_message = std::sync::atomic::AtomicBool::new(false);
-    let retired = || movable && route.engine.generation() != generation;
+    let retired = || {
+        movable
+            && !known.opaque.load(Ordering::Relaxed)
+            && !known.unnamed_live.load(Ordering::Relaxed)
+            && route.engine.generation() != generation
+    };
+    // Between transactions: every query answered, outside a transaction, no extended-
+    // protocol message waiting for its Sync, nothing half through either way.
     let idle = |frames_at_boundary: bool| {
         outstanding.load(Ordering::Relaxed) <= 0
             && status.load(Ordering::Relaxed) == b'I'
+            && !known.unsynced.load(Ordering::Relaxed)
             && frames_at_boundary
             && !client_busy.load(Ordering::Relaxed)
     };
+    if !pending.is_empty() {
+        server_frames.feed(&pending, |_| {})?;
+        cw.write_all(&pending).await?;
+    }
 
     let client_to_server = async {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let mut body_left = 0usize;
+        // The text of a Query or Parse passing through, looked at for what a hand-over
+        // could not carry; the first body byte of a Parse (its name: empty = unnamed).
+        let mut scanning = false;
+        let mut parse_name_next = false;
+        let mut scanner = Scanner::default();
         loop {
             client_busy.store(!buf.is_empty() || body_left > 0, Ordering::Relaxed);
             if cr.read_buf(&mut buf).await? == 0 {
@@ -595,6 +742,15 @@ where
             loop {
                 if body_left > 0 {
                     let n = body_left.min(buf.len() - i);
+                    if n > 0 && parse_name_next {
+                        parse_name_next = false;
+                        if buf[i] == 0 {
+                            known.unnamed_live.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    if scanning && scanner.feed(&buf[i..i + n]) {
+                        known.opaque.store(true, Ordering::Relaxed);
+                    }
                     i += n;
                     body_left -= n;
                     end = i;
@@ -614,9 +770,27 @@ where
                     sw.write_all(&buf[..i]).await?;
                     return Ok(true);
                 }
+                match tag {
+                    b'Q' => {
+                        // A simple query ends the unnamed statement.
+                        known.unnamed_live.store(false, Ordering::Relaxed);
+                        known.extended_exec.store(false, Ordering::Relaxed);
+                    }
+                    b'S' => known.unsynced.store(false, Ordering::Relaxed),
+                    b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {
+                        known.unsynced.store(true, Ordering::Relaxed);
+                        if tag == b'E' {
+                            known.extended_exec.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {}
+                }
                 if matches!(tag, b'Q' | b'S' | b'F') {
                     outstanding.fetch_add(1, Ordering::Relaxed);
                 }
+                scanning = matches!(tag, b'Q' | b'P');
+                parse_name_next = tag == b'P';
+                scanner = Scanner::default();
                 i += 5;
                 body_left = len as usize - 4;
                 end = i;
@@ -633,11 +807,17 @@ where
                 return Ok::<_, io::Error>(false);
             }
             server_busy.store(true, Ordering::Relaxed);
-            server_frames.feed(&buf[..n], |seen| {
-                if let Seen::Ready(s) = seen {
+            server_frames.feed(&buf[..n], |seen| match seen {
+                Seen::Ready(s) => {
                     status.store(s, Ordering::Relaxed);
                     outstanding.fetch_sub(1, Ordering::Relaxed);
                 }
+                // COPY FROM STDIN started by Execute: the Sync sent with it is ignored
+                // during copy-in (PostgreSQL answers only the one after CopyDone).
+                Seen::Tag(b'G') if known.extended_exec.load(Ordering::Relaxed) => {
+                    outstanding.fetch_sub(1, Ordering::Relaxed);
+                }
+                Seen::Tag(_) => {}
             })?;
             server_mid_message.store(!server_frames.at_boundary(), Ordering::Relaxed);
             cw.write_all(&buf[..n]).await?;
@@ -666,9 +846,11 @@ where
             r?;
             let idle = outstanding.load(Ordering::Relaxed) <= 0
                 && status.load(Ordering::Relaxed) == b'I'
+                && !known.unsynced.load(Ordering::Relaxed)
                 && server_frames.at_boundary();
             Ok(if idle { Ending::Idle } else { Ending::Busy })
         }
+        () = closing.cancelled() => Ok(Ending::Shutdown),
         r = server_to_client => {
             Ok(if r? { Ending::HandOver } else { Ending::ServerGone })
         }
@@ -679,6 +861,43 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scanner_finds_what_a_hand_over_cannot_carry_across_any_split() {
+        let opaque = [
+            "SET app.tenant_id = 'acme'",
+            "set session  \"app\".\"tenant\" to 1",
+            "SELECT set_config('app.x', '1', false)",
+            "listen news",
+            "BEGIN; SET LOCAL app.x = 1; COMMIT",
+        ];
+        let plain = [
+            "SET search_path = public",
+            "UPDATE t SET a.b = 1",
+            "SELECT offset, reset FROM t",
+            "SELECT 'settings.x'",
+        ];
+        for (text, want) in opaque
+            .iter()
+            .map(|t| (t, true))
+            .chain(plain.iter().map(|t| (t, false)))
+        {
+            for split in 1..text.len() {
+                let mut s = Scanner::default();
+                let mut got = false;
+                for chunk in text.as_bytes().chunks(split) {
+                    got |= s.feed(chunk);
+                }
+                // "UPDATE t SET a.b" is a false alarm the scanner accepts (it only keeps a
+                // session where it is); everything opaque must be found.
+                if want {
+                    assert!(got, "{text:?} split {split}");
+                } else if *text != "UPDATE t SET a.b = 1" {
+                    assert!(!got, "{text:?} split {split}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn startup_settings_become_one_quoted_set_batch() {

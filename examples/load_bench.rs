@@ -675,9 +675,26 @@ async fn scale(s: &Settings) -> (String, String) {
         after.push(sample("after_outage", sec, &engines, &mut last));
     }
     let serving = engines.iter().filter(|e| e.usable().is_ok()).count();
+    // Why one that is not serving is not (for the report).
+    let not_serving_why = engines
+        .iter()
+        .find(|e| e.usable().is_err())
+        .and_then(|e| e.status().last_error)
+        .map(|e| e.chars().take(300).collect::<String>());
     for e in &engines {
         e.close().await;
     }
+    // Leases that ended while this Vault was down and were never revoked leave their
+    // users in the shared PostgreSQL (1,000 per run: enough to break later leases there,
+    // "row is too big" on the tables' ACLs). Revoke the whole prefix before this Vault goes.
+    common::vault_write(
+        &vault.addr,
+        &vault.root_token,
+        reqwest::Method::PUT,
+        "sys/leases/revoke-prefix/database/creds/scale?sync=true",
+        serde_json::json!({}),
+    )
+    .await;
     let stats = |v: &[u64]| {
         let mean = v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
         let peak = *v.iter().max().unwrap_or(&0) as f64;
@@ -710,8 +727,11 @@ async fn scale(s: &Settings) -> (String, String) {
     writeln!(out, "| Vault down for {} s, then back: requests/s over the next 15 s | mean {am:.1}, peak {ap:.0}; the first 5 s: {:?} |", s.outage.as_secs(), &after[..5.min(after.len())]).unwrap();
     writeln!(
         out,
-        "| engines serving 15 s after Vault returned | {serving} / {} |",
-        s.scale_leases
+        "| engines serving 15 s after Vault returned | {serving} / {}{} |",
+        s.scale_leases,
+        not_serving_why
+            .map(|w| format!(" (one not serving: {w})"))
+            .unwrap_or_default()
     )
     .unwrap();
     (out, csv)

@@ -24,12 +24,7 @@ if [ "$example" = proxy ]; then
   cargo build --all-features --bin vaultpool-proxy
   dir=$(mktemp -d)
   trap 'kill "${proxy_pid:-}" 2>/dev/null || true; rm -rf "$dir"' EXIT
-  # pgbench's tables, owned like the stack's (Vault's admin grants on what app_owner owns).
-  if ! PGPASSWORD="$VAULTPOOL_PG_SUPER_PASSWORD" psql -h "$PGHOST" -p "$PGPORT" -U postgres \
-      -d adaptive_immunity -Atc "SELECT 1 FROM pg_tables WHERE tablename = 'pgbench_accounts'" | grep -q 1; then
-    PGPASSWORD="$VAULTPOOL_PG_SUPER_PASSWORD" PGOPTIONS="-c role=app_owner" \
-      pgbench -h "$PGHOST" -p "$PGPORT" -U postgres -i -s 1 -q adaptive_immunity
-  fi
+  scripts/bench_schema.sh
   port=6432
   cat >"$dir/proxy.toml" <<TOML
 [listen]
@@ -51,7 +46,8 @@ TOML
   cat "$dir/ready"
   http=$(sed -n 's/.*http \([0-9.:]*\).*/\1/p' "$dir/ready")
   echo "[demo] pgbench -c 16 -j 2 -T 60 through the proxy's Unix socket (no password anywhere)" >&2
-  env -u PGPASSWORD PGHOST="$dir" PGPORT=$port PGUSER=app pgbench -c 16 -j 2 -T 60 -P 10 -n app
+  env -u PGPASSWORD PGHOST="$dir" PGPORT=$port PGUSER=app PGOPTIONS="-c search_path=bench" \
+    pgbench -c 16 -j 2 -T 60 -P 10 -n app
   echo "[demo] the proxy's metrics:" >&2
   curl -s "http://$http/metrics" | grep -E '^vaultpool_proxy_(rotations|handovers|sessions_total|server_logins)'
   kill -TERM "$proxy_pid"

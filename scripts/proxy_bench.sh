@@ -29,9 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 super=(env PGPASSWORD="$VAULTPOOL_PG_SUPER_PASSWORD" PGHOST="$PGHOST" PGPORT="$PGPORT" PGUSER=postgres)
-if ! "${super[@]}" psql -d adaptive_immunity -Atc "SELECT 1 FROM pg_tables WHERE tablename = 'pgbench_accounts'" | grep -q 1; then
-  "${super[@]}" PGOPTIONS="-c role=app_owner" pgbench -i -s 1 -q adaptive_immunity
-fi
+scripts/bench_schema.sh
 
 # vaultpool-proxy: "app" on 2 h leases (steady), "rot" on 12 s/20 s leases (rotating).
 proxy_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -67,7 +65,7 @@ bouncer_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1"
 echo '"bench" ""' >"$dir/users.txt"
 cat >"$dir/pgbouncer.ini" <<INI
 [databases]
-app = host=$PGHOST port=$PGPORT dbname=adaptive_immunity user=postgres password=$VAULTPOOL_PG_SUPER_PASSWORD
+app = host=$PGHOST port=$PGPORT dbname=adaptive_immunity user=postgres password=$VAULTPOOL_PG_SUPER_PASSWORD connect_query='SET search_path = bench'
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $bouncer_port
@@ -85,8 +83,8 @@ pgbouncer -u postgres "$dir/pgbouncer.ini" &
 bouncer_pid=$!
 sleep 1
 
-direct=(PGHOST=127.0.0.1 PGPORT="$PGPORT" PGUSER=postgres PGPASSWORD="$VAULTPOOL_PG_SUPER_PASSWORD" PGDATABASE=adaptive_immunity)
-proxied=(PGHOST=127.0.0.1 PGPORT="$proxy_port" PGUSER=app PGPASSWORD=bench-local-secret PGDATABASE=app)
+direct=(PGHOST=127.0.0.1 PGPORT="$PGPORT" PGUSER=postgres PGPASSWORD="$VAULTPOOL_PG_SUPER_PASSWORD" PGDATABASE=adaptive_immunity PGOPTIONS="-c search_path=bench")
+proxied=(PGHOST=127.0.0.1 PGPORT="$proxy_port" PGUSER=app PGPASSWORD=bench-local-secret PGDATABASE=app PGOPTIONS="-c search_path=bench")
 bounced=(PGHOST=127.0.0.1 PGPORT="$bouncer_port" PGUSER=bench PGDATABASE=app -u PGPASSWORD)
 bench() { # label mode-flag env...
   local label=$1 flag=$2; shift 2
@@ -124,7 +122,7 @@ gens="$dir/generations"
   done
 ) >"$gens" &
 poller=$!
-(cd "$dir" && env PGHOST=127.0.0.1 PGPORT="$proxy_port" PGUSER=app PGPASSWORD=bench-local-secret PGDATABASE=rot \
+(cd "$dir" && env PGHOST=127.0.0.1 PGPORT="$proxy_port" PGUSER=app PGPASSWORD=bench-local-secret PGDATABASE=rot PGOPTIONS="-c search_path=bench" \
   pgbench -c 16 -j 2 -T 60 -n -S -l --log-prefix=rot >/dev/null 2>&1)
 kill "$poller" 2>/dev/null || true
 python3 - "$dir" "$gens" <<'PY' | tee -a "$report"

@@ -199,13 +199,21 @@ async fn psql_logs_in_on_the_socket_without_a_password_and_over_tcp_with_the_loc
         "DISCARD ALL between sessions"
     );
 
-    let m = proxy.metrics().await;
+    // The last session's reset may still run when psql has exited.
+    let mut m = proxy.metrics().await;
+    for _ in 0..40 {
+        if metric(&m, "vaultpool_proxy_sessions_active") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = proxy.metrics().await;
+    }
     println!("{m}");
     assert!(
         metric(&m, "vaultpool_proxy_server_reused_total") >= 1.0,
         "{m}"
     );
-    assert_eq!(metric(&m, "vaultpool_proxy_sessions_active"), 0.0);
+    assert_eq!(metric(&m, "vaultpool_proxy_sessions_active"), 0.0, "{m}");
     assert!(
         http_get(proxy.http, "/health")
             .await
@@ -215,16 +223,24 @@ async fn psql_logs_in_on_the_socket_without_a_password_and_over_tcp_with_the_loc
     assert_leases_gone(&role).await;
 }
 
-/// pgbench's tables in `adaptive_immunity`, made once, owned by `app_owner` like the
-/// stack's own tables (Vault's admin grants on what app_owner owns; a table it cannot
-/// grant on would fail every lease on the database).
-async fn pgbench_tables() {
+/// The schema `bench` in `adaptive_immunity` with pgbench's tables and the COPY test's,
+/// made once, owned by `app_owner`, usable by everyone through grants to PUBLIC — not in
+/// `public`, whose tables every leased user gets a grant on (each grant is an ACL entry on
+/// the table: with 1,000 users alive that makes every lease slower, and past ~2,000 a
+/// table's catalog row no longer fits).
+async fn bench_schema() {
     static ONCE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     ONCE.get_or_init(|| async {
         let pg = pg_admin("adaptive_immunity").await;
+        pg.batch_execute(
+            "SET ROLE app_owner; CREATE SCHEMA IF NOT EXISTS bench; \
+             CREATE TABLE IF NOT EXISTS bench.proxy_copy (x int); RESET ROLE",
+        )
+        .await
+        .unwrap();
         let exists = pg
             .query_opt(
-                "SELECT 1 FROM pg_tables WHERE tablename = 'pgbench_accounts'",
+                "SELECT 1 FROM pg_tables WHERE schemaname = 'bench' AND tablename = 'pgbench_accounts'",
                 &[],
             )
             .await
@@ -238,11 +254,18 @@ async fn pgbench_tables() {
                 .env("PGUSER", "postgres")
                 .env("PGPASSWORD", var("VAULTPOOL_PG_SUPER_PASSWORD"))
                 .env("PGDATABASE", "adaptive_immunity")
-                .env("PGOPTIONS", "-c role=app_owner")
+                .env("PGOPTIONS", "-c role=app_owner -c search_path=bench")
                 .status()
                 .unwrap();
             assert!(status.success(), "pgbench -i");
         }
+        pg.batch_execute(
+            "SET ROLE app_owner; GRANT USAGE ON SCHEMA bench TO PUBLIC; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA bench TO PUBLIC; \
+             RESET ROLE",
+        )
+        .await
+        .unwrap();
     })
     .await;
 }
@@ -271,14 +294,15 @@ fn pgbench_report(out: &str) -> (u64, u64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_through_the_proxy_across_scheduled_and_forced_rotations_fails_no_transaction() {
-    pgbench_tables().await;
+    bench_schema().await;
     // 12 s leases that cannot be renewed past 12 s: a scheduled rotation about every 7 s,
     // and a forced one every 10 s on top. A connection per transaction (-C): every new
     // session takes the serving generation.
     let role = create_role("12s", "12s").await;
     let proxy = start(&role, "", "max_connections = 16").await;
     let mut c = proxy.client("pgbench");
-    c.args(["-c", "16", "-j", "2", "-T", "60", "-C", "-n"]);
+    c.env("PGOPTIONS", "-c search_path=bench")
+        .args(["-c", "16", "-j", "2", "-T", "60", "-C", "-n"]);
     let bench = tokio::task::spawn_blocking(move || output(c));
     let forcer = {
         let engine = proxy.engine.clone();
@@ -314,7 +338,8 @@ async fn pgbench_through_the_proxy_across_scheduled_and_forced_rotations_fails_n
     // (revocation ends its sessions) reaches them.
     let before = proxy.engine.status().rotations;
     let mut c = proxy.client("pgbench");
-    c.args(["-c", "16", "-j", "2", "-T", "60", "-n"]);
+    c.env("PGOPTIONS", "-c search_path=bench")
+        .args(["-c", "16", "-j", "2", "-T", "60", "-n"]);
     let bench = tokio::task::spawn_blocking(move || output(c));
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -537,8 +562,14 @@ async fn bad_clients_get_an_error_or_a_closed_socket_and_everyone_else_is_served
     println!("the good client ran {served} queries meanwhile");
     assert!(served > 100);
     // Nothing left: no session counted, every server connection accounted for.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let m = proxy.metrics().await;
+    let mut m = proxy.metrics().await;
+    for _ in 0..40 {
+        if metric(&m, "vaultpool_proxy_sessions_active") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = proxy.metrics().await;
+    }
     assert_eq!(metric(&m, "vaultpool_proxy_sessions_active"), 0.0, "{m}");
     proxy.stop().await;
     assert_leases_gone(&role).await;
@@ -884,5 +915,66 @@ async fn tls_to_the_server_with_verify_full_and_a_wrong_ca_refused_at_start() {
     assert_eq!(e.kind(), vaultpool::ErrorKind::Tls, "{e}");
     assert!(e.to_string().contains("secure"), "names the database: {e}");
     let _ = std::fs::remove_dir_all(&dir);
+    assert_leases_gone(&role).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_across_a_rotation_completes_and_the_session_moves_after_it() {
+    bench_schema().await;
+    let role = create_role("1h", "2h").await;
+    let proxy = start(&role, "", "").await;
+    let client = tokio_client(proxy.port).await;
+    let before: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // COPY FROM STDIN through the extended protocol (tokio-postgres: Parse, Bind,
+    // Execute, Sync, then CopyData...): the Sync sent with it is ignored by the server.
+    let sink = client
+        .copy_in::<_, bytes::Bytes>("COPY bench.proxy_copy FROM STDIN")
+        .await
+        .unwrap();
+    use futures_util::SinkExt;
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n"))
+        .await
+        .unwrap();
+    // A rotation in the middle of the copy: the session must not be moved now.
+    proxy.engine.rotate().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sink.send(bytes::Bytes::from_static(b"3\n")).await.unwrap();
+    let rows = sink.as_mut().finish().await.unwrap();
+    assert_eq!(rows, 3);
+    // After the copy the session is idle: moved at its next query at the latest.
+    let after: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut moved = after != before;
+    for _ in 0..20 {
+        if moved {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        moved = pid != before;
+    }
+    assert!(moved, "the session moved once its copy was done");
+    // Queries pipelined on one client (several in flight at once) are answered in order.
+    let (a, b, c) = tokio::join!(
+        client.query_one("SELECT 1::int4", &[]),
+        client.query_one("SELECT 2::int4", &[]),
+        client.query_one("SELECT 3::int4", &[])
+    );
+    let got: Vec<i32> = [a, b, c].into_iter().map(|r| r.unwrap().get(0)).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    drop(client);
+    proxy.stop().await;
     assert_leases_gone(&role).await;
 }

@@ -178,7 +178,13 @@ impl Proxy {
                 if std::fs::symlink_metadata(&path)
                     .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
                 {
-                    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    // Only a refused connection says nobody listens (a full backlog or a
+                    // permission error says nothing).
+                    let stale = matches!(
+                        std::os::unix::net::UnixStream::connect(&path),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    );
+                    if !stale {
                         return Err(Error::new(
                             ErrorKind::Config,
                             format!(
@@ -369,9 +375,11 @@ impl Proxy {
                         c = l.accept() => c,
                     };
                     if let Ok((s, _)) = conn {
-                        // At most 16 requests at a time; more wait in the backlog.
-                        let Ok(permit) = http_slots.clone().acquire_owned().await else {
-                            return;
+                        // At most 16 requests at a time; beyond that, closed at once (the
+                        // accept loop never waits on a slow client).
+                        let Ok(permit) = http_slots.clone().try_acquire_owned() else {
+                            drop(s);
+                            continue;
                         };
                         let shared = shared.clone();
                         tokio::spawn(async move {
@@ -498,7 +506,7 @@ fn target_for(db: &config::Database) -> Result<Target> {
 /// One HTTP request on the health/metrics listener: `GET /health` or `GET /metrics`.
 async fn http_request(shared: Arc<Shared>, mut s: tokio::net::TcpStream) {
     let mut buf = Vec::with_capacity(1024);
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
+    let read = tokio::time::timeout(Duration::from_secs(1), async {
         let mut chunk = [0u8; 1024];
         while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
             let n = s.read(&mut chunk).await?;

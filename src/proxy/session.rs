@@ -30,7 +30,7 @@ where
 {
     let started =
         tokio::time::timeout(shared.startup_timeout, start(&shared, &mut client, peer)).await;
-    let (route, mut up, permit, key) = match started {
+    let (route, mut up, permit, key, custom_settings) = match started {
         Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -60,6 +60,7 @@ where
     // generation (see `hand_over`), so its old lease can go.
     let mut movable = true;
     let known = Known::default();
+    known.opaque.store(custom_settings, Ordering::Relaxed);
     let outcome = loop {
         match relay(
             &mut client,
@@ -71,47 +72,44 @@ where
         )
         .await
         {
-            Ok(Ending::HandOver) => {
-                let moved =
-                    tokio::time::timeout(HAND_OVER_WITHIN, hand_over(&route, &mut up)).await;
-                match moved {
-                    Ok(Ok(new)) => {
-                        let old = std::mem::replace(&mut up, new);
-                        shared
-                            .cancels
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(key, (up.addr, up.pid, up.secret));
-                        route.stats.handovers.fetch_add(1, Ordering::Relaxed);
-                        route.checkin(old); // closes it: retired generation
-                    }
-                    Ok(Err(why)) => {
-                        tracing::info!(database = %route.name, reason = %why, "session stays on its retired generation");
-                        route
-                            .stats
-                            .handovers_refused
-                            .fetch_add(1, Ordering::Relaxed);
-                        movable = false;
-                    }
-                    Err(_) => {
-                        // Cut mid-way: the old connection's state is unknown; say so.
-                        let _ = tokio::time::timeout(
-                            std::time::Duration::from_secs(1),
-                            fatal(
-                                &mut client,
-                                "08006",
-                                &format!(
-                                    "vaultpool-proxy: moving the session to new credentials of \
-                                     database \"{}\" did not finish within {HAND_OVER_WITHIN:?}",
-                                    route.name
-                                ),
-                            ),
-                        )
-                        .await;
-                        break Ok(Ending::ServerGone);
-                    }
+            Ok(Ending::HandOver) => match hand_over(&route, &mut up, &known).await {
+                Moved::To(new) => {
+                    let old = std::mem::replace(&mut up, new);
+                    shared
+                        .cancels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, (up.addr, up.pid, up.secret));
+                    route.stats.handovers.fetch_add(1, Ordering::Relaxed);
+                    route.checkin(old); // closes it: retired generation
                 }
-            }
+                Moved::Stay(why) => {
+                    tracing::info!(database = %route.name, reason = %why, "session stays on its retired generation");
+                    route
+                        .stats
+                        .handovers_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    movable = false;
+                }
+                Moved::Broken(why) => {
+                    // The old connection failed mid-read: its state is unknown; say so.
+                    tracing::warn!(database = %route.name, reason = %why, "session ended while being moved to new credentials");
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        fatal(
+                            &mut client,
+                            "08006",
+                            &format!(
+                                "vaultpool-proxy: the server connection of database \"{}\" \
+                                 failed while the session was moved to new credentials: {why}",
+                                route.name
+                            ),
+                        ),
+                    )
+                    .await;
+                    break Ok(Ending::ServerGone);
+                }
+            },
             other => break other,
         }
     };
@@ -161,11 +159,14 @@ where
     route.stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// A started session: its route, server connection, slot, cancel key, and whether its
+/// startup settings include custom ones (`app.x`, which no hand-over can read back).
 type Started = (
     Arc<Route>,
     Upstream,
     tokio::sync::OwnedSemaphorePermit,
     CancelKey,
+    bool,
 );
 
 async fn fatal<S: AsyncWrite + Unpin>(client: &mut S, code: &str, msg: &str) -> io::Result<()> {
@@ -331,7 +332,7 @@ where
         tokio::spawn(up.terminate());
         return Err(e);
     }
-    Ok(Some((route, up, permit, key)))
+    Ok(Some((route, up, permit, key, sets.contains('.'))))
 }
 
 /// The client's startup settings (`application_name`, `client_encoding`, `-c` options)
@@ -495,25 +496,98 @@ const HAND_OVER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10)
 /// the old connection and replayed on the new one. Refused — the session then stays,
 /// untouched, on its old connection — when it holds what cannot move: `LISTEN`, an
 /// open cursor, an advisory lock, or a temporary table.
-async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String> {
-    let text = |e: LoginError| e.to_string();
+async fn hand_over(route: &Route, old: &mut Upstream, known: &Known) -> Moved {
+    // 1. Read the session's state from the old connection. A failure here leaves that
+    //    connection in doubt: the session ends.
+    let read = tokio::time::timeout(READ_STATE_WITHIN, read_state(old)).await;
+    let state = match read {
+        Ok(Ok(Ok(state))) => state,
+        Ok(Ok(Err(why))) => return Moved::Stay(why),
+        Ok(Err(e)) => return Moved::Broken(e.to_string()),
+        Err(_) => {
+            return Moved::Broken(format!("reading its state took over {READ_STATE_WITHIN:?}"));
+        }
+    };
+    // 2. A new connection with that state. A failure here leaves the old connection as it
+    //    was: the session stays on it.
+    let unnamed = known
+        .unnamed_parse
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let replay = async {
+        let mut new = match route.connection().await {
+            Ok(up) => up,
+            Err(CheckoutError::Login(e)) => return Err(e.to_string()),
+            Err(CheckoutError::Credentials(e)) => return Err(e.to_string()),
+            Err(CheckoutError::Timeout) => return Err("no connection".into()),
+        };
+        let text = |e: LoginError| e.to_string();
+        if !state.settings.is_empty() {
+            new.simple(&set_config(&state.settings))
+                .await
+                .map_err(text)?;
+        }
+        if !state.prepared.is_empty() {
+            new.prepare(&state.prepared).await.map_err(text)?;
+        }
+        if let Some(body) = unnamed {
+            new.parse_raw(&body).await.map_err(text)?;
+        }
+        Ok(new)
+    };
+    match tokio::time::timeout(HAND_OVER_WITHIN, replay).await {
+        Ok(Ok(new)) => Moved::To(new),
+        Ok(Err(why)) => Moved::Stay(why),
+        Err(_) => Moved::Stay(format!(
+            "the new connection was not ready within {HAND_OVER_WITHIN:?}"
+        )),
+    }
+}
+
+/// How long reading a session's state from its old connection may take.
+const READ_STATE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a hand-over did.
+enum Moved {
+    /// The session now runs on this connection (of the serving generation).
+    To(Upstream),
+    /// The session stays, untouched, on its connection (why).
+    Stay(String),
+    /// The old connection failed while its state was read: the session ends.
+    Broken(String),
+}
+
+/// A session's state as the server knows it.
+struct State {
+    settings: Vec<(String, String)>,
+    prepared: Vec<(String, String, Vec<u32>)>,
+}
+
+/// Read what a hand-over carries; `Ok(Err(why))` when the session holds what cannot
+/// move. Catalogs are named with their schema: a client's own `pg_settings` view earlier
+/// on its search_path must not answer.
+async fn read_state(old: &mut Upstream) -> Result<Result<State, String>, LoginError> {
     // What cannot move: LISTEN, cursors, advisory locks, temporary objects, a changed
     // role or session user, SQL-level PREPAREs (their text may hold other statements),
     // more prepared statements than a hand-over should carry.
     let blockers = old
-        .rows(
-            "SELECT (SELECT count(*) FROM pg_listening_channels()) \
-             + (SELECT count(*) FROM pg_cursors) \
-             + (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) \
-             + (CASE WHEN pg_my_temp_schema() = 0 THEN 0 ELSE 1 END) \
-             + (CASE WHEN current_setting('role') = 'none' AND current_user = session_user \
+        .rows(&format!(
+            "SELECT (SELECT count(*) FROM pg_catalog.pg_listening_channels()) \
+             + (SELECT count(*) FROM pg_catalog.pg_cursors) \
+             + (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+                AND pid = pg_catalog.pg_backend_pid()) \
+             + (CASE WHEN pg_catalog.pg_my_temp_schema() = 0 THEN 0 ELSE 1 END) \
+             + (CASE WHEN pg_catalog.current_setting('role') = 'none' \
+                AND current_user = session_user AND session_user::text = {} \
                 THEN 0 ELSE 1 END) \
-             + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) \
-             + (SELECT CASE WHEN count(*) > 1000 OR coalesce(sum(length(statement)), 0) > 1048576 \
-                THEN 1 ELSE 0 END FROM pg_prepared_statements)",
-        )
-        .await
-        .map_err(text)?;
+             + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+             + (SELECT CASE WHEN count(*) > 1000 \
+                OR coalesce(sum(length(statement)), 0) > 1048576 \
+                THEN 1 ELSE 0 END FROM pg_catalog.pg_prepared_statements)",
+            quote_literal(&old.user)
+        ))
+        .await?;
     if blockers
         .first()
         .and_then(|r| r.first())
@@ -522,60 +596,52 @@ async fn hand_over(route: &Route, old: &mut Upstream) -> Result<Upstream, String
         .as_deref()
         != Some("0")
     {
-        return Err(
-            "it holds state that cannot move (LISTEN, a cursor, an advisory lock, a \
-                    temporary table, SET ROLE, a SQL PREPARE, or over 1,000 prepared statements)"
+        return Ok(Err(
+            "it holds state that cannot move (LISTEN, a cursor, an advisory lock, a temporary \
+             table, SET ROLE or SESSION AUTHORIZATION, a SQL PREPARE, or over 1,000 prepared \
+             statements)"
                 .into(),
-        );
+        ));
     }
     let settings = old
         .rows(
-            "SELECT name, current_setting(name) FROM pg_settings WHERE source IN ('session', \
-             'client') AND name NOT LIKE 'transaction%' AND name <> 'session_authorization'",
+            "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
+             WHERE source IN ('session', 'client') AND name NOT LIKE 'transaction%'",
         )
-        .await
-        .map_err(text)?;
-    let prepared = old
-        .rows("SELECT name, statement, parameter_types::oid[]::text FROM pg_prepared_statements")
-        .await
-        .map_err(text)?;
-    let mut new = match route.connection().await {
-        Ok(up) => up,
-        Err(CheckoutError::Login(e)) => return Err(e.to_string()),
-        Err(CheckoutError::Credentials(e)) => return Err(e.to_string()),
-        Err(CheckoutError::Timeout) => return Err("no connection".into()),
-    };
-    let pairs: Vec<(String, String)> = settings
-        .iter()
+        .await?
+        .into_iter()
         .filter_map(|row| match row.as_slice() {
             [Some(name), Some(value)] => Some((name.clone(), value.clone())),
             _ => None,
         })
         .collect();
-    let sets = set_config(&pairs);
-    let mut protocol = Vec::new();
-    for row in &prepared {
+    let mut prepared = Vec::new();
+    for row in old
+        .rows(
+            "SELECT name, statement, parameter_types::pg_catalog.oid[]::text \
+             FROM pg_catalog.pg_prepared_statements",
+        )
+        .await?
+    {
         if let [Some(name), Some(statement), Some(types)] = row.as_slice() {
             let oids = types
                 .trim_matches(['{', '}'])
                 .split(',')
                 .filter(|t| !t.is_empty())
-                .map(|t| {
-                    t.trim()
-                        .parse::<u32>()
-                        .map_err(|_| format!("parameter type {t:?}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            protocol.push((name.clone(), statement.clone(), oids));
+                .map(|t| t.trim().parse::<u32>())
+                .collect::<Result<Vec<_>, _>>();
+            match oids {
+                Ok(oids) => prepared.push((name.clone(), statement.clone(), oids)),
+                Err(_) => return Ok(Err(format!("parameter types {types:?} unreadable"))),
+            }
         }
     }
-    if !sets.is_empty() {
-        new.simple(&sets).await.map_err(text)?;
-    }
-    if !protocol.is_empty() {
-        new.prepare(&protocol).await.map_err(text)?;
-    }
-    Ok(new)
+    Ok(Ok(State { settings, prepared }))
+}
+
+/// A SQL string literal.
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// What the proxy has learnt about a session from its messages, across hand-overs.
@@ -588,10 +654,22 @@ struct Known {
     /// The client used what a hand-over cannot read back from the server (custom
     /// settings such as `app.tenant_id`, `set_config`, `LISTEN`): it is never moved.
     opaque: std::sync::atomic::AtomicBool,
-    /// An unnamed prepared statement the client may still bind (a simple query, which a
-    /// hand-over runs, would end it).
-    unnamed_live: std::sync::atomic::AtomicBool,
+    /// The last unnamed statement the client parsed (its Parse body), still bindable
+    /// until a simple query: a hand-over parses it again on the new connection.
+    unnamed_parse: std::sync::Mutex<Option<Vec<u8>>>,
+    /// An unnamed statement too large to keep (over 64 KiB of Parse): not movable while
+    /// it may be bound.
+    unnamed_unknown: std::sync::atomic::AtomicBool,
+    /// In COPY FROM STDIN (the server sent CopyInResponse; the client has not yet sent
+    /// CopyDone or CopyFail).
+    copy_in: std::sync::atomic::AtomicBool,
+    /// Syncs sent since the last Execute: those of an Execute that starts a COPY FROM
+    /// STDIN are ignored by the server (no ReadyForQuery comes for them).
+    syncs_after_exec: std::sync::atomic::AtomicI64,
 }
+
+/// The largest unnamed Parse kept for a hand-over.
+const MAX_UNNAMED_PARSE: usize = 64 * 1024;
 
 /// Looks through query text as it streams past for what makes a session opaque to a
 /// hand-over: `set_config(`, `LISTEN`, and `SET [SESSION|LOCAL] name.with.dot`
@@ -620,8 +698,20 @@ impl Scanner {
     fn opaque(t: &[u8]) -> bool {
         let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
         let find = |needle: &[u8]| t.windows(needle.len()).position(|w| w == needle).is_some();
-        if find(b"set_config") || find(b"listen") {
+        if find(b"set_config") {
             return true;
+        }
+        // LISTEN as a word (not `listener_id`): notifications could arrive while the
+        // hand-over reads the session's state.
+        let mut at = 0;
+        while let Some(p) = t[at..].windows(6).position(|w| w == b"listen") {
+            let start = at + p;
+            at = start + 6;
+            let before = start == 0 || !word(t[start - 1]);
+            let after = t.get(start + 6).is_none_or(|b| b.is_ascii_whitespace());
+            if before && after {
+                return true;
+            }
         }
         let mut at = 0;
         while let Some(p) = t[at..].windows(3).position(|w| w == b"set") {
@@ -706,15 +796,16 @@ where
     let retired = || {
         movable
             && !known.opaque.load(Ordering::Relaxed)
-            && !known.unnamed_live.load(Ordering::Relaxed)
+            && !known.unnamed_unknown.load(Ordering::Relaxed)
             && route.engine.generation() != generation
     };
     // Between transactions: every query answered, outside a transaction, no extended-
     // protocol message waiting for its Sync, nothing half through either way.
     let idle = |frames_at_boundary: bool| {
-        outstanding.load(Ordering::Relaxed) <= 0
+        outstanding.load(Ordering::Relaxed) == 0
             && status.load(Ordering::Relaxed) == b'I'
             && !known.unsynced.load(Ordering::Relaxed)
+            && !known.copy_in.load(Ordering::Relaxed)
             && frames_at_boundary
             && !client_busy.load(Ordering::Relaxed)
     };
@@ -731,6 +822,8 @@ where
         let mut scanning = false;
         let mut parse_name_next = false;
         let mut scanner = Scanner::default();
+        // An unnamed Parse being kept (its body so far), for a hand-over.
+        let mut unnamed: Option<Vec<u8>> = None;
         loop {
             client_busy.store(!buf.is_empty() || body_left > 0, Ordering::Relaxed);
             if cr.read_buf(&mut buf).await? == 0 {
@@ -745,8 +838,29 @@ where
                     if n > 0 && parse_name_next {
                         parse_name_next = false;
                         if buf[i] == 0 {
-                            known.unnamed_live.store(true, Ordering::Relaxed);
+                            unnamed = Some(Vec::new());
                         }
+                    }
+                    if let Some(body) = unnamed.as_mut() {
+                        if body.len() + n <= MAX_UNNAMED_PARSE {
+                            body.extend_from_slice(&buf[i..i + n]);
+                        } else {
+                            unnamed = None;
+                            *known
+                                .unnamed_parse
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) = None;
+                            known.unnamed_unknown.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    if body_left == n
+                        && let Some(body) = unnamed.take()
+                    {
+                        *known
+                            .unnamed_parse
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(body);
+                        known.unnamed_unknown.store(false, Ordering::Relaxed);
                     }
                     if scanning && scanner.feed(&buf[i..i + n]) {
                         known.opaque.store(true, Ordering::Relaxed);
@@ -770,22 +884,36 @@ where
                     sw.write_all(&buf[..i]).await?;
                     return Ok(true);
                 }
+                let copying = known.copy_in.load(Ordering::Relaxed);
                 match tag {
                     b'Q' => {
                         // A simple query ends the unnamed statement.
-                        known.unnamed_live.store(false, Ordering::Relaxed);
+                        *known
+                            .unnamed_parse
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = None;
+                        known.unnamed_unknown.store(false, Ordering::Relaxed);
                         known.extended_exec.store(false, Ordering::Relaxed);
                     }
-                    b'S' => known.unsynced.store(false, Ordering::Relaxed),
+                    b'S' => {
+                        known.unsynced.store(false, Ordering::Relaxed);
+                        known.syncs_after_exec.fetch_add(1, Ordering::Relaxed);
+                    }
                     b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {
                         known.unsynced.store(true, Ordering::Relaxed);
                         if tag == b'E' {
                             known.extended_exec.store(true, Ordering::Relaxed);
+                            known.syncs_after_exec.store(0, Ordering::Relaxed);
                         }
                     }
+                    // CopyDone, CopyFail: the copy is over.
+                    b'c' | b'f' => known.copy_in.store(false, Ordering::Relaxed),
+                    // A function call by OID: it may set what cannot be read back.
+                    b'F' => known.opaque.store(true, Ordering::Relaxed),
                     _ => {}
                 }
-                if matches!(tag, b'Q' | b'S' | b'F') {
+                // During COPY FROM STDIN the server ignores Sync: no ReadyForQuery for it.
+                if matches!(tag, b'Q' | b'F') || (tag == b'S' && !copying) {
                     outstanding.fetch_add(1, Ordering::Relaxed);
                 }
                 scanning = matches!(tag, b'Q' | b'P');
@@ -814,8 +942,12 @@ where
                 }
                 // COPY FROM STDIN started by Execute: the Sync sent with it is ignored
                 // during copy-in (PostgreSQL answers only the one after CopyDone).
-                Seen::Tag(b'G') if known.extended_exec.load(Ordering::Relaxed) => {
-                    outstanding.fetch_sub(1, Ordering::Relaxed);
+                Seen::Tag(b'G') => {
+                    known.copy_in.store(true, Ordering::Relaxed);
+                    if known.extended_exec.load(Ordering::Relaxed) {
+                        let ignored = known.syncs_after_exec.swap(0, Ordering::Relaxed);
+                        outstanding.fetch_sub(ignored, Ordering::Relaxed);
+                    }
                 }
                 Seen::Tag(_) => {}
             })?;
@@ -844,9 +976,10 @@ where
     tokio::select! {
         r = client_to_server => {
             r?;
-            let idle = outstanding.load(Ordering::Relaxed) <= 0
+            let idle = outstanding.load(Ordering::Relaxed) == 0
                 && status.load(Ordering::Relaxed) == b'I'
                 && !known.unsynced.load(Ordering::Relaxed)
+                && !known.copy_in.load(Ordering::Relaxed)
                 && server_frames.at_boundary();
             Ok(if idle { Ending::Idle } else { Ending::Busy })
         }

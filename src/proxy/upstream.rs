@@ -105,6 +105,8 @@ pub(crate) struct Upstream {
     pub(crate) pid: i32,
     pub(crate) secret: i32,
     pub(crate) addr: SocketAddr,
+    /// The user it logged in as (the lease's).
+    pub(crate) user: String,
     pub(crate) generation: Generation,
     pub(crate) idle_since: Instant,
     /// Counts it in its generation (none for the verifying login).
@@ -181,6 +183,7 @@ pub(crate) async fn login(
             pid,
             secret,
             addr: peer,
+            user: creds.username.clone(),
             generation,
             idle_since: Instant::now(),
             _guard: guard,
@@ -437,6 +440,32 @@ impl Upstream {
             frontend::parse(name, query, types.iter().copied(), &mut out)
                 .map_err(LoginError::protocol)?;
         }
+        frontend::sync(&mut out);
+        self.io.write_all(&out).await?;
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut error = None;
+        loop {
+            let raw_error = peek_error(&buf);
+            match next_message(&mut self.io, &mut buf).await? {
+                backend::Message::ErrorResponse(body) => {
+                    error = Some(server_error(raw_error.unwrap_or_default(), &body));
+                }
+                backend::Message::ReadyForQuery(_) => {
+                    self.pending = buf;
+                    return error.map_or(Ok(()), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Send one Parse message with this body (a client's, kept as it was sent) and a
+    /// Sync; its ParseComplete and ReadyForQuery stay with the proxy.
+    pub(crate) async fn parse_raw(&mut self, body: &[u8]) -> std::result::Result<(), LoginError> {
+        let mut out = BytesMut::with_capacity(body.len() + 10);
+        out.extend_from_slice(b"P");
+        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        out.extend_from_slice(body);
         frontend::sync(&mut out);
         self.io.write_all(&out).await?;
         let mut buf = std::mem::take(&mut self.pending);

@@ -11,3 +11,6 @@ if ! "${super[@]}" psql -d adaptive_immunity -Atc \
   "${super[@]}" PGOPTIONS="-c role=app_owner -c search_path=bench" pgbench -i -s 1 -q adaptive_immunity
 fi
 "${super[@]}" psql -q -d adaptive_immunity -c "SET ROLE app_owner; GRANT USAGE ON SCHEMA bench TO PUBLIC; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA bench TO PUBLIC"
+# A static login for the comparisons (direct, pgbouncer): search_path bench as its role
+# default, so a session reset (pgbouncer's DISCARD ALL) keeps it.
+"${super[@]}" psql -q -d adaptive_immunity -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bench_static') THEN CREATE ROLE bench_static LOGIN PASSWORD 'bench-static'; END IF; END \$\$; ALTER ROLE bench_static SET search_path = bench"

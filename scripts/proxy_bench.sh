@@ -65,7 +65,7 @@ bouncer_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1"
 echo '"bench" ""' >"$dir/users.txt"
 cat >"$dir/pgbouncer.ini" <<INI
 [databases]
-app = host=$PGHOST port=$PGPORT dbname=adaptive_immunity user=postgres password=$VAULTPOOL_PG_SUPER_PASSWORD connect_query='SET search_path = bench'
+app = host=$PGHOST port=$PGPORT dbname=adaptive_immunity user=bench_static password=bench-static
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $bouncer_port
@@ -83,17 +83,18 @@ pgbouncer -u postgres "$dir/pgbouncer.ini" &
 bouncer_pid=$!
 sleep 1
 
-direct=(PGHOST=127.0.0.1 PGPORT="$PGPORT" PGUSER=postgres PGPASSWORD="$VAULTPOOL_PG_SUPER_PASSWORD" PGDATABASE=adaptive_immunity PGOPTIONS="-c search_path=bench")
+direct=(PGHOST=127.0.0.1 PGPORT="$PGPORT" PGUSER=bench_static PGPASSWORD=bench-static PGDATABASE=adaptive_immunity)
 proxied=(PGHOST=127.0.0.1 PGPORT="$proxy_port" PGUSER=app PGPASSWORD=bench-local-secret PGDATABASE=app PGOPTIONS="-c search_path=bench")
-bounced=(PGHOST=127.0.0.1 PGPORT="$bouncer_port" PGUSER=bench PGDATABASE=app -u PGPASSWORD)
+bounced=(-u PGPASSWORD -u PGOPTIONS PGHOST=127.0.0.1 PGPORT="$bouncer_port" PGUSER=bench PGDATABASE=app)
 bench() { # label mode-flag env...
   local label=$1 flag=$2; shift 2
   local out tps lat failed
-  out=$(env "$@" pgbench -c 16 -j 2 -T "$secs" -n "$flag" 2>&1)
+  out=$(env "$@" pgbench -c 16 -j 2 -T "$secs" -n "$flag" 2>&1) || true
   tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
   lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
   failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
   printf '| %s | %s | %s | %s |\n' "$label" "${tps%.*}" "$lat" "${failed:-?}"
+  grep -m1 -E 'error|aborted' <<<"$out" >&2 || true
 }
 report="bench-results/proxy.md"
 mkdir -p bench-results

@@ -924,7 +924,12 @@ where
                 end = i;
             }
             sw.write_all(&buf[..end]).await?;
-            let _ = buf.split_to(end);
+            // Keep the one buffer (split_to would share it and soon allocate anew).
+            if end == buf.len() {
+                buf.clear();
+            } else {
+                bytes::Buf::advance(&mut buf, end);
+            }
         }
     };
     let server_to_client = async {

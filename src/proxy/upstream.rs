@@ -345,6 +345,33 @@ async fn startup(
 }
 
 impl Upstream {
+    /// Send `out`, then read up to ReadyForQuery: `each` sees every message but the
+    /// first ErrorResponse (returned, raw for forwarding, once the server is ready
+    /// again) and ReadyForQuery (its status is returned). What the proxy's own queries
+    /// share.
+    async fn exchange(
+        &mut self,
+        out: &[u8],
+        mut each: impl FnMut(backend::Message),
+    ) -> std::result::Result<u8, LoginError> {
+        self.io.write_all(out).await?;
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut error = None;
+        loop {
+            let raw_error = peek_error(&buf);
+            match next_message(&mut self.io, &mut buf).await? {
+                backend::Message::ErrorResponse(body) => {
+                    error.get_or_insert_with(|| server_error(raw_error.unwrap_or_default(), &body));
+                }
+                backend::Message::ReadyForQuery(body) => {
+                    self.pending = buf;
+                    return error.map_or(Ok(body.status()), Err);
+                }
+                m => each(m),
+            }
+        }
+    }
+
     /// Run `sql` as a simple query: its `ParameterStatus` changes, or the server's error
     /// (raw, for forwarding).
     pub(crate) async fn simple(
@@ -353,43 +380,27 @@ impl Upstream {
     ) -> std::result::Result<Vec<(String, String)>, LoginError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).map_err(LoginError::protocol)?;
-        self.io.write_all(&out).await?;
-        let mut buf = std::mem::take(&mut self.pending);
         let mut changed = Vec::new();
-        let mut error = None;
-        loop {
-            let raw_error = peek_error(&buf);
-            match next_message(&mut self.io, &mut buf).await? {
-                backend::Message::ParameterStatus(body) => {
-                    let name = body.name().map_err(LoginError::protocol)?.to_owned();
-                    let value = body.value().map_err(LoginError::protocol)?.to_owned();
-                    changed.push((name, value));
+        // Results, notices, notifications: not the proxy's.
+        let status = self
+            .exchange(&out, |m| {
+                if let backend::Message::ParameterStatus(body) = m
+                    && let (Ok(name), Ok(value)) = (body.name(), body.value())
+                {
+                    changed.push((name.to_owned(), value.to_owned()));
                 }
-                backend::Message::ErrorResponse(body) => {
-                    error = Some(server_error(raw_error.unwrap_or_default(), &body));
-                }
-                backend::Message::ReadyForQuery(body) => {
-                    self.pending = buf;
-                    if body.status() != b'I' && error.is_none() {
-                        return Err(LoginError::protocol(
-                            "the session is not idle after a query",
-                        ));
-                    }
-                    return match error {
-                        Some(e) => Err(e),
-                        None => {
-                            for (k, v) in &changed {
-                                self.params.retain(|(n, _)| n != k);
-                                self.params.push((k.clone(), v.clone()));
-                            }
-                            Ok(changed)
-                        }
-                    };
-                }
-                // Results, notices, notifications: not the proxy's.
-                _ => {}
-            }
+            })
+            .await?;
+        if status != b'I' {
+            return Err(LoginError::protocol(
+                "the session is not idle after a query",
+            ));
         }
+        for (k, v) in &changed {
+            self.params.retain(|(n, _)| n != k);
+            self.params.push((k.clone(), v.clone()));
+        }
+        Ok(changed)
     }
 
     /// Run `sql` (one statement) as a simple query and return its rows as text.
@@ -400,33 +411,29 @@ impl Upstream {
         use fallible_iterator::FallibleIterator;
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).map_err(LoginError::protocol)?;
-        self.io.write_all(&out).await?;
-        let mut buf = std::mem::take(&mut self.pending);
         let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            let raw_error = peek_error(&buf);
-            match next_message(&mut self.io, &mut buf).await? {
-                backend::Message::DataRow(body) => {
-                    let mut row = Vec::new();
-                    let mut ranges = body.ranges();
-                    while let Some(r) = ranges.next().map_err(LoginError::protocol)? {
-                        row.push(
+        let mut broken = None;
+        self.exchange(&out, |m| {
+            if let backend::Message::DataRow(body) = m {
+                let mut row = Vec::new();
+                let mut ranges = body.ranges();
+                loop {
+                    match ranges.next() {
+                        Ok(Some(r)) => row.push(
                             r.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()),
-                        );
+                        ),
+                        Ok(None) => break,
+                        Err(e) => {
+                            broken = Some(LoginError::protocol(e));
+                            break;
+                        }
                     }
-                    rows.push(row);
                 }
-                backend::Message::ErrorResponse(body) => {
-                    error = Some(server_error(raw_error.unwrap_or_default(), &body));
-                }
-                backend::Message::ReadyForQuery(_) => {
-                    self.pending = buf;
-                    return error.map_or(Ok(rows), Err);
-                }
-                _ => {}
+                rows.push(row);
             }
-        }
+        })
+        .await?;
+        broken.map_or(Ok(rows), Err)
     }
 
     /// Prepare `statements` (name, query, parameter type OIDs) with the extended
@@ -441,22 +448,7 @@ impl Upstream {
                 .map_err(LoginError::protocol)?;
         }
         frontend::sync(&mut out);
-        self.io.write_all(&out).await?;
-        let mut buf = std::mem::take(&mut self.pending);
-        let mut error = None;
-        loop {
-            let raw_error = peek_error(&buf);
-            match next_message(&mut self.io, &mut buf).await? {
-                backend::Message::ErrorResponse(body) => {
-                    error = Some(server_error(raw_error.unwrap_or_default(), &body));
-                }
-                backend::Message::ReadyForQuery(_) => {
-                    self.pending = buf;
-                    return error.map_or(Ok(()), Err);
-                }
-                _ => {}
-            }
-        }
+        self.exchange(&out, |_| {}).await.map(|_| ())
     }
 
     /// Send one Parse message with this body (a client's, kept as it was sent) and a
@@ -467,22 +459,7 @@ impl Upstream {
         out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         out.extend_from_slice(body);
         frontend::sync(&mut out);
-        self.io.write_all(&out).await?;
-        let mut buf = std::mem::take(&mut self.pending);
-        let mut error = None;
-        loop {
-            let raw_error = peek_error(&buf);
-            match next_message(&mut self.io, &mut buf).await? {
-                backend::Message::ErrorResponse(body) => {
-                    error = Some(server_error(raw_error.unwrap_or_default(), &body));
-                }
-                backend::Message::ReadyForQuery(_) => {
-                    self.pending = buf;
-                    return error.map_or(Ok(()), Err);
-                }
-                _ => {}
-            }
-        }
+        self.exchange(&out, |_| {}).await.map(|_| ())
     }
 
     /// Send `Terminate` and close (best effort).

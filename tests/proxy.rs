@@ -158,29 +158,26 @@ async fn psql_logs_in_on_the_socket_without_a_password_and_over_tcp_with_the_loc
     assert_eq!(out.trim(), "1");
     // A wrong secret, an unknown database, an unknown user: refused, with PostgreSQL's
     // kind of message.
-    let mut c = proxy.client("psql");
-    c.env("PGHOST", "127.0.0.1")
-        .env("PGPASSWORD", "guess")
-        .args(["-Atc", "SELECT 1"]);
-    let (ok, _, err) = output(c);
-    assert!(
-        !ok && err.contains("password authentication failed for user \"app\""),
-        "{err}"
-    );
-    let mut c = proxy.client("psql");
-    c.env("PGDATABASE", "nope").args(["-Atc", "SELECT 1"]);
-    let (ok, _, err) = output(c);
-    assert!(
-        !ok && err.contains("no database \"nope\" is configured"),
-        "{err}"
-    );
-    let mut c = proxy.client("psql");
-    c.env("PGUSER", "mallory").args(["-Atc", "SELECT 1"]);
-    let (ok, _, err) = output(c);
-    assert!(
-        !ok && err.contains("user \"mallory\" may not use database \"app\""),
-        "{err}"
-    );
+    let refusals: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[("PGHOST", "127.0.0.1"), ("PGPASSWORD", "guess")],
+            "password authentication failed for user \"app\"",
+        ),
+        (
+            &[("PGDATABASE", "nope")],
+            "no database \"nope\" is configured",
+        ),
+        (
+            &[("PGUSER", "mallory")],
+            "user \"mallory\" may not use database \"app\"",
+        ),
+    ];
+    for (env, want) in refusals {
+        let mut c = proxy.client("psql");
+        c.envs(env.iter().copied()).args(["-Atc", "SELECT 1"]);
+        let (ok, _, err) = output(c);
+        assert!(!ok && err.contains(want), "{want}: {err}");
+    }
     // Startup settings reach the server session.
     let mut c = proxy.client("psql");
     c.env("PGAPPNAME", "through-the-proxy")

@@ -230,7 +230,7 @@ where
         .await?;
         return Ok(None);
     }
-    let sets = match settings(&params) {
+    let (sets, custom_settings) = match settings(&params) {
         Ok(s) => s,
         Err(msg) => {
             fatal(client, "08P01", &format!("vaultpool-proxy: {msg}")).await?;
@@ -332,12 +332,15 @@ where
         tokio::spawn(up.terminate());
         return Err(e);
     }
-    Ok(Some((route, up, permit, key, sets.contains('.'))))
+    Ok(Some((route, up, permit, key, custom_settings)))
 }
 
 /// The client's startup settings (`application_name`, `client_encoding`, `-c` options)
 /// as one `SET` batch for the server connection.
-fn settings(params: &[(String, String)]) -> Result<String, String> {
+/// Also whether any of them is a custom setting (`app.x`): no hand-over can read those
+/// back. (Judged by the names: a value with a dot, `application_name = 'api.v2'`, is no
+/// reason to keep a session where it is.)
+fn settings(params: &[(String, String)]) -> Result<(String, bool), String> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     for (k, v) in params {
         match k.as_str() {
@@ -375,7 +378,8 @@ fn settings(params: &[(String, String)]) -> Result<String, String> {
             return Err(format!("startup parameter {name:?} is not a setting name"));
         }
     }
-    Ok(set_config(&pairs))
+    let custom = pairs.iter().any(|(name, _)| name.contains('.'));
+    Ok((set_config(&pairs), custom))
 }
 
 /// One query that sets `pairs` for the session as the startup packet would: with
@@ -677,8 +681,9 @@ const MAX_UNNAMED_PARSE: usize = 64 * 1024;
 /// only keeps a session where it is.
 #[derive(Debug, Default)]
 struct Scanner {
-    /// The end of the text seen so far (patterns across chunk boundaries).
-    tail: Vec<u8>,
+    /// The end of the text seen so far (patterns across chunk boundaries), then the chunk
+    /// being looked at: one buffer for the whole session, not two allocations per chunk.
+    text: Vec<u8>,
 }
 
 impl Scanner {
@@ -686,13 +691,16 @@ impl Scanner {
 
     /// Feed more text; whether something opaque was seen.
     fn feed(&mut self, chunk: &[u8]) -> bool {
-        let mut text: Vec<u8> = Vec::with_capacity(self.tail.len() + chunk.len());
-        text.extend_from_slice(&self.tail);
-        text.extend(chunk.iter().map(u8::to_ascii_lowercase));
-        let found = Self::opaque(&text);
-        let keep = text.len().min(Self::KEEP);
-        self.tail = text[text.len() - keep..].to_vec();
+        self.text.extend(chunk.iter().map(u8::to_ascii_lowercase));
+        let found = Self::opaque(&self.text);
+        let done = self.text.len().saturating_sub(Self::KEEP);
+        self.text.drain(..done);
         found
+    }
+
+    /// Start on a new message.
+    fn reset(&mut self) {
+        self.text.clear();
     }
 
     fn opaque(t: &[u8]) -> bool {
@@ -862,7 +870,11 @@ where
                             .unwrap_or_else(|p| p.into_inner()) = Some(body);
                         known.unnamed_unknown.store(false, Ordering::Relaxed);
                     }
-                    if scanning && scanner.feed(&buf[i..i + n]) {
+                    // Once opaque, always: nothing left to look for.
+                    if scanning
+                        && !known.opaque.load(Ordering::Relaxed)
+                        && scanner.feed(&buf[i..i + n])
+                    {
                         known.opaque.store(true, Ordering::Relaxed);
                     }
                     i += n;
@@ -918,7 +930,7 @@ where
                 }
                 scanning = matches!(tag, b'Q' | b'P');
                 parse_name_next = tag == b'P';
-                scanner = Scanner::default();
+                scanner.reset();
                 i += 5;
                 body_left = len as usize - 4;
                 end = i;
@@ -1051,9 +1063,21 @@ mod tests {
                 ("options", "-c search_path=x --work-mem=64kB")
             ]))
             .unwrap(),
-            "SELECT set_config('application_name', 'it''s', false), set_config('search_path', \
-             'x', false), set_config('work_mem', '64kB', false)"
+            (
+                "SELECT set_config('application_name', 'it''s', false), set_config('search_path', \
+                 'x', false), set_config('work_mem', '64kB', false)"
+                    .to_owned(),
+                false
+            )
         );
+        // A custom setting is known by its name, not by a dot in some value.
+        assert!(!settings(&p(&[("application_name", "api.v2")])).unwrap().1);
+        assert!(
+            settings(&p(&[("options", "-c app.tenant_id=42")]))
+                .unwrap()
+                .1
+        );
+        assert!(settings(&p(&[("app.tenant_id", "42")])).unwrap().1);
         for bad in [
             p(&[("a;DROP", "x")]),
             p(&[("options", "-x")]),

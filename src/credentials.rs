@@ -1,14 +1,17 @@
 //! Credentials and the lease they come with.
 //!
 //! [`Credentials`] hold a username and a [`SecretString`] password; their `Debug` shows
-//! the username only. A [`Lease`] is what Vault says about how long they live.
+//! the username only. A [`Lease`] is what Vault says about how long they live. A
+//! [`KvSecret`] is one version of a KV v2 secret, its values `SecretString`s too.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use secrecy::SecretString;
 
-use crate::vault::KvSecret;
+use crate::error::{Error, ErrorKind, Result};
 
 /// A username and password issued by Vault (e.g. by `database/creds/<role>`).
 ///
@@ -137,6 +140,114 @@ pub struct Generation(pub u64);
 impl fmt::Display for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "gen{}", self.0)
+    }
+}
+
+/// A KV v2 secret: its values (each a [`SecretString`]) and version metadata.
+///
+/// `Debug` shows the path, version and key names, never a value. Cheap to clone.
+#[derive(Clone)]
+pub struct KvSecret {
+    inner: Arc<KvInner>,
+}
+
+struct KvInner {
+    mount: String,
+    path: String,
+    version: u64,
+    created_time: String,
+    data: BTreeMap<String, SecretString>,
+}
+
+impl KvSecret {
+    /// A secret as read from `mount`/`path` (the Vault client builds these).
+    pub(crate) fn new(
+        mount: &str,
+        path: &str,
+        version: u64,
+        created_time: String,
+        data: BTreeMap<String, SecretString>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(KvInner {
+                mount: mount.to_owned(),
+                path: path.to_owned(),
+                version,
+                created_time,
+                data,
+            }),
+        }
+    }
+
+    /// The value under `key`. Non-string JSON values are given as their JSON text.
+    pub fn get(&self, key: &str) -> Option<&SecretString> {
+        self.inner.data.get(key)
+    }
+
+    /// The value under `key`, or a [`ErrorKind::NotFound`] error naming the path and key.
+    ///
+    /// # Errors
+    /// When the secret has no such key.
+    pub fn require(&self, key: &str) -> Result<&SecretString> {
+        self.get(key).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "reading key {key:?} of KV secret {}/{} (version {})",
+                    self.inner.mount, self.inner.path, self.inner.version
+                ),
+            )
+        })
+    }
+
+    /// The key names.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.inner.data.keys().map(String::as_str)
+    }
+
+    /// The KV version this value is.
+    pub fn version(&self) -> u64 {
+        self.inner.version
+    }
+
+    /// When this version was written (RFC 3339, as Vault reports it).
+    pub fn created_time(&self) -> &str {
+        &self.inner.created_time
+    }
+
+    /// The secret's path below its mount.
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+}
+
+#[cfg(all(test, any(feature = "kafka", feature = "redis")))]
+impl KvSecret {
+    /// A secret built in memory, for unit tests.
+    pub(crate) fn for_test(mount: &str, path: &str, version: u64, pairs: &[(&str, &str)]) -> Self {
+        Self {
+            inner: Arc::new(KvInner {
+                mount: mount.into(),
+                path: path.into(),
+                version,
+                created_time: String::new(),
+                data: pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), SecretString::from(*v)))
+                    .collect(),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for KvSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvSecret")
+            .field("mount", &self.inner.mount)
+            .field("path", &self.inner.path)
+            .field("version", &self.inner.version)
+            .field("keys", &self.inner.data.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 

@@ -86,6 +86,7 @@
 
 #[cfg(feature = "axum")]
 pub mod axum;
+mod backoff;
 pub mod credentials;
 pub mod error;
 #[cfg(feature = "kafka")]
@@ -106,6 +107,10 @@ pub mod tls;
 pub mod vault;
 
 pub use credentials::{Credentials, Generation, Lease, Leased};
+
+/// A boxed future, as verifiers, credential providers and custom logins return (no
+/// async-trait: the `Send` bound is spelled out).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 pub use error::{Error, ErrorKind, Result};
 pub use secrecy;
 

@@ -36,8 +36,6 @@ mod source;
 mod worker;
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,7 +45,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use policy::Policy;
-pub(crate) use policy::doubling;
 pub use source::{CredentialProvider, CredentialSource, DatabaseRole, KvCredentials, StaticRole};
 
 use crate::credentials::{Credentials, Generation, Lease};
@@ -55,8 +52,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::vault::Client;
 use source::Source;
 
-/// A boxed future, as verifiers return.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// How long verifying new credentials may take by default.
 pub(crate) const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);

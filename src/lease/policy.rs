@@ -23,6 +23,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
+
 /// Renewal and rotation timing.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
@@ -133,16 +135,8 @@ impl Policy {
     /// The delay before retry number `failures` (1 = first retry): exponential, capped,
     /// with "equal jitter" (between half and all of the step).
     pub fn retry_delay(&self, failures: u32, jitter_unit: f64) -> Duration {
-        let step = doubling(self.retry_min, self.retry_max, failures);
-        step.mul_f64(0.5 + 0.5 * jitter_unit.clamp(0.0, 1.0))
+        Backoff::new(self.retry_min, self.retry_max).delay_jittered(failures, jitter_unit)
     }
-}
-
-/// `min` doubled for each failure after the first (`failures` = 1 → `min`), capped at
-/// `max`; saturating, so no count can overflow it. Every backoff in the crate uses it.
-pub(crate) fn doubling(min: Duration, max: Duration, failures: u32) -> Duration {
-    min.saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(max)
 }
 
 /// A sample in `[0, 1)` for a first renewal's spread: successive calls in a process walk

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret;
 
-use super::BoxFuture;
+use crate::BoxFuture;
+use crate::backoff::Backoff;
 use crate::credentials::{Credentials, Lease, Leased};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::Client;
@@ -820,8 +821,7 @@ impl Source for VaultStaticRole {
     }
 
     fn poll_delay(&self) -> Option<Duration> {
-        let backoff =
-            |n| super::policy::doubling(STATIC_ROTATION_GRACE, Duration::from_secs(30), n);
+        let backoff = |n| Backoff::new(STATIC_ROTATION_GRACE, Duration::from_secs(30)).delay(n);
         let late = self.late.load(Ordering::Relaxed);
         if late > 0 {
             return Some(backoff(late));

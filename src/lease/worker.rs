@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::policy::{self, Action, LeaseState, Policy};
 use super::source::Source;
 use super::{Command, Current, Reason, Shared, Verifier};
+use crate::backoff::Backoff;
 use crate::credentials::{Credentials, Generation, Lease, Leased};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -24,11 +25,9 @@ const DRAIN_POLL_SLOW: Duration = Duration::from_secs(1);
 const DRAIN_FAST_FOR: Duration = Duration::from_secs(5);
 /// How long a forced rotation waits for a still-draining generation before going ahead.
 const FORCED_ROTATION_SETTLE: Duration = Duration::from_secs(1);
-/// The first wait before issuing again after the database could not be reached to verify
-/// new credentials; it doubles up to [`UNREACHABLE_MAX`].
-const UNREACHABLE_MIN: Duration = Duration::from_secs(5);
-/// The longest wait between two rotations that cannot reach the database.
-const UNREACHABLE_MAX: Duration = Duration::from_secs(30);
+/// The wait before issuing again after the database could not be reached to verify new
+/// credentials: 5 s, doubling up to 30 s between two rotations that cannot reach it.
+const UNREACHABLE: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(30));
 /// After this long without another such failure, the backoff starts again from the
 /// beginning.
 const UNREACHABLE_FORGET: Duration = Duration::from_secs(300);
@@ -36,11 +35,9 @@ const UNREACHABLE_FORGET: Duration = Duration::from_secs(300);
 /// soon once the database can be reached again).
 const UNREACHABLE_EXPIRED: Duration = Duration::from_secs(5);
 
-/// The first wait before retrying a failed re-lease after a refused login; it doubles up
-/// to [`AUTH_RETRY_MAX`].
-const AUTH_RETRY_MIN: Duration = Duration::from_secs(1);
-/// The longest wait between two re-lease attempts after a refused login.
-const AUTH_RETRY_MAX: Duration = Duration::from_secs(60);
+/// The wait before retrying a failed re-lease after a refused login: 1 s, doubling up to
+/// 60 s between two attempts.
+const AUTH_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 /// How long `close()` waits for connections in use when no drain timeout is set.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// The longest one step of the worker (a renewal, a rotation, a revocation round, a token
@@ -650,7 +647,7 @@ async fn re_lease(shared: &Shared, book: &mut Book, generation: Generation) {
     // backoff) and their own cap: a database that refuses every login must not make the
     // engine issue a new user every few seconds.
     book.auth_attempts = book.auth_attempts.saturating_add(1);
-    let delay = policy::doubling(AUTH_RETRY_MIN, AUTH_RETRY_MAX, book.auth_attempts);
+    let delay = AUTH_RETRY.delay(book.auth_attempts);
     book.auth_retry = Some((generation, now() + delay));
     match rotate(shared, book, Reason::AuthFailure).await {
         Ok(_) => {
@@ -830,7 +827,7 @@ async fn rotate(shared: &Shared, book: &mut Book, reason: Reason) -> Result<Gene
                     book.unreachable = 0; // an old episode: start again from 5 s
                 }
                 book.unreachable = book.unreachable.saturating_add(1);
-                let wait = policy::doubling(UNREACHABLE_MIN, UNREACHABLE_MAX, book.unreachable);
+                let wait = UNREACHABLE.delay(book.unreachable);
                 book.unreachable_until = Some(now() + wait);
             }
             return Err(e);

@@ -29,8 +29,9 @@ use serde_json::json;
 
 use super::envelope::{AuthInfo, ttl};
 use super::{Call, Client};
+use crate::BoxFuture;
+use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::BoxFuture;
 
 /// Where the Kubernetes service-account token is mounted by default.
 pub const KUBERNETES_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
@@ -162,7 +163,7 @@ impl fmt::Debug for LoginRequest {
 /// engine rotates leases before that token's end.
 ///
 /// ```
-/// use vaultpool::lease::BoxFuture;
+/// use vaultpool::BoxFuture;
 /// use vaultpool::vault::{AuthMethod, Client, Login, LoginRequest};
 ///
 /// /// GCP-style login: a role and an identity token fetched at each login.
@@ -456,10 +457,9 @@ pub(crate) struct TokenManager {
     unnamed: std::sync::atomic::AtomicU64,
 }
 
-/// The first wait after a failed token refresh; it doubles up to [`REFRESH_RETRY_MAX`].
-const REFRESH_RETRY_MIN: Duration = Duration::from_secs(1);
-/// The longest wait between two token refreshes that fail.
-const REFRESH_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The wait after a failed token refresh: 1 s, doubling up to 30 s between two refreshes
+/// that fail.
+const REFRESH_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 /// The longest wait before a token file is read again to see whether the Agent
 /// replaced it (sooner as the token nears its end: see [`next_look`]).
 const TOKEN_FILE_CHECK: Duration = Duration::from_secs(1);
@@ -521,7 +521,7 @@ impl TokenManager {
     fn refresh_failed(&self, now: Instant, error: Option<&Error>) {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         failed.0 = failed.0.saturating_add(1);
-        let wait = crate::lease::doubling(REFRESH_RETRY_MIN, REFRESH_RETRY_MAX, failed.0);
+        let wait = REFRESH_RETRY.delay(failed.0);
         failed.1 = Some(now + wait);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error.map(Error::shared_copy);
     }

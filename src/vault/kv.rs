@@ -1,8 +1,7 @@
 //! KV v2: read a secret (data + version), read its metadata, and a TTL cache.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
@@ -11,96 +10,8 @@ use serde_json::Value;
 
 use super::path::check_segment;
 use super::{Call, Client};
+use crate::credentials::KvSecret;
 use crate::error::{Error, ErrorKind, Result};
-
-/// A KV v2 secret: its values (each a [`SecretString`]) and version metadata.
-///
-/// `Debug` shows the path, version and key names, never a value. Cheap to clone.
-#[derive(Clone)]
-pub struct KvSecret {
-    inner: Arc<KvInner>,
-}
-
-struct KvInner {
-    mount: String,
-    path: String,
-    version: u64,
-    created_time: String,
-    data: BTreeMap<String, SecretString>,
-}
-
-impl KvSecret {
-    /// The value under `key`. Non-string JSON values are given as their JSON text.
-    pub fn get(&self, key: &str) -> Option<&SecretString> {
-        self.inner.data.get(key)
-    }
-
-    /// The value under `key`, or a [`ErrorKind::NotFound`] error naming the path and key.
-    ///
-    /// # Errors
-    /// When the secret has no such key.
-    pub fn require(&self, key: &str) -> Result<&SecretString> {
-        self.get(key).ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "reading key {key:?} of KV secret {}/{} (version {})",
-                    self.inner.mount, self.inner.path, self.inner.version
-                ),
-            )
-        })
-    }
-
-    /// The key names.
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.inner.data.keys().map(String::as_str)
-    }
-
-    /// The KV version this value is.
-    pub fn version(&self) -> u64 {
-        self.inner.version
-    }
-
-    /// When this version was written (RFC 3339, as Vault reports it).
-    pub fn created_time(&self) -> &str {
-        &self.inner.created_time
-    }
-
-    /// The secret's path below its mount.
-    pub fn path(&self) -> &str {
-        &self.inner.path
-    }
-}
-
-#[cfg(all(test, any(feature = "kafka", feature = "redis")))]
-impl KvSecret {
-    /// A secret built in memory, for unit tests.
-    pub(crate) fn for_test(mount: &str, path: &str, version: u64, pairs: &[(&str, &str)]) -> Self {
-        Self {
-            inner: Arc::new(KvInner {
-                mount: mount.into(),
-                path: path.into(),
-                version,
-                created_time: String::new(),
-                data: pairs
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), SecretString::from(*v)))
-                    .collect(),
-            }),
-        }
-    }
-}
-
-impl fmt::Debug for KvSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KvSecret")
-            .field("mount", &self.inner.mount)
-            .field("path", &self.inner.path)
-            .field("version", &self.inner.version)
-            .field("keys", &self.inner.data.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
 
 /// A KV v2 secret's metadata: cheap to poll for a version change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,15 +169,7 @@ impl Client {
             })
             .collect();
         tracing::debug!(mount, path, version = meta.version, "read KV secret");
-        let secret = KvSecret {
-            inner: Arc::new(KvInner {
-                mount: mount.to_owned(),
-                path: path.to_owned(),
-                version: meta.version,
-                created_time: meta.created_time,
-                data,
-            }),
-        };
+        let secret = KvSecret::new(mount, path, meta.version, meta.created_time, data);
         Ok((secret, received))
     }
 
@@ -298,15 +201,13 @@ mod tests {
     use super::*;
 
     fn secret(version: u64) -> KvSecret {
-        KvSecret {
-            inner: Arc::new(KvInner {
-                mount: "secret".into(),
-                path: "app".into(),
-                version,
-                created_time: String::new(),
-                data: [("password".to_string(), SecretString::from("s3cr3t-value"))].into(),
-            }),
-        }
+        KvSecret::new(
+            "secret",
+            "app",
+            version,
+            String::new(),
+            [("password".to_string(), SecretString::from("s3cr3t-value"))].into(),
+        )
     }
 
     #[test]

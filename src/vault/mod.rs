@@ -31,13 +31,14 @@ mod transport;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use crate::credentials::KvSecret;
 pub use auth::{
     AuthMethod, JwtSource, KUBERNETES_TOKEN_PATH, Login, LoginRequest, SecretIdSource, TokenInfo,
 };
 pub use breaker::BreakerConfig;
 pub use config::{ClientBuilder, RetryConfig};
 pub use database::StaticCreds;
-pub use kv::{KvMetadata, KvSecret};
+pub use kv::KvMetadata;
 pub use sys::{LeaseInfo, ServerHealth, ServerState};
 
 use crate::error::Result;

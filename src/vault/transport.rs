@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 use super::Client;
 use super::breaker::{Admission, Breaker};
 use super::envelope::{self, Envelope};
+use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind, Result};
 
 /// One request to Vault, described for sending and for error messages.
@@ -182,11 +183,11 @@ impl Client {
             (None, false) => None,
         };
         let retry = &self.inner.retry;
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(retry.min_delay)
-            .with_max_delay(retry.max_delay)
-            .with_max_times(if call.no_retry { 0 } else { retry.max_retries })
-            .with_jitter();
+        let backoff = Backoff::new(retry.min_delay, retry.max_delay).retries(if call.no_retry {
+            0
+        } else {
+            retry.max_retries
+        });
         (|| async move { self.send_once(call, token).await })
             .retry(backoff)
             .when(|e: &Error| e.is_transient())

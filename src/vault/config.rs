@@ -9,7 +9,7 @@ use secrecy::SecretString;
 
 use super::auth::{AuthMethod, JwtSource, KUBERNETES_TOKEN_PATH, SecretIdSource, TokenManager};
 use super::breaker::{Breaker, BreakerConfig};
-use super::{Client, Inner, kv};
+use super::{Client, ClientState, kv};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Retry settings for transient failures (connect errors, timeouts, HTTP 5xx and 429).
@@ -380,7 +380,7 @@ impl ClientBuilder {
         })?;
         let cache_ttl = (!self.kv_cache_ttl.is_zero()).then_some(self.kv_cache_ttl);
         Ok(Client {
-            inner: Arc::new(Inner {
+            inner: Arc::new(ClientState {
                 http,
                 addrs,
                 current: std::sync::atomic::AtomicUsize::new(0),

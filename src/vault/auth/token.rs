@@ -65,6 +65,17 @@ pub(super) struct TokenState {
 }
 
 impl TokenState {
+    /// The same token, with its next refresh (renewal, login or look) due at
+    /// `refresh_at`.
+    pub(super) fn with_refresh_at(&self, refresh_at: Option<Instant>) -> TokenState {
+        TokenState {
+            token: self.token.clone(),
+            info: self.info.clone(),
+            increment: self.increment,
+            refresh_at,
+        }
+    }
+
     /// Whether this state holds the token `other`.
     pub(super) fn same_token(&self, other: &SecretString) -> bool {
         self.token
@@ -367,12 +378,7 @@ impl TokenManager {
             }
             (AuthMethod::Token(_), Some(s)) if !s.info.renewable => {
                 // Not renewable: use it until it ends.
-                Ok(TokenState {
-                    refresh_at: s.info.expires_at(),
-                    token: s.token.clone(),
-                    info: s.info.clone(),
-                    increment: s.increment,
-                })
+                Ok(s.with_refresh_at(s.info.expires_at()))
             }
             (AuthMethod::Token(_), Some(s)) => match renew_self(client, s).await {
                 Ok(renewed) => Ok(renewed),
@@ -479,12 +485,7 @@ fn keep_until_retry(s: &TokenState, e: Error) -> Result<TokenState> {
     };
     tracing::debug!("vault token refresh failed, keeping the current token for now: {e}");
     let wait = ((end - now) / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
-    Ok(TokenState {
-        token: s.token.clone(),
-        info: s.info.clone(),
-        increment: s.increment,
-        refresh_at: Some((now + wait).min(end)),
-    })
+    Ok(s.with_refresh_at(Some((now + wait).min(end))))
 }
 
 fn token_info(

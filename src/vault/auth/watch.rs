@@ -41,12 +41,7 @@ impl TokenManager {
             && s.info.renew_at().is_none_or(|at| now < at)
             && s.info.expires_at().is_none_or(|end| now < end)
         {
-            return Ok(TokenState {
-                token: s.token.clone(),
-                info: s.info.clone(),
-                increment: s.increment,
-                refresh_at: Some(next_look(now, TOKEN_FILE_CHECK, &s.info)),
-            });
+            return Ok(s.with_refresh_at(Some(next_look(now, TOKEN_FILE_CHECK, &s.info))));
         }
         let mut info = lookup_self(client, &token).await.map_err(|e| {
             e.context(format!(

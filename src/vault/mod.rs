@@ -53,10 +53,12 @@ use transport::status_error;
 /// Build one with [`Client::from_env`] or [`Client::builder`].
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    inner: Arc<ClientState>,
 }
 
-struct Inner {
+/// What every clone of a [`Client`] shares: the HTTP client, the addresses and which one
+/// is in use, the settings, the circuit breaker, the token manager and the KV cache.
+struct ClientState {
     http: reqwest::Client,
     /// Every node's address (one for a single server); `current` indexes the one in use.
     addrs: Vec<url::Url>,

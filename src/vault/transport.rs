@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 use super::Client;
 use super::breaker::{Admission, Breaker};
 use super::envelope::{self, Envelope};
+use crate::BoxFuture;
 use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -249,8 +250,8 @@ impl Client {
     }
 
     /// The client's token: the cached one, or a renewal/login. The refresh is boxed
-    /// behind an explicit `dyn Future + Send`: a login is itself a call, and the future
-    /// would otherwise contain itself.
+    /// behind an explicit `dyn Future + Send` ([`BoxFuture`]): a login is itself a call,
+    /// and the future would otherwise contain itself.
     pub(super) async fn client_token(&self) -> Result<Option<secrecy::SecretString>> {
         match self.inner.auth.cached(Instant::now()) {
             Some(token) => Ok(token),
@@ -258,10 +259,7 @@ impl Client {
         }
     }
 
-    fn refresh_token(
-        &self,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<secrecy::SecretString>>> + Send + '_>>
-    {
+    fn refresh_token(&self) -> BoxFuture<'_, Result<Option<secrecy::SecretString>>> {
         Box::pin(self.inner.auth.token(self))
     }
 

@@ -366,7 +366,7 @@ impl InFlight {
             return Err(failed("no request under way".into()));
         };
         // Vault's calls are bounded by the client's own budget; a custom provider's by its
-        // wrapper (`Provided`).
+        // wrapper (`CheckedProvider`).
         let joined = handle.await;
         self.handle = None;
         joined.map_err(|e| failed(format!("the request task failed ({e})")))?

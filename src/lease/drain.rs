@@ -62,7 +62,11 @@ impl Retiring {
     /// whether the lease has ended anyway (Vault revokes it itself).
     fn revoke_failed(&mut self, shared: &EngineState, e: &Error, now: Instant) -> bool {
         self.attempts += 1;
-        self.next_attempt = now + shared.policy.retry_delay(self.attempts, fastrand::f64());
+        self.next_attempt = now
+            + shared
+                .settings
+                .policy
+                .retry_delay(self.attempts, fastrand::f64());
         let gone = self.lease.expires_at().is_some_and(|end| now >= end);
         tracing::warn!(
             generation = self.generation.0,
@@ -103,9 +107,12 @@ impl Drain {
 pub(super) fn drain_deadline(shared: &EngineState, lease: &Lease, now: Instant) -> Option<Instant> {
     let by_lease = lease.expires_at().map(|end| {
         let left = end.saturating_duration_since(now);
-        end - shared.policy.min_margin.min(left / 2)
+        end - shared.settings.policy.min_margin.min(left / 2)
     });
-    let by_timeout = shared.drain_timeout.and_then(|t| now.checked_add(t));
+    let by_timeout = shared
+        .settings
+        .drain_timeout
+        .and_then(|t| now.checked_add(t));
     match (by_lease, by_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -194,7 +201,7 @@ pub(super) async fn settle(shared: &EngineState, drain: &mut Drain, max: Duratio
 /// timeout), then revoke everything.
 pub(super) async fn shutdown(shared: &EngineState, drain: &mut Drain) {
     let current = shared.current.load_full();
-    let wait = shared.drain_timeout.unwrap_or(CLOSE_WAIT);
+    let wait = shared.settings.drain_timeout.unwrap_or(CLOSE_WAIT);
     let retired_at = now();
     let deadline = retired_at.checked_add(wait);
     drain

@@ -360,8 +360,8 @@ async fn issue_for_rotation(
 ) -> Result<Issued> {
     let issued = issue_verified(
         &shared.source,
-        shared.verify.as_ref(),
-        shared.verify_timeout,
+        shared.settings.verify.as_ref(),
+        shared.settings.verify_timeout,
         &shared.source_name,
     )
     .await
@@ -404,10 +404,11 @@ async fn prewarm(
     limit: Duration,
 ) -> (Duration, usize) {
     let serving = matches!(reason, Reason::Schedule | Reason::Forced);
-    match &shared.prewarm {
+    match &shared.settings.prewarm {
         Some(prewarm) if serving => {
             let at = now();
             let mut bound = shared
+                .settings
                 .verify_timeout
                 .min(limit.saturating_sub(at - started) / 2);
             if let Some(end) = old.lease.expires_at() {

@@ -28,6 +28,14 @@
 //! every handle stops the worker too, but nothing can be awaited in `Drop`: the leases
 //! are then left to expire by their TTL.
 //!
+//! ## Where things are
+//!
+//! `mod.rs`: the [`Engine`] handle and its [`Builder`]; `status.rs`: what it reports
+//! ([`Status`]); `policy.rs`: the schedule, a pure function ([`Policy`]); `source/`: what
+//! is leased, one file per source; `worker.rs`: the background loop; `issue.rs`: issuing,
+//! verifying and rotating; `drain.rs`: retiring old generations and revoking their
+//! leases.
+//!
 //! [`current`]: Engine::current
 //! [`subscribe`]: Engine::subscribe
 
@@ -182,14 +190,8 @@ pub(crate) struct EngineState {
     /// A short name for metrics labels and log fields: the role or the KV path.
     label: String,
     source: Arc<dyn Source>,
-    policy: Policy,
-    /// A cap on how long a retired generation may drain; `None`: until its lease's end.
-    drain_timeout: Option<Duration>,
-    verify: Option<Verifier>,
-    /// How long a verification may take before it counts as failed (and the bound of
-    /// a pre-warm).
-    verify_timeout: Duration,
-    prewarm: Option<Prewarm>,
+    /// How the engine treats the source.
+    settings: Settings,
     current: ArcSwap<Current>,
     /// The current generation, mirrored for the cheapest possible read.
     generation: AtomicU64,
@@ -235,20 +237,44 @@ impl fmt::Debug for Engine {
 pub struct Builder {
     client: Option<Client>,
     source: CredentialSource,
+    settings: Settings,
+}
+
+/// How the engine treats its source: what [`Builder`] collects besides the source, with
+/// its defaults.
+struct Settings {
+    /// Renewal and rotation timing.
     policy: Policy,
+    /// A cap on how long a retired generation may drain; `None`: until its lease's end.
     drain_timeout: Option<Duration>,
+    /// Checks new credentials before they are swapped in.
     verify: Option<Verifier>,
+    /// How long a verification may take before it counts as failed (and the bound of
+    /// a pre-warm).
     verify_timeout: Duration,
+    /// Prepares for new credentials before they are swapped in.
     prewarm: Option<Prewarm>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            drain_timeout: None,
+            verify: None,
+            verify_timeout: DEFAULT_VERIFY_TIMEOUT,
+            prewarm: None,
+        }
+    }
 }
 
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("source", &self.source)
-            .field("policy", &self.policy)
-            .field("drain_timeout", &self.drain_timeout)
-            .field("verify", &self.verify.is_some())
+            .field("policy", &self.settings.policy)
+            .field("drain_timeout", &self.settings.drain_timeout)
+            .field("verify", &self.settings.verify.is_some())
             .finish()
     }
 }
@@ -256,7 +282,7 @@ impl fmt::Debug for Builder {
 impl Builder {
     /// Renewal and rotation timing. Default [`Policy::default`].
     pub fn policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
+        self.settings.policy = policy;
         self
     }
 
@@ -267,21 +293,21 @@ impl Builder {
     /// most half the time left), so a long transaction across a rotation completes;
     /// `close()` then waits up to 30 s.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = Some(timeout);
+        self.settings.drain_timeout = Some(timeout);
         self
     }
 
     /// Check new credentials before they are swapped in (pools pass "open one
     /// connection"). A failed check revokes them and retries later. Default: none.
     pub fn verify_with(mut self, verify: Verifier) -> Self {
-        self.verify = Some(verify);
+        self.settings.verify = Some(verify);
         self
     }
 
     /// Prepare for new credentials once verified, before the swap (pools pass "open
     /// connections with them"); bounded by the verify timeout. Default: none.
     pub fn prewarm_with(mut self, prewarm: Prewarm) -> Self {
-        self.prewarm = Some(prewarm);
+        self.settings.prewarm = Some(prewarm);
         self
     }
 
@@ -289,7 +315,7 @@ impl Builder {
     /// connections but never answers the login). Default 10 s; a whole step of the engine
     /// is cut at 30 s anyway.
     pub fn verify_timeout(mut self, timeout: Duration) -> Self {
-        self.verify_timeout = timeout;
+        self.settings.verify_timeout = timeout;
         self
     }
 
@@ -300,23 +326,19 @@ impl Builder {
     /// issuing or verifying the first credentials fails with, e.g.
     /// [`ErrorKind::PermissionDenied`] for a role the token may not use.
     pub async fn build(self) -> Result<Engine> {
-        self.policy.validate()?;
+        self.settings.policy.validate()?;
         start(Setup {
             source_name: self.source.to_string(),
             label: self.source.name().to_owned(),
             source: self.source.into_source(self.client)?,
-            policy: self.policy,
-            drain_timeout: self.drain_timeout,
-            verify: self.verify,
-            verify_timeout: self.verify_timeout,
-            prewarm: self.prewarm,
+            settings: self.settings,
         })
         .await
     }
 }
 
-/// What [`start`] needs: the source, ready to call, and how the engine treats it (what
-/// [`Builder`] collects). Its fields become the [`EngineState`]'s.
+/// What [`start`] needs: the source, ready to call, under its names, and how the engine
+/// treats it.
 struct Setup {
     /// What is leased, for messages: "database role app", "KV secret secret/redis/main".
     source_name: String,
@@ -324,16 +346,8 @@ struct Setup {
     label: String,
     /// The source the engine calls.
     source: Arc<dyn Source>,
-    /// Renewal and rotation timing.
-    policy: Policy,
-    /// A cap on how long a retired generation may drain; `None`: until its lease's end.
-    drain_timeout: Option<Duration>,
-    /// Checks new credentials before they are swapped in.
-    verify: Option<Verifier>,
-    /// How long a verification may take before it counts as failed.
-    verify_timeout: Duration,
-    /// Prepares for new credentials before they are swapped in.
-    prewarm: Option<Prewarm>,
+    /// How the engine treats it.
+    settings: Settings,
 }
 
 /// Issue and verify the first credentials from the setup's source, then start the
@@ -343,18 +357,19 @@ async fn start(setup: Setup) -> Result<Engine> {
         source_name,
         label,
         source,
-        policy,
-        drain_timeout,
-        verify,
-        verify_timeout,
-        prewarm,
+        settings,
     } = setup;
     // Before the issue, as for every rotation (see `issue::rotate`).
     let issuing_token = source.issuing_token();
-    let first = issue::issue_verified(&source, verify.as_ref(), verify_timeout, &source_name)
-        .await
-        .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?
-        .leased;
+    let first = issue::issue_verified(
+        &source,
+        settings.verify.as_ref(),
+        settings.verify_timeout,
+        &source_name,
+    )
+    .await
+    .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?
+    .leased;
     // After the first issue, so that a token that cannot read at all says so there.
     if let Err(e) = source.preflight().await {
         let _ = source.revoke(&first.lease).await;
@@ -377,11 +392,7 @@ async fn start(setup: Setup) -> Result<Engine> {
         source_name,
         label,
         source,
-        policy,
-        drain_timeout,
-        verify,
-        verify_timeout,
-        prewarm,
+        settings,
         current: ArcSwap::from_pointee(current),
         generation: AtomicU64::new(1),
         generation_tx,
@@ -423,11 +434,7 @@ impl Engine {
         Builder {
             client,
             source: source.into(),
-            policy: Policy::default(),
-            drain_timeout: None,
-            verify: None,
-            verify_timeout: DEFAULT_VERIFY_TIMEOUT,
-            prewarm: None,
+            settings: Settings::default(),
         }
     }
 

@@ -90,18 +90,13 @@ impl Source for Arc<Fake> {
     }
 }
 
-/// `source` under `name` (for messages) and `label`, with the default policy, 10 s to
-/// verify, and no drain timeout, verifier or pre-warm.
-fn setup(name: &str, label: &str, source: Arc<dyn Source>) -> Setup {
+/// `source` under `name` (for messages) and `label`, with `settings`.
+fn setup(name: &str, label: &str, source: Arc<dyn Source>, settings: Settings) -> Setup {
     Setup {
         source_name: name.into(),
         label: label.into(),
         source,
-        policy: Policy::default(),
-        drain_timeout: None,
-        verify: None,
-        verify_timeout: Duration::from_secs(10),
-        prewarm: None,
+        settings,
     }
 }
 
@@ -115,14 +110,29 @@ fn steady() -> Policy {
     }
 }
 
-async fn engine(fake: &Arc<Fake>) -> Engine {
-    start(Setup {
+/// The settings most tests run with: [`steady`], and a 30 s drain timeout.
+fn steady_settings() -> Settings {
+    Settings {
         policy: steady(),
         drain_timeout: Some(Duration::from_secs(30)),
-        ..setup("fake role", "fake-role", Arc::new(fake.clone()))
-    })
+        ..Settings::default()
+    }
+}
+
+/// An engine on `fake` with `settings`.
+async fn start_fake(fake: &Arc<Fake>, settings: Settings) -> Engine {
+    start(setup(
+        "fake role",
+        "fake-role",
+        Arc::new(fake.clone()),
+        settings,
+    ))
     .await
     .unwrap()
+}
+
+async fn engine(fake: &Arc<Fake>) -> Engine {
+    start_fake(fake, steady_settings()).await
 }
 
 /// A pre-warm that never finishes: the engine bounds it and swaps anyway; a close
@@ -131,14 +141,14 @@ async fn engine(fake: &Arc<Fake>) -> Engine {
 async fn a_hung_prewarm_is_bounded_and_a_close_during_it_revokes_the_new_lease() {
     let fake = fake(600, 3600);
     let hung: super::Prewarm = Arc::new(|_| Box::pin(std::future::pending::<usize>()));
-    let engine = start(Setup {
-        policy: steady(),
-        drain_timeout: Some(Duration::from_secs(30)),
-        prewarm: Some(hung),
-        ..setup("fake role", "fake-role", Arc::new(fake.clone()))
-    })
-    .await
-    .unwrap();
+    let engine = start_fake(
+        &fake,
+        Settings {
+            prewarm: Some(hung),
+            ..steady_settings()
+        },
+    )
+    .await;
     // Forced: it pre-warms; the hang is cut at the verify timeout and the swap comes.
     let started = tokio::time::Instant::now();
     assert_eq!(engine.rotate().await.unwrap(), Generation(2));
@@ -311,11 +321,7 @@ async fn leases_issued_together_renew_first_across_their_first_cycle() {
     let fake = fake(600, 3600);
     let mut engines = Vec::new();
     for _ in 0..20 {
-        engines.push(
-            start(setup("fake role", "fake-role", Arc::new(fake.clone())))
-                .await
-                .unwrap(),
-        );
+        engines.push(start_fake(&fake, Settings::default()).await);
     }
     let renewed = || engines.iter().filter(|e| e.status().renewals > 0).count();
     tokio::time::sleep(Duration::from_secs(39)).await;
@@ -334,13 +340,14 @@ async fn leases_issued_together_renew_first_across_their_first_cycle() {
 #[tokio::test(start_paused = true)]
 async fn a_huge_drain_timeout_does_not_overflow() {
     let fake = fake(600, 3600);
-    let engine = start(Setup {
-        policy: steady(),
-        drain_timeout: Some(Duration::MAX),
-        ..setup("fake role", "fake-role", Arc::new(fake.clone()))
-    })
-    .await
-    .unwrap();
+    let engine = start_fake(
+        &fake,
+        Settings {
+            drain_timeout: Some(Duration::MAX),
+            ..steady_settings()
+        },
+    )
+    .await;
     let guard = engine.current().track();
     assert_eq!(engine.rotate().await.unwrap(), Generation(2));
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -354,12 +361,14 @@ async fn a_huge_drain_timeout_does_not_overflow() {
 #[tokio::test(start_paused = true)]
 async fn without_a_drain_timeout_a_busy_generation_drains_until_its_lease_nearly_ends() {
     let fake = fake(600, 3600);
-    let engine = start(Setup {
-        policy: steady(),
-        ..setup("fake role", "fake-role", Arc::new(fake.clone()))
-    })
-    .await
-    .unwrap();
+    let engine = start_fake(
+        &fake,
+        Settings {
+            drain_timeout: None,
+            ..steady_settings()
+        },
+    )
+    .await;
     let guard = engine.current().track();
     tokio::time::sleep(Duration::from_secs(100)).await;
     engine.rotate().await.unwrap(); // generation 1 has ~500 s left
@@ -456,14 +465,14 @@ async fn engine_failing_verify(
             })
         })
     };
-    let engine = start(Setup {
-        policy: steady(),
-        drain_timeout: Some(Duration::from_secs(30)),
-        verify: Some(verify),
-        ..setup("fake role", "fake-role", Arc::new(fake.clone()))
-    })
-    .await
-    .unwrap();
+    let engine = start_fake(
+        fake,
+        Settings {
+            verify: Some(verify),
+            ..steady_settings()
+        },
+    )
+    .await;
     (engine, db_down)
 }
 
@@ -572,13 +581,9 @@ async fn a_careless_custom_provider_cannot_make_the_engine_spin() {
     let source = super::CredentialSource::custom("careless", careless.clone())
         .into_source(None)
         .unwrap();
-    let engine = start(Setup {
-        policy: steady(),
-        drain_timeout: Some(Duration::from_secs(30)),
-        ..setup("careless", "careless", source)
-    })
-    .await
-    .unwrap();
+    let engine = start(setup("careless", "careless", source, steady_settings()))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(300)).await;
     let (issued, renewed) = (
         careless.issued.load(Ordering::SeqCst),
@@ -609,10 +614,15 @@ async fn a_custom_lease_out_of_range_is_an_error_not_a_panic() {
     let source = super::CredentialSource::custom("forever", Forever)
         .into_source(None)
         .unwrap();
-    let err = start(Setup {
-        policy: steady(),
-        ..setup("forever", "forever", source)
-    })
+    let err = start(setup(
+        "forever",
+        "forever",
+        source,
+        Settings {
+            drain_timeout: None,
+            ..steady_settings()
+        },
+    ))
     .await
     .unwrap_err();
     assert!(err.to_string().contains("10 years"), "{err}");

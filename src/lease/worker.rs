@@ -355,7 +355,7 @@ fn plan_next(
     now: Instant,
 ) -> Option<policy::Plan> {
     let mut plan = policy::plan(
-        &shared.policy,
+        &shared.settings.policy,
         &state.lease_state(&current.lease, shared.source.as_ref()),
         now,
         if state.failures.in_a_row > 0 {

@@ -11,7 +11,8 @@ use crate::BoxFuture;
 use crate::credentials::{Credentials, Lease, Leased};
 use crate::error::{Error, ErrorKind, Result};
 
-/// A [`CredentialProvider`] with its name, as a [`CredentialSource::Custom`](super::CredentialSource::Custom).
+/// A [`CredentialProvider`] with its name, as a
+/// [`CredentialSource::Custom`](super::CredentialSource::Custom).
 #[derive(Clone)]
 pub struct CustomSource {
     pub(super) name: String,
@@ -42,6 +43,7 @@ impl CustomSource {
         self.checked_poll_interval().map(|_| ())
     }
 
+    /// Check that it has a name.
     fn validate_name(&self) -> Result<()> {
         if self.name.trim().is_empty() {
             return Err(Error::new(

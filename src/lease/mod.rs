@@ -28,11 +28,24 @@
 //! every handle stops the worker too, but nothing can be awaited in `Drop`: the leases
 //! are then left to expire by their TTL.
 //!
+//! ## Where things are
+//!
+//! `mod.rs`: the [`Engine`] handle and its [`Builder`]; `status.rs`: what it reports
+//! ([`Status`]); `policy.rs`: the schedule, a pure function ([`Policy`]); `source/`: what
+//! is leased, one file per source; `worker.rs`: the background loop; `issue.rs`: issuing,
+//! verifying and rotating; `drain.rs`: retiring old generations and revoking their
+//! leases.
+//!
 //! [`current`]: Engine::current
 //! [`subscribe`]: Engine::subscribe
 
+mod drain;
+mod issue;
 mod policy;
 mod source;
+mod status;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::fmt;
@@ -46,6 +59,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use policy::Policy;
 pub use source::{CredentialProvider, CredentialSource, DatabaseRole, KvCredentials, StaticRole};
+pub use status::{GenerationStatus, Health, RotationTiming, Status};
 
 use crate::credentials::{Credentials, Generation, Lease};
 use crate::error::{Error, ErrorKind, Result};
@@ -141,162 +155,17 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// How the engine is doing. Serialized in lowercase (`"serving"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum Health {
-    /// The lease is valid and the last renewal or rotation succeeded.
-    Serving,
-    /// The lease is valid, but renewing, rotating or refreshing the Vault token is
-    /// failing; retrying with backoff.
-    Degraded,
-    /// The lease has ended and no new credentials could be obtained yet.
-    Expired,
-    /// [`Engine::close`] was called.
-    Closed,
-    /// The engine's background task stopped unexpectedly (a bug: see the log). Nothing
-    /// renews or rotates any more; restart the service.
-    Failed,
-}
-
-impl Health {
-    /// Whether the credentials can be used: serving, or degraded but still valid.
-    pub fn can_serve(self) -> bool {
-        matches!(self, Self::Serving | Self::Degraded)
-    }
-}
-
-/// Durations as seconds (`1.5`) in the status JSON.
-mod secs {
-    use std::time::Duration;
-
-    pub(super) fn one<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub(super) fn opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&d.as_secs_f64()),
-            None => s.serialize_none(),
-        }
-    }
-}
-
-/// Connections of one generation.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub struct GenerationStatus {
-    /// The generation.
-    pub generation: Generation,
-    /// Its lease id (not in the health JSON: an endpoint anyone may read need not list
-    /// them).
-    #[serde(skip)]
-    pub lease_id: String,
-    /// Open connections.
-    pub connections: usize,
-    /// Whether it is retired (draining, lease revoked once drained).
-    pub retiring: bool,
-}
-
-/// A snapshot of the engine, for health endpoints and logs. Holds no secret; serializes
-/// to the JSON the axum health handler shows (durations in seconds).
-#[derive(Debug, Clone, serde::Serialize)]
-#[non_exhaustive]
-pub struct Status {
-    /// What is leased: "database role app", "KV secret secret/redis/main".
-    pub source: String,
-    /// Serving, degraded, expired, closed or failed.
-    pub health: Health,
-    /// The current generation.
-    pub generation: Generation,
-    /// The current lease id (not in the health JSON).
-    #[serde(skip)]
-    pub lease_id: String,
-    /// Time until the current lease ends (`None`: it never does).
-    #[serde(serialize_with = "secs::opt")]
-    pub ttl_remaining: Option<Duration>,
-    /// Whether the current lease is renewable.
-    pub renewable: bool,
-    /// The current and retiring generations with their connections.
-    pub generations: Vec<GenerationStatus>,
-    /// The last failure, if the engine has not succeeded since.
-    pub last_error: Option<String>,
-    /// Rotations so far.
-    pub rotations: u64,
-    /// Successful renewals so far.
-    pub renewals: u64,
-    /// Checks of a polled source so far: a KV secret's version, or a lease looked up
-    /// (`DatabaseRole::check_lease_every`).
-    pub polls: u64,
-    /// Failed renewal or rotation attempts so far.
-    pub failures: u64,
-    /// Leases revoked so far.
-    pub revocations: u64,
-    /// Revocations Vault refused (HTTP 403: the token's policy has no revoke), so far.
-    /// Refused leases are left to expire by their TTL.
-    pub revocations_refused: u64,
-    /// Why the last revocation was refused, and what to add to the policy. It stays:
-    /// a policy without revoke is a lasting condition, not a passing failure.
-    pub revoke_refused: Option<String>,
-    /// How long the last rotation took, by phase.
-    pub last_rotation: Option<RotationTiming>,
-}
-
-/// The phases of one rotation, from the decision to "new generation serving".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub struct RotationTiming {
-    /// Issuing new credentials in Vault (which creates the database user).
-    #[serde(serialize_with = "secs::one")]
-    pub issue: Duration,
-    /// Verifying them (one real connection).
-    #[serde(serialize_with = "secs::one")]
-    pub verify: Duration,
-    /// Pre-warming: opening connections with them before the swap (zero without).
-    #[serde(serialize_with = "secs::one")]
-    pub warm: Duration,
-    /// How many connections the pre-warm opened.
-    pub warmed: usize,
-    /// Swapping them in and notifying subscribers.
-    #[serde(serialize_with = "secs::one")]
-    pub swap: Duration,
-    /// All of it.
-    #[serde(serialize_with = "secs::one")]
-    pub total: Duration,
-}
-
-/// Why a rotation happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Reason {
-    Schedule,
-    Forced,
-    AuthFailure,
-    LeaseLost,
-    SourceChanged,
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Schedule => "scheduled (lease cannot be renewed further)",
-            Self::Forced => "forced",
-            Self::AuthFailure => "authentication failure reported",
-            Self::LeaseLost => "lease lost (expired or revoked in Vault)",
-            Self::SourceChanged => {
-                "the source changed (a new KV version, or the lease gone in Vault)"
-            }
-        })
-    }
-}
-
+/// What a handle asks of the worker.
 pub(crate) enum Command {
+    /// Rotate now ([`Engine::rotate`]); the answer is the generation then serving.
     Rotate(oneshot::Sender<Result<Generation>>),
+    /// A login with this generation's credentials was refused: re-lease.
     AuthFailure(Generation),
     /// Poll a polled source now; `Ok(true)` when it rotated to a new version.
     Check(oneshot::Sender<Result<bool>>),
 }
 
+/// The counters and findings [`Engine::status`] reports, kept by the worker.
 #[derive(Default)]
 struct Stats {
     last_error: Option<String>,
@@ -312,20 +181,17 @@ struct Stats {
     retiring: Vec<(Generation, String, Arc<AtomicUsize>)>,
 }
 
-pub(crate) struct Shared {
+/// What the handles and the worker share: the serving credentials, the settings, the
+/// channel to the worker and its counters. The handles hold it in an `Arc`, the worker a
+/// `Weak`.
+pub(crate) struct EngineState {
     /// What is leased, for messages: "database role app", "KV secret secret/redis/main".
     source_name: String,
     /// A short name for metrics labels and log fields: the role or the KV path.
     label: String,
     source: Arc<dyn Source>,
-    policy: Policy,
-    /// A cap on how long a retired generation may drain; `None`: until its lease's end.
-    drain_timeout: Option<Duration>,
-    verify: Option<Verifier>,
-    /// How long a verification may take before it counts as failed (and the bound of
-    /// a pre-warm).
-    verify_timeout: Duration,
-    prewarm: Option<Prewarm>,
+    /// How the engine treats the source.
+    settings: Settings,
     current: ArcSwap<Current>,
     /// The current generation, mirrored for the cheapest possible read.
     generation: AtomicU64,
@@ -340,7 +206,8 @@ pub(crate) struct Shared {
     worker: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-impl Shared {
+impl EngineState {
+    /// The counters, locked (a panic elsewhere does not poison them for good).
     fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -353,14 +220,14 @@ impl Shared {
 /// `pool.engine()`.
 #[derive(Clone)]
 pub struct Engine {
-    shared: Arc<Shared>,
+    state: Arc<EngineState>,
 }
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Engine")
-            .field("source", &self.shared.source_name)
-            .field("generation", &self.shared.current.load().generation)
+            .field("source", &self.state.source_name)
+            .field("generation", &self.state.current.load().generation)
             .finish_non_exhaustive()
     }
 }
@@ -370,20 +237,44 @@ impl fmt::Debug for Engine {
 pub struct Builder {
     client: Option<Client>,
     source: CredentialSource,
+    settings: Settings,
+}
+
+/// How the engine treats its source: what [`Builder`] collects besides the source, with
+/// its defaults.
+struct Settings {
+    /// Renewal and rotation timing.
     policy: Policy,
+    /// A cap on how long a retired generation may drain; `None`: until its lease's end.
     drain_timeout: Option<Duration>,
+    /// Checks new credentials before they are swapped in.
     verify: Option<Verifier>,
+    /// How long a verification may take before it counts as failed (and the bound of
+    /// a pre-warm).
     verify_timeout: Duration,
+    /// Prepares for new credentials before they are swapped in.
     prewarm: Option<Prewarm>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            drain_timeout: None,
+            verify: None,
+            verify_timeout: DEFAULT_VERIFY_TIMEOUT,
+            prewarm: None,
+        }
+    }
 }
 
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("source", &self.source)
-            .field("policy", &self.policy)
-            .field("drain_timeout", &self.drain_timeout)
-            .field("verify", &self.verify.is_some())
+            .field("policy", &self.settings.policy)
+            .field("drain_timeout", &self.settings.drain_timeout)
+            .field("verify", &self.settings.verify.is_some())
             .finish()
     }
 }
@@ -391,7 +282,7 @@ impl fmt::Debug for Builder {
 impl Builder {
     /// Renewal and rotation timing. Default [`Policy::default`].
     pub fn policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
+        self.settings.policy = policy;
         self
     }
 
@@ -402,21 +293,21 @@ impl Builder {
     /// most half the time left), so a long transaction across a rotation completes;
     /// `close()` then waits up to 30 s.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = Some(timeout);
+        self.settings.drain_timeout = Some(timeout);
         self
     }
 
     /// Check new credentials before they are swapped in (pools pass "open one
     /// connection"). A failed check revokes them and retries later. Default: none.
     pub fn verify_with(mut self, verify: Verifier) -> Self {
-        self.verify = Some(verify);
+        self.settings.verify = Some(verify);
         self
     }
 
     /// Prepare for new credentials once verified, before the swap (pools pass "open
     /// connections with them"); bounded by the verify timeout. Default: none.
     pub fn prewarm_with(mut self, prewarm: Prewarm) -> Self {
-        self.prewarm = Some(prewarm);
+        self.settings.prewarm = Some(prewarm);
         self
     }
 
@@ -424,7 +315,7 @@ impl Builder {
     /// connections but never answers the login). Default 10 s; a whole step of the engine
     /// is cut at 30 s anyway.
     pub fn verify_timeout(mut self, timeout: Duration) -> Self {
-        self.verify_timeout = timeout;
+        self.settings.verify_timeout = timeout;
         self
     }
 
@@ -435,43 +326,56 @@ impl Builder {
     /// issuing or verifying the first credentials fails with, e.g.
     /// [`ErrorKind::PermissionDenied`] for a role the token may not use.
     pub async fn build(self) -> Result<Engine> {
-        self.policy.validate()?;
-        let name = self.source.to_string();
-        let label = self.source.name().to_owned();
-        let source = self.source.into_source(self.client)?;
-        start(
-            (name, label),
-            source,
-            self.policy,
-            self.drain_timeout,
-            (self.verify, self.verify_timeout),
-            self.prewarm,
-        )
+        self.settings.policy.validate()?;
+        start(Setup {
+            source_name: self.source.to_string(),
+            label: self.source.name().to_owned(),
+            source: self.source.into_source(self.client)?,
+            settings: self.settings,
+        })
         .await
     }
 }
 
-/// Issue and verify the first credentials from `source`, then start the worker.
-pub(crate) async fn start(
-    (source_name, label): (String, String),
+/// What [`start`] needs: the source, ready to call, under its names, and how the engine
+/// treats it.
+struct Setup {
+    /// What is leased, for messages: "database role app", "KV secret secret/redis/main".
+    source_name: String,
+    /// A short name for metrics labels and log fields: the role or the KV path.
+    label: String,
+    /// The source the engine calls.
     source: Arc<dyn Source>,
-    policy: Policy,
-    drain_timeout: Option<Duration>,
-    (verify, verify_timeout): (Option<Verifier>, Duration),
-    prewarm: Option<Prewarm>,
-) -> Result<Engine> {
-    // Before the issue, as for every rotation (see `worker::rotate`).
+    /// How the engine treats it.
+    settings: Settings,
+}
+
+/// Issue and verify the first credentials from the setup's source, then start the
+/// worker.
+async fn start(setup: Setup) -> Result<Engine> {
+    let Setup {
+        source_name,
+        label,
+        source,
+        settings,
+    } = setup;
+    // Before the issue, as for every rotation (see `issue::rotate`).
     let issuing_token = source.issuing_token();
-    let (first, _, _) =
-        worker::issue_verified(&source, verify.as_ref(), verify_timeout, &source_name)
-            .await
-            .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?;
+    let first = issue::issue_verified(
+        &source,
+        settings.verify.as_ref(),
+        settings.verify_timeout,
+        &source_name,
+    )
+    .await
+    .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?
+    .leased;
     // After the first issue, so that a token that cannot read at all says so there.
     if let Err(e) = source.preflight().await {
         let _ = source.revoke(&first.lease).await;
         return Err(e);
     }
-    let book = worker::Book::new(
+    let worker_state = worker::WorkerState::new(
         &first.lease,
         issuing_token.or_else(|| source.issuing_token()),
     );
@@ -484,15 +388,11 @@ pub(crate) async fn start(
     let (generation_tx, _) = watch::channel(Generation(1));
     let (commands, rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
-    let shared = Arc::new(Shared {
+    let state = Arc::new(EngineState {
         source_name,
         label,
         source,
-        policy,
-        drain_timeout,
-        verify,
-        verify_timeout,
-        prewarm,
+        settings,
         current: ArcSwap::from_pointee(current),
         generation: AtomicU64::new(1),
         generation_tx,
@@ -504,9 +404,14 @@ pub(crate) async fn start(
         cancel: cancel.clone(),
         worker: tokio::sync::Mutex::new(None),
     });
-    let handle = tokio::spawn(worker::run(Arc::downgrade(&shared), rx, cancel, book));
-    *shared.worker.lock().await = Some(handle);
-    Ok(Engine { shared })
+    let handle = tokio::spawn(worker::run(
+        Arc::downgrade(&state),
+        rx,
+        cancel,
+        worker_state,
+    ));
+    *state.worker.lock().await = Some(handle);
+    Ok(Engine { state })
 }
 
 impl Engine {
@@ -529,33 +434,29 @@ impl Engine {
         Builder {
             client,
             source: source.into(),
-            policy: Policy::default(),
-            drain_timeout: None,
-            verify: None,
-            verify_timeout: DEFAULT_VERIFY_TIMEOUT,
-            prewarm: None,
+            settings: Settings::default(),
         }
     }
 
     /// What is leased, for messages: "database role app", "KV secret secret/redis/main".
     pub fn source(&self) -> &str {
-        &self.shared.source_name
+        &self.state.source_name
     }
 
     /// A short name for metrics labels and log fields: the role, or the KV path.
     pub fn label(&self) -> &str {
-        &self.shared.label
+        &self.state.label
     }
 
     /// The credentials serving now: one atomic load and a reference count. They may have
     /// expired if Vault has been unreachable; [`usable`](Self::usable) checks.
     pub fn current(&self) -> Arc<Current> {
-        self.shared.current.load_full()
+        self.state.current.load_full()
     }
 
     /// The current generation: one relaxed-cost atomic load.
     pub fn generation(&self) -> Generation {
-        Generation(self.shared.generation.load(Ordering::Acquire))
+        Generation(self.state.generation.load(Ordering::Acquire))
     }
 
     /// The current credentials if their lease has not ended.
@@ -565,36 +466,36 @@ impl Engine {
     /// lease has ended and no new credentials could be obtained;
     /// [`ErrorKind::Shutdown`] after [`close`](Self::close).
     pub fn usable(&self) -> Result<Arc<Current>> {
-        if self.shared.closed.load(Ordering::Acquire) {
+        if self.state.closed.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::Shutdown,
                 format!(
                     "using credentials of {}: closed (close() was called)",
-                    self.shared.source_name
+                    self.state.source_name
                 ),
             ));
         }
-        if !self.shared.worker_alive.load(Ordering::Acquire) {
+        if !self.state.worker_alive.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::CredentialsUnavailable,
                 format!(
                     "using credentials of {}: the lease engine's background task stopped \
                      unexpectedly, so nothing renews or rotates them (see the log for why); \
                      restart the service",
-                    self.shared.source_name
+                    self.state.source_name
                 ),
             ));
         }
         let current = self.current();
         if current.expired_at(worker::now()) {
-            let last = self.shared.stats().last_error.clone();
+            let last = self.state.stats().last_error.clone();
             return Err(Error::new(
                 ErrorKind::LeaseExpired,
                 format!(
                     "using credentials of {}: the lease of generation {} has ended and \
                      no new credentials could be obtained from Vault{}; retrying in the \
                      background",
-                    self.shared.source_name,
+                    self.state.source_name,
                     current.generation.0,
                     last.map(|e| format!(" (last error: {e})"))
                         .unwrap_or_default()
@@ -609,10 +510,10 @@ impl Engine {
     /// [`usable`](Self::usable) when no credentials are usable. What every checkout of a
     /// pooled connection asks, so it takes no reference count (an `arc-swap` guard).
     #[cfg(any(feature = "postgres", feature = "redis"))]
-    pub(crate) fn reusable(&self, generation: Generation) -> Result<bool> {
-        let current = self.shared.current.load();
-        if self.shared.closed.load(Ordering::Acquire)
-            || !self.shared.worker_alive.load(Ordering::Acquire)
+    pub(crate) fn generation_may_serve(&self, generation: Generation) -> Result<bool> {
+        let current = self.state.current.load();
+        if self.state.closed.load(Ordering::Acquire)
+            || !self.state.worker_alive.load(Ordering::Acquire)
             || current.expired_at(worker::now())
         {
             // Not on the hot path: build the error.
@@ -625,7 +526,7 @@ impl Engine {
     /// Whether `generation` is retired but its lease not yet revoked (it is draining).
     #[cfg(feature = "sqlx")]
     pub(crate) fn is_retiring(&self, generation: Generation) -> bool {
-        self.shared
+        self.state
             .stats()
             .retiring
             .iter()
@@ -634,7 +535,7 @@ impl Engine {
 
     /// A receiver that sees every new generation.
     pub fn subscribe(&self) -> watch::Receiver<Generation> {
-        self.shared.generation_tx.subscribe()
+        self.state.generation_tx.subscribe()
     }
 
     /// Rotate now: issue new credentials, verify, swap. Returns the new generation once
@@ -658,10 +559,10 @@ impl Engine {
         let shut = || {
             Error::new(
                 ErrorKind::Shutdown,
-                format!("{what} of {}: closed", self.shared.source_name),
+                format!("{what} of {}: closed", self.state.source_name),
             )
         };
-        self.shared.commands.send(command(tx)).map_err(|_| shut())?;
+        self.state.commands.send(command(tx)).map_err(|_| shut())?;
         rx.await.map_err(|_| shut())?
     }
 
@@ -683,16 +584,16 @@ impl Engine {
             return; // already replaced
         }
         let previous = self
-            .shared
+            .state
             .re_lease_requested
             .fetch_max(generation.0, Ordering::AcqRel);
         if previous < generation.0 {
             tracing::warn!(
-                source = %self.shared.label,
+                source = %self.state.label,
                 generation = generation.0,
                 "login refused with current credentials; re-leasing"
             );
-            let _ = self.shared.commands.send(Command::AuthFailure(generation));
+            let _ = self.state.commands.send(Command::AuthFailure(generation));
         }
     }
 
@@ -707,13 +608,13 @@ impl Engine {
     /// A snapshot for health endpoints: generation, lease, TTL left, connections per
     /// generation, counters, last error.
     pub fn status(&self) -> Status {
-        let shared = &self.shared;
+        let state = &self.state;
         let current = self.current();
         let now = worker::now();
-        let stats = shared.stats();
-        let health = if shared.closed.load(Ordering::Acquire) {
+        let stats = state.stats();
+        let health = if state.closed.load(Ordering::Acquire) {
             Health::Closed
-        } else if !shared.worker_alive.load(Ordering::Acquire) {
+        } else if !state.worker_alive.load(Ordering::Acquire) {
             Health::Failed
         } else if current.expired_at(now) {
             Health::Expired
@@ -743,7 +644,7 @@ impl Engine {
                 }),
         );
         Status {
-            source: shared.source_name.clone(),
+            source: state.source_name.clone(),
             health,
             generation: current.generation,
             lease_id: current.lease.id.clone(),
@@ -765,9 +666,9 @@ impl Engine {
     /// Stop the worker, wait for connections to be returned (up to the drain timeout),
     /// and revoke every lease this engine holds. Calling it again is harmless.
     pub async fn close(&self) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.cancel.cancel();
-        let handle = self.shared.worker.lock().await.take();
+        self.state.closed.store(true, Ordering::Release);
+        self.state.cancel.cancel();
+        let handle = self.state.worker.lock().await.take();
         if let Some(handle) = handle {
             let _ = handle.await;
         }

@@ -161,8 +161,9 @@ fn golden(start: u64, k: u64) -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// How long before the end the last attempt of a failing lease is made.
-pub(crate) const LAST_TRY_BEFORE_END: Duration = Duration::from_millis(100);
+/// How long before the end the last attempt of a failing lease is made (the worker cuts
+/// a step before it in time: see `STEP_CUT_BEFORE_END`).
+pub(crate) const LAST_ATTEMPT_BEFORE_END: Duration = Duration::from_millis(100);
 
 /// What is known about the current lease.
 #[derive(Debug, Clone, Copy)]
@@ -258,7 +259,7 @@ pub(crate) fn plan(
             Action::Rotate
         };
         // Never past the end: one last try just before it; after that, the end.
-        let last_try = end.checked_sub(LAST_TRY_BEFORE_END).unwrap_or(end);
+        let last_try = end.checked_sub(LAST_ATTEMPT_BEFORE_END).unwrap_or(end);
         let from = lease.last_failure.unwrap_or(now);
         return Some(if from < last_try {
             Plan {

@@ -328,7 +328,7 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
     }
 
     async fn recycle(&self, conn: &mut Tagged<C>, _: &Metrics) -> RecycleResult<Error> {
-        if !self.engine.reusable(conn.generation)? {
+        if !self.engine.generation_may_serve(conn.generation)? {
             return Err(RecycleError::message("credentials rotated"));
         }
         if conn.retire_after.is_some_and(|at| Instant::now() >= at) {

@@ -1,0 +1,230 @@
+//! The drain path: retired generations wait for their connections to come back (or for
+//! their deadline), then their leases are revoked ([`retire`]); a forced rotation lets
+//! the previous generation finish first ([`settle`]); [`close`](super::Engine::close)
+//! drains and revokes everything ([`shutdown`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::worker::{STEP_MAX, now};
+use super::{Current, EngineState, Stats};
+use crate::credentials::{Generation, Lease};
+use crate::error::{Error, ErrorKind};
+
+/// How often retiring generations are checked for being drained, in their first
+/// [`DRAIN_FAST_FOR`] (most drain within it)…
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// …and after that (a generation may drain for as long as its lease lasts).
+const DRAIN_POLL_SLOW: Duration = Duration::from_secs(1);
+/// How long a retired generation is checked at the fast pace.
+const DRAIN_FAST_FOR: Duration = Duration::from_secs(5);
+/// How long `close()` waits for connections in use when no drain timeout is set.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// The retired generations, draining until their leases are revoked.
+#[derive(Default)]
+pub(super) struct Drain {
+    /// Retired generations not yet revoked, oldest first.
+    pub(super) retiring: Vec<Retiring>,
+    /// A refused revocation was logged as a warning already.
+    revoke_refusal_logged: bool,
+}
+
+/// A retired generation: its lease, its open connections, and when it is revoked.
+pub(super) struct Retiring {
+    generation: Generation,
+    lease: Lease,
+    connections: Arc<AtomicUsize>,
+    /// When it is revoked even if connections remain; `None`: only once drained.
+    deadline: Option<Instant>,
+    /// When it was retired.
+    since: Instant,
+    attempts: u32,
+    next_attempt: Instant,
+}
+
+impl Retiring {
+    /// `current`'s generation, retired at `now`, revoked at `deadline` at the latest.
+    pub(super) fn new(current: &Current, deadline: Option<Instant>, now: Instant) -> Self {
+        Self {
+            generation: current.generation,
+            lease: current.lease.clone(),
+            connections: current.connections.clone(),
+            deadline,
+            since: now,
+            attempts: 0,
+            next_attempt: now,
+        }
+    }
+
+    /// Revoking its lease failed (not refused): retried later with backoff. Returns
+    /// whether the lease has ended anyway (Vault revokes it itself).
+    fn revoke_failed(&mut self, shared: &EngineState, e: &Error, now: Instant) -> bool {
+        self.attempts += 1;
+        self.next_attempt = now
+            + shared
+                .settings
+                .policy
+                .retry_delay(self.attempts, fastrand::f64());
+        let gone = self.lease.expires_at().is_some_and(|end| now >= end);
+        tracing::warn!(
+            generation = self.generation.0,
+            lease_id = %self.lease.id,
+            attempts = self.attempts,
+            "revoking retired lease failed{}: {e}",
+            if gone { "; it has expired, Vault revokes it itself" } else { "" }
+        );
+        shared.stats().last_error = Some(e.to_string());
+        gone
+    }
+}
+
+impl Drain {
+    /// When the worker should look at the retiring generations next, if there are any.
+    pub(super) fn next_check(&self, now: Instant) -> Option<Instant> {
+        if self.retiring.is_empty() {
+            return None;
+        }
+        let young = self.retiring.iter().any(|r| now < r.since + DRAIN_FAST_FOR);
+        Some(now + if young { DRAIN_POLL } else { DRAIN_POLL_SLOW })
+    }
+
+    /// Drop retired generation `i` from the list and from the status; `count` updates the
+    /// counters in the same lock (a status snapshot sees both or neither).
+    fn forget(&mut self, shared: &EngineState, i: usize, count: impl FnOnce(&mut Stats)) {
+        let generation = self.retiring.remove(i).generation;
+        let mut stats = shared.stats();
+        count(&mut stats);
+        stats.retiring.retain(|(g, _, _)| *g != generation);
+    }
+}
+
+/// When a retired generation's lease is revoked even if connections remain: its end less
+/// a small margin (revocation ends its sessions, and Vault revokes it at its end anyway),
+/// or sooner with an explicit drain timeout. `None`: a lease without end and no timeout —
+/// revoked once drained.
+pub(super) fn drain_deadline(shared: &EngineState, lease: &Lease, now: Instant) -> Option<Instant> {
+    let by_lease = lease.expires_at().map(|end| {
+        let left = end.saturating_duration_since(now);
+        end - shared.settings.policy.min_margin.min(left / 2)
+    });
+    let by_timeout = shared
+        .settings
+        .drain_timeout
+        .and_then(|t| now.checked_add(t));
+    match (by_lease, by_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Revoke retired generations that are drained or past their deadline. With `all`, wait
+/// for nothing: the caller decided the time is up.
+pub(super) async fn retire(shared: &EngineState, drain: &mut Drain, all: bool) {
+    let now = now();
+    let mut i = 0;
+    while i < drain.retiring.len() {
+        let r = &mut drain.retiring[i];
+        let drained = r.connections.load(Ordering::Acquire) == 0;
+        let due = (all || drained || r.deadline.is_some_and(|d| now >= d)) && now >= r.next_attempt;
+        if !due {
+            i += 1;
+            continue;
+        }
+        if !all && r.lease.id == shared.current.load().lease.id {
+            // A source that reused the serving lease's id: revoking it would end the
+            // credentials in use. Left to expire (on close, everything is revoked).
+            tracing::warn!(lease_id = %r.lease.id, "not revoking a retired lease with the serving lease's id");
+            drain.forget(shared, i, |_| {});
+            continue;
+        }
+        match shared.source.revoke(&r.lease).await {
+            Ok(()) => {
+                tracing::info!(
+                    generation = r.generation.0,
+                    lease_id = %r.lease.id,
+                    drained,
+                    "revoked retired lease"
+                );
+                metrics::counter!("vaultpool_revocations_total", "role" => shared.label.clone())
+                    .increment(1);
+                drain.forget(shared, i, |stats| stats.revocations += 1);
+            }
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                // The token's policy has no revoke: lasting, so not retried. The lease is
+                // left to expire by its TTL; the operator is told once, and in status().
+                let why = format!(
+                    "revoking the lease of generation {} was refused by Vault (HTTP {}): the \
+                     token's policy does not allow it; retired leases are left to expire by \
+                     their TTL. Grant the token `update` on sys/leases/revoke/<mount>/creds/\
+                     <role>/* (see the README's policy)",
+                    r.generation.0,
+                    e.vault_status().unwrap_or(403)
+                );
+                if drain.revoke_refusal_logged {
+                    tracing::debug!(lease_id = %r.lease.id, "{why}");
+                } else {
+                    tracing::warn!(lease_id = %r.lease.id, "{why}");
+                    drain.revoke_refusal_logged = true;
+                }
+                drain.forget(shared, i, |stats| {
+                    stats.revocations_refused += 1;
+                    stats.revoke_refused = Some(why);
+                });
+            }
+            Err(e) => {
+                let gone = r.revoke_failed(shared, &e, now);
+                if gone || all {
+                    drain.forget(shared, i, |_| {});
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Revoke retired generations as they drain, for at most `max`.
+pub(super) async fn settle(shared: &EngineState, drain: &mut Drain, max: Duration) {
+    let until = now() + max;
+    loop {
+        retire(shared, drain, false).await;
+        if drain.retiring.is_empty() || now() >= until {
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// On close: wait for connections of every generation to be returned (up to the drain
+/// timeout), then revoke everything.
+pub(super) async fn shutdown(shared: &EngineState, drain: &mut Drain) {
+    let current = shared.current.load_full();
+    let wait = shared.settings.drain_timeout.unwrap_or(CLOSE_WAIT);
+    let retired_at = now();
+    let deadline = retired_at.checked_add(wait);
+    drain
+        .retiring
+        .push(Retiring::new(&current, deadline, retired_at));
+    let deadline = deadline.unwrap_or_else(|| now() + CLOSE_WAIT);
+    while now() < deadline
+        && drain
+            .retiring
+            .iter()
+            .any(|r| r.connections.load(Ordering::Acquire) > 0)
+    {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    if tokio::time::timeout(STEP_MAX, retire(shared, drain, true))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = drain.retiring.len(),
+            "closing: revoking the leases did not finish within {STEP_MAX:?}; the rest expire by TTL"
+        );
+        return;
+    }
+    tracing::info!("lease worker closed; leases revoked");
+}

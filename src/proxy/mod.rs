@@ -50,8 +50,8 @@ use upstream::{Route, Target, Upstream};
 /// A cancel key the proxy gave a client: (process id, secret).
 pub(crate) type CancelKey = (i32, i32);
 
-/// What every session shares.
-pub(crate) struct Shared {
+/// What every session of the proxy shares: routes, who may log in, cancel keys.
+pub(crate) struct ProxyState {
     routes: Vec<Arc<Route>>,
     allowed_uids: Vec<u32>,
     scram: Option<scram::Verifier>,
@@ -62,7 +62,7 @@ pub(crate) struct Shared {
     cancels: Mutex<HashMap<CancelKey, (SocketAddr, i32, i32)>>,
 }
 
-impl Shared {
+impl ProxyState {
     /// A fresh key for a session on `up`.
     fn register_cancel(&self, up: &Upstream) -> CancelKey {
         let mut map = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
@@ -99,7 +99,7 @@ impl Shared {
 
 /// A running proxy's handle: its addresses, and a way to stop it.
 pub struct Proxy {
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
     config: Config,
     tcp: Option<TcpListener>,
     /// The listener, its path, and the socket file's inode (removed at the end only if
@@ -253,7 +253,7 @@ impl Proxy {
             .clone()
             .unwrap_or_else(|| vec![current_uid()]);
         Ok(Self {
-            shared: Arc::new(Shared {
+            shared: Arc::new(ProxyState {
                 routes,
                 allowed_uids,
                 scram,
@@ -504,7 +504,7 @@ fn target_for(db: &config::Database) -> Result<Target> {
 }
 
 /// One HTTP request on the health/metrics listener: `GET /health` or `GET /metrics`.
-async fn http_request(shared: Arc<Shared>, mut s: tokio::net::TcpStream) {
+async fn http_request(shared: Arc<ProxyState>, mut s: tokio::net::TcpStream) {
     let mut buf = Vec::with_capacity(1024);
     let read = tokio::time::timeout(Duration::from_secs(1), async {
         let mut chunk = [0u8; 1024];
@@ -540,7 +540,7 @@ async fn http_request(shared: Arc<Shared>, mut s: tokio::net::TcpStream) {
 }
 
 /// 200 when every database has usable credentials, else 503; one line per database.
-fn health(shared: &Shared) -> (&'static str, String) {
+fn health(shared: &ProxyState) -> (&'static str, String) {
     let mut ok = true;
     let mut body = String::new();
     for r in &shared.routes {
@@ -565,7 +565,7 @@ fn health(shared: &Shared) -> (&'static str, String) {
 }
 
 /// Prometheus text format.
-fn metrics(shared: &Shared) -> String {
+fn metrics(shared: &ProxyState) -> String {
     let mut out = String::new();
     type Metric = (&'static str, &'static str, &'static str, fn(&Route) -> f64);
     let metrics: [Metric; 12] = [

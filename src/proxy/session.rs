@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::upstream::{CheckoutError, LoginError, Route, Upstream};
 use super::wire::{self, Seen, Startup, StartupError};
-use super::{CancelKey, Shared};
+use super::{CancelKey, ProxyState};
 
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +24,7 @@ pub(crate) enum Peer {
 
 /// Serve one client connection until it ends. Never panics on client input; every
 /// failure ends this session only.
-pub(crate) async fn serve<S>(shared: Arc<Shared>, mut client: S, peer: Peer)
+pub(crate) async fn serve<S>(shared: Arc<ProxyState>, mut client: S, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -176,7 +176,7 @@ async fn fatal<S: AsyncWrite + Unpin>(client: &mut S, code: &str, msg: &str) -> 
     client.flush().await
 }
 
-async fn start<S>(shared: &Arc<Shared>, client: &mut S, peer: Peer) -> io::Result<Option<Started>>
+async fn start<S>(shared: &Arc<ProxyState>, client: &mut S, peer: Peer) -> io::Result<Option<Started>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {

@@ -51,6 +51,7 @@ pub use ::sqlx;
 use crate::credentials::Generation;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, ConnectionGuard, CredentialSource, Current, DatabaseRole, Engine};
+use crate::libpq::{SslMode, read_database_url};
 use crate::pool::{self, PoolStatus};
 
 /// How often the sqlx flavour asks Vault whether its lease still exists, by default.
@@ -822,7 +823,7 @@ fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
                  (and the deadpool flavour) would check the server's certificate against it, \
                  sqlx would not check it at all; use sslmode=verify-full, or remove the root \
                  certificate",
-                sqlx_mode_name(mode)
+                SslMode::from_sqlx(mode)
             ),
         )
         .fix_given());
@@ -830,83 +831,37 @@ fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
     Ok(())
 }
 
-fn sqlx_mode_name(mode: ::sqlx::postgres::PgSslMode) -> &'static str {
-    use ::sqlx::postgres::PgSslMode as M;
-    match mode {
-        M::Disable => "disable",
-        M::Allow => "allow",
-        M::Prefer => "prefer",
-        M::Require => "require",
-        M::VerifyCa => "verify-ca",
-        M::VerifyFull => "verify-full",
-    }
-}
-
-/// libpq's modes weakest first, to pick the strongest of two.
-fn sqlx_mode_rank(mode: ::sqlx::postgres::PgSslMode) -> u8 {
-    use ::sqlx::postgres::PgSslMode as M;
-    match mode {
-        M::Disable => 0,
-        M::Allow => 1,
-        M::Prefer => 2,
-        M::Require => 3,
-        M::VerifyCa => 4,
-        M::VerifyFull => 5,
-    }
-}
-
 /// sqlx connect options from `DATABASE_URL` (without password) or the libpq variables.
 fn options_from_env() -> Result<PgConnectOptions> {
     if let Ok(mode) = std::env::var("PGSSLMODE")
         && !mode.trim().is_empty()
-        && ![
-            "disable",
-            "allow",
-            "prefer",
-            "require",
-            "verify-ca",
-            "verify-full",
-        ]
-        .contains(&mode.trim())
+        && SslMode::from_name(mode.trim()).is_none()
     {
         // sqlx would quietly read an unknown mode as `prefer`.
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "reading PGSSLMODE: unknown mode {mode:?}; use disable, allow, prefer, \
-                 require, verify-ca or verify-full"
-            ),
-        ));
+        return Err(SslMode::unknown(&mode, "PGSSLMODE"));
     }
     if let Ok(url) = std::env::var("DATABASE_URL") {
-        if url.trim().is_empty() {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "reading DATABASE_URL: it is set but empty; set it to e.g. \
-                 postgres://db.internal:5432/app (no password) or unset it",
-            ));
-        }
-        let mut options: PgConnectOptions = url.trim().parse().map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                "reading DATABASE_URL: not a PostgreSQL URL",
-            )
-            .with_source(e)
-        })?;
+        let mut options: PgConnectOptions = read_database_url(
+            &url,
+            "(no password) or unset it",
+            |url| {
+                url.trim().parse().map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        "reading DATABASE_URL: not a PostgreSQL URL",
+                    )
+                    .with_source(e)
+                })
+            },
+            |_| url::Url::parse(url.trim()).is_ok_and(|u| u.password().is_some()),
+        )?;
         // The URL's sslmode replaced PGSSLMODE's: keep the stronger (never weakened).
         if let Some(env_mode) = std::env::var("PGSSLMODE")
             .ok()
-            .and_then(|m| m.trim().parse::<::sqlx::postgres::PgSslMode>().ok())
-            && sqlx_mode_rank(env_mode) > sqlx_mode_rank(options.get_ssl_mode())
+            .and_then(|m| SslMode::from_name(m.trim()))
+            && env_mode > SslMode::from_sqlx(options.get_ssl_mode())
         {
-            options = options.ssl_mode(env_mode);
-        }
-        if url::Url::parse(url.trim()).is_ok_and(|u| u.password().is_some()) {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "reading DATABASE_URL: it carries a password; remove it — vaultpool logs in \
-                 with credentials leased from Vault",
-            ));
+            options = options.ssl_mode(env_mode.to_sqlx());
         }
         return Ok(options);
     }

@@ -31,7 +31,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -41,63 +40,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::error::{Error, ErrorKind, Result};
-
-/// libpq's `sslmode`.
-/// Ordered from weakest to strongest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-#[non_exhaustive]
-pub enum SslMode {
-    /// Plaintext only.
-    Disable,
-    /// TLS if the server offers it (tried first; libpq tries plaintext first).
-    Allow,
-    /// TLS if the server offers it (libpq's default).
-    #[default]
-    Prefer,
-    /// TLS or nothing; the certificate is checked only if a root certificate is given.
-    Require,
-    /// TLS, the server's certificate signed by the root certificate.
-    VerifyCa,
-    /// As `VerifyCa`, and the certificate names the host connected to.
-    VerifyFull,
-}
-
-impl FromStr for SslMode {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.trim() {
-            "disable" => Self::Disable,
-            "allow" => Self::Allow,
-            "prefer" => Self::Prefer,
-            "require" => Self::Require,
-            "verify-ca" => Self::VerifyCa,
-            "verify-full" => Self::VerifyFull,
-            other => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "reading sslmode: unknown mode {other:?}; use disable, allow, prefer, \
-                         require, verify-ca or verify-full"
-                    ),
-                ));
-            }
-        })
-    }
-}
-
-impl fmt::Display for SslMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Disable => "disable",
-            Self::Allow => "allow",
-            Self::Prefer => "prefer",
-            Self::Require => "require",
-            Self::VerifyCa => "verify-ca",
-            Self::VerifyFull => "verify-full",
-        })
-    }
-}
+pub use crate::libpq::SslMode;
 
 /// Where the certificates that sign the server's come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,17 +141,14 @@ impl PgTls {
         };
         // Never weaker than any place that names a mode: the URL's parameter and
         // PGSSLMODE may both be set.
-        let mut mode: Option<SslMode> = None;
-        for given in url_params
+        let named: Vec<String> = url_params
             .iter()
             .filter(|(k, _)| k == "sslmode")
             .map(|(_, v)| v.clone())
             .chain(lookup("PGSSLMODE"))
             .filter(|v| !v.trim().is_empty())
-        {
-            let m: SslMode = given.parse()?;
-            mode = Some(mode.map_or(m, |old| old.max(m)));
-        }
+            .collect();
+        let mode = SslMode::strongest(named.iter().map(String::as_str), "sslmode")?;
         let root = get("sslrootcert", "PGSSLROOTCERT");
         let system = root.as_deref().is_some_and(|r| r.trim() == "system");
         // libpq 16: sslrootcert=system makes verify-full the default.
@@ -337,18 +277,6 @@ impl PgTls {
         Ok(self
             .rustls_config()?
             .map(tokio_postgres_rustls::MakeRustlsConnect::new))
-    }
-
-    /// tokio-postgres' own mode for these settings (it knows only disable, prefer and
-    /// require; checking the certificate is the connector's).
-    #[cfg(feature = "postgres")]
-    pub(crate) fn tokio_postgres_mode(&self) -> tokio_postgres::config::SslMode {
-        use tokio_postgres::config::SslMode as T;
-        match self.mode {
-            SslMode::Disable => T::Disable,
-            SslMode::Allow | SslMode::Prefer => T::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => T::Require,
-        }
     }
 }
 
@@ -581,6 +509,13 @@ struct AnyHostName {
     provider: Arc<CryptoProvider>,
 }
 
+impl AnyHostName {
+    /// The provider's algorithms, which check the handshake's signatures.
+    fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
+        &self.provider.signature_verification_algorithms
+    }
+}
+
 impl ServerCertVerifier for AnyHostName {
     fn verify_server_cert(
         &self,
@@ -597,7 +532,7 @@ impl ServerCertVerifier for AnyHostName {
                 roots,
                 intermediates,
                 now,
-                self.provider.signature_verification_algorithms.all,
+                self.algorithms().all,
             )?;
         }
         Ok(ServerCertVerified::assertion())
@@ -609,12 +544,7 @@ impl ServerCertVerifier for AnyHostName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -623,18 +553,11 @@ impl ServerCertVerifier for AnyHostName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algorithms().supported_schemes()
     }
 }
 

@@ -89,6 +89,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{BoxFuture, CredentialSource, DatabaseRole, KvCredentials};
 use crate::pool;
 pub use crate::pool::PoolStatus;
+use crate::pool::diagnosis::{self, TlsSymptom};
 
 /// How vaultpool opens Redis connections: the address and database, no credentials.
 #[derive(Clone)]
@@ -254,7 +255,7 @@ impl pool::Connect for RedisConnect {
         if e.code().is_some() || self.is_auth_failure(e) {
             return None;
         }
-        tls_diagnosis(&pool::chain_text(e))
+        diagnosis::tls_diagnosis(&REDIS_TLS, &diagnosis::chain_text(e))
     }
 
     fn check<'a>(&'a self, conn: &'a mut RedisConnection) -> BoxFuture<'a, Result<(), String>> {
@@ -368,45 +369,43 @@ pub struct RedisTarget {
 const NO_TLS_FEATURE: &str = "TLS (rediss://) needs vaultpool's `tls` feature; enable it, or \
                               use redis:// on a trusted network";
 
-/// What to fix when a connection to Redis failed for a TLS reason, from the error's text
-/// (rustls' words and the alerts the server sends).
-fn tls_diagnosis(text: &str) -> Option<&'static str> {
-    let t = text.to_ascii_lowercase();
-    if t.contains("notvalidforname") || t.contains("not valid for name") {
-        Some(
-            "the server's certificate does not name the host connected to: connect by a name \
-             the certificate holds",
-        )
-    } else if t.contains("unknownissuer") || t.contains("unknown issuer") {
-        Some(
-            "the server's certificate is not signed by a trusted CA: set REDIS_TLS_CA_FILE (or \
-             RedisTls::root_cert) to the CA that signed it",
-        )
-    } else if t.contains("certificaterequired") || t.contains("certificate required") {
-        Some(
-            "the server requires a client certificate (tls-auth-clients): set \
-             REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE (or RedisTls::client_cert)",
-        )
-    } else if t.contains("alert") && t.contains("certificateexpired") {
-        Some(
-            "the server refused the client certificate as expired: renew it \
-             (REDIS_TLS_CERT_FILE / REDIS_TLS_KEY_FILE)",
-        )
-    } else if t.contains("alert") && (t.contains("unknownca") || t.contains("badcertificate")) {
-        Some(
-            "the server refused the client certificate: use one signed by a CA the server \
-             trusts (its tls-ca-cert-file)",
-        )
-    } else if t.contains("invalidcontenttype") || t.contains("corrupt message") {
-        Some("the server does not speak TLS on this port: use redis://, or the server's TLS port")
-    } else if t.contains("certificate")
-        && (t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid yet"))
-    {
-        Some("the server's certificate is expired or not yet valid: renew it on the server")
-    } else {
-        None
-    }
-}
+/// The TLS failures of a Redis connection, in the order they are looked for (rustls'
+/// words and the alerts the server sends).
+const REDIS_TLS: [TlsSymptom; 7] = [
+    TlsSymptom {
+        seen: diagnosis::names_another_host,
+        fix: "the server's certificate does not name the host connected to: connect by a name \
+              the certificate holds",
+    },
+    TlsSymptom {
+        seen: diagnosis::unknown_issuer,
+        fix: "the server's certificate is not signed by a trusted CA: set REDIS_TLS_CA_FILE (or \
+              RedisTls::root_cert) to the CA that signed it",
+    },
+    TlsSymptom {
+        seen: |t| t.contains("certificaterequired") || t.contains("certificate required"),
+        fix: "the server requires a client certificate (tls-auth-clients): set \
+              REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE (or RedisTls::client_cert)",
+    },
+    TlsSymptom {
+        seen: diagnosis::client_certificate_expired,
+        fix: "the server refused the client certificate as expired: renew it \
+              (REDIS_TLS_CERT_FILE / REDIS_TLS_KEY_FILE)",
+    },
+    TlsSymptom {
+        seen: |t| t.contains("alert") && (t.contains("unknownca") || t.contains("badcertificate")),
+        fix: "the server refused the client certificate: use one signed by a CA the server \
+              trusts (its tls-ca-cert-file)",
+    },
+    TlsSymptom {
+        seen: |t| t.contains("invalidcontenttype") || t.contains("corrupt message"),
+        fix: "the server does not speak TLS on this port: use redis://, or the server's TLS port",
+    },
+    TlsSymptom {
+        seen: diagnosis::certificate_expired,
+        fix: diagnosis::SERVER_CERTIFICATE_EXPIRED,
+    },
+];
 
 /// Default connect timeout (TCP connect and the `HELLO`/`AUTH` handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -818,6 +817,7 @@ mod tests {
 
     #[test]
     fn tls_failures_are_explained() {
+        let tls_diagnosis = |text| diagnosis::tls_diagnosis(&REDIS_TLS, text);
         for (text, says) in [
             (
                 "invalid peer certificate: NotValidForName",

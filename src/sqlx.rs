@@ -52,7 +52,7 @@ use crate::credentials::Generation;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, ConnectionGuard, CredentialSource, Current, DatabaseRole, Engine};
 use crate::libpq::{SslMode, read_database_url};
-use crate::pool::{self, PoolStatus};
+use crate::pool::{self, PoolStatus, diagnosis};
 
 /// How often the sqlx flavour asks Vault whether its lease still exists, by default.
 const LEASE_CHECK: Duration = Duration::from_secs(15);
@@ -188,13 +188,13 @@ fn is_auth_failure(e: &::sqlx::Error) -> bool {
     // pg_hba's "no encryption" refusal has an auth SQLSTATE too: a TLS matter.
     e.as_database_error()
         .and_then(|d| d.code())
-        .is_some_and(|c| pool::PG_AUTH_FAILURE.contains(&c.as_ref()))
+        .is_some_and(|c| diagnosis::PG_AUTH_FAILURE.contains(&c.as_ref()))
         && tls_problem(e).is_none()
 }
 
 fn tls_problem(e: &::sqlx::Error) -> Option<&'static str> {
     let code = e.as_database_error().and_then(|d| d.code());
-    pool::tls_diagnosis(code.as_deref(), &pool::chain_text(e))
+    diagnosis::postgres_tls_diagnosis(code.as_deref(), &diagnosis::chain_text(e))
 }
 
 impl VaultSqlxPool {
@@ -495,20 +495,12 @@ impl Builder {
                         ::sqlx::PgConnection::connect_with(&options)
                             .await
                             .map_err(|e| {
-                                if let Some(fix) = tls_problem(&e) {
-                                    return Error::new(
-                                        ErrorKind::Tls,
-                                        format!("{}: {fix}", what()),
-                                    )
-                                    .with_source(e)
-                                    .fix_given();
-                                }
-                                let kind = if is_auth_failure(&e) {
-                                    ErrorKind::AuthenticationFailed
-                                } else {
-                                    ErrorKind::Backend
-                                };
-                                Error::new(kind, what()).with_source(e)
+                                diagnosis::verify_connect_error(
+                                    what(),
+                                    e,
+                                    tls_problem,
+                                    is_auth_failure,
+                                )
                             })?;
                     let pinged = conn.ping().await;
                     let _ = conn.close().await;

@@ -404,20 +404,12 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
         Box::pin(async move {
             let what = || format!("verifying new credentials against {}", connect.target());
             let mut conn = connect.open(&creds).await.map_err(|e| {
-                if let Some(fix) = connect.tls_problem(&e) {
-                    return Error::new(
-                        ErrorKind::Tls,
-                        format!("{} as {}: {fix}", what(), creds.username),
-                    )
-                    .with_source(e)
-                    .fix_given();
-                }
-                let kind = if connect.is_auth_failure(&e) {
-                    ErrorKind::AuthenticationFailed
-                } else {
-                    ErrorKind::Backend
-                };
-                Error::new(kind, format!("{} as {}", what(), creds.username)).with_source(e)
+                super::diagnosis::verify_connect_error(
+                    format!("{} as {}", what(), creds.username),
+                    e,
+                    |e| connect.tls_problem(e),
+                    |e| connect.is_auth_failure(e),
+                )
             })?;
             connect
                 .check(&mut conn)

@@ -42,6 +42,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{BoxFuture, CredentialSource, DatabaseRole};
 use crate::pool;
 pub use crate::pool::PoolStatus;
+use crate::pool::diagnosis;
 pub use conninfo::pg_config_from_lookup;
 
 /// How vaultpool opens PostgreSQL connections: the target (host, port, database,
@@ -98,12 +99,12 @@ impl pool::Connect for PgConnect {
         // pg_hba's "no encryption" refusal has an auth SQLSTATE too; it is a TLS matter,
         // and no new credentials would help.
         e.code()
-            .is_some_and(|c| pool::PG_AUTH_FAILURE.contains(&c.code()))
+            .is_some_and(|c| diagnosis::PG_AUTH_FAILURE.contains(&c.code()))
             && self.tls_problem(e).is_none()
     }
 
     fn tls_problem(&self, e: &tokio_postgres::Error) -> Option<&'static str> {
-        pool::tls_diagnosis(e.code().map(|c| c.code()), &pool::chain_text(e))
+        diagnosis::postgres_tls_diagnosis(e.code().map(|c| c.code()), &diagnosis::chain_text(e))
     }
 
     fn check<'a>(&'a self, conn: &'a mut ClientWrapper) -> BoxFuture<'a, Result<(), String>> {

@@ -188,11 +188,7 @@ impl PgTls {
             return Ok(None);
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| {
-                Error::new(ErrorKind::Config, "configuring TLS for PostgreSQL").with_source(e)
-            })?;
+        let builder = client_config_builder(provider.clone(), "PostgreSQL")?;
         let verifier: Arc<dyn ServerCertVerifier> = match (&self.roots, self.mode) {
             (None, SslMode::VerifyCa | SslMode::VerifyFull) => {
                 return Err(Error::new(
@@ -248,23 +244,12 @@ impl PgTls {
             .with_custom_certificate_verifier(verifier);
         Ok(Some(match &self.client {
             None => builder.with_no_client_auth(),
-            Some((cert, key)) => builder
-                .with_client_auth_cert(
-                    certificates(cert, PG_CERT_VARS)?,
-                    private_key(key, "PGSSLKEY")?,
-                )
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Config,
-                        format!(
-                            "configuring the PostgreSQL client certificate {}: the key {} does \
-                             not fit it",
-                            cert.display(),
-                            key.display()
-                        ),
-                    )
-                    .with_source(e)
-                })?,
+            Some((cert, key)) => with_client_cert(
+                builder,
+                (cert, key),
+                (PG_CERT_VARS, "PGSSLKEY"),
+                "PostgreSQL",
+            )?,
         }))
     }
 
@@ -379,29 +364,12 @@ impl RedisTls {
         };
         let client_tls = match &self.client {
             Some((cert, key)) => {
+                // Checked here (the files parse, the key fits the certificate); redis is
+                // given the files' bytes and builds its own configuration from them.
                 let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-                rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| {
-                        Error::new(ErrorKind::Config, "configuring TLS for Redis").with_source(e)
-                    })?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_client_auth_cert(
-                        certificates(cert, VARS)?,
-                        private_key(key, "REDIS_TLS_KEY_FILE")?,
-                    )
-                    .map_err(|e| {
-                        Error::new(
-                            ErrorKind::Config,
-                            format!(
-                                "configuring the Redis client certificate {}: the key {} does \
-                                 not fit it",
-                                cert.display(),
-                                key.display()
-                            ),
-                        )
-                        .with_source(e)
-                    })?;
+                let builder = client_config_builder(provider, "Redis")?
+                    .with_root_certificates(rustls::RootCertStore::empty());
+                with_client_cert(builder, (cert, key), (VARS, "REDIS_TLS_KEY_FILE"), "Redis")?;
                 Some(::redis::ClientTlsConfig {
                     client_cert: read(cert)?,
                     client_key: read(key)?,
@@ -416,7 +384,6 @@ impl RedisTls {
     }
 }
 
-/// The root store for `roots`; `vars` and `what` ("PostgreSQL") for messages.
 /// redis builds its rustls configuration with the process's default crypto provider:
 /// install aws-lc-rs (the one vaultpool uses) when the application has chosen none, so
 /// that two providers compiled in and none chosen cannot panic inside redis.
@@ -428,6 +395,7 @@ pub(crate) fn ensure_default_provider() {
     }
 }
 
+/// The root store for `roots`; `vars` and `what` ("PostgreSQL") for messages.
 fn root_store(roots: &Roots, vars: &str, what: &str) -> Result<rustls::RootCertStore> {
     let mut store = rustls::RootCertStore::empty();
     match roots {
@@ -459,6 +427,43 @@ fn root_store(roots: &Roots, vars: &str, what: &str) -> Result<rustls::RootCertS
         }
     }
     Ok(store)
+}
+
+/// A rustls client configuration builder on `provider`'s safe default protocol
+/// versions; `what` ("PostgreSQL") names the server, for messages.
+fn client_config_builder(
+    provider: Arc<CryptoProvider>,
+    what: &str,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| {
+            Error::new(ErrorKind::Config, format!("configuring TLS for {what}")).with_source(e)
+        })
+}
+
+/// `builder` finished with the client certificate `cert` and its key `key` (PEM files),
+/// which must fit each other; `vars` and `key_var` name the settings that give them and
+/// `what` ("PostgreSQL") the server, for messages.
+fn with_client_cert(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    (cert, key): (&Path, &Path),
+    (vars, key_var): (&str, &str),
+    what: &str,
+) -> Result<rustls::ClientConfig> {
+    builder
+        .with_client_auth_cert(certificates(cert, vars)?, private_key(key, key_var)?)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "configuring the {what} client certificate {}: the key {} does not fit it",
+                    cert.display(),
+                    key.display()
+                ),
+            )
+            .with_source(e)
+        })
 }
 
 /// The variables that name PostgreSQL's certificate files, for messages.

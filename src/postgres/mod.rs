@@ -24,6 +24,10 @@
 //! that is checked out finishes its work and is closed when it is returned; a connection
 //! of an old generation is never handed out again. The engine revokes the old lease once
 //! its last connection is gone.
+//!
+//! Here: the [`Connect`](pool::Connect) for tokio-postgres, the builder, and the TLS
+//! connector made from libpq's settings; reading `DATABASE_URL` and the libpq variables
+//! is in `conninfo.rs`.
 
 mod conninfo;
 

@@ -92,6 +92,8 @@ pub mod error;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod lease;
+#[cfg(any(feature = "postgres", feature = "sqlx", feature = "tls"))]
+mod libpq;
 #[cfg(any(feature = "postgres", feature = "redis", feature = "sqlx"))]
 pub mod pool;
 #[cfg(feature = "postgres")]

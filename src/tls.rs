@@ -31,7 +31,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -41,63 +40,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::error::{Error, ErrorKind, Result};
-
-/// libpq's `sslmode`.
-/// Ordered from weakest to strongest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-#[non_exhaustive]
-pub enum SslMode {
-    /// Plaintext only.
-    Disable,
-    /// TLS if the server offers it (tried first; libpq tries plaintext first).
-    Allow,
-    /// TLS if the server offers it (libpq's default).
-    #[default]
-    Prefer,
-    /// TLS or nothing; the certificate is checked only if a root certificate is given.
-    Require,
-    /// TLS, the server's certificate signed by the root certificate.
-    VerifyCa,
-    /// As `VerifyCa`, and the certificate names the host connected to.
-    VerifyFull,
-}
-
-impl FromStr for SslMode {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.trim() {
-            "disable" => Self::Disable,
-            "allow" => Self::Allow,
-            "prefer" => Self::Prefer,
-            "require" => Self::Require,
-            "verify-ca" => Self::VerifyCa,
-            "verify-full" => Self::VerifyFull,
-            other => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "reading sslmode: unknown mode {other:?}; use disable, allow, prefer, \
-                         require, verify-ca or verify-full"
-                    ),
-                ));
-            }
-        })
-    }
-}
-
-impl fmt::Display for SslMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Disable => "disable",
-            Self::Allow => "allow",
-            Self::Prefer => "prefer",
-            Self::Require => "require",
-            Self::VerifyCa => "verify-ca",
-            Self::VerifyFull => "verify-full",
-        })
-    }
-}
+pub use crate::libpq::SslMode;
 
 /// Where the certificates that sign the server's come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,17 +141,14 @@ impl PgTls {
         };
         // Never weaker than any place that names a mode: the URL's parameter and
         // PGSSLMODE may both be set.
-        let mut mode: Option<SslMode> = None;
-        for given in url_params
+        let named: Vec<String> = url_params
             .iter()
             .filter(|(k, _)| k == "sslmode")
             .map(|(_, v)| v.clone())
             .chain(lookup("PGSSLMODE"))
             .filter(|v| !v.trim().is_empty())
-        {
-            let m: SslMode = given.parse()?;
-            mode = Some(mode.map_or(m, |old| old.max(m)));
-        }
+            .collect();
+        let mode = SslMode::strongest(named.iter().map(String::as_str), "sslmode")?;
         let root = get("sslrootcert", "PGSSLROOTCERT");
         let system = root.as_deref().is_some_and(|r| r.trim() == "system");
         // libpq 16: sslrootcert=system makes verify-full the default.
@@ -248,11 +188,7 @@ impl PgTls {
             return Ok(None);
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| {
-                Error::new(ErrorKind::Config, "configuring TLS for PostgreSQL").with_source(e)
-            })?;
+        let builder = client_config_builder(provider.clone(), "PostgreSQL")?;
         let verifier: Arc<dyn ServerCertVerifier> = match (&self.roots, self.mode) {
             (None, SslMode::VerifyCa | SslMode::VerifyFull) => {
                 return Err(Error::new(
@@ -308,23 +244,12 @@ impl PgTls {
             .with_custom_certificate_verifier(verifier);
         Ok(Some(match &self.client {
             None => builder.with_no_client_auth(),
-            Some((cert, key)) => builder
-                .with_client_auth_cert(
-                    certificates(cert, PG_CERT_VARS)?,
-                    private_key(key, "PGSSLKEY")?,
-                )
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Config,
-                        format!(
-                            "configuring the PostgreSQL client certificate {}: the key {} does \
-                             not fit it",
-                            cert.display(),
-                            key.display()
-                        ),
-                    )
-                    .with_source(e)
-                })?,
+            Some((cert, key)) => with_client_cert(
+                builder,
+                (cert, key),
+                (PG_CERT_VARS, "PGSSLKEY"),
+                "PostgreSQL",
+            )?,
         }))
     }
 
@@ -337,18 +262,6 @@ impl PgTls {
         Ok(self
             .rustls_config()?
             .map(tokio_postgres_rustls::MakeRustlsConnect::new))
-    }
-
-    /// tokio-postgres' own mode for these settings (it knows only disable, prefer and
-    /// require; checking the certificate is the connector's).
-    #[cfg(feature = "postgres")]
-    pub(crate) fn tokio_postgres_mode(&self) -> tokio_postgres::config::SslMode {
-        use tokio_postgres::config::SslMode as T;
-        match self.mode {
-            SslMode::Disable => T::Disable,
-            SslMode::Allow | SslMode::Prefer => T::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => T::Require,
-        }
     }
 }
 
@@ -451,29 +364,12 @@ impl RedisTls {
         };
         let client_tls = match &self.client {
             Some((cert, key)) => {
+                // Checked here (the files parse, the key fits the certificate); redis is
+                // given the files' bytes and builds its own configuration from them.
                 let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-                rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| {
-                        Error::new(ErrorKind::Config, "configuring TLS for Redis").with_source(e)
-                    })?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_client_auth_cert(
-                        certificates(cert, VARS)?,
-                        private_key(key, "REDIS_TLS_KEY_FILE")?,
-                    )
-                    .map_err(|e| {
-                        Error::new(
-                            ErrorKind::Config,
-                            format!(
-                                "configuring the Redis client certificate {}: the key {} does \
-                                 not fit it",
-                                cert.display(),
-                                key.display()
-                            ),
-                        )
-                        .with_source(e)
-                    })?;
+                let builder = client_config_builder(provider, "Redis")?
+                    .with_root_certificates(rustls::RootCertStore::empty());
+                with_client_cert(builder, (cert, key), (VARS, "REDIS_TLS_KEY_FILE"), "Redis")?;
                 Some(::redis::ClientTlsConfig {
                     client_cert: read(cert)?,
                     client_key: read(key)?,
@@ -488,7 +384,6 @@ impl RedisTls {
     }
 }
 
-/// The root store for `roots`; `vars` and `what` ("PostgreSQL") for messages.
 /// redis builds its rustls configuration with the process's default crypto provider:
 /// install aws-lc-rs (the one vaultpool uses) when the application has chosen none, so
 /// that two providers compiled in and none chosen cannot panic inside redis.
@@ -500,6 +395,7 @@ pub(crate) fn ensure_default_provider() {
     }
 }
 
+/// The root store for `roots`; `vars` and `what` ("PostgreSQL") for messages.
 fn root_store(roots: &Roots, vars: &str, what: &str) -> Result<rustls::RootCertStore> {
     let mut store = rustls::RootCertStore::empty();
     match roots {
@@ -531,6 +427,43 @@ fn root_store(roots: &Roots, vars: &str, what: &str) -> Result<rustls::RootCertS
         }
     }
     Ok(store)
+}
+
+/// A rustls client configuration builder on `provider`'s safe default protocol
+/// versions; `what` ("PostgreSQL") names the server, for messages.
+fn client_config_builder(
+    provider: Arc<CryptoProvider>,
+    what: &str,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| {
+            Error::new(ErrorKind::Config, format!("configuring TLS for {what}")).with_source(e)
+        })
+}
+
+/// `builder` finished with the client certificate `cert` and its key `key` (PEM files),
+/// which must fit each other; `vars` and `key_var` name the settings that give them and
+/// `what` ("PostgreSQL") the server, for messages.
+fn with_client_cert(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    (cert, key): (&Path, &Path),
+    (vars, key_var): (&str, &str),
+    what: &str,
+) -> Result<rustls::ClientConfig> {
+    builder
+        .with_client_auth_cert(certificates(cert, vars)?, private_key(key, key_var)?)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "configuring the {what} client certificate {}: the key {} does not fit it",
+                    cert.display(),
+                    key.display()
+                ),
+            )
+            .with_source(e)
+        })
 }
 
 /// The variables that name PostgreSQL's certificate files, for messages.
@@ -581,6 +514,13 @@ struct AnyHostName {
     provider: Arc<CryptoProvider>,
 }
 
+impl AnyHostName {
+    /// The provider's algorithms, which check the handshake's signatures.
+    fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
+        &self.provider.signature_verification_algorithms
+    }
+}
+
 impl ServerCertVerifier for AnyHostName {
     fn verify_server_cert(
         &self,
@@ -597,7 +537,7 @@ impl ServerCertVerifier for AnyHostName {
                 roots,
                 intermediates,
                 now,
-                self.provider.signature_verification_algorithms.all,
+                self.algorithms().all,
             )?;
         }
         Ok(ServerCertVerified::assertion())
@@ -609,12 +549,7 @@ impl ServerCertVerifier for AnyHostName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -623,18 +558,11 @@ impl ServerCertVerifier for AnyHostName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algorithms().supported_schemes()
     }
 }
 

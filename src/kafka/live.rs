@@ -333,10 +333,12 @@ type Build<C> = dyn Fn(&ClientConfig) -> KafkaResult<C> + Send + Sync;
 /// # Ok(()) }
 /// ```
 pub struct RotatingClient<C: SaslClient> {
-    inner: Arc<Inner<C>>,
+    inner: Arc<ClientState<C>>,
 }
 
-struct Inner<C> {
+/// What the clones of a [`RotatingClient`] share: the serving client, the settings it
+/// uses, how to build another, and the counters and signals its followers read.
+struct ClientState<C> {
     client: ArcSwap<C>,
     applied: Mutex<Arc<SaslConfig>>,
     base: ClientConfig,
@@ -392,7 +394,7 @@ impl<C: SaslClient> RotatingClient<C> {
                 ms => Duration::from_millis(ms).min(MAX_KEEP),
             });
         let client = create(&build, &base, &current, &target)?;
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(ClientState {
             client: ArcSwap::from_pointee(client),
             applied: Mutex::new(current),
             base,
@@ -464,7 +466,7 @@ impl<C: SaslClient> RotatingClient<C> {
     }
 }
 
-impl<C> Drop for Inner<C> {
+impl<C> Drop for ClientState<C> {
     fn drop(&mut self) {
         // The last handle is gone: stop the follow task (it holds only a `Weak`).
         self.cancel.cancel();
@@ -521,7 +523,11 @@ const MAX_KEEP: Duration = Duration::from_secs(3600);
 /// messages' timeout has passed, or the rotating client is gone (its drop purges the
 /// rest, as dropping any rdkafka producer does), so a runtime shutting down is never
 /// held for long.
-fn keep_flushing<C: SaslClient>(old: Arc<C>, keep: Duration, alive: std::sync::Weak<Inner<C>>) {
+fn keep_flushing<C: SaslClient>(
+    old: Arc<C>,
+    keep: Duration,
+    alive: std::sync::Weak<ClientState<C>>,
+) {
     let until = std::time::Instant::now() + keep;
     while std::time::Instant::now() < until && alive.strong_count() > 0 {
         if old.flush_for(Duration::from_secs(1)) == 0 {
@@ -533,7 +539,7 @@ fn keep_flushing<C: SaslClient>(old: Arc<C>, keep: Duration, alive: std::sync::W
 /// Follow `sasl` (kept alive by this task, so its poller runs as long as the client
 /// follows it) until the client is closed or dropped.
 async fn follow<C: SaslClient>(
-    inner: std::sync::Weak<Inner<C>>,
+    inner: std::sync::Weak<ClientState<C>>,
     sasl: KafkaSasl,
     cancel: CancellationToken,
 ) {
@@ -562,7 +568,7 @@ impl Drop for Reopen<'_> {
     }
 }
 
-impl<C: SaslClient> Inner<C> {
+impl<C: SaslClient> ClientState<C> {
     async fn apply(self: &Arc<Self>, next: Arc<SaslConfig>) -> Result<()> {
         let applied = self.applied.lock().expect("applied lock").clone();
         if next.version == applied.version {

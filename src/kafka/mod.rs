@@ -265,7 +265,7 @@ impl Builder {
         let config = Arc::new(SaslConfig::from_credentials(&first.credentials, &protocol)?);
         tracing::info!(path = %target, version = config.version, user = %config.username, "Kafka SASL settings published");
         Ok(KafkaSasl {
-            inner: Arc::new(Inner {
+            inner: Arc::new(SaslState {
                 engine,
                 target,
                 protocol,
@@ -282,10 +282,12 @@ impl Builder {
 /// Polling stops on [`close`](Self::close) or when the last clone is dropped.
 #[derive(Clone)]
 pub struct KafkaSasl {
-    inner: Arc<Inner>,
+    inner: Arc<SaslState>,
 }
 
-struct Inner {
+/// What the clones of a [`KafkaSasl`] share: the engine polling the secret, and the
+/// settings last parsed from it.
+struct SaslState {
     engine: Engine,
     target: String,
     protocol: String,

@@ -118,9 +118,9 @@ impl<X> Builder<Deadpool<X>> {
         let engine = lease
             .engine(vault, inner::verifier(verify), prewarm)
             .await?;
-        let shared = inner::Shared::build(engine, connect, settings, warm, auth_failure_wait)?;
+        let state = inner::PoolState::build(engine, connect, settings, warm, auth_failure_wait)?;
         Ok(VaultPool {
-            inner: Arc::new(shared),
+            inner: Arc::new(state),
         })
     }
 
@@ -160,7 +160,7 @@ impl<C: Connect + Clone> Builder<Deadpool<Custom<C>>> {
 /// of an old generation is never handed out again. The engine revokes the old lease
 /// once its last connection is gone.
 pub struct VaultPool<C: Connect> {
-    inner: Arc<inner::Shared<C>>,
+    inner: Arc<inner::PoolState<C>>,
 }
 
 impl<C: Connect> Clone for VaultPool<C> {

@@ -115,14 +115,14 @@ impl<C: Connect> Warm<C> {
     }
 
     /// Close the prepared connections that are not for `serving` (all, for `None`).
-    fn keep_only(&self, serving: Option<&Current>) {
+    fn close_except_for(&self, serving: Option<&Current>) {
         self.lock()
             .retain(|p| serving.is_some_and(|current| p.is_for(current)));
     }
 
     /// Close the prepared connections for `serving` that no checkout took; those being
     /// prepared for a rotation under way (other credentials) are left to it.
-    fn drop_unused(&self, serving: &Current) {
+    fn close_untaken_for(&self, serving: &Current) {
         self.lock().retain(|p| !p.is_for(serving));
     }
 
@@ -404,20 +404,12 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
         Box::pin(async move {
             let what = || format!("verifying new credentials against {}", connect.target());
             let mut conn = connect.open(&creds).await.map_err(|e| {
-                if let Some(fix) = connect.tls_problem(&e) {
-                    return Error::new(
-                        ErrorKind::Tls,
-                        format!("{} as {}: {fix}", what(), creds.username),
-                    )
-                    .with_source(e)
-                    .fix_given();
-                }
-                let kind = if connect.is_auth_failure(&e) {
-                    ErrorKind::AuthenticationFailed
-                } else {
-                    ErrorKind::Backend
-                };
-                Error::new(kind, format!("{} as {}", what(), creds.username)).with_source(e)
+                super::diagnosis::verify_connect_error(
+                    format!("{} as {}", what(), creds.username),
+                    e,
+                    |e| connect.tls_problem(e),
+                    |e| connect.is_auth_failure(e),
+                )
             })?;
             connect
                 .check(&mut conn)
@@ -430,20 +422,21 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
 /// The pool type of an adapter.
 pub(crate) type Pool<C> = managed::Pool<RotatingManager<C>, Pooled<C>>;
 
-/// A pool plus the task retiring idle connections; what each adapter handle wraps.
-pub(crate) struct Shared<C: Connect> {
+/// A pool plus the task retiring idle connections: what the clones of a
+/// [`VaultPool`](super::VaultPool) share.
+pub(crate) struct PoolState<C: Connect> {
     pub(crate) pool: Pool<C>,
     pub(crate) engine: Engine,
     retire_task: tokio::task::JoinHandle<()>,
 }
 
-impl<C: Connect> Drop for Shared<C> {
+impl<C: Connect> Drop for PoolState<C> {
     fn drop(&mut self) {
         self.retire_task.abort();
     }
 }
 
-impl<C: Connect> Shared<C> {
+impl<C: Connect> PoolState<C> {
     /// Build the deadpool pool over `connect` and start retiring idle connections of old
     /// generations.
     pub(crate) fn build(
@@ -492,10 +485,10 @@ impl<C: Connect> Shared<C> {
 
     pub(crate) async fn close(&self) {
         self.pool.close();
-        self.pool.manager().warm.keep_only(None);
+        self.pool.manager().warm.close_except_for(None);
         self.engine.close().await;
         // A rotation cut by the close may have prepared some meanwhile.
-        self.pool.manager().warm.keep_only(None);
+        self.pool.manager().warm.close_except_for(None);
     }
 
     fn pool_error(&self, e: PoolError<Error>) -> Error {
@@ -546,7 +539,7 @@ async fn retire_idle<C: Connect>(
                     purge_at = None;
                     let Some(pool) = pool.upgrade() else { return };
                     if let Ok(serving) = pool.manager().engine.usable() {
-                        pool.manager().warm.drop_unused(&serving);
+                        pool.manager().warm.close_untaken_for(&serving);
                     }
                     continue;
                 }
@@ -559,7 +552,7 @@ async fn retire_idle<C: Connect>(
         let current = *generations.borrow_and_update();
         let Some(pool) = pool.upgrade() else { return };
         let serving = pool.manager().engine.usable().ok();
-        pool.manager().warm.keep_only(serving.as_deref());
+        pool.manager().warm.close_except_for(serving.as_deref());
         purge_at = Some(tokio::time::Instant::now() + PREPARED_FOR);
         let retired = pool.retain(|conn, _| conn.generation >= current);
         if !retired.removed.is_empty() {

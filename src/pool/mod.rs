@@ -14,8 +14,11 @@
 //! - [`PoolStatus`] is what every pool's `status()` returns, the sqlx flavour included.
 //!
 //! The machinery (the deadpool manager, the generation-tagged connection, the task that
-//! retires idle connections) is in `inner.rs`; the deadpool handle in `handle.rs`.
+//! retires idle connections) is in `inner.rs`; the deadpool handle in `handle.rs`; what
+//! a failed connection means (TLS advice per backend, a refused login) in
+//! `diagnosis.rs`, which the sqlx flavour shares.
 
+pub(crate) mod diagnosis;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod handle;
 #[cfg(any(feature = "postgres", feature = "redis"))]
@@ -34,120 +37,6 @@ pub use ::deadpool::managed::Timeouts;
 pub use handle::{Custom, Deadpool, VaultPool};
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub use inner::{Connect, Pooled, RotatingManager, Tagged};
-
-/// The SQLSTATEs of a refused PostgreSQL login: `invalid_password` (also what an expired,
-/// dropped or unknown user gets) and `invalid_authorization_specification`.
-#[cfg(any(feature = "postgres", feature = "sqlx"))]
-pub(crate) const PG_AUTH_FAILURE: [&str; 2] = ["28P01", "28000"];
-
-/// What a user should do about a failed TLS connection to PostgreSQL, from the error's
-/// text (rustls' and PostgreSQL's), if it is a TLS matter.
-/// An error and its sources as one line, to look for what they say.
-#[cfg(any(feature = "postgres", feature = "sqlx", feature = "redis"))]
-pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
-/// What to fix when a connection to PostgreSQL failed for a TLS reason: a refusal by
-/// the server (`sqlstate` given: only pg_hba's 28000 for a *plaintext* connection counts,
-/// so a real login refusal is never taken for one; a refusal of a TLS connection is not
-/// blamed on TLS — PostgreSQL names the encryption in every pg_hba refusal, and the
-/// advice would be to weaken it) or a failed handshake (no SQLSTATE; rustls' and the
-/// drivers' words).
-#[cfg(any(feature = "postgres", feature = "sqlx"))]
-pub(crate) fn tls_diagnosis(sqlstate: Option<&str>, text: &str) -> Option<&'static str> {
-    let t = text.to_ascii_lowercase();
-    if let Some(code) = sqlstate {
-        return match code {
-            "28000" if t.contains("no encryption") || t.contains("ssl off") => Some(
-                "no pg_hba.conf entry accepts this plaintext connection: if the server \
-                 accepts only TLS connections here (pg_hba hostssl), set PGSSLMODE to require \
-                 or verify-full (with PGSSLROOTCERT); otherwise pg_hba lacks an entry for \
-                 this user and database",
-            ),
-            _ => None,
-        };
-    }
-    if t.contains("notvalidforname") || t.contains("not valid for name") {
-        Some(
-            "the server's certificate does not name the host connected to: connect by a name \
-             the certificate holds, or use sslmode=verify-ca",
-        )
-    } else if t.contains("unknownissuer") || t.contains("unknown issuer") {
-        Some(
-            "the server's certificate is not signed by the root certificate given: set \
-             PGSSLROOTCERT to the CA that signed it",
-        )
-    } else if t.contains("without tls support") {
-        Some("sslmode asks for TLS: build vaultpool with its `tls` feature")
-    } else if t.contains("server does not support tls") || t.contains("ssl is not enabled") {
-        Some(
-            "the server does not offer TLS: enable ssl on the server, or use sslmode=prefer \
-             or disable",
-        )
-    } else if t.contains("alert") && t.contains("certificateexpired") {
-        Some(
-            "the server refused the client certificate as expired: renew it (PGSSLCERT / \
-             PGSSLKEY)",
-        )
-    } else if t.contains("certificate")
-        && (t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid yet"))
-        && !t.contains("revocation")
-    {
-        Some("the server's certificate is expired or not yet valid: renew it on the server")
-    } else {
-        None
-    }
-}
-
-#[cfg(all(test, any(feature = "postgres", feature = "sqlx")))]
-mod tests {
-    use super::tls_diagnosis as diagnose;
-
-    #[test]
-    fn tls_failures_are_explained() {
-        let hba = "FATAL: pg_hba.conf rejects connection for host \"127.0.0.1\", user \"u\", \
-                   database \"d\", no encryption";
-        assert!(diagnose(Some("28000"), hba).unwrap().contains("PGSSLMODE"));
-        // Over TLS, a pg_hba refusal (a missing entry for the user) is not blamed on TLS.
-        let hba_tls = "FATAL: no pg_hba.conf entry for host \"127.0.0.1\", user \"v-app\", \
-                       database \"d\", SSL encryption";
-        assert!(diagnose(Some("28000"), hba_tls).is_none());
-        // A client certificate the server refused as expired is the client's to renew.
-        assert!(
-            diagnose(None, "received fatal alert: CertificateExpired")
-                .unwrap()
-                .contains("client certificate")
-        );
-        // A real login refusal is never taken for TLS, whatever the user's name says.
-        assert!(
-            diagnose(
-                Some("28P01"),
-                "password authentication failed for user \"v-unknownissuer-certificate-expired\""
-            )
-            .is_none()
-        );
-        assert!(
-            diagnose(None, "invalid peer certificate: NotValidForName")
-                .unwrap()
-                .contains("verify-ca")
-        );
-        assert!(
-            diagnose(None, "invalid peer certificate: UnknownIssuer")
-                .unwrap()
-                .contains("PGSSLROOTCERT")
-        );
-        assert!(diagnose(None, "invalid peer certificate: certificate not valid yet").is_some());
-        assert!(diagnose(None, "connection refused").is_none());
-    }
-}
 
 /// Pool and lease status together; every pool's `status()` returns it.
 #[derive(Debug, Clone)]

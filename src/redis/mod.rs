@@ -75,6 +75,8 @@
 //! moves the pool there: the new address is verified with the new credentials, new
 //! connections go to it, connections to the old one drain.
 
+mod address;
+
 use std::fmt;
 use std::time::Duration;
 
@@ -89,6 +91,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{BoxFuture, CredentialSource, DatabaseRole, KvCredentials};
 use crate::pool;
 pub use crate::pool::PoolStatus;
+use crate::pool::diagnosis::{self, TlsSymptom};
+pub use address::redis_info_from_lookup;
+use address::{NO_TLS_FEATURE, address_from_kv, check_tls_address};
 
 /// How vaultpool opens Redis connections: the address and database, no credentials.
 #[derive(Clone)]
@@ -158,75 +163,6 @@ impl RedisConnect {
     }
 }
 
-/// The address in a KV secret: `host` (required), `port` (default 6379) and `tls`
-/// (`true`/`false`; default `tls_default`: whether the pool uses TLS — then `false` is
-/// refused).
-fn address_from_kv(
-    kv: &crate::vault::KvSecret,
-    tls_default: bool,
-) -> Result<::redis::ConnectionInfo> {
-    let field = |k: &str| {
-        kv.get(k)
-            .map(|v| secrecy::ExposeSecret::expose_secret(v).trim().to_owned())
-            .filter(|v| !v.is_empty())
-    };
-    let Some(host) = field("host") else {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "reading the Redis address from KV {} (version {}): no `host`; add `host` \
-                 (and `port`, default 6379) to the secret, or set .address(…) on the builder",
-                kv.path(),
-                kv.version()
-            ),
-        ));
-    };
-    let port = field("port").unwrap_or_else(|| "6379".into());
-    let tls = match field("tls").map(|t| t.to_ascii_lowercase()).as_deref() {
-        None => tls_default,
-        Some("true" | "1" | "yes") => true,
-        Some("false" | "0" | "no") if tls_default => {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "reading the Redis address from KV {} (version {}): `tls` is false but this \
-                     pool uses TLS (TLS settings are given, or the first version's address \
-                     used TLS); a pool never moves to plaintext: remove `tls`, or build a new \
-                     pool",
-                    kv.path(),
-                    kv.version()
-                ),
-            ));
-        }
-        Some("false" | "0" | "no") => false,
-        Some(_) => {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "reading the Redis address from KV {} (version {}): `tls` must be true or \
-                     false",
-                    kv.path(),
-                    kv.version()
-                ),
-            ));
-        }
-    };
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host
-    };
-    let scheme = if tls { "rediss" } else { "redis" };
-    redis_info_from_lookup(|k| (k == "REDIS_URL").then(|| format!("{scheme}://{host}:{port}/0")))
-        .map_err(|e| {
-            e.context(format!(
-                "reading the Redis address from KV {} (version {})",
-                kv.path(),
-                kv.version()
-            ))
-        })
-}
-
 impl pool::Connect for RedisConnect {
     type Conn = RedisConnection;
     type Error = ::redis::RedisError;
@@ -254,7 +190,7 @@ impl pool::Connect for RedisConnect {
         if e.code().is_some() || self.is_auth_failure(e) {
             return None;
         }
-        tls_diagnosis(&pool::chain_text(e))
+        diagnosis::tls_diagnosis(&REDIS_TLS, &diagnosis::chain_text(e))
     }
 
     fn check<'a>(&'a self, conn: &'a mut RedisConnection) -> BoxFuture<'a, Result<(), String>> {
@@ -364,49 +300,43 @@ pub struct RedisTarget {
     tls: Option<crate::tls::RedisTls>,
 }
 
-/// What a TLS address is told without the `tls` feature.
-const NO_TLS_FEATURE: &str = "TLS (rediss://) needs vaultpool's `tls` feature; enable it, or \
-                              use redis:// on a trusted network";
-
-/// What to fix when a connection to Redis failed for a TLS reason, from the error's text
-/// (rustls' words and the alerts the server sends).
-fn tls_diagnosis(text: &str) -> Option<&'static str> {
-    let t = text.to_ascii_lowercase();
-    if t.contains("notvalidforname") || t.contains("not valid for name") {
-        Some(
-            "the server's certificate does not name the host connected to: connect by a name \
-             the certificate holds",
-        )
-    } else if t.contains("unknownissuer") || t.contains("unknown issuer") {
-        Some(
-            "the server's certificate is not signed by a trusted CA: set REDIS_TLS_CA_FILE (or \
-             RedisTls::root_cert) to the CA that signed it",
-        )
-    } else if t.contains("certificaterequired") || t.contains("certificate required") {
-        Some(
-            "the server requires a client certificate (tls-auth-clients): set \
-             REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE (or RedisTls::client_cert)",
-        )
-    } else if t.contains("alert") && t.contains("certificateexpired") {
-        Some(
-            "the server refused the client certificate as expired: renew it \
-             (REDIS_TLS_CERT_FILE / REDIS_TLS_KEY_FILE)",
-        )
-    } else if t.contains("alert") && (t.contains("unknownca") || t.contains("badcertificate")) {
-        Some(
-            "the server refused the client certificate: use one signed by a CA the server \
-             trusts (its tls-ca-cert-file)",
-        )
-    } else if t.contains("invalidcontenttype") || t.contains("corrupt message") {
-        Some("the server does not speak TLS on this port: use redis://, or the server's TLS port")
-    } else if t.contains("certificate")
-        && (t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid yet"))
-    {
-        Some("the server's certificate is expired or not yet valid: renew it on the server")
-    } else {
-        None
-    }
-}
+/// The TLS failures of a Redis connection, in the order they are looked for (rustls'
+/// words and the alerts the server sends).
+const REDIS_TLS: [TlsSymptom; 7] = [
+    TlsSymptom {
+        seen: diagnosis::names_another_host,
+        fix: "the server's certificate does not name the host connected to: connect by a name \
+              the certificate holds",
+    },
+    TlsSymptom {
+        seen: diagnosis::unknown_issuer,
+        fix: "the server's certificate is not signed by a trusted CA: set REDIS_TLS_CA_FILE (or \
+              RedisTls::root_cert) to the CA that signed it",
+    },
+    TlsSymptom {
+        seen: |t| t.contains("certificaterequired") || t.contains("certificate required"),
+        fix: "the server requires a client certificate (tls-auth-clients): set \
+              REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE (or RedisTls::client_cert)",
+    },
+    TlsSymptom {
+        seen: diagnosis::client_certificate_expired,
+        fix: "the server refused the client certificate as expired: renew it \
+              (REDIS_TLS_CERT_FILE / REDIS_TLS_KEY_FILE)",
+    },
+    TlsSymptom {
+        seen: |t| t.contains("alert") && (t.contains("unknownca") || t.contains("badcertificate")),
+        fix: "the server refused the client certificate: use one signed by a CA the server \
+              trusts (its tls-ca-cert-file)",
+    },
+    TlsSymptom {
+        seen: |t| t.contains("invalidcontenttype") || t.contains("corrupt message"),
+        fix: "the server does not speak TLS on this port: use redis://, or the server's TLS port",
+    },
+    TlsSymptom {
+        seen: diagnosis::certificate_expired,
+        fix: diagnosis::SERVER_CERTIFICATE_EXPIRED,
+    },
+];
 
 /// Default connect timeout (TCP connect and the `HELLO`/`AUTH` handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -619,112 +549,9 @@ impl Builder {
     }
 }
 
-/// Refuses what would connect with less protection than asked: `rediss://` without the
-/// `tls` feature, redis' `#insecure`, and TLS settings (`tls_given`) with a plaintext
-/// address.
-fn check_tls_address(info: &::redis::ConnectionInfo, tls_given: bool) -> Result<()> {
-    match info.addr() {
-        ::redis::ConnectionAddr::TcpTls { .. } if cfg!(not(feature = "tls")) => Err(Error::new(
-            ErrorKind::Config,
-            format!("configuring Redis at {}: {NO_TLS_FEATURE}", info.addr()),
-        )),
-        ::redis::ConnectionAddr::TcpTls { insecure: true, .. } => Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "configuring Redis at {}: #insecure turns off the server certificate check, \
-                 which vaultpool does not do; give the CA that signed the server's certificate \
-                 (REDIS_TLS_CA_FILE or RedisTls::root_cert) and remove #insecure",
-                info.addr()
-            ),
-        )),
-        ::redis::ConnectionAddr::TcpTls {
-            tls_params: Some(_),
-            ..
-        } => Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "configuring Redis at {}: the address carries redis' own TLS parameters \
-                 (Client::build_with_tls), which vaultpool would replace; give the CA and \
-                 client certificate as RedisTls (.tls(…)) and the address as a rediss:// URL",
-                info.addr()
-            ),
-        )),
-        ::redis::ConnectionAddr::Unix(_) if tls_given => Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "configuring Redis at {}: TLS settings are given (REDIS_TLS_* or .tls(…)) but \
-                 the address is a unix socket, which has no TLS; remove the TLS settings",
-                info.addr()
-            ),
-        )),
-        ::redis::ConnectionAddr::Tcp(..) if tls_given => Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "configuring Redis at {}: TLS settings are given (REDIS_TLS_* or .tls(…)) but \
-                 the address is plaintext redis://; use rediss:// (or remove the TLS settings)",
-                info.addr()
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Redis address from `REDIS_URL` (without credentials) or `REDIS_HOST` (default
-/// `127.0.0.1`) and `REDIS_PORT` (default 6379).
-///
-/// # Errors
-/// [`ErrorKind::Config`] when `REDIS_URL` is empty or unparsable.
-pub fn redis_info_from_lookup(
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<::redis::ConnectionInfo> {
-    let url = match lookup("REDIS_URL") {
-        Some(url) if url.trim().is_empty() => {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "reading REDIS_URL: it is set but empty; set it to e.g. redis://cache:6379/0 \
-                 or unset it and use REDIS_HOST/REDIS_PORT",
-            ));
-        }
-        Some(url) => url,
-        None => format!(
-            "redis://{}:{}/0",
-            lookup("REDIS_HOST").unwrap_or_else(|| "127.0.0.1".into()),
-            lookup("REDIS_PORT").unwrap_or_else(|| "6379".into())
-        ),
-    };
-    let url = url.trim();
-    if cfg!(not(feature = "tls")) && (url.starts_with("rediss://") || url.starts_with("valkeys://"))
-    {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "reading the Redis address (REDIS_URL or REDIS_HOST/REDIS_PORT): {NO_TLS_FEATURE}"
-            ),
-        ));
-    }
-    url.into_connection_info().map_err(|e| {
-        Error::new(
-            ErrorKind::Config,
-            "reading the Redis address (REDIS_URL or REDIS_HOST/REDIS_PORT): not a redis:// URL",
-        )
-        .with_source(e)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn address_from_host_and_port() {
-        let info = redis_info_from_lookup(|k| match k {
-            "REDIS_HOST" => Some("cache".into()),
-            "REDIS_PORT" => Some("6380".into()),
-            _ => None,
-        })
-        .unwrap();
-        assert_eq!(info.addr().to_string(), "cache:6380");
-    }
 
     #[tokio::test]
     async fn a_bad_address_is_reported_at_build() {
@@ -795,29 +622,8 @@ mod tests {
     }
 
     #[test]
-    fn kv_address_takes_tls_from_the_secret_or_the_settings() {
-        let kv = |tls: Option<&str>| {
-            let mut fields = vec![("host", "cache")];
-            fields.extend(tls.map(|t| ("tls", t)));
-            crate::vault::KvSecret::for_test("secret", "redis/main", 4, &fields)
-        };
-        let is_tls = |info: ::redis::ConnectionInfo| {
-            matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. })
-        };
-        if cfg!(feature = "tls") {
-            assert!(is_tls(address_from_kv(&kv(Some("true")), false).unwrap()));
-            assert!(is_tls(address_from_kv(&kv(None), true).unwrap()));
-        }
-        assert!(!is_tls(address_from_kv(&kv(None), false).unwrap()));
-        assert!(!is_tls(address_from_kv(&kv(Some("false")), false).unwrap()));
-        let err = address_from_kv(&kv(Some("false")), true).unwrap_err();
-        assert!(err.to_string().contains("`tls` is false"), "{err}");
-        let err = address_from_kv(&kv(Some("maybe")), false).unwrap_err();
-        assert!(err.to_string().contains("true or false"), "{err}");
-    }
-
-    #[test]
     fn tls_failures_are_explained() {
+        let tls_diagnosis = |text| diagnosis::tls_diagnosis(&REDIS_TLS, text);
         for (text, says) in [
             (
                 "invalid peer certificate: NotValidForName",
@@ -866,31 +672,5 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);
         assert!(err.to_string().contains("zero"), "{err}");
-    }
-
-    #[test]
-    fn kv_address_needs_a_host_and_defaults_the_port() {
-        let kv = crate::vault::KvSecret::for_test("secret", "redis/main", 2, &[("port", "6380")]);
-        let err = address_from_kv(&kv, false).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Config);
-        let msg = err.to_string();
-        assert!(
-            msg.contains("no `host`") && msg.contains("redis/main"),
-            "{msg}"
-        );
-        let kv = crate::vault::KvSecret::for_test("secret", "redis/main", 3, &[("host", "cache")]);
-        assert_eq!(
-            address_from_kv(&kv, false).unwrap().addr().to_string(),
-            "cache:6379"
-        );
-    }
-
-    #[test]
-    fn empty_or_bad_url_is_a_config_error() {
-        let err = redis_info_from_lookup(|k| (k == "REDIS_URL").then(|| " ".into())).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Config);
-        let err = redis_info_from_lookup(|k| (k == "REDIS_URL").then(|| "http://nope".into()))
-            .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Config);
     }
 }

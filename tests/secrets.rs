@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use secrecy::ExposeSecret;
 use serde_json::json;
+#[cfg(feature = "rdkafka")]
 use vaultpool::lease::KvCredentials;
 use vaultpool::postgres::VaultPgPool;
 use vaultpool::vault::{AuthMethod, Client};

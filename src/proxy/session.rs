@@ -176,7 +176,11 @@ async fn fatal<S: AsyncWrite + Unpin>(client: &mut S, code: &str, msg: &str) -> 
     client.flush().await
 }
 
-async fn start<S>(shared: &Arc<ProxyState>, client: &mut S, peer: Peer) -> io::Result<Option<Started>>
+async fn start<S>(
+    shared: &Arc<ProxyState>,
+    client: &mut S,
+    peer: Peer,
+) -> io::Result<Option<Started>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {

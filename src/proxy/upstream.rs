@@ -61,7 +61,8 @@ pub(crate) enum LoginError {
         code: String,
         message: String,
     },
-    /// TLS required but refused, or the handshake failed.
+    /// TLS required but refused, or the handshake failed (only with the `tls` feature).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     Tls(String),
     /// Something the proxy does not speak (an auth method, a broken message).
     Protocol(String),

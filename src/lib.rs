@@ -60,8 +60,9 @@
 //!
 //! ## How rotation works
 //!
-//! The architecture is three layers: a client ([`vault`]), an engine ([`lease`]) and thin
-//! adapters (one module per backend) that only subscribe to the engine. The engine holds
+//! The architecture is a client ([`vault`]), an engine ([`lease`]) on it, and thin
+//! adapters (one module per backend) that only subscribe to the engine; imports only
+//! point down (ARCHITECTURE.md draws the layers). The engine holds
 //! the current credentials in an `ArcSwap` with a [`Generation`]; it renews the lease at
 //! about ⅔ of its TTL (jittered), and when the lease cannot be renewed any further — max
 //! TTL reached, or the Vault token that issued it is ending — it issues new credentials,

@@ -34,14 +34,14 @@ struct Figures {
 
 /// A pool through `client` on `role` (`None`: a role of its own on the stack's Vault,
 /// 4 s leases renewable to 8 s: renewals and rotations every few seconds), 4 query loops
-/// for `run_for`, calling `during` every second; then close, and (on the stack) every
+/// for `run_for`, calling `during` every second with the pool's lease status; then close, and (on the stack) every
 /// lease of the role must be revoked.
 async fn under_load(
     what: &str,
     client: Client,
     role: Option<String>,
     run_for: Duration,
-    mut during: impl FnMut(u64),
+    mut during: impl FnMut(u64, &vaultpool::lease::Status),
 ) -> Figures {
     let on_stack = role.is_none();
     let role = match role {
@@ -69,7 +69,7 @@ async fn under_load(
         let s = started.elapsed().as_secs();
         if s > second {
             second = s;
-            during(s);
+            during(s, &pool.status().lease);
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -112,7 +112,7 @@ async fn jwt_login_reads_the_jwt_afresh_and_survives_token_replacement_under_loa
         .build()
         .unwrap();
     let mut written = 1;
-    let f = under_load("JWT", client, None, Duration::from_secs(20), |s| {
+    let f = under_load("JWT", client, None, Duration::from_secs(20), |s, _| {
         if s % 3 == 0 {
             write_private(&file, &mount.jwt("vaultpool", epoch() + 300, s));
             written += 1;
@@ -199,13 +199,19 @@ async fn kubernetes_login_reads_the_service_account_token_at_every_login_under_l
         .unwrap();
     let watched = client.clone();
     let mut logins_at_swap = 0;
-    let f = under_load("Kubernetes", client, None, Duration::from_secs(20), |s| {
-        if s == 8 {
-            write_atomically(&file, &service_account_token(&key, 1), 0o644);
-            review.revoke(&first);
-            logins_at_swap = watched.token_info().map_or(0, |t| t.logins);
-        }
-    })
+    let f = under_load(
+        "Kubernetes",
+        client,
+        None,
+        Duration::from_secs(20),
+        |s, _| {
+            if s == 8 {
+                write_atomically(&file, &service_account_token(&key, 1), 0o644);
+                review.revoke(&first);
+                logins_at_swap = watched.token_info().map_or(0, |t| t.logins);
+            }
+        },
+    )
     .await;
     let reviews = review.reviews.load(Ordering::Relaxed);
     println!(
@@ -219,6 +225,133 @@ async fn kubernetes_login_reads_the_service_account_token_at_every_login_under_l
         f.logins >= logins_at_swap + 2,
         "{f:?}, {logins_at_swap} at the swap"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kubernetes auth while the API server's TokenReview is slow: the client's re-login
+/// takes 25 s, started when its kept token has 40 s left (tokens of 120 s, not renewable
+/// past that). Nobody waits for it: lease renewals and rotations go on during the login,
+/// no query fails, no lease expires, and the login is sent once — not again by every
+/// worker step cut while it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_25_s_login_never_holds_up_lease_renewals() {
+    let review = TokenReview::start().await;
+    let path = kubernetes_mount(&review, "120s", "120s").await;
+    let (dir, key, _) = jwt_keys();
+    let file = dir.join("token");
+    write_atomically(&file, &service_account_token(&key, 0), 0o644);
+    let client = builder()
+        .auth(
+            AuthMethod::kubernetes("app")
+                .with_mount(&path)
+                .with_token_path(&file),
+        )
+        .request_timeout(Duration::from_secs(40))
+        .build()
+        .unwrap();
+    client.login().await.unwrap();
+    let first_login = Instant::now();
+    // From now on every review (so every login) takes 25 s.
+    review.delay_ms.store(25_000, Ordering::Relaxed);
+    let watched = client.clone();
+    // Lease work (renewals + rotations) and reviews sent, while the slow login ran.
+    let (mut at_start, mut at_end) = (None, None);
+    let mut login_done = None;
+    let mut errors = Vec::new();
+    let f = under_load(
+        "Kubernetes, a 25 s login",
+        client,
+        None,
+        // Past the old token's end (120 s), when the leases it issued died with it.
+        Duration::from_secs(126),
+        |_, status| {
+            let since = first_login.elapsed();
+            let work = status.renewals + status.rotations;
+            let reviews = review.reviews.load(Ordering::Relaxed);
+            if since >= Duration::from_secs(81) && at_start.is_none() {
+                at_start = Some((since, work, reviews));
+            }
+            if since >= Duration::from_secs(104) && at_end.is_none() {
+                at_end = Some((since, work, reviews));
+            }
+            if login_done.is_none() && watched.token_info().is_some_and(|t| t.logins >= 2) {
+                login_done = Some(since);
+                println!("a 25 s login: the second login done at {since:?}");
+            }
+            if let Some(e) = status.last_error.clone() {
+                errors.push(e);
+            }
+        },
+    )
+    .await;
+    let (start, end) = (at_start.unwrap(), at_end.unwrap());
+    println!(
+        "a 25 s login: lease renewals+rotations {} during it ({:?} → {:?}), reviews {} → {}, \
+         the second login done at {login_done:?}; {f:?}",
+        end.1 - start.1,
+        start.0,
+        end.0,
+        start.2,
+        end.2
+    );
+    let done = login_done.expect("the slow login never finished");
+    assert!(
+        done >= Duration::from_secs(100),
+        "the second login was not slow: done at {done:?}"
+    );
+    // Leases of 4 s renewable to 8 s: several renewals or rotations in 23 s.
+    assert!(
+        end.1 >= start.1 + 3,
+        "lease work stalled behind the login: {start:?} → {end:?}"
+    );
+    // One login (one review) in flight across the window, not one per cut step.
+    assert!(end.2 <= start.2 + 1, "logins repeated: {start:?} → {end:?}");
+    assert!(
+        !errors.iter().any(|e| e.contains("expired")),
+        "a lease expired: {errors:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Logins whose answer is slow (Vault waits on a slow TokenReview) and time out do not
+/// open the client's circuit breaker: Vault itself answers, and calls that need no login
+/// go on. Six timed-out logins (the breaker opens after five transport failures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_timeouts_do_not_open_the_circuit_breaker() {
+    let review = TokenReview::start().await;
+    let path = kubernetes_mount(&review, "60s", "60s").await;
+    let (dir, key, _) = jwt_keys();
+    let file = dir.join("token");
+    write_atomically(&file, &service_account_token(&key, 0), 0o644);
+    review.delay_ms.store(3_000, Ordering::Relaxed);
+    let client = builder()
+        .auth(
+            AuthMethod::kubernetes("app")
+                .with_mount(&path)
+                .with_token_path(&file),
+        )
+        .request_timeout(Duration::from_millis(500))
+        .max_retries(0)
+        .build()
+        .unwrap();
+    for attempt in 1..=6 {
+        let e = client.login().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Transport, "login {attempt}: {e}");
+        assert!(e.to_string().contains("timed out"), "login {attempt}: {e}");
+        assert!(
+            !client.circuit_open(),
+            "login {attempt} timed out and the breaker opened: {e}"
+        );
+        // Past the refresh backoff (it doubles from 1 s): the next call logs in again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Vault answers calls that need no login.
+    client.health().await.unwrap();
+    assert!(!client.circuit_open());
+    // And once the API server is quick again, the login goes through.
+    review.delay_ms.store(0, Ordering::Relaxed);
+    let info = client.login().await.unwrap();
+    assert!(info.logins >= 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -290,7 +423,7 @@ async fn vault_agent_token_file_replaced_during_the_run_loses_no_query() {
         client.clone(),
         None,
         Duration::from_secs(25),
-        |_| {},
+        |_, _| {},
     )
     .await;
     assert!(
@@ -359,7 +492,14 @@ async fn vault_proxy_auto_auth_token_replaced_during_the_run_loses_no_query() {
         .auth(AuthMethod::ProxyAutoAuth)
         .build()
         .unwrap();
-    let f = under_load("Vault Proxy", client, None, Duration::from_secs(25), |_| {}).await;
+    let f = under_load(
+        "Vault Proxy",
+        client,
+        None,
+        Duration::from_secs(25),
+        |_, _| {},
+    )
+    .await;
     assert!(
         f.tokens >= 3,
         "the Proxy's token was replaced only {} times: {f:?}",
@@ -392,7 +532,7 @@ async fn tls_certificate_login_under_load() {
         client,
         Some(role),
         Duration::from_secs(15),
-        |_| {},
+        |_, _| {},
     )
     .await;
     assert!(f.logins >= 2, "{f:?}");
@@ -440,7 +580,7 @@ async fn a_custom_login_from_the_example_under_load() {
         client,
         None,
         Duration::from_secs(15),
-        |_| {},
+        |_, _| {},
     )
     .await;
     assert!(f.logins >= 2, "{f:?}");

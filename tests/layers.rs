@@ -78,7 +78,11 @@ fn imports_only_point_down_a_layer() {
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     files.sort();
-    assert!(files.len() > 20, "found only {} files under src/", files.len());
+    assert!(
+        files.len() > 20,
+        "found only {} files under src/",
+        files.len()
+    );
     let mut wrong = Vec::new();
     let mut checked = 0;
     for file in &files {
@@ -121,14 +125,24 @@ fn imports_only_point_down_a_layer() {
             }
         }
     }
-    assert!(checked > 100, "only {checked} crate paths seen: is the scan broken?");
-    assert!(wrong.is_empty(), "imports that do not point down:\n{}", wrong.join("\n"));
+    assert!(
+        checked > 100,
+        "only {checked} crate paths seen: is the scan broken?"
+    );
+    assert!(
+        wrong.is_empty(),
+        "imports that do not point down:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
 fn the_scan_finds_upward_and_sideways_imports() {
     assert_eq!(crate_paths("use crate::lease::BoxFuture;"), ["lease"]);
-    assert_eq!(crate_paths("x: crate::vault::Client, y: crate::error::Result"), ["vault", "error"]);
+    assert_eq!(
+        crate_paths("x: crate::vault::Client, y: crate::error::Result"),
+        ["vault", "error"]
+    );
     assert!(crate_paths("$crate::foo and subcrate::bar").is_empty());
     // vault (2) → lease (3) is up; redis (5) → postgres (5) is sideways: both wrong.
     assert!(layer("lease") > layer("vault"));

@@ -863,3 +863,20 @@ async fn a_driver_of_your_own_behind_vault_pool_custom_rotates_under_load() {
     assert!(status.size <= 4, "{status:?}");
     assert_leases_gone(&role).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caching_vault_proxy_never_makes_the_pool_retire_or_revoke_its_serving_lease() {
+    scenarios::a_caching_vault_proxy_hands_back_the_serving_lease(
+        "deadpool",
+        |client, role| async move {
+            VaultPgPool::builder(&role)
+                .vault(client)
+                .pg_config(pg_target())
+                .max_size(4)
+                .policy(fast_policy())
+                .build()
+                .await
+        },
+    )
+    .await;
+}

@@ -288,3 +288,20 @@ async fn pool_users_heal_after_a_login_refused_for_another_reason() {
         "the refused user {user} left behind"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_a_caching_vault_proxy_never_makes_the_pool_retire_or_revoke_its_serving_lease() {
+    scenarios::a_caching_vault_proxy_hands_back_the_serving_lease(
+        "sqlx",
+        |client, role| async move {
+            VaultSqlxPool::builder(&role)
+                .vault(client)
+                .connect_options(target())
+                .pool_options(PgPoolOptions::new().max_connections(4))
+                .policy(fast_policy())
+                .build()
+                .await
+        },
+    )
+    .await;
+}

@@ -45,6 +45,11 @@ pub(super) struct Retiring {
 }
 
 impl Retiring {
+    /// The id of the retiring lease.
+    pub(super) fn lease_id(&self) -> &str {
+        &self.lease.id
+    }
+
     /// `current`'s generation, retired at `now`, revoked at `deadline` at the latest.
     pub(super) fn new(current: &Current, deadline: Option<Instant>, now: Instant) -> Self {
         Self {

@@ -93,11 +93,16 @@ pub(super) struct Issued {
 
 /// Issue credentials and, if a verifier is set, check them; revoke them if the check
 /// fails. Returns how long issuing and verifying took.
+///
+/// `held` are the ids of the leases the engine holds (serving and retiring): an answer
+/// with one of them is not new credentials (a cache in front of Vault handed it back)
+/// and is an error here — never verified, never revoked, never swapped in.
 pub(super) async fn issue_verified(
     source: &Arc<dyn Source>,
     verify: Option<&Verifier>,
     verify_timeout: Duration,
     what: &str,
+    held: &[&str],
 ) -> Result<Issued> {
     let started = now();
     // Issued in a task of its own: if this future is dropped while Vault is still
@@ -111,6 +116,21 @@ pub(super) async fn issue_verified(
         })),
     };
     let leased = in_flight.answer(what).await?;
+    // A secret without a lease (KV: the same version read again) is the caller's to
+    // judge; a lease this engine holds is never new.
+    let id = leased.lease.id.as_str();
+    if !id.is_empty() && !leased.lease.duration.is_zero() && held.contains(&id) {
+        return Err(Error::new(
+            ErrorKind::CredentialsUnavailable,
+            format!(
+                "issuing credentials of {what}: Vault's answer is lease {id}, which this pool \
+                 already holds — a cache in front of Vault (a Vault Proxy or Agent with \
+                 `cache {{}}`) hands back the credentials it issued first instead of new ones; \
+                 they serve until their end, and rotation resumes when new ones come. Run the \
+                 Proxy without `cache` for dynamic credentials (README: Running on Kubernetes)"
+            ),
+        ));
+    }
     let issued = now();
     // Until verified and handed over, these credentials are ours alone: if this future is
     // dropped midway (a caller's timeout around `build()`), revoke them in the background
@@ -358,11 +378,16 @@ async fn issue_for_rotation(
     state: &mut WorkerState,
     reason: Reason,
 ) -> Result<Issued> {
+    let serving = shared.current.load_full();
+    let held: Vec<&str> = std::iter::once(serving.lease.id.as_str())
+        .chain(state.drain.retiring.iter().map(Retiring::lease_id))
+        .collect();
     let issued = issue_verified(
         &shared.source,
         shared.settings.verify.as_ref(),
         shared.settings.verify_timeout,
         &shared.source_name,
+        &held,
     )
     .await
     .map_err(|e| {

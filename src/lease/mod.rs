@@ -366,6 +366,7 @@ async fn start(setup: Setup) -> Result<Engine> {
         settings.verify.as_ref(),
         settings.verify_timeout,
         &source_name,
+        &[],
     )
     .await
     .map_err(|e| e.context(format!("obtaining the first credentials of {source_name}")))?

@@ -238,6 +238,20 @@ impl WorkerState {
         }
     }
 
+    /// Take over what the client knows of its token's refreshes (they run in the
+    /// background, whoever started them): a failure is reported once per failed attempt,
+    /// a success clears it.
+    fn follow_token(&mut self, shared: &EngineState) {
+        match shared.source.token_failure() {
+            Some((failures, e)) if failures != self.token_failures => {
+                self.token_failures = failures.saturating_sub(1);
+                self.token_failed(shared, &e);
+            }
+            None if self.token_failures > 0 => self.token_refreshed(shared),
+            _ => {}
+        }
+    }
+
     /// The Vault token could not be refreshed; the client retries with backoff.
     fn token_failed(&mut self, shared: &EngineState, e: &crate::Error) {
         self.token_failures = self.token_failures.saturating_add(1);
@@ -482,15 +496,16 @@ async fn due_work(
     poll_at: Option<Instant>,
 ) {
     let now = now();
-    if state.token_failures > 0 && !shared.source.token_failing() {
-        // Refreshed by another caller of the same client meanwhile.
-        state.token_refreshed(shared);
-    }
+    state.follow_token(shared);
     if shared.source.token_refresh_at().is_some_and(|t| now >= t) {
-        match shared.source.refresh_token().await {
-            Ok(()) => state.token_refreshed(shared),
-            Err(e) => state.token_failed(shared, &e),
+        // While the current token is valid this only starts the refresh (it runs in the
+        // background, recorded by the client) and returns: renewals never wait for it.
+        if let Err(e) = shared.source.refresh_token().await
+            && shared.source.token_failure().is_none()
+        {
+            state.token_failed(shared, &e);
         }
+        state.follow_token(shared);
     }
     // Revoke what has drained before creating anything new.
     retire(shared, &mut state.drain, false).await;

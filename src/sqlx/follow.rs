@@ -91,7 +91,11 @@ pub(super) async fn follow(
             continue;
         }
         pool.set_connect_options(super::options_for(&base, &next));
-        tracker.retire(current.credentials.username.clone());
+        // A generation with the same user (the same credentials handed back) never
+        // retires the user it serves with.
+        if current.credentials.username != next.credentials.username {
+            tracker.retire(current.credentials.username.clone());
+        }
         applied.send_replace(next.generation);
         // Hold the new generation before letting go of the old one, so the engine never
         // sees a generation of ours at zero connections while it is still in use.

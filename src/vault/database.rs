@@ -46,7 +46,56 @@ impl std::fmt::Debug for StaticCreds {
     }
 }
 
+/// How often a revoked lease from a cache is asked for again, and how long apart: a
+/// Vault Proxy evicts a lease revoked through it just after it answers the revoke.
+const CACHE_EVICTION_TRIES: u32 = 5;
+const CACHE_EVICTION_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl Client {
+    /// A lease a cache in front of Vault answered with (a Vault Proxy or Agent with
+    /// `cache {}` hands every request the lease it issued first, with the TTL it had
+    /// then): its real end from Vault (`sys/leases/lookup` is never cached), or an
+    /// error if Vault no longer knows it (revoked, while the cache still holds it).
+    async fn cached_lease_end(
+        &self,
+        lease: &mut crate::credentials::Lease,
+        what: &str,
+    ) -> Result<()> {
+        match self.lookup_lease(&lease.id).await {
+            Ok(info) => {
+                tracing::debug!(
+                    lease_id = %lease.id,
+                    cached_ttl_s = lease.duration.as_secs(),
+                    ttl_s = info.ttl.as_secs(),
+                    "credentials came from a cache in front of Vault; their end is Vault's"
+                );
+                lease.duration = info.ttl;
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::new(
+                ErrorKind::CredentialsUnavailable,
+                format!(
+                    "{what}: a cache in front of Vault (a Vault Proxy or Agent with `cache {{}}`) \
+                     answered with lease {}, which Vault no longer knows (revoked); the cache \
+                     drops it at its next renewal. Give the token `update` on \
+                     `sys/leases/revoke` so that revocations evict the cache, or run the Proxy \
+                     without `cache` for dynamic credentials",
+                    lease.id
+                ),
+            )),
+            Err(e) => {
+                // Not allowed to look it up (or Vault unreachable): the cache's TTL, which
+                // may be longer than what is left.
+                tracing::warn!(
+                    lease_id = %lease.id,
+                    "credentials came from a cache in front of Vault and their real end \
+                     could not be looked up; taking the cached TTL: {e}"
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// Read a static role's credentials: `GET {mount}/static-creds/{role}`. Nothing is
     /// leased: the user stays, Vault changes its password every rotation period.
     ///
@@ -80,18 +129,35 @@ impl Client {
         check_name("the database role", role)?;
         let path = format!("{mount}/creds/{role}");
         let what = format!("leasing database credentials for role {role} ({path})");
-        let (env, received) = self
-            .call::<CredsData>(Call::get(&path))
-            .await
-            .map_err(|e| e.context(&what))?;
-        let (data, parts) = env.into_data(&what)?;
-        if parts.id.is_empty() {
-            return Err(Error::new(
-                ErrorKind::Decode,
-                format!("{what}: the answer carries no lease_id"),
-            ));
-        }
-        let lease = parts.into_lease(received, &what)?;
+        let mut tries = 0;
+        let (data, lease) = loop {
+            let (env, received, from_cache) = self
+                .call_cached::<CredsData>(Call::get(&path))
+                .await
+                .map_err(|e| e.context(&what))?;
+            let (data, parts) = env.into_data(&what)?;
+            if parts.id.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Decode,
+                    format!("{what}: the answer carries no lease_id"),
+                ));
+            }
+            let mut lease = parts.into_lease(received, &what)?;
+            if !from_cache {
+                break (data, lease);
+            }
+            match self.cached_lease_end(&mut lease, &what).await {
+                Ok(()) => break (data, lease),
+                // A Proxy evicts a lease revoked through it a moment after the revoke's
+                // answer: a revoked lease right after a revoke is asked for again.
+                Err(e) if tries < CACHE_EVICTION_TRIES => {
+                    tries += 1;
+                    tracing::debug!("{e}; asking again in {CACHE_EVICTION_WAIT:?}");
+                    tokio::time::sleep(CACHE_EVICTION_WAIT).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         tracing::info!(
             role,
             lease_id = %lease.id,

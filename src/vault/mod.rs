@@ -68,6 +68,9 @@ struct ClientState {
     breaker: Breaker,
     auth: auth::TokenManager,
     kv_cache: kv::Cache,
+    /// An answer came through a cache in front of Vault (a Vault Proxy or Agent with
+    /// `cache {}`): revocations are sent in the form that cache evicts.
+    behind_cache: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Client {
@@ -116,12 +119,6 @@ impl Client {
     /// When the client's token is due for renewal or re-login, if it has one.
     pub(crate) fn token_refresh_at(&self) -> Option<Instant> {
         self.inner.auth.refresh_at()
-    }
-
-    /// Whether refreshing the client's token is failing (no success since the last
-    /// failure).
-    pub(crate) fn token_refresh_failing(&self) -> bool {
-        self.inner.auth.refresh_failing()
     }
 
     /// Whether the circuit breaker is currently open (calls fail fast).

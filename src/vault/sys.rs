@@ -125,8 +125,8 @@ impl Client {
         if let Some(inc) = increment {
             body["increment"] = json!(inc.as_secs());
         }
-        let (env, received) = self
-            .call::<serde_json::Value>(Call::put("sys/leases/renew", &body))
+        let (env, received, from_cache) = self
+            .call_cached::<serde_json::Value>(Call::put("sys/leases/renew", &body))
             .await
             .map_err(|e| e.context(&what))?;
         let Envelope {
@@ -147,6 +147,16 @@ impl Client {
         );
         lease.issued_at = received;
         lease.warnings = warnings;
+        if from_cache {
+            // A cache answered with an earlier renewal's answer: this renewal never reached
+            // Vault (the cache renews on its own). What is left is Vault's to say.
+            let info = self
+                .lookup_lease(&lease.id)
+                .await
+                .map_err(|e| e.context(&what))?;
+            lease.duration = info.ttl;
+            lease.renewable = info.renewable;
+        }
         tracing::debug!(
             lease_id,
             ttl_s = lease.duration.as_secs(),
@@ -174,7 +184,57 @@ impl Client {
         .await
         .map_err(|e| e.context(&what))?;
         tracing::info!(lease_id, "revoked lease");
+        if self
+            .inner
+            .behind_cache
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.evict_from_cache(lease_id).await;
+        }
         Ok(())
+    }
+
+    /// Ask the cache in front of Vault (a Vault Proxy or Agent with `cache {}`) to drop
+    /// the answers that issued `lease_id`, just revoked: left there, the dead lease is
+    /// handed to the next request for new credentials until the cache's own renewal of
+    /// it fails. Revocations seen by the cache evict only by lease, and a lease renewed
+    /// through it is indexed by its renewal, not by the answer that issued it — so the
+    /// request path is cleared (`{proxy,agent}/v1/cache-clear`, which needs no token).
+    /// Best effort: a failure is logged.
+    async fn evict_from_cache(&self, lease_id: &str) {
+        // A dynamic secret's lease id is the path that issued it plus an id of its own.
+        let Some((path, _)) = lease_id.rsplit_once('/') else {
+            return;
+        };
+        let mut body = json!({ "type": "request_path", "value": format!("/v1/{path}") });
+        if let Some(ns) = &self.inner.namespace {
+            body["namespace"] = json!(ns);
+        }
+        let mut last = None;
+        for endpoint in ["proxy/v1/cache-clear", "agent/v1/cache-clear"] {
+            let call = Call::put(endpoint, &body)
+                .outside_api()
+                .unauthenticated()
+                .no_retry();
+            match self.send(call).await {
+                Ok(_) => {
+                    tracing::debug!(
+                        lease_id,
+                        endpoint,
+                        "cleared the revoked lease from the cache"
+                    );
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            tracing::warn!(
+                lease_id,
+                "the revoked lease could not be cleared from the cache in front of Vault; it \
+                 may be handed out again until the cache's renewal of it fails: {e}"
+            );
+        }
     }
 
     /// Revoke every lease under a prefix: `PUT sys/leases/revoke-prefix/{prefix}`

@@ -32,6 +32,13 @@ pub(crate) struct Call<'a> {
     /// Never retry (e.g. a login that carries a one-time secret_id is safe to retry,
     /// but a health probe should answer at once).
     no_retry: bool,
+    /// A login: Vault may ask another system before it answers (Kubernetes'
+    /// TokenReview, a JWKS or OIDC endpoint), so a timeout waiting for the answer says
+    /// nothing about Vault's own health and does not count towards the circuit breaker
+    /// (which would then refuse lease renewals that Vault can answer).
+    login: bool,
+    /// The path is not under `/v1` (a Vault Proxy's or Agent's own endpoints).
+    outside_api: bool,
 }
 
 impl<'a> Call<'a> {
@@ -44,6 +51,8 @@ impl<'a> Call<'a> {
             token: None,
             any_status: false,
             no_retry: false,
+            login: false,
+            outside_api: false,
         }
     }
     pub(crate) fn get(path: &'a str) -> Self {
@@ -58,6 +67,16 @@ impl<'a> Call<'a> {
     }
     pub(crate) fn unauthenticated(mut self) -> Self {
         self.authed = false;
+        self
+    }
+    /// A path outside Vault's `/v1` API (a Vault Proxy's or Agent's own endpoint).
+    pub(crate) fn outside_api(mut self) -> Self {
+        self.outside_api = true;
+        self
+    }
+    /// A login (see the field): its timeouts do not open the circuit breaker.
+    pub(crate) fn login(mut self) -> Self {
+        self.login = true;
         self
     }
     pub(crate) fn with_token(mut self, token: &'a secrecy::SecretString) -> Self {
@@ -80,6 +99,9 @@ pub(crate) struct Answer {
     pub(crate) status: StatusCode,
     pub(crate) body: Zeroizing<Vec<u8>>,
     pub(crate) received: Instant,
+    /// Served from a cache in front of Vault (a Vault Proxy or Agent with `cache {}`
+    /// answers `X-Cache: HIT`): the answer may be minutes old.
+    pub(crate) from_cache: bool,
 }
 
 /// The most we read of a response body; Vault's answers are a few KiB.
@@ -232,7 +254,11 @@ impl Client {
         let (index, base) = self.base();
         let result = self.exchange(base, call, token).await;
         let kind = result.as_ref().err().map(Error::kind);
-        if kind == Some(ErrorKind::Transport) {
+        let slow_login = call.login && result.as_ref().err().is_some_and(timed_out);
+        if slow_login {
+            // Connected, sent, and no answer in time: no verdict on Vault's health (a
+            // probe's guard, dropped below, lets another probe through).
+        } else if kind == Some(ErrorKind::Transport) {
             inner.breaker.on_transport_failure(Instant::now());
         } else {
             // Any other outcome, a refused certificate included, came from a live server:
@@ -243,7 +269,9 @@ impl Client {
         if matches!(kind, Some(ErrorKind::Transport | ErrorKind::Tls)) {
             self.fail_over(index);
         }
-        if let Some(p) = probe {
+        if let Some(p) = probe
+            && !slow_login
+        {
             std::mem::forget(p);
         }
         result
@@ -271,7 +299,11 @@ impl Client {
     ) -> Result<Answer> {
         let inner = &self.inner;
         let url = base
-            .join(&format!("v1/{}", call.path.trim_start_matches('/')))
+            .join(&if call.outside_api {
+                call.path.trim_start_matches('/').to_owned()
+            } else {
+                format!("v1/{}", call.path.trim_start_matches('/'))
+            })
             .map_err(|e| {
                 Error::new(
                     ErrorKind::Config,
@@ -312,6 +344,14 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|s| Duration::from_secs(s.min(3600)));
+        // A Vault Proxy or Agent with `cache {}` marks every answer it handles with
+        // X-Cache (HIT or MISS): requests go through a cache from now on.
+        let cache = resp.headers().get("x-cache").map(|v| v.as_bytes().to_vec());
+        if cache.is_some() {
+            inner
+                .behind_cache
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         // Sized once from Content-Length where given; a buffer outgrown is zeroized
         // before it is freed, so no copy of a secret is left behind in the heap.
         let hint = resp.content_length().unwrap_or(0).min(MAX_BODY as u64) as usize;
@@ -342,6 +382,7 @@ impl Client {
             status,
             body,
             received: Instant::now(),
+            from_cache: cache.is_some_and(|v| v.eq_ignore_ascii_case(b"hit")),
         };
         if status.is_success() || call.any_status {
             return Ok(answer);
@@ -388,9 +429,20 @@ impl Client {
         &self,
         call: Call<'_>,
     ) -> Result<(Envelope<T>, Instant)> {
+        let (envelope, received, _) = self.call_cached(call).await?;
+        Ok((envelope, received))
+    }
+
+    /// [`call`](Self::call), also saying whether the answer came from a cache in front
+    /// of Vault.
+    pub(crate) async fn call_cached<T: DeserializeOwned>(
+        &self,
+        call: Call<'_>,
+    ) -> Result<(Envelope<T>, Instant, bool)> {
         let what = format!("{} {}", call.method, call.path);
         let answer = self.send(call).await?;
-        Ok((Envelope::decode(&answer.body, &what)?, answer.received))
+        let envelope = Envelope::decode(&answer.body, &what)?;
+        Ok((envelope, answer.received, answer.from_cache))
     }
 }
 
@@ -401,6 +453,14 @@ impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
         self.0.release_probe();
     }
+}
+
+/// Whether `e` is a request that got no answer within the request timeout (connected
+/// and sent: the server was reached).
+fn timed_out(e: &Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<reqwest::Error>())
+        .is_some_and(|r| r.is_timeout() && !r.is_connect())
 }
 
 fn transport_error(what: String, e: reqwest::Error) -> Error {

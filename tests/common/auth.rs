@@ -145,6 +145,8 @@ pub fn write_atomically(path: &std::path::Path, text: &str, mode: u32) {
 pub struct TokenReview {
     pub addr: String,
     pub reviews: Arc<AtomicU64>,
+    /// How long each review waits before it answers (a slow API server), in ms.
+    pub delay_ms: Arc<AtomicU64>,
     revoked: Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -154,22 +156,24 @@ impl TokenReview {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let reviews = Arc::new(AtomicU64::new(0));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let revoked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let (r, v) = (reviews.clone(), revoked.clone());
+        let (r, v, d) = (reviews.clone(), revoked.clone(), delay_ms.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (r, v) = (r.clone(), v.clone());
+                let (r, v, d) = (r.clone(), v.clone(), d.clone());
                 tokio::spawn(async move {
-                    let _ = serve_review(sock, &r, &v).await;
+                    let _ = serve_review(sock, &r, &v, &d).await;
                 });
             }
         });
         Self {
             addr,
             reviews,
+            delay_ms,
             revoked,
             task,
         }
@@ -191,6 +195,7 @@ async fn serve_review(
     mut sock: tokio::net::TcpStream,
     reviews: &AtomicU64,
     revoked: &std::sync::Mutex<Vec<String>>,
+    delay_ms: &AtomicU64,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = Vec::new();
@@ -217,6 +222,7 @@ async fn serve_review(
         }
     };
     reviews.fetch_add(1, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(delay_ms.load(Ordering::Relaxed))).await;
     let review: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let token = review["spec"]["token"]
         .as_str()

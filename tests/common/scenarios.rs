@@ -162,3 +162,128 @@ pub async fn hundred_rotations_then_close_leave_nothing<P: TestPool>(
     assert!(left.is_empty(), "roles left: {left:?}");
     assert!(leases.is_empty(), "leases left: {leases:?}");
 }
+
+/// A Vault Proxy with `cache {}` (AppRole auto-auth, `use_auto_auth_token`: the pool holds
+/// no token) hands every request for credentials the lease it issued first, with the TTL
+/// it had then. `build` makes a pool of the flavour through a client and a role.
+///
+/// 1. Under load, three forced rotations: each is refused as "not new credentials" —
+///    never swapped in, never retiring or revoking the serving lease or user — and no
+///    query fails.
+/// 2. `close()` revokes, and clears the lease from the Proxy's cache: the next pool on
+///    the role gets a new lease, not the revoked one.
+/// 3. A lease revoked where the cache cannot see it (straight at Vault) stays in the
+///    cache: the next pool fails to start with an error that says so (Vault no longer
+///    knows the lease), instead of "the backend refused the credentials".
+pub async fn a_caching_vault_proxy_hands_back_the_serving_lease<P, F, Fut>(flavour: &str, build: F)
+where
+    P: TestPool,
+    F: Fn(vaultpool::vault::Client, String) -> Fut,
+    Fut: std::future::Future<Output = vaultpool::Result<P>>,
+{
+    let role = create_role("1m", "10m").await;
+    let name = format!("cache-{}", unique());
+    let (role_id, secret_id) = approle(
+        &var("VAULT_ADDR"),
+        &var("VAULTPOOL_ROOT_TOKEN"),
+        &name,
+        IMMUNE_POLICY,
+        ("10m", "1h"),
+    )
+    .await;
+    let port = free_port();
+    let config = format!(
+        "vault {{ address = \"{}\" }}\n\
+         auto_auth {{\n  method \"approle\" {{\n    config = {{\n      \
+         role_id_file_path = \"{{dir}}/role_id\"\n      \
+         secret_id_file_path = \"{{dir}}/secret_id\"\n      \
+         remove_secret_id_file_after_reading = false\n    }}\n  }}\n}}\n\
+         cache {{}}\napi_proxy {{ use_auto_auth_token = true }}\n\
+         listener \"tcp\" {{ address = \"127.0.0.1:{port}\" tls_disable = true }}\n",
+        var("VAULT_ADDR"),
+    );
+    let proxy = BaoHelper::prepare("proxy", &config);
+    std::fs::write(proxy.dir.join("role_id"), role_id).unwrap();
+    std::fs::write(proxy.dir.join("secret_id"), secret_id).unwrap();
+    let proxy = proxy.spawn();
+    eventually(Duration::from_secs(10), "the Proxy listening", || {
+        port_open(&format!("127.0.0.1:{port}"))
+    })
+    .await;
+    let client = || {
+        vaultpool::vault::Client::builder()
+            .address(format!("http://127.0.0.1:{port}"))
+            .auth(vaultpool::vault::AuthMethod::ProxyAutoAuth)
+            .build()
+            .unwrap()
+    };
+
+    // The listener opens before auto-auth has a token.
+    let ready = Instant::now();
+    while let Err(e) = client().login().await {
+        assert!(ready.elapsed() < Duration::from_secs(15), "the Proxy never logged in: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 1. Forced rotations through the cache, under load.
+    let pool = build(client(), role.clone()).await.unwrap();
+    let first = pool.engine().current();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_load(&pool, 8, stop.clone());
+    for i in 1..=3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let e = pool.rotate().await.unwrap_err();
+        println!("{flavour}, caching Proxy, forced rotation {i}: {e}");
+        assert_eq!(
+            e.kind(),
+            vaultpool::ErrorKind::CredentialsUnavailable,
+            "{e}"
+        );
+        assert!(e.to_string().contains("already holds"), "{e}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    let now = pool.engine().current();
+    println!(
+        "{flavour}, caching Proxy: {} queries, {} failed, generation {} (lease {})",
+        report.ok, report.failed, now.generation, now.lease.id
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert!(report.ok > 100, "only {} queries", report.ok);
+    assert_eq!(
+        now.generation, first.generation,
+        "swapped in the same lease"
+    );
+    assert_eq!(now.lease.id, first.lease.id);
+    // The pool still logs in as its user: nothing retired it.
+    pool.query().await.unwrap();
+    pool.close().await;
+
+    // 2. The revoke evicted the cached lease: a new pool gets a new one.
+    let second = build(client(), role.clone()).await.unwrap_or_else(|e| {
+        panic!(
+            "{flavour}: a pool after close() through the cache: {e}\n{}",
+            proxy.output()
+        )
+    });
+    let lease = second.engine().current().lease.id.clone();
+    assert_ne!(lease, first.lease.id, "the revoked lease again");
+    second.query().await.unwrap();
+
+    // 3. Revoked straight at Vault, where the cache cannot see it: the cache keeps it.
+    root_client().revoke_lease(&lease).await.unwrap();
+    let e = match build(client(), role.clone()).await {
+        Ok(p) => {
+            let id = p.engine().current().lease.id.clone();
+            p.close().await;
+            panic!("{flavour}: a pool started on the revoked lease {id} (was {lease})");
+        }
+        Err(e) => e,
+    };
+    println!("{flavour}, caching Proxy, a revoked lease in the cache: {e}");
+    assert!(e.to_string().contains("no longer knows"), "{e}");
+    second.close().await;
+    drop(proxy);
+    assert_leases_gone(&role).await;
+}

@@ -140,8 +140,8 @@ impl Source for VaultDatabase {
         Box::pin(async move { self.client.login().await.map(|_| ()) })
     }
 
-    fn token_failing(&self) -> bool {
-        self.client.token_refresh_failing()
+    fn token_failure(&self) -> Option<(u32, Error)> {
+        self.client.token_refresh_failure()
     }
 
     fn poll_interval(&self) -> Option<Duration> {

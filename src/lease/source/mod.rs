@@ -247,9 +247,10 @@ pub(crate) trait Source: Send + Sync {
     fn refresh_token(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Ok(()) })
     }
-    /// Whether refreshing the auth token is failing (whoever tried last).
-    fn token_failing(&self) -> bool {
-        false
+    /// While refreshing the auth token is failing (whoever tried last; refreshes run in
+    /// the background): the failures in a row and the last error.
+    fn token_failure(&self) -> Option<(u32, Error)> {
+        None
     }
     /// How often to ask [`changed`](Source::changed): a KV source's poll, or a database
     /// role's lease check.

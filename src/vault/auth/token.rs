@@ -95,11 +95,21 @@ impl TokenState {
 }
 
 /// The client's token: obtained, renewed and replaced as its method says (one refresh at
-/// a time), with the ends of the tokens it held.
+/// a time, in a task of its own), with the ends of the tokens it held.
+///
+/// Nobody waits for a refresh while the current token is still valid: a due refresh is
+/// started in the background and callers go on with the current token (a slow login —
+/// a Kubernetes TokenReview taking seconds, a custom `Login` taking 20 — never holds up
+/// lease renewals). Only a caller without a valid token waits, and a caller cut by its
+/// own deadline does not cut the refresh: it finishes (within [`REFRESH_BOUND`]) and is
+/// recorded either way.
 pub(crate) struct TokenManager {
     method: AuthMethod,
     current: ArcSwapOption<TokenState>,
-    refresh: tokio::sync::Mutex<()>,
+    /// Held by the one refresh running (its task owns the guard).
+    refresh: Arc<tokio::sync::Mutex<()>>,
+    /// A refresh is running (set while [`refresh_locked`](Self::refresh_locked) runs).
+    refreshing: std::sync::atomic::AtomicBool,
     /// Known hard ends of tokens by accessor: leases die with the token that issued them.
     ends: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     /// Refreshes failed in a row, and when the next one is due: a token that cannot be
@@ -117,6 +127,10 @@ pub(crate) struct TokenManager {
 /// The wait after a failed token refresh: 1 s, doubling up to 30 s between two refreshes
 /// that fail.
 const REFRESH_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+/// The longest one refresh (renewal, login with its retries, lookup) may take before it
+/// is given up and recorded as failed. A token file's first read, which waits for the
+/// Agent to write the file, is bounded by that wait instead.
+const REFRESH_BOUND: Duration = Duration::from_secs(120);
 
 impl TokenManager {
     /// A manager for `method`, with no token yet (the first call gets one).
@@ -124,7 +138,8 @@ impl TokenManager {
         Self {
             method,
             current: ArcSwapOption::empty(),
-            refresh: tokio::sync::Mutex::new(()),
+            refresh: Arc::new(tokio::sync::Mutex::new(())),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
             ends: std::sync::Mutex::new(std::collections::HashMap::new()),
             failed: std::sync::Mutex::new((0, None)),
             last_error: std::sync::Mutex::new(None),
@@ -160,8 +175,12 @@ impl TokenManager {
 
     /// When the current token is due for renewal, re-login or a new look: never earlier
     /// than the backoff after failed refreshes, so a token that cannot be refreshed is
-    /// not asked for again at every wake-up.
+    /// not asked for again at every wake-up. `None` while a refresh runs: it replaces the
+    /// token (or records its failure, with the next attempt's time) when it ends.
     pub(crate) fn refresh_at(&self) -> Option<Instant> {
+        if self.refreshing.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         let due = self.current.load().as_deref().and_then(|s| s.refresh_at)?;
         let (_, not_before) = *self.failed.lock().unwrap_or_else(|e| e.into_inner());
         Some(not_before.map_or(due, |nb| due.max(nb)))
@@ -240,9 +259,28 @@ impl TokenManager {
         }
     }
 
-    /// Whether the last refresh of the token failed (and none has succeeded since).
-    pub(crate) fn refresh_failing(&self) -> bool {
-        self.failed.lock().unwrap_or_else(|e| e.into_inner()).0 > 0
+    /// While refreshing the token is failing: how many refreshes failed in a row, and the
+    /// last one's error (refreshes run in the background, so their callers may never
+    /// see it).
+    pub(crate) fn refresh_failure(&self) -> Option<(u32, Error)> {
+        let (failures, _) = *self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failures == 0 {
+            return None;
+        }
+        let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        let error = last.as_ref().map_or_else(
+            || {
+                Error::new(
+                    ErrorKind::CredentialsUnavailable,
+                    format!(
+                        "refreshing the client's Vault token ({}): the refresh did not finish",
+                        self.method.name()
+                    ),
+                )
+            },
+            Error::shared_copy,
+        );
+        Some((failures, error))
     }
 
     /// The current token, due for refresh or not.
@@ -264,11 +302,54 @@ impl TokenManager {
     }
 
     /// The current token, renewing, logging in or reading it again first if it is due.
+    ///
+    /// While the current token is valid, a due refresh starts in the background and the
+    /// current token is returned at once; without one, the caller waits for the refresh.
     pub(crate) async fn token(&self, client: &Client) -> Result<Option<SecretString>> {
-        if let Some(token) = self.cached(Instant::now()) {
+        let now = Instant::now();
+        if let Some(token) = self.cached(now) {
             return Ok(token);
         }
-        let _one_at_a_time = self.refresh.lock().await;
+        let old = self.current.load_full();
+        if let Some(s) = old.as_deref().filter(|s| self.still_valid(s, now)) {
+            self.start_refresh(client);
+            return Ok(s.token.clone());
+        }
+        // No valid token: wait for the refresh running, or run one.
+        let guard = Arc::clone(&self.refresh).lock_owned().await;
+        let owner = client.clone();
+        let refresh = tokio::spawn(async move { owner.auth().refresh_locked(&owner, guard).await });
+        refresh.await.unwrap_or_else(|e| {
+            Err(Error::new(
+                ErrorKind::CredentialsUnavailable,
+                format!(
+                    "refreshing the client's Vault token ({}): the refresh task ended: {e}",
+                    self.method.name()
+                ),
+            ))
+        })
+    }
+
+    /// Start a refresh in a task of its own, unless one is running.
+    fn start_refresh(&self, client: &Client) {
+        let Ok(guard) = Arc::clone(&self.refresh).try_lock_owned() else {
+            return; // one is running: it will replace the token
+        };
+        let owner = client.clone();
+        tokio::spawn(async move {
+            let _ = owner.auth().refresh_locked(&owner, guard).await;
+        });
+    }
+
+    /// The refresh itself, under the refresh lock: check again (the token may have been
+    /// replaced while waiting), honour the backoff, refresh within [`REFRESH_BOUND`],
+    /// record the outcome and store the new token.
+    async fn refresh_locked(
+        &self,
+        client: &Client,
+        _one_at_a_time: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Result<Option<SecretString>> {
+        let _running = Running::start(&self.refreshing);
         let old = self.current.load_full();
         let now = Instant::now();
         if let Some(s) = &old
@@ -284,10 +365,27 @@ impl TokenManager {
                 None => Err(e),
             };
         }
-        // A refresh dropped midway (its caller cut by a deadline) counts as failed, so
-        // the backoff holds however the attempt ended.
+        // A refresh dropped midway (the runtime shutting down) counts as failed, so the
+        // backoff holds however the attempt ended.
         let mut unfinished = Unfinished(Some(self));
-        let refreshed = self.refresh(client, old.as_deref()).await;
+        let bounded = !matches!(self.method, AuthMethod::TokenFile { .. });
+        let refreshed = if bounded {
+            match tokio::time::timeout(REFRESH_BOUND, self.refresh(client, old.as_deref())).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::new(
+                    ErrorKind::Transport,
+                    format!(
+                        "refreshing the client's Vault token ({}): no answer within {}s; \
+                         check that Vault (and what it asks, e.g. Kubernetes' TokenReview) \
+                         answers",
+                        self.method.name(),
+                        REFRESH_BOUND.as_secs()
+                    ),
+                )),
+            }
+        } else {
+            self.refresh(client, old.as_deref()).await
+        };
         unfinished.0 = None;
         let new = match refreshed {
             Ok(new) => {
@@ -426,7 +524,7 @@ impl TokenManager {
         let LoginRequest { path, body } = self.method.login_request().await?;
         let name = self.method.name();
         let (env, received) = client
-            .call::<serde_json::Value>(Call::put(&path, &body).unauthenticated())
+            .call::<serde_json::Value>(Call::put(&path, &body).unauthenticated().login())
             .await
             .map_err(|e| login_error(&self.method, &path, e))?;
         let auth = env.auth.ok_or_else(|| {
@@ -447,6 +545,22 @@ impl TokenManager {
             "logged in to Vault"
         );
         Ok(state(Some(auth.client_token), info, None))
+    }
+}
+
+/// Marks a refresh as running for as long as it lives.
+struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Running<'a> {
+    fn start(flag: &'a std::sync::atomic::AtomicBool) -> Self {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+        Self(flag)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -593,6 +707,17 @@ pub(super) async fn lookup_self(client: &Client, token: &SecretString) -> Result
 }
 
 impl Client {
+    /// The client's token manager.
+    fn auth(&self) -> &TokenManager {
+        &self.inner.auth
+    }
+
+    /// While refreshing the client's token is failing: the failures in a row and the
+    /// last error.
+    pub(crate) fn token_refresh_failure(&self) -> Option<(u32, Error)> {
+        self.auth().refresh_failure()
+    }
+
     /// Log in (or check the token) now, so that bad credentials fail at startup rather
     /// than at the first secret. Returns what is known of the token.
     ///

@@ -302,6 +302,7 @@ impl ClientBuilder {
                 breaker: Breaker::new(self.breaker),
                 auth: TokenManager::new(auth),
                 kv_cache: kv::Cache::new(cache_ttl),
+                behind_cache: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

@@ -19,8 +19,10 @@ const DRAIN_POLL: Duration = Duration::from_millis(50);
 const DRAIN_POLL_SLOW: Duration = Duration::from_secs(1);
 /// How long a retired generation is checked at the fast pace.
 const DRAIN_FAST_FOR: Duration = Duration::from_secs(5);
-/// How long `close()` waits for connections in use when no drain timeout is set.
-const CLOSE_WAIT: Duration = Duration::from_secs(30);
+/// How long `close()` waits for connections in use when no drain timeout is set: 20 s,
+/// so that the revocations after it fit in Kubernetes' default grace period (30 s from
+/// SIGTERM to SIGKILL).
+const CLOSE_WAIT: Duration = Duration::from_secs(20);
 
 /// The retired generations, draining until their leases are revoked.
 #[derive(Default)]
@@ -38,6 +40,9 @@ pub(super) struct Retiring {
     connections: Arc<AtomicUsize>,
     /// When it is revoked even if connections remain; `None`: only once drained.
     deadline: Option<Instant>,
+    /// The Vault token that issued its lease: Vault revokes the lease when that token
+    /// ends, so the drain ends before then (see [`deadline`](Self::deadline)).
+    issuing_token: Option<String>,
     /// When it was retired.
     since: Instant,
     attempts: u32,
@@ -50,16 +55,42 @@ impl Retiring {
         &self.lease.id
     }
 
-    /// `current`'s generation, retired at `now`, revoked at `deadline` at the latest.
-    pub(super) fn new(current: &Current, deadline: Option<Instant>, now: Instant) -> Self {
+    /// `current`'s generation, retired at `now`, revoked at `deadline` at the latest (and
+    /// before the end of `issuing_token`, once known).
+    pub(super) fn new(
+        current: &Current,
+        deadline: Option<Instant>,
+        issuing_token: Option<String>,
+        now: Instant,
+    ) -> Self {
         Self {
             generation: current.generation,
             lease: current.lease.clone(),
             connections: current.connections.clone(),
             deadline,
+            issuing_token,
             since: now,
             attempts: 0,
             next_attempt: now,
+        }
+    }
+
+    /// When its lease is revoked even if connections remain: its own deadline, or before
+    /// the end of the token that issued it if that comes first (Vault revokes the lease
+    /// with its token, ending the sessions without warning). The token's end may become
+    /// known after the retirement (the token replaced later), so this is asked anew.
+    fn deadline(&self, shared: &EngineState) -> Option<Instant> {
+        let by_token = self
+            .issuing_token
+            .as_deref()
+            .and_then(|a| shared.source.token_end(a))
+            .map(|end| {
+                let left = end.saturating_duration_since(self.since);
+                end - shared.settings.policy.min_margin.min(left / 2)
+            });
+        match (self.deadline, by_token) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -125,14 +156,16 @@ pub(super) fn drain_deadline(shared: &EngineState, lease: &Lease, now: Instant) 
 }
 
 /// Revoke retired generations that are drained or past their deadline. With `all`, wait
-/// for nothing: the caller decided the time is up.
+/// for nothing — neither connections nor the retry backoff of a revoke that failed: the
+/// caller decided the time is up.
 pub(super) async fn retire(shared: &EngineState, drain: &mut Drain, all: bool) {
     let now = now();
     let mut i = 0;
     while i < drain.retiring.len() {
         let r = &mut drain.retiring[i];
         let drained = r.connections.load(Ordering::Acquire) == 0;
-        let due = (all || drained || r.deadline.is_some_and(|d| now >= d)) && now >= r.next_attempt;
+        let past_deadline = r.deadline(shared).is_some_and(|d| now >= d);
+        let due = all || ((drained || past_deadline) && now >= r.next_attempt);
         if !due {
             i += 1;
             continue;
@@ -211,7 +244,7 @@ pub(super) async fn shutdown(shared: &EngineState, drain: &mut Drain) {
     let deadline = retired_at.checked_add(wait);
     drain
         .retiring
-        .push(Retiring::new(&current, deadline, retired_at));
+        .push(Retiring::new(&current, deadline, None, retired_at));
     let deadline = deadline.unwrap_or_else(|| now() + CLOSE_WAIT);
     while now() < deadline
         && drain

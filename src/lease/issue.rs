@@ -292,15 +292,20 @@ pub(super) async fn rotate(
     reason: Reason,
 ) -> Result<Generation> {
     let started = now();
-    // The limit the caller's step runs under (the same computation): a pre-warm must
-    // leave the swap time within it.
-    let limit = step_limit(shared);
+    // What is left of the step this rotation runs in (a token refresh or revocations
+    // may have come first in it): a pre-warm must leave the swap time within it.
+    let limit = state.step_ends.map_or_else(
+        || step_limit(shared),
+        |end| end.saturating_duration_since(started),
+    );
     // The token before the issue: if it is replaced meanwhile (an Agent, a Proxy), the
     // lease may be the old token's, whose end is then known; the newer one could be
     // taken for it and its end missed.
     let issuing_token = shared.source.issuing_token();
     let issued = issue_for_rotation(shared, state, reason).await?;
     let old = shared.current.load_full();
+    // The serving lease's real end: its own, or its issuing token's if sooner.
+    let old_end = state.lease_state(&old.lease, shared.source.as_ref()).end();
     if !old.lease.id.is_empty()
         && issued.leased.lease.id == old.lease.id
         && issued.leased.lease.duration.is_zero()
@@ -321,7 +326,7 @@ pub(super) async fn rotate(
         source: shared.source.clone(),
         lease: Some(leased.lease.clone()),
     };
-    let (warm, warmed) = prewarm(shared, reason, &leased, &old, started, limit).await;
+    let (warm, warmed) = prewarm(shared, reason, &leased, old_end, started, limit).await;
     let generation = Generation(old.generation.0 + 1);
     let new = Current {
         generation,
@@ -343,10 +348,12 @@ pub(super) async fn rotate(
         total: now - started,
     };
     let deadline = drain_deadline(shared, &old.lease, now);
-    state
-        .drain
-        .retiring
-        .push(Retiring::new(&old, deadline, now));
+    state.drain.retiring.push(Retiring::new(
+        &old,
+        deadline,
+        state.serving.issuing_token.clone(),
+        now,
+    ));
     // No token before (none yet, or just invalidated): the one that issued it.
     state.serving = ServingLease::new(
         new_full_ttl,
@@ -379,9 +386,13 @@ async fn issue_for_rotation(
     reason: Reason,
 ) -> Result<Issued> {
     let serving = shared.current.load_full();
-    let held: Vec<&str> = std::iter::once(serving.lease.id.as_str())
-        .chain(state.drain.retiring.iter().map(Retiring::lease_id))
-        .collect();
+    let held: Vec<&str> = if shared.source.issues_unique_leases() {
+        std::iter::once(serving.lease.id.as_str())
+            .chain(state.drain.retiring.iter().map(Retiring::lease_id))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let issued = issue_verified(
         &shared.source,
         shared.settings.verify.as_ref(),
@@ -418,13 +429,14 @@ async fn issue_for_rotation(
 /// Pre-warm: connections with the new credentials, opened while the old ones serve —
 /// only when they do (a scheduled or forced rotation; after a refused login, a lost
 /// lease or a changed secret the old generation may not work, and the swap must not
-/// wait) — bounded so that the swap comes well before the old lease's end and within
-/// the step's `limit`. Returns how long it took and how many it opened.
+/// wait) — bounded so that the swap comes well before the old lease's end (`old_end`:
+/// its issuing token's end if sooner) and within what is left of the step (`limit`,
+/// from `started`). Returns how long it took and how many it opened.
 async fn prewarm(
     shared: &EngineState,
     reason: Reason,
     leased: &Leased<Credentials>,
-    old: &Current,
+    old_end: Option<Instant>,
     started: Instant,
     limit: Duration,
 ) -> (Duration, usize) {
@@ -436,7 +448,7 @@ async fn prewarm(
                 .settings
                 .verify_timeout
                 .min(limit.saturating_sub(at - started) / 2);
-            if let Some(end) = old.lease.expires_at() {
+            if let Some(end) = old_end {
                 bound = bound.min(end.saturating_duration_since(at) / 2);
             }
             let n = if bound.is_zero() {

@@ -291,7 +291,8 @@ impl Builder {
     /// [`close`](Engine::close) waits for connections in use. Default: no cap — a
     /// retired generation drains until its lease's end (less [`Policy::min_margin`], at
     /// most half the time left), so a long transaction across a rotation completes;
-    /// `close()` then waits up to 30 s.
+    /// `close()` then waits up to 20 s (inside Kubernetes' default 30 s grace period,
+    /// with time left to revoke).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.settings.drain_timeout = Some(timeout);
         self

@@ -25,6 +25,14 @@ struct Fake {
     gone: std::sync::atomic::AtomicBool,
     lookup_fails: std::sync::atomic::AtomicBool,
     lookups: AtomicUsize,
+    /// The next this many revocations fail (Vault briefly unreachable).
+    revoke_failures: AtomicUsize,
+    /// Issue hands back the last lease issued (a cache in front of Vault).
+    hand_back: std::sync::atomic::AtomicBool,
+    /// The auth token leases are issued under now (none: no token).
+    token: Mutex<Option<String>>,
+    /// The end of auth token `token-1`, once known.
+    token_end: Mutex<Option<Instant>>,
 }
 
 impl Fake {
@@ -41,9 +49,24 @@ impl Source for Arc<Fake> {
     fn issue(&self) -> super::BoxFuture<'_, Result<Leased<Credentials>>> {
         Box::pin(async move {
             self.unavailable()?;
+            if self
+                .issuing_token()
+                .is_some_and(|t| self.token_end(&t).is_some_and(|end| now() >= end))
+            {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    "fake token expired",
+                ));
+            }
             let mut issued = self.issued.lock().unwrap();
-            let id = format!("fake/{}", issued.len() + 1);
-            issued.push((id.clone(), now()));
+            let id = match issued.last() {
+                Some((last, _)) if self.hand_back.load(Ordering::SeqCst) => last.clone(),
+                _ => {
+                    let id = format!("fake/{}", issued.len() + 1);
+                    issued.push((id.clone(), now()));
+                    id
+                }
+            };
             let mut lease = Lease::new(id, self.ttl, true);
             lease.issued_at = now();
             Ok(Leased::new(Credentials::new("u", "p".to_string()), lease))
@@ -72,12 +95,27 @@ impl Source for Arc<Fake> {
     fn revoke<'a>(&'a self, lease: &'a Lease) -> super::BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.unavailable()?;
+            if self
+                .revoke_failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(Error::new(ErrorKind::Transport, "fake revoke failed"));
+            }
             self.revoked.lock().unwrap().push(lease.id.clone());
             Ok(())
         })
     }
     fn poll_interval(&self) -> Option<Duration> {
         self.lease_check
+    }
+    fn issuing_token(&self) -> Option<String> {
+        self.token.lock().unwrap().clone()
+    }
+    fn token_end(&self, accessor: &str) -> Option<Instant> {
+        (accessor == "token-1")
+            .then(|| *self.token_end.lock().unwrap())
+            .flatten()
     }
     fn changed<'a>(&'a self, _: &'a Lease) -> super::BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
@@ -235,6 +273,112 @@ async fn old_lease_waits_for_its_connections_then_is_revoked_at_once() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(*fake.revoked.lock().unwrap(), vec!["fake/1".to_string()]);
     engine.close().await;
+}
+
+/// A source that hands back the serving lease (a cache in front of Vault): not new
+/// credentials. The rotation fails and says why; the serving lease is never verified,
+/// retired or revoked, and serves on. Later rotations work again.
+#[tokio::test(start_paused = true)]
+async fn the_serving_lease_handed_back_is_never_taken_for_new_credentials() {
+    let fake = fake(600, 3600);
+    let engine = engine(&fake).await;
+    assert_eq!(engine.rotate().await.unwrap(), Generation(2));
+    fake.hand_back.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let e = engine.rotate().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CredentialsUnavailable, "{e}");
+        assert!(e.to_string().contains("already holds"), "{e}");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(engine.generation(), Generation(2));
+    assert_eq!(engine.current().lease.id, "fake/2");
+    assert_eq!(
+        *fake.revoked.lock().unwrap(),
+        ["fake/1"],
+        "the serving lease revoked"
+    );
+    assert!(engine.usable().is_ok());
+    fake.hand_back.store(false, Ordering::SeqCst);
+    assert_eq!(engine.rotate().await.unwrap(), Generation(3));
+    engine.close().await;
+}
+
+/// A retired generation still in use drains until its lease's end — or until just before
+/// the end of the token that issued it, when that comes first and becomes known after the
+/// retirement (the token replaced later): Vault revokes the lease with its token.
+#[tokio::test(start_paused = true)]
+async fn a_retired_generation_is_revoked_before_its_issuing_token_ends() {
+    let fake = fake(600, 3600);
+    // The first lease is issued under token-1, the second under its replacement.
+    *fake.token.lock().unwrap() = Some("token-1".into());
+    let engine = start_fake(
+        &fake,
+        Settings {
+            policy: steady(),
+            ..Settings::default()
+        },
+    )
+    .await;
+    let guard = engine.current().track();
+    *fake.token.lock().unwrap() = Some("token-2".into());
+    assert_eq!(engine.rotate().await.unwrap(), Generation(2));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        fake.revoked.lock().unwrap().is_empty(),
+        "revoked while in use"
+    );
+    // Now token-1, which issued the retired lease, is known to end in 60 s.
+    *fake.token_end.lock().unwrap() = Some(now() + Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    assert!(
+        fake.revoked.lock().unwrap().is_empty(),
+        "revoked more than the margin (5 s) before the token's end"
+    );
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(
+        *fake.revoked.lock().unwrap(),
+        ["fake/1"],
+        "still draining past the token's end"
+    );
+    drop(guard);
+    engine.close().await;
+}
+
+/// Every lease comes from a token about to end that is not replaced (its refresh keeps
+/// failing): rotating cannot escape its end, and must not try again at once, each try a
+/// new database user, until it ends.
+#[tokio::test(start_paused = true)]
+async fn leases_of_an_ending_token_that_is_not_replaced_are_not_rotated_in_a_loop() {
+    let fake = fake(600, 3600);
+    *fake.token.lock().unwrap() = Some("token-1".into());
+    let engine = engine(&fake).await;
+    *fake.token_end.lock().unwrap() = Some(now() + Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    let issued = fake.issued.lock().unwrap().len();
+    assert!(issued <= 30, "{issued} leases issued in 70 s");
+    engine.close().await;
+}
+
+/// A retired lease whose revoke just failed waits for its retry, but `close()` does
+/// not: it revokes every lease it holds, that one too.
+#[tokio::test(start_paused = true)]
+async fn close_revokes_a_retired_lease_inside_its_retry_backoff() {
+    let fake = fake(600, 3600);
+    fake.revoke_failures.store(1, Ordering::SeqCst);
+    let engine = engine(&fake).await;
+    assert_eq!(engine.rotate().await.unwrap(), Generation(2));
+    // Drained at once (no connection): its revoke is tried, fails, and backs off.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(fake.revoked.lock().unwrap().is_empty());
+    assert_eq!(
+        fake.revoke_failures.load(Ordering::SeqCst),
+        0,
+        "no revoke tried"
+    );
+    engine.close().await;
+    let mut revoked = fake.revoked.lock().unwrap().clone();
+    revoked.sort();
+    assert_eq!(revoked, ["fake/1", "fake/2"], "close() skipped a lease");
 }
 
 #[tokio::test(start_paused = true)]

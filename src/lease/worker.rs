@@ -125,6 +125,9 @@ pub(crate) struct WorkerState {
     /// When the polled source is asked next (drawn once per wait, cleared when asked).
     next_poll: Option<Instant>,
     /// Retired generations, draining until their leases are revoked.
+    /// When the step under way is cut (set as each step starts): work late in a step
+    /// (a rotation's pre-warm) bounds itself by what is left of it.
+    pub(super) step_ends: Option<Instant>,
     pub(super) drain: Drain,
 }
 
@@ -140,7 +143,7 @@ pub(super) struct ServingLease {
     /// renewal early.
     jitter: f64,
     /// The auth token that issued it (its end is the lease's end at the latest).
-    issuing_token: Option<String>,
+    pub(super) issuing_token: Option<String>,
 }
 
 impl ServingLease {
@@ -189,12 +192,13 @@ impl WorkerState {
             re_lease: ReLeaseRetry::default(),
             unreachable: Unreachable::default(),
             next_poll: None,
+            step_ends: None,
             drain: Drain::default(),
         }
     }
 
     /// What the schedule needs to know of `lease`.
-    fn lease_state(&self, lease: &Lease, source: &dyn Source) -> LeaseState {
+    pub(super) fn lease_state(&self, lease: &Lease, source: &dyn Source) -> LeaseState {
         LeaseState {
             renewed_at: lease.issued_at,
             ttl: lease.duration,
@@ -347,6 +351,7 @@ pub(crate) async fn run(
                 _ = sleep => {
                     let Some(shared) = weak.upgrade() else { return };
                     let limit = step_limit(&shared);
+                    state.step_ends = Some(self::now() + limit);
                     let work = due_work(&shared, &mut state, plan, poll_at);
                     if let Err(cut @ StepInterrupted::TimedOut(_)) = bounded(&cancel, limit, work).await {
                         let e = cut.error(&shared, "the scheduled work");
@@ -368,9 +373,10 @@ fn plan_next(
     current: &Current,
     now: Instant,
 ) -> Option<policy::Plan> {
+    let lease = state.lease_state(&current.lease, shared.source.as_ref());
     let mut plan = policy::plan(
         &shared.settings.policy,
-        &state.lease_state(&current.lease, shared.source.as_ref()),
+        &lease,
         now,
         if state.failures.in_a_row > 0 {
             state.failures.retry_jitter
@@ -378,6 +384,18 @@ fn plan_next(
             state.serving.jitter
         },
     );
+    // A rotation for the end of the token that issued the lease helps only once another
+    // token issues the new one: under the same token (its refresh failing or still
+    // running) every new lease has the same end, and rotating again at once would create
+    // a user per try until that end. It waits for the token's replacement (the worker
+    // wakes for the token's refresh) or, at the latest, the end itself.
+    if let (Some(p), Some(token_end)) = (plan.as_mut(), lease.hard_end)
+        && p.action == Action::Rotate
+        && lease.end() == Some(token_end)
+        && shared.source.issuing_token() == state.serving.issuing_token
+    {
+        p.at = p.at.max(token_end);
+    }
     // The database cannot be reached from here: issuing a user only to drop it
     // again helps nobody; the next rotation waits for the backoff.
     if let (Some(p), Some(until)) = (plan.as_mut(), state.unreachable.until) {
@@ -440,6 +458,7 @@ async fn obey(
     cmd: Command,
 ) {
     let limit = step_limit(shared);
+    state.step_ends = Some(now() + limit);
     match cmd {
         Command::Rotate(reply) => {
             // Right after another rotation: let the previous generation

@@ -166,7 +166,8 @@ impl<T> Builder<T> {
     /// How long a retired generation's connections may stay in use before its lease is
     /// revoked anyway (which ends their sessions); also how long `close()` waits.
     /// Default: no cap — they drain until the old lease's end, so a long transaction
-    /// across a rotation completes; `close()` waits up to 30 s. See
+    /// across a rotation completes; `close()` waits up to 20 s (inside Kubernetes' 30 s
+    /// grace period, with time left to revoke). See
     /// [`lease::Builder::drain_timeout`].
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.lease.drain_timeout = Some(timeout);

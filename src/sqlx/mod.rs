@@ -67,8 +67,9 @@ use stale::StaleTracker;
 
 /// How often the sqlx flavour asks Vault whether its lease still exists, by default.
 const LEASE_CHECK: Duration = Duration::from_secs(15);
-/// How long `close()` waits for connections to be returned before it revokes anyway.
-const CLOSE_WAIT: Duration = Duration::from_secs(30);
+/// How long `close()` waits for connections to be returned before it revokes anyway:
+/// 20 s, inside Kubernetes' default grace period (30 s) with time left to revoke.
+const CLOSE_WAIT: Duration = Duration::from_secs(20);
 /// How often, by default, a login with the current credentials is tried while the pool
 /// is in use and has no idle connection (it may be failing to open one), so that code
 /// using `pool()` directly gets the re-lease on a refused login that `acquire()`
@@ -244,7 +245,7 @@ impl VaultSqlxPool {
     }
 
     /// Close: wait for every connection to be returned and closed (sqlx's `close`), at
-    /// most 30 s — a connection held for ever (a `PgListener`) cannot hold the revocation
+    /// most 20 s — a connection held for ever (a `PgListener`) cannot hold the revocation
     /// back — then revoke every lease. Calling it twice is harmless.
     pub async fn close(&self) {
         if !self.inner.pool.is_closed()

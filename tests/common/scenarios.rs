@@ -221,7 +221,10 @@ where
     // The listener opens before auto-auth has a token.
     let ready = Instant::now();
     while let Err(e) = client().login().await {
-        assert!(ready.elapsed() < Duration::from_secs(15), "the Proxy never logged in: {e}");
+        assert!(
+            ready.elapsed() < Duration::from_secs(15),
+            "the Proxy never logged in: {e}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

@@ -144,6 +144,10 @@ impl CheckedProvider {
 }
 
 impl Source for CheckedProvider {
+    fn issues_unique_leases(&self) -> bool {
+        false
+    }
+
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
         Box::pin(async move {
             let leased = tokio::time::timeout(PROVIDER_ISSUE_TIMEOUT, self.provider.issue())

@@ -272,6 +272,12 @@ pub(crate) trait Source: Send + Sync {
     fn polls_when_due(&self) -> bool {
         false
     }
+    /// Whether every issue gives a lease of its own (Vault does), so that a lease id the
+    /// engine already holds means a cache handed it back, not new credentials. A user's
+    /// provider may reuse ids for new credentials: each issue is taken as new.
+    fn issues_unique_leases(&self) -> bool {
+        true
+    }
     /// Checked once at build, after the first issue (whose lease is revoked if this
     /// fails): what [`changed`](Source::changed) needs later, so a permission missing for
     /// polling fails the build, not every poll.

@@ -114,6 +114,7 @@ pub(super) async fn issue_verified(
             let source = source.clone();
             async move { source.issue().await }
         })),
+        held: held.iter().map(|id| (*id).to_owned()).collect(),
     };
     let leased = in_flight.answer(what).await?;
     // A secret without a lease (KV: the same version read again) is the caller's to
@@ -185,6 +186,9 @@ const UNUSED_REVOKE_WAIT: Duration = Duration::from_secs(5);
 struct InFlight {
     source: Arc<dyn Source>,
     handle: Option<tokio::task::JoinHandle<Result<Leased<Credentials>>>>,
+    /// Leases the engine holds: an abandoned answer with one of them (a cache handing
+    /// back the serving lease) is not ours to revoke.
+    held: Vec<String>,
 }
 
 impl Drop for InFlight {
@@ -193,10 +197,12 @@ impl Drop for InFlight {
             return;
         };
         let source = self.source.clone();
+        let held = std::mem::take(&mut self.held);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let mut handle = handle;
                 match tokio::time::timeout(ABANDONED_ISSUE_WAIT, &mut handle).await {
+                    Ok(Ok(Ok(leased))) if held.contains(&leased.lease.id) => {}
                     Ok(Ok(Ok(leased))) => revoke_until_end(source, leased.lease).await,
                     Ok(_) => {}
                     Err(_) => handle.abort(), // never answered: nothing to revoke

@@ -384,17 +384,11 @@ fn plan_next(
             state.serving.jitter
         },
     );
-    // A rotation for the end of the token that issued the lease helps only once another
-    // token issues the new one: under the same token (its refresh failing or still
-    // running) every new lease has the same end, and rotating again at once would create
-    // a user per try until that end. It waits for the token's replacement (the worker
-    // wakes for the token's refresh) or, at the latest, the end itself.
-    if let (Some(p), Some(token_end)) = (plan.as_mut(), lease.hard_end)
+    if let Some(p) = plan.as_mut()
         && p.action == Action::Rotate
-        && lease.end() == Some(token_end)
-        && shared.source.issuing_token() == state.serving.issuing_token
+        && let Some(until) = token_end_wait(shared, state, &lease, now)
     {
-        p.at = p.at.max(token_end);
+        p.at = p.at.max(until);
     }
     // The database cannot be reached from here: issuing a user only to drop it
     // again helps nobody; the next rotation waits for the backoff.
@@ -418,6 +412,35 @@ fn plan_next(
     }
     plan
 }
+
+/// A rotation for the end of the token that issued the serving lease helps only once
+/// another token issues the new one: under the same token (its refresh failing or still
+/// running) every new lease has the same end, and rotating again at once would create a
+/// user per try until that end. Until when such a rotation waits: the token's next
+/// refresh (while one runs, a quarter second from now: the worker looks again as soon as
+/// a new token may be there), at most the token's end. `None`: the rotation need not wait.
+fn token_end_wait(
+    shared: &EngineState,
+    state: &WorkerState,
+    lease: &LeaseState,
+    now: Instant,
+) -> Option<Instant> {
+    let token_end = lease.hard_end?;
+    if lease.end() != Some(token_end)
+        || shared.source.issuing_token() != state.serving.issuing_token
+    {
+        return None;
+    }
+    let look = shared
+        .source
+        .token_refresh_at()
+        .unwrap_or(token_end)
+        .max(now + TOKEN_LOOK_MIN);
+    Some(look.min(token_end))
+}
+
+/// The shortest wait of a rotation for a token's end before the token is looked at again.
+const TOKEN_LOOK_MIN: Duration = Duration::from_millis(250);
 
 /// When the worker wakes next — the schedule, a drain check, a token refresh, a poll or
 /// a re-lease retry, whichever comes first (`None`: only for a command or close) — and
@@ -538,6 +561,14 @@ async fn due_work(
     if let Some(plan) = plan.filter(|p| now >= p.at) {
         match plan.action {
             Action::Renew => renew(shared, state).await,
+            // The token refresh just started above may bring the token the new lease
+            // needs: a rotation for the old token's end waits for it.
+            Action::Rotate
+                if {
+                    let current = shared.current.load_full();
+                    let lease = state.lease_state(&current.lease, shared.source.as_ref());
+                    token_end_wait(shared, state, &lease, now).is_some_and(|t| t > now)
+                } => {}
             Action::Rotate | Action::Expired => {
                 let _ = rotate(shared, state, Reason::Schedule).await;
             }

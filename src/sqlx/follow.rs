@@ -92,8 +92,10 @@ pub(super) async fn follow(
         }
         pool.set_connect_options(super::options_for(&base, &next));
         // A generation with the same user (the same credentials handed back) never
-        // retires the user it serves with.
-        if current.credentials.username != next.credentials.username {
+        // retires the user it serves with, and has no session of its own to drain: the
+        // user's sessions are the new generation's too.
+        let same_user = current.credentials.username == next.credentials.username;
+        if !same_user {
             tracker.retire(current.credentials.username.clone());
         }
         applied.send_replace(next.generation);
@@ -101,6 +103,10 @@ pub(super) async fn follow(
         // sees a generation of ours at zero connections while it is still in use.
         let old_guard = std::mem::replace(&mut guard, next.track());
         let old = std::mem::replace(&mut current, next);
+        if same_user {
+            drop(old_guard);
+            continue;
+        }
         tokio::spawn(drain(
             (pool.clone(), engine.clone()),
             old,

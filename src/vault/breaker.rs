@@ -59,6 +59,8 @@ pub(crate) enum Admission {
 pub(crate) struct Breaker {
     config: BreakerConfig,
     state: Mutex<State>,
+    /// When Vault last answered (any answer, an error status included).
+    answered: Mutex<Option<Instant>>,
 }
 
 impl Breaker {
@@ -66,7 +68,16 @@ impl Breaker {
         Self {
             config,
             state: Mutex::new(State::Closed { failures: 0 }),
+            answered: Mutex::new(None),
         }
+    }
+
+    /// Whether Vault answered anything within `within` of `now`.
+    pub(crate) fn answered_within(&self, within: Duration, now: Instant) -> bool {
+        self.answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| now.saturating_duration_since(at) <= within)
     }
 
     pub(crate) fn admit(&self, now: Instant) -> Admission {
@@ -85,6 +96,7 @@ impl Breaker {
 
     /// The server answered (any HTTP status): it is reachable.
     pub(crate) fn on_success(&self) {
+        *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if *state != (State::Closed { failures: 0 }) {
             if !matches!(*state, State::Closed { .. }) {

@@ -49,6 +49,8 @@ impl std::fmt::Debug for StaticCreds {
 /// How often a revoked lease from a cache is asked for again, and how long apart: a
 /// Vault Proxy evicts a lease revoked through it just after it answers the revoke.
 const CACHE_EVICTION_TRIES: u32 = 5;
+/// The cached end of a lease could not be looked up: said once per process as a warning.
+static CACHED_END_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 const CACHE_EVICTION_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Client {
@@ -86,11 +88,19 @@ impl Client {
             Err(e) => {
                 // Not allowed to look it up (or Vault unreachable): the cache's TTL, which
                 // may be longer than what is left.
-                tracing::warn!(
-                    lease_id = %lease.id,
-                    "credentials came from a cache in front of Vault and their real end \
-                     could not be looked up; taking the cached TTL: {e}"
-                );
+                if !CACHED_END_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        lease_id = %lease.id,
+                        "credentials came from a cache in front of Vault and their real end \
+                         could not be looked up; taking the cached TTL: {e}"
+                    );
+                } else {
+                    tracing::debug!(
+                        lease_id = %lease.id,
+                        "credentials came from a cache in front of Vault and their real end \
+                         could not be looked up; taking the cached TTL: {e}"
+                    );
+                }
                 Ok(())
             }
         }

@@ -9,7 +9,7 @@ use super::envelope::{Envelope, ttl};
 use super::path::check_lease_id;
 use super::{Call, Client};
 use crate::credentials::Lease;
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 
 /// The server's state as `sys/health` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,13 +149,20 @@ impl Client {
         lease.warnings = warnings;
         if from_cache {
             // A cache answered with an earlier renewal's answer: this renewal never reached
-            // Vault (the cache renews on its own). What is left is Vault's to say.
-            let info = self
-                .lookup_lease(&lease.id)
-                .await
-                .map_err(|e| e.context(&what))?;
-            lease.duration = info.ttl;
-            lease.renewable = info.renewable;
+            // Vault (the cache renews on its own). What is left is Vault's to say; a lease
+            // Vault no longer knows is gone. If it cannot be asked (no `sys/leases/lookup`
+            // in the policy), the cached answer stands.
+            match self.lookup_lease(&lease.id).await {
+                Ok(info) => {
+                    lease.duration = info.ttl;
+                    lease.renewable = info.renewable;
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => return Err(e.context(&what)),
+                Err(e) => tracing::debug!(
+                    lease_id,
+                    "renewal answered by a cache; its real end could not be looked up: {e}"
+                ),
+            }
         }
         tracing::debug!(
             lease_id,
@@ -211,13 +218,16 @@ impl Client {
             body["namespace"] = json!(ns);
         }
         let mut last = None;
+        let mut not_there = 0;
         for endpoint in ["proxy/v1/cache-clear", "agent/v1/cache-clear"] {
             let call = Call::put(endpoint, &body)
                 .outside_api()
                 .unauthenticated()
                 .no_retry();
             match self.send(call).await {
-                Ok(_) => {
+                // A cache answers with nothing (or JSON); a page (Vault's UI, reached by
+                // a redirect from an unknown path) is not a cache's answer.
+                Ok(answer) if answer.body.first() != Some(&b'<') => {
                     tracing::debug!(
                         lease_id,
                         endpoint,
@@ -225,8 +235,26 @@ impl Client {
                     );
                     return;
                 }
-                Err(e) => last = Some(e),
+                Ok(_) => not_there += 1,
+                Err(e) => {
+                    if e.kind() == ErrorKind::NotFound {
+                        not_there += 1;
+                    }
+                    last = Some(e);
+                }
             }
+        }
+        if not_there == 2 {
+            // Neither a Vault Proxy nor an Agent: the X-Cache header came from something
+            // else in front of Vault (a CDN, nginx). Stop treating answers as cached.
+            self.inner
+                .behind_cache
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                "an X-Cache header came from something that is not a Vault Proxy or Agent \
+                 (no cache-clear endpoint); revocations no longer try to clear a cache"
+            );
+            return;
         }
         if let Some(e) = last {
             tracing::warn!(

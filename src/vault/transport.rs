@@ -254,7 +254,13 @@ impl Client {
         let (index, base) = self.base();
         let result = self.exchange(base, call, token).await;
         let kind = result.as_ref().err().map(Error::kind);
-        let slow_login = call.login && result.as_ref().err().is_some_and(timed_out);
+        // Only while Vault itself answers (anything within the last minute): a node that
+        // takes connections and answers nothing must still open the breaker.
+        let slow_login = call.login
+            && result.as_ref().err().is_some_and(timed_out)
+            && inner
+                .breaker
+                .answered_within(SLOW_LOGIN_ANSWERED_WITHIN, Instant::now());
         if slow_login {
             // Connected, sent, and no answer in time: no verdict on Vault's health (a
             // probe's guard, dropped below, lets another probe through).
@@ -454,6 +460,10 @@ impl Drop for ProbeGuard<'_> {
         self.0.release_probe();
     }
 }
+
+/// A login that timed out is taken for a slow login (not a Vault outage) only if Vault
+/// answered something within this long.
+const SLOW_LOGIN_ANSWERED_WITHIN: Duration = Duration::from_secs(60);
 
 /// Whether `e` is a request that got no answer within the request timeout (connected
 /// and sent: the server was reached).

@@ -127,6 +127,9 @@ pub(crate) struct TokenManager {
 /// The wait after a failed token refresh: 1 s, doubling up to 30 s between two refreshes
 /// that fail.
 const REFRESH_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+/// While a refresh runs, how often [`refresh_at`](TokenManager::refresh_at) asks to be
+/// looked at again (the engine's worker waits for the new token this way).
+const REFRESH_RUNNING_LOOK: Duration = Duration::from_millis(250);
 /// The longest one refresh (renewal, login with its retries, lookup) may take before it
 /// is given up and recorded as failed. A token file's first read, which waits for the
 /// Agent to write the file, is bounded by that wait instead.
@@ -179,7 +182,10 @@ impl TokenManager {
     /// token (or records its failure, with the next attempt's time) when it ends.
     pub(crate) fn refresh_at(&self) -> Option<Instant> {
         if self.refreshing.load(std::sync::atomic::Ordering::Acquire) {
-            return None;
+            // Look again soon: the refresh replaces the token (or records its failure)
+            // when it ends, and whoever waits for a new token (a rotation away from an
+            // ending one) should see it then, not at the old token's end.
+            return Some(Instant::now() + REFRESH_RUNNING_LOOK);
         }
         let due = self.current.load().as_deref().and_then(|s| s.refresh_at)?;
         let (_, not_before) = *self.failed.lock().unwrap_or_else(|e| e.into_inner());
@@ -332,9 +338,19 @@ impl TokenManager {
 
     /// Start a refresh in a task of its own, unless one is running.
     fn start_refresh(&self, client: &Client) {
+        // Inside the backoff after a failed refresh, whatever its kind, the valid token
+        // serves and nothing is tried (a slow login that timed out is not retried at
+        // every call).
+        let (_, not_before) = *self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if not_before.is_some_and(|nb| Instant::now() < nb) {
+            return;
+        }
         let Ok(guard) = Arc::clone(&self.refresh).try_lock_owned() else {
             return; // one is running: it will replace the token
         };
+        // Marked before the task first runs, so nobody takes the refresh as not started.
+        self.refreshing
+            .store(true, std::sync::atomic::Ordering::Release);
         let owner = client.clone();
         tokio::spawn(async move {
             let _ = owner.auth().refresh_locked(&owner, guard).await;
@@ -400,11 +416,20 @@ impl TokenManager {
                 // token file briefly unreadable, a re-login refused while the renewed
                 // token has time left); the next attempt comes after the backoff.
                 if let Some(s) = old.as_deref().filter(|s| self.still_valid(s, now)) {
-                    tracing::warn!(
-                        method = %self.method.name(),
-                        "refreshing the client's Vault token failed; the current one stays \
-                         in use while it is valid: {e}"
-                    );
+                    let failures = self.failed.lock().unwrap_or_else(|e| e.into_inner()).0;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(
+                            method = %self.method.name(),
+                            failures,
+                            "refreshing the client's Vault token failed; the current one \
+                             stays in use while it is valid: {e}"
+                        );
+                    } else {
+                        tracing::debug!(
+                            failures,
+                            "refreshing the client's Vault token failed again: {e}"
+                        );
+                    }
                     return Ok(s.token.clone());
                 }
                 return Err(e);
@@ -570,7 +595,17 @@ struct Unfinished<'a>(Option<&'a TokenManager>);
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         if let Some(manager) = self.0.take() {
-            manager.refresh_failed(Instant::now(), None);
+            // A lasting failure (shared inside the backoff, not tried again by every
+            // caller): a refresh that panicked (a custom `Login`) would panic again.
+            let e = Error::new(
+                ErrorKind::CredentialsUnavailable,
+                format!(
+                    "refreshing the client's Vault token ({}): the refresh did not finish \
+                     (it panicked, or the runtime shut down)",
+                    manager.method.name()
+                ),
+            );
+            manager.refresh_failed(Instant::now(), Some(&e));
         }
     }
 }
@@ -719,7 +754,10 @@ impl Client {
     }
 
     /// Log in (or check the token) now, so that bad credentials fail at startup rather
-    /// than at the first secret. Returns what is known of the token.
+    /// than at the first secret. Returns what is known of the token. With a token that
+    /// is still valid but due for renewal or re-login, that refresh starts in the
+    /// background and the current token's info is returned at once (its outcome shows in
+    /// later calls and in the engine's status).
     ///
     /// # Errors
     /// [`ErrorKind::PermissionDenied`] for a bad token or AppRole credentials, the

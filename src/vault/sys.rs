@@ -115,8 +115,8 @@ impl Client {
     /// lease.
     ///
     /// # Errors
-    /// [`ErrorKind::LeaseExpired`](crate::ErrorKind::LeaseExpired) once the lease is past its max TTL,
-    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) for an unknown or revoked lease, [`ErrorKind::Server`](crate::ErrorKind::Server) when
+    /// [`ErrorKind::LeaseExpired`] once the lease is past its max TTL,
+    /// [`ErrorKind::NotFound`] for an unknown or revoked lease, [`ErrorKind::Server`] when
     /// the database behind Vault is down (the TTL is then unchanged).
     pub async fn renew_lease(&self, lease_id: &str, increment: Option<Duration>) -> Result<Lease> {
         let what = format!("renewing lease {lease_id}");
@@ -177,9 +177,9 @@ impl Client {
     /// policy can grant per role). Revoking an unknown lease succeeds.
     ///
     /// # Errors
-    /// [`ErrorKind::PermissionDenied`](crate::ErrorKind::PermissionDenied) when the policy lacks `update` on
-    /// `sys/leases/revoke/<mount>/creds/<role>/*`; [`ErrorKind::InvalidRequest`](crate::ErrorKind::InvalidRequest) or
-    /// [`ErrorKind::Server`](crate::ErrorKind::Server) when the secrets engine could not revoke (e.g. the database
+    /// [`ErrorKind::PermissionDenied`] when the policy lacks `update` on
+    /// `sys/leases/revoke/<mount>/creds/<role>/*`; [`ErrorKind::InvalidRequest`] or
+    /// [`ErrorKind::Server`] when the secrets engine could not revoke (e.g. the database
     /// refused to drop the user).
     pub async fn revoke_lease(&self, lease_id: &str) -> Result<()> {
         let what = format!("revoking lease {lease_id}");
@@ -286,7 +286,7 @@ impl Client {
     /// Look a lease up: `PUT sys/leases/lookup`.
     ///
     /// # Errors
-    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) for an unknown lease (`invalid lease`).
+    /// [`ErrorKind::NotFound`] for an unknown lease (`invalid lease`).
     pub async fn lookup_lease(&self, lease_id: &str) -> Result<LeaseInfo> {
         let what = format!("looking up lease {lease_id}");
         check_lease_id(&what, lease_id)?;
@@ -310,7 +310,7 @@ impl Client {
     /// uninitialized. A sealed server is an answer here, not an error.
     ///
     /// # Errors
-    /// The transport kinds when Vault cannot be reached, [`ErrorKind::Decode`](crate::ErrorKind::Decode) when the
+    /// The transport kinds when Vault cannot be reached, [`ErrorKind::Decode`] when the
     /// answer is not Vault's health JSON.
     pub async fn health(&self) -> Result<ServerHealth> {
         let what = format!("checking the health of Vault at {}", self.address());

@@ -205,18 +205,34 @@ pub(crate) fn parse_duration(name: &str, v: &str) -> Result<Duration> {
             format!("reading {name}: {v:?} is not a duration (e.g. 30s, 500ms, 2m)"),
         )
     })?;
-    Ok(match unit {
+    let seconds = |per: u64| {
+        n.checked_mul(per).map(Duration::from_secs).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!("reading {name}: {v:?} is too long a duration"),
+            )
+        })
+    };
+    let d = match unit {
         "" | "s" => Duration::from_secs(n),
         "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" => seconds(60)?,
+        "h" => seconds(3600)?,
         _ => {
             return Err(Error::new(
                 ErrorKind::Config,
                 format!("reading {name}: unknown unit in {v:?} (use ms, s, m or h)"),
             ));
         }
-    })
+    };
+    if d.is_zero() {
+        // A zero timeout ends every request at once.
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("reading {name}: {v:?} is zero; give a duration above zero (e.g. 15s)"),
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -348,6 +364,19 @@ mod tests {
         assert_eq!(parse_duration("X", "2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("X", "fast").is_err());
         assert!(parse_duration("X", "5y").is_err());
+        // No overflow (it panicked in debug builds), no zero (every request would end at
+        // once): typed errors that name the variable.
+        for bad in [
+            "18446744073709551615h",
+            "999999999999999999m",
+            "0",
+            "0ms",
+            "0h",
+        ] {
+            let e = parse_duration("VAULT_CLIENT_TIMEOUT", bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config, "{bad}: {e}");
+            assert!(e.to_string().contains("VAULT_CLIENT_TIMEOUT"), "{bad}: {e}");
+        }
         assert!(parse_bool("X", "TRUE").unwrap());
         assert!(parse_bool("X", "maybe").is_err());
     }

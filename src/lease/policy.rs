@@ -40,14 +40,14 @@ pub struct Policy {
     pub first_renewal_spread: f64,
     /// How long before its end a lease that cannot be renewed further is replaced.
     /// Default `None`: the larger of 10% of the lease's TTL and `min_margin`, but at most
-    /// half the TTL.
+    /// half the TTL. Not zero.
     pub margin: Option<Duration>,
-    /// The lower bound of the default margin. Default 5 s.
+    /// The lower bound of the default margin. Default 5 s; not zero.
     pub min_margin: Duration,
-    /// First retry delay after a failure. Default 250 ms.
+    /// First retry delay after a failure. Default 250 ms; at least 10 ms.
     pub retry_min: Duration,
     /// Largest retry delay. Default 5 s (short, so a pool heals quickly once Vault is
-    /// back).
+    /// back); from 100 ms to an hour.
     pub retry_max: Duration,
 }
 
@@ -64,6 +64,12 @@ impl Default for Policy {
         }
     }
 }
+
+/// The shortest first retry a policy may ask for.
+const RETRY_MIN_FLOOR: Duration = Duration::from_millis(10);
+/// The shortest longest retry a policy may ask for: a lasting failure is retried at most
+/// ten times a second.
+const RETRY_MAX_FLOOR: Duration = Duration::from_millis(100);
 
 impl Policy {
     /// Check that every field is in range, so that no arithmetic on it can panic and no
@@ -102,11 +108,26 @@ impl Policy {
                 self.first_renewal_spread
             ));
         }
-        if self.retry_min < Duration::from_millis(1) {
+        if self.retry_min < RETRY_MIN_FLOOR {
             return bad(format!(
-                "retry_min is {:?}: a failing call would be retried at once, in a loop; use \
-                 at least a millisecond (default 250 ms)",
+                "retry_min is {:?}: a failing call would be retried almost at once, in a \
+                 loop; use at least {RETRY_MIN_FLOOR:?} (default 250 ms)",
                 self.retry_min
+            ));
+        }
+        if self.retry_max < RETRY_MAX_FLOOR {
+            return bad(format!(
+                "retry_max is {:?}: a lasting failure would be retried more than ten times a \
+                 second for as long as it lasts; use at least {RETRY_MAX_FLOOR:?} (default 5 s)",
+                self.retry_max
+            ));
+        }
+        if self.margin.is_some_and(|m| m.is_zero()) || self.min_margin.is_zero() {
+            return bad(format!(
+                "margin is {:?} and min_margin {:?}: a zero margin rotates at the lease's very \
+                 end, when it can no longer serve; use at least a second, or leave margin \
+                 unset (default: 10% of the TTL, at least min_margin = 5 s)",
+                self.margin, self.min_margin
             ));
         }
         if self.retry_max > Duration::from_secs(3600) {
@@ -302,7 +323,7 @@ mod tests {
     #[test]
     fn out_of_range_settings_are_config_errors_naming_the_field() {
         type Case = (&'static str, fn(&mut Policy));
-        let cases: [Case; 11] = [
+        let cases: [Case; 15] = [
             ("renew_fraction", |p| p.renew_fraction = 0.0),
             ("renew_fraction", |p| p.renew_fraction = 1.5),
             ("renew_fraction", |p| p.renew_fraction = f64::NAN),
@@ -316,6 +337,17 @@ mod tests {
             ("retry_min", |p| p.retry_min = Duration::from_nanos(1)),
             ("retry_max", |p| p.retry_max = Duration::MAX),
             ("retry_max", |p| p.retry_max = Duration::from_millis(1)),
+            // 1 ms both ways was accepted: a failing call retried 1,000 times a second.
+            ("retry_min", |p| {
+                p.retry_min = Duration::from_millis(1);
+                p.retry_max = Duration::from_millis(1);
+            }),
+            ("retry_max", |p| {
+                p.retry_min = Duration::from_millis(10);
+                p.retry_max = Duration::from_millis(10);
+            }),
+            ("margin", |p| p.margin = Some(Duration::ZERO)),
+            ("min_margin", |p| p.min_margin = Duration::ZERO),
         ];
         for (field, set) in cases {
             let mut p = Policy::default();

@@ -409,34 +409,10 @@ async fn login_timeouts_do_not_open_the_circuit_breaker() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An AppRole on the stack's Vault whose tokens live 5 s, renewable to 10 s, written as
-/// role_id / secret_id files in `dir` for an Agent or Proxy to log in with.
+/// An AppRole whose tokens live 5 s, renewable to 10 s, as files in `dir`.
 async fn short_approle(dir: &std::path::Path) {
-    let name = format!("agent-{}", unique());
-    let (role_id, secret_id) = approle(
-        &var("VAULT_ADDR"),
-        &var("VAULTPOOL_ROOT_TOKEN"),
-        &name,
-        IMMUNE_POLICY,
-        ("5s", "10s"),
-    )
-    .await;
-    std::fs::write(dir.join("role_id"), role_id).unwrap();
-    std::fs::write(dir.join("secret_id"), secret_id).unwrap();
+    approle_files(dir, ("5s", "10s")).await;
 }
-
-const AUTO_AUTH: &str = r#"
-auto_auth {
-  method "approle" {
-    config = {
-      role_id_file_path = "{dir}/role_id"
-      secret_id_file_path = "{dir}/secret_id"
-      remove_secret_id_file_after_reading = false
-    }
-  }
-  SINK
-}
-"#;
 
 /// Vault Agent with AppRole auto-auth and a file sink; its token lives 5 s renewable to
 /// 10 s, so the Agent replaces it (shortly before the old one ends) several times during

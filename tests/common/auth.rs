@@ -530,3 +530,35 @@ pub fn stranger_certificate() -> (PathBuf, PathBuf, PathBuf) {
     assert!(made.success(), "openssl req -x509");
     (dir, cert, key)
 }
+
+/// An AppRole of its own on the stack's Vault ([`IMMUNE_POLICY`]) whose tokens live
+/// `token_ttl`, renewable to `token_max_ttl`, written as role_id / secret_id files in
+/// `dir` for an Agent or Proxy to log in with ([`AUTO_AUTH`]).
+pub async fn approle_files(dir: &std::path::Path, ttls: (&str, &str)) {
+    let name = format!("agent-{}", unique());
+    let (role_id, secret_id) = approle(
+        &var("VAULT_ADDR"),
+        &var("VAULTPOOL_ROOT_TOKEN"),
+        &name,
+        IMMUNE_POLICY,
+        ttls,
+    )
+    .await;
+    std::fs::write(dir.join("role_id"), role_id).unwrap();
+    std::fs::write(dir.join("secret_id"), secret_id).unwrap();
+}
+
+/// The `auto_auth` stanza of an Agent's or Proxy's config: AppRole from the files
+/// [`approle_files`] writes in `{dir}`; `SINK` is replaced by a sink (or nothing).
+pub const AUTO_AUTH: &str = r#"
+auto_auth {
+  method "approle" {
+    config = {
+      role_id_file_path = "{dir}/role_id"
+      secret_id_file_path = "{dir}/secret_id"
+      remove_secret_id_file_after_reading = false
+    }
+  }
+  SINK
+}
+"#;

@@ -182,29 +182,15 @@ where
     Fut: std::future::Future<Output = vaultpool::Result<P>>,
 {
     let role = create_role("1m", "10m").await;
-    let name = format!("cache-{}", unique());
-    let (role_id, secret_id) = approle(
-        &var("VAULT_ADDR"),
-        &var("VAULTPOOL_ROOT_TOKEN"),
-        &name,
-        IMMUNE_POLICY,
-        ("10m", "1h"),
-    )
-    .await;
     let port = free_port();
     let config = format!(
-        "vault {{ address = \"{}\" }}\n\
-         auto_auth {{\n  method \"approle\" {{\n    config = {{\n      \
-         role_id_file_path = \"{{dir}}/role_id\"\n      \
-         secret_id_file_path = \"{{dir}}/secret_id\"\n      \
-         remove_secret_id_file_after_reading = false\n    }}\n  }}\n}}\n\
-         cache {{}}\napi_proxy {{ use_auto_auth_token = true }}\n\
+        "vault {{ address = \"{}\" }}\n{}\ncache {{}}\napi_proxy {{ use_auto_auth_token = true }}\n\
          listener \"tcp\" {{ address = \"127.0.0.1:{port}\" tls_disable = true }}\n",
         var("VAULT_ADDR"),
+        AUTO_AUTH.replace("SINK", "")
     );
     let proxy = BaoHelper::prepare("proxy", &config);
-    std::fs::write(proxy.dir.join("role_id"), role_id).unwrap();
-    std::fs::write(proxy.dir.join("secret_id"), secret_id).unwrap();
+    approle_files(&proxy.dir, ("10m", "1h")).await;
     let proxy = proxy.spawn();
     eventually(Duration::from_secs(10), "the Proxy listening", || {
         port_open(&format!("127.0.0.1:{port}"))

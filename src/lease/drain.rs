@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::worker::{STEP_MAX, now};
+use super::worker::{STEP_MAX, noteworthy, now};
 use super::{Current, EngineState, Stats};
+use crate::backoff::Backoff;
 use crate::credentials::{Generation, Lease};
 use crate::error::{Error, ErrorKind};
 
@@ -23,6 +24,10 @@ const DRAIN_FAST_FOR: Duration = Duration::from_secs(5);
 /// so that the revocations after it fit in Kubernetes' default grace period (30 s from
 /// SIGTERM to SIGKILL).
 const CLOSE_WAIT: Duration = Duration::from_secs(20);
+/// The wait before retrying a retired lease's revoke that failed (Vault down, sealed,
+/// failing): 1 s, doubling up to 5 minutes (jittered), for as long as the lease lasts —
+/// a lease without an end is retried at that pace until it is revoked or the pool closes.
+const REVOKE_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
 
 /// The retired generations, draining until their leases are revoked.
 #[derive(Default)]
@@ -94,25 +99,39 @@ impl Retiring {
         }
     }
 
-    /// Revoking its lease failed (not refused): retried later with backoff. Returns
-    /// whether the lease has ended anyway (Vault revokes it itself).
+    /// Revoking its lease failed (not refused): retried later with backoff (1 s doubling
+    /// to 5 minutes), warned about at the 1st, 2nd, 4th, 8th… failure. Returns whether
+    /// it is given up: the lease has ended anyway (Vault revoked it itself), or the
+    /// failure lasts (Vault says the request is malformed).
     fn revoke_failed(&mut self, shared: &EngineState, e: &Error, now: Instant) -> bool {
-        self.attempts += 1;
-        self.next_attempt = now
-            + shared
-                .settings
-                .policy
-                .retry_delay(self.attempts, fastrand::f64());
-        let gone = self.lease.expires_at().is_some_and(|end| now >= end);
-        tracing::warn!(
-            generation = self.generation.0,
-            lease_id = %self.lease.id,
-            attempts = self.attempts,
-            "revoking retired lease failed{}: {e}",
-            if gone { "; it has expired, Vault revokes it itself" } else { "" }
-        );
+        self.attempts = self.attempts.saturating_add(1);
+        self.next_attempt = now + REVOKE_RETRY.delay_jittered(self.attempts, fastrand::f64());
+        let ended = self.lease.expires_at().is_some_and(|end| now >= end);
+        let lasting = e.kind() == ErrorKind::InvalidRequest;
+        let then = if ended {
+            "; its lease has ended, so Vault has revoked it itself"
+        } else if lasting {
+            "; not retried (the same request fails the same way), the lease expires by its TTL"
+        } else {
+            "; retrying with backoff (up to 5 minutes apart)"
+        };
+        if noteworthy(self.attempts) || ended || lasting {
+            tracing::warn!(
+                generation = self.generation.0,
+                lease_id = %self.lease.id,
+                attempts = self.attempts,
+                "revoking retired lease failed{then}: {e}"
+            );
+        } else {
+            tracing::debug!(
+                generation = self.generation.0,
+                lease_id = %self.lease.id,
+                attempts = self.attempts,
+                "revoking retired lease failed again: {e}"
+            );
+        }
         shared.stats().last_error = Some(e.to_string());
-        gone
+        ended || lasting
     }
 }
 
@@ -188,6 +207,16 @@ pub(super) async fn retire(shared: &EngineState, drain: &mut Drain, all: bool) {
                 metrics::counter!("vaultpool_revocations_total", "role" => shared.label.clone())
                     .increment(1);
                 drain.forget(shared, i, |stats| stats.revocations += 1);
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                // Vault no longer knows the lease (revoked from outside, or expired
+                // between two looks): nothing left to revoke.
+                tracing::info!(
+                    generation = r.generation.0,
+                    lease_id = %r.lease.id,
+                    "retired lease already gone in Vault: {e}"
+                );
+                drain.forget(shared, i, |_| {});
             }
             Err(e) if e.kind() == ErrorKind::PermissionDenied => {
                 // The token's policy has no revoke: lasting, so not retried. The lease is

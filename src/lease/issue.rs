@@ -49,12 +49,17 @@ impl fmt::Display for Reason {
 /// The wait before issuing again after the database could not be reached to verify new
 /// credentials: 5 s, doubling up to 30 s between two rotations that cannot reach it.
 const UNREACHABLE: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(30));
+/// The wait before issuing again after the database refused newly issued credentials (a
+/// replica that has not caught up: seconds; `password_encryption` or `pg_hba` changed:
+/// until someone fixes it): 5 s, doubling up to 5 minutes. The serving credentials still
+/// work meanwhile, and the last try before their lease's end is kept.
+const REFUSED: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
 /// After this long without another such failure, the backoff starts again from the
 /// beginning.
 const UNREACHABLE_FORGET: Duration = Duration::from_secs(300);
 
-/// Rotations in a row whose new credentials could not be verified because the database
-/// did not answer (not a refusal), and when the next one may issue again.
+/// Rotations in a row whose new credentials could not be verified — the database did not
+/// answer, refused TLS, or refused the new user — and when the next one may issue again.
 #[derive(Default)]
 pub(super) struct Unreachable {
     /// Such rotations in a row.
@@ -69,14 +74,16 @@ impl Unreachable {
         self.until.is_some_and(|t| now() < t)
     }
 
-    /// One more rotation could not reach the database: back off issuing (5 s doubling to
-    /// 30 s; an episode over 5 minutes old starts again from 5 s).
-    fn failed(&mut self) {
+    /// One more rotation could not verify its new credentials: back off issuing (5 s
+    /// doubling to 30 s when the database could not be reached, to 5 minutes when it
+    /// refused the new user; an episode over 5 minutes old starts again from 5 s).
+    fn failed(&mut self, refused: bool) {
         if self.until.is_some_and(|t| now() > t + UNREACHABLE_FORGET) {
             self.in_a_row = 0; // an old episode: start again from 5 s
         }
         self.in_a_row = self.in_a_row.saturating_add(1);
-        let wait = UNREACHABLE.delay(self.in_a_row);
+        let backoff = if refused { REFUSED } else { UNREACHABLE };
+        let wait = backoff.delay(self.in_a_row);
         self.until = Some(now() + wait);
     }
 }
@@ -159,7 +166,9 @@ pub(super) async fn issue_verified(
         }
     };
     if let Err(e) = verified {
-        tracing::warn!(source = what, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
+        // Debug: the error goes back to the caller (build's, or the worker's, whose
+        // warnings are throttled); a warning here would repeat on every retry.
+        tracing::debug!(source = what, lease_id = %leased.lease.id, "new credentials failed verification: {e}");
         // Nobody will use them: revoke now (briefly); if that fails or this future is
         // dropped meanwhile, `unclaimed` retries in the background.
         if let Ok(Ok(())) =
@@ -385,7 +394,8 @@ pub(super) async fn rotate(
 }
 
 /// Issue and verify the rotation's new credentials. A failure counts as the lease's; one
-/// that is not a refused login (the database unreachable) backs off issuing.
+/// of verifying them (the database unreachable, refusing TLS or the new user) backs off
+/// issuing.
 async fn issue_for_rotation(
     shared: &EngineState,
     state: &mut WorkerState,
@@ -420,12 +430,15 @@ async fn issue_for_rotation(
         }
         Err(e) => {
             state.failed(shared, "rotating credentials", &e);
-            if matches!(e.kind(), ErrorKind::Backend | ErrorKind::Tls) {
-                // Verification failed for another reason than a refused login (the
-                // database unreachable, hung, failing the check, or refusing TLS — an
-                // expired server certificate lasts): back off issuing
+            match e.kind() {
+                // Verification failed: the database unreachable, hung, failing the check,
+                // or refusing TLS (an expired server certificate lasts): back off issuing
                 // (5 s doubling to 30 s) instead of creating and dropping a user per retry.
-                state.unreachable.failed();
+                ErrorKind::Backend | ErrorKind::Tls => state.unreachable.failed(false),
+                // The database refused the user Vault just created (a replica behind,
+                // password_encryption changed): the same, up to 5 minutes apart.
+                ErrorKind::AuthenticationFailed => state.unreachable.failed(true),
+                _ => {}
             }
             Err(e)
         }

@@ -416,6 +416,38 @@ async fn close_revokes_a_retired_lease_inside_its_retry_backoff() {
     assert_eq!(revoked, ["fake/1", "fake/2"], "close() skipped a lease");
 }
 
+/// A retired lease whose revoke fails for an hour (Vault sealed after a forced
+/// rotation) is retried with backoff up to 5 minutes apart, and revoked once Vault is
+/// back. Before, it was retried every retry_max (5 s): ~700 attempts, each a warning.
+#[tokio::test(start_paused = true)]
+async fn a_revoke_that_fails_for_an_hour_backs_off_to_minutes() {
+    let fake = fake(86_400, 86_400);
+    let engine = engine(&fake).await;
+    fake.revoke_failures.store(100_000, Ordering::SeqCst);
+    assert_eq!(engine.rotate().await.unwrap(), Generation(2));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let attempts = 100_000 - fake.revoke_failures.load(Ordering::SeqCst);
+    // 1, 2, 4, … 256 s (9 attempts in 8.5 minutes), then 150–300 s apart: 20–30.
+    assert!(
+        (15..=35).contains(&attempts),
+        "{attempts} revoke attempts in an hour"
+    );
+    let retiring = || {
+        engine
+            .status()
+            .generations
+            .iter()
+            .filter(|g| g.retiring)
+            .count()
+    };
+    assert_eq!(retiring(), 1, "given up on the lease");
+    fake.revoke_failures.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(301)).await;
+    assert_eq!(*fake.revoked.lock().unwrap(), ["fake/1"]);
+    assert_eq!(retiring(), 0);
+    engine.close().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn keeps_serving_while_vault_is_down_and_heals_after_expiry() {
     let fake = fake(60, 3600);
@@ -694,6 +726,52 @@ async fn lost_lease_backs_off(kind: ErrorKind) {
         .wait_newer(Generation(1), Duration::from_secs(45))
         .await;
     assert_eq!(g, Generation(2), "not replaced once the database was back");
+    engine.close().await;
+}
+
+/// A database that refuses every newly issued user (a replica that never catches up,
+/// `password_encryption` changed) while the serving one still works: the scheduled
+/// rotation backs off (5 s doubling to 5 minutes) and keeps its last try before the
+/// end. Before, it issued, failed to verify and dropped a user every retry_max (5 s):
+/// ~70 users between the rotation's due time and the end of an hour's lease.
+#[tokio::test(start_paused = true)]
+async fn new_users_the_database_refuses_back_off_the_scheduled_rotation() {
+    let fake = fake(3600, 3600);
+    let started = now();
+    let (engine, refusing) = engine_failing_verify(&fake, ErrorKind::AuthenticationFailed).await;
+    refusing.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3590)).await;
+    let tries: Vec<f64> = fake.issued.lock().unwrap()[1..]
+        .iter()
+        .map(|(_, at)| (*at - started).as_secs_f64())
+        .collect();
+    let first = *tries.first().expect("the scheduled rotation never tried");
+    // From the due time (3240 s) to 10 s before the end: 5, 10, 20, 40, 80, 160 s
+    // apart (7 tries); one per retry_max (5 s) was 96.
+    assert!(first < 3300.0, "rotation due at {first} s");
+    assert!(
+        tries.len() <= 10,
+        "{} users issued and dropped: {tries:?}",
+        tries.len()
+    );
+    assert!(
+        tries.windows(2).all(|w| w[1] - w[0] >= 4.5),
+        "retried without backoff: {tries:?}"
+    );
+    assert_eq!(engine.generation(), Generation(1));
+    // Degraded (the failures are reported), still serving.
+    assert_eq!(engine.status().health, super::Health::Degraded);
+    // The last try just before the end, and the refusal over: rotated.
+    refusing.store(false, Ordering::SeqCst);
+    let g = engine
+        .wait_newer(Generation(1), Duration::from_secs(15))
+        .await;
+    assert_eq!(g, Generation(2), "not rotated at the last try");
+    let last = fake.issued.lock().unwrap().last().unwrap().1 - started;
+    assert!(
+        (3599.0..3600.0).contains(&last.as_secs_f64()),
+        "the last try at {last:?}, not just before the end"
+    );
     engine.close().await;
 }
 

@@ -100,7 +100,7 @@ impl StepInterrupted {
 
 /// Whether the `n`th failure in a row is logged as a warning (1, 2, 4, 8, …); the others
 /// go to debug, so a long outage writes a handful of lines, not one per attempt.
-fn noteworthy(n: u32) -> bool {
+pub(super) fn noteworthy(n: u32) -> bool {
     n.is_power_of_two()
 }
 

@@ -305,3 +305,64 @@ async fn sqlx_a_caching_vault_proxy_never_makes_the_pool_retire_or_revoke_its_se
     )
     .await;
 }
+
+/// Logins of `user` PostgreSQL has authorized so far (the stack logs connections).
+fn logins_of(user: &str) -> usize {
+    let log = std::fs::read_to_string(format!(
+        "{}/pg-log/postgres.log",
+        var("VAULTPOOL_STACK_DIR")
+    ))
+    .unwrap();
+    let needle = format!("connection authorized: user={user} ");
+    log.lines().filter(|l| l.contains(&needle)).count()
+}
+
+/// A saturated pool (every connection in use, at `max_connections`) is never probed: the
+/// probe's login would be one connection beyond the bound (before: one login a second
+/// with a 1 s probe). A generation drained slowly (a connection held across the
+/// rotation, like a `PgListener`) is checked 100 ms, then doubling up to 30 s apart
+/// (before: 10 times a second, each check cycling the idle connections through the
+/// user's `after_release`: ~200 calls in 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_pool_is_not_probed_and_a_slow_drain_is_checked_with_backoff() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let role = create_role("5m", "1h").await;
+    let released = Arc::new(AtomicUsize::new(0));
+    let counter = released.clone();
+    let pool = builder_for(&role, 2)
+        .login_probe(Some(Duration::from_secs(1)))
+        .after_release(Arc::new(move |_conn, _meta| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(true) })
+        }))
+        .build()
+        .await
+        .unwrap();
+    let user = pool.engine().current().credentials.username.clone();
+    let a = pool.pool().acquire().await.unwrap();
+    let b = pool.pool().acquire().await.unwrap();
+    let before = logins_of(&user);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let probed = logins_of(&user) - before;
+    println!(
+        "sqlx saturated pool (2 of 2 in use) with a 1 s login probe: {probed} logins in 4.5 s"
+    );
+    assert_eq!(probed, 0, "logins beyond max_connections while saturated");
+
+    drop(b);
+    pool.rotate().await.unwrap();
+    let from = released.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let calls = released.load(Ordering::Relaxed) - from;
+    println!("sqlx drain held by one connection for 20 s: {calls} after_release calls");
+    assert!(
+        calls <= 40,
+        "{calls} after_release calls in 20 s of draining"
+    );
+    // Still draining (the held connection's user has a session), and the pool serves.
+    count(&pool).await.unwrap();
+    drop(a);
+    pool.close().await;
+    assert!(leases_of(&role).await.is_empty());
+}

@@ -13,8 +13,12 @@ use crate::credentials::Generation;
 use crate::error::ErrorKind;
 use crate::lease::{self, ConnectionGuard, Current, Engine};
 
-/// How often a draining generation is checked.
+/// How often a draining generation is checked: every 100 ms at first (most drain within
+/// a second), doubling up to every 30 s (a `PgListener` or a long transaction holds a
+/// session of the old user for as long as the lease lasts, up to hours).
 const DRAIN_POLL: Duration = Duration::from_millis(100);
+/// The longest wait between two checks of a draining generation.
+const DRAIN_POLL_MAX: Duration = Duration::from_secs(30);
 /// "In use": a connection acquired, released or opened within this long.
 pub(super) const LOGIN_PROBE_ACTIVE: Duration = Duration::from_secs(300);
 /// A pool not in use (no hook fired for `LOGIN_PROBE_ACTIVE`) is probed at most this
@@ -63,9 +67,13 @@ pub(super) async fn follow(
             _ = probe_at.tick(), if probe.is_some() && probing.is_none() => {
                 let due = tracker.used_within(LOGIN_PROBE_ACTIVE)
                     || last_probe.elapsed() >= LOGIN_PROBE_IDLE;
+                // A new connection would be opened only with room for it: a pool at its
+                // `max_connections` with none idle waits for one to be returned, and the
+                // probe must not open one beyond that bound.
                 if let Some(p) = probe.as_ref().filter(|_| due)
                     && !pool.is_closed()
                     && pool.num_idle() == 0
+                    && pool.size() < pool.options().get_max_connections()
                 {
                     last_probe = Instant::now();
                     probing = Some(Box::pin(probe_login(
@@ -158,13 +166,15 @@ async fn drain(
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let user = old.credentials.username.clone();
+    let mut wait = DRAIN_POLL;
     loop {
         // The engine revokes at the generation's drain deadline (just before its lease's
         // end, renewals included) whatever is still open; then there is nothing to hold.
         if cancel.is_cancelled() || !engine.is_retiring(old.generation) {
             break;
         }
-        // Cycle the idle queue: `before_acquire` closes stale connections.
+        // Cycle the idle queue: `before_acquire` closes stale connections (the fresh
+        // ones pass through `after_release`, your hook included, at each check).
         for _ in 0..pool.num_idle() {
             match pool.try_acquire() {
                 Some(conn) => drop(conn),
@@ -187,8 +197,9 @@ async fn drain(
         }
         tokio::select! {
             () = cancel.cancelled() => break,
-            () = tokio::time::sleep(DRAIN_POLL) => {}
+            () = tokio::time::sleep(wait) => {}
         }
+        wait = (wait * 2).min(DRAIN_POLL_MAX);
     }
     tracing::debug!(generation = old.generation.0, user = %user, "sqlx generation drained");
     drop(guard);

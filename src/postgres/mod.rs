@@ -30,6 +30,7 @@
 //! is in `conninfo.rs`.
 
 mod conninfo;
+mod watch;
 
 use std::fmt;
 use std::sync::Arc;
@@ -48,14 +49,57 @@ use crate::pool;
 pub use crate::pool::PoolStatus;
 use crate::pool::diagnosis;
 pub use conninfo::pg_config_from_lookup;
+use watch::{Dial, Dialer, Fatal};
 
 /// How vaultpool opens PostgreSQL connections: the target (host, port, database,
 /// options), TLS, and the check made before an idle connection is reused.
 #[derive(Clone)]
 pub struct PgConnect {
     config: tokio_postgres::Config,
-    connect: Arc<dyn deadpool_postgres::Connect>,
+    connect: Arc<dyn Dial>,
     recycling: RecyclingMethod,
+}
+
+/// A pooled PostgreSQL connection: a [`ClientWrapper`] (derefs to it, and on to
+/// [`tokio_postgres::Client`]) whose stream from the server is watched. Once the server
+/// has sent a `FATAL` error on it (`pg_terminate_backend`, a revoke that ends sessions, a
+/// restart), it is never handed out again — even before tokio-postgres has seen the
+/// connection close, which is when a plain deadpool-postgres pool would still hand it
+/// to the next caller. Watched: TLS connections, and plaintext ones to a host name
+/// (`sslmode=disable`); not: `prefer` falling back to plaintext, Unix sockets.
+pub struct WatchedClient {
+    client: ClientWrapper,
+    fatal: Fatal,
+}
+
+impl WatchedClient {
+    /// Whether the server ended the session with a fatal error (the connection is
+    /// closed when it is returned).
+    pub fn ended_by_server(&self) -> bool {
+        self.fatal.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl std::ops::Deref for WatchedClient {
+    type Target = ClientWrapper;
+    fn deref(&self) -> &ClientWrapper {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for WatchedClient {
+    fn deref_mut(&mut self) -> &mut ClientWrapper {
+        &mut self.client
+    }
+}
+
+impl fmt::Debug for WatchedClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WatchedClient")
+            .field("closed", &self.client.is_closed())
+            .field("ended_by_server", &self.ended_by_server())
+            .finish()
+    }
 }
 
 impl fmt::Debug for PgConnect {
@@ -82,20 +126,21 @@ impl std::future::Future for CheckPassed {
 }
 
 impl pool::Connect for PgConnect {
-    type Conn = ClientWrapper;
+    type Conn = WatchedClient;
     type Error = tokio_postgres::Error;
 
     fn open<'a>(
         &'a self,
         creds: &'a Credentials,
-    ) -> BoxFuture<'a, Result<ClientWrapper, tokio_postgres::Error>> {
+    ) -> BoxFuture<'a, Result<WatchedClient, tokio_postgres::Error>> {
         Box::pin(async move {
             let mut config = self.config.clone();
             config
                 .user(&creds.username)
                 .password(creds.password.expose_secret());
-            let (client, task) = self.connect.connect(&config).await?;
-            Ok(ClientWrapper::new(client, task))
+            let fatal = Fatal::default();
+            let client = self.connect.dial(&config, fatal.clone()).await?;
+            Ok(WatchedClient { client, fatal })
         })
     }
 
@@ -111,11 +156,16 @@ impl pool::Connect for PgConnect {
         diagnosis::postgres_tls_diagnosis(e.code().map(|c| c.code()), &diagnosis::chain_text(e))
     }
 
-    fn check<'a>(&'a self, conn: &'a mut ClientWrapper) -> BoxFuture<'a, Result<(), String>> {
+    fn check<'a>(&'a self, conn: &'a mut WatchedClient) -> BoxFuture<'a, Result<(), String>> {
         // Fast recycling (the default) decides here, and answers with a zero-sized future:
         // boxing it allocates nothing, on the path of every checkout.
         if conn.is_closed() {
             return Box::pin(async { Err("connection closed".into()) });
+        }
+        if conn.ended_by_server() {
+            return Box::pin(async {
+                Err("the server ended the session (a FATAL error), closing it".into())
+            });
         }
         let Some(sql) = self.recycling.query() else {
             return Box::pin(CheckPassed);
@@ -150,8 +200,8 @@ fn target(config: &tokio_postgres::Config) -> String {
 /// The deadpool manager behind [`VaultPgPool`].
 pub type Manager = pool::RotatingManager<PgConnect>;
 
-/// A pooled connection. Derefs to [`ClientWrapper`] (and on to
-/// [`tokio_postgres::Client`]). Returned to the pool on drop — or closed, if its
+/// A pooled connection. Derefs to [`WatchedClient`], and on to [`ClientWrapper`] and
+/// [`tokio_postgres::Client`]. Returned to the pool on drop — or closed, if its
 /// generation was retired while it was out.
 pub type Client = pool::Pooled<PgConnect>;
 
@@ -166,7 +216,7 @@ pub type Builder = pool::Builder<pool::Deadpool<PgTarget>>;
 /// Where and how the pool connects to PostgreSQL, as set on the [`Builder`].
 pub struct PgTarget {
     pg: Option<tokio_postgres::Config>,
-    connect: Option<Arc<dyn deadpool_postgres::Connect>>,
+    connect: Option<Arc<dyn Dial>>,
     recycling: RecyclingMethod,
     #[cfg(feature = "tls")]
     ssl: Option<crate::tls::PgTls>,
@@ -256,7 +306,7 @@ impl Builder {
         T::TlsConnect: Sync + Send,
         <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
     {
-        self.target.backend.connect = Some(Arc::new(deadpool_postgres::ConfigConnectImpl { tls }));
+        self.target.backend.connect = Some(Arc::new(Dialer::tls(tls)));
         self
     }
 
@@ -330,7 +380,7 @@ fn connector_from_settings(
     config: &mut tokio_postgres::Config,
     ssl: Option<crate::tls::PgTls>,
     env: impl Fn(&str) -> Option<String>,
-) -> Result<Arc<dyn deadpool_postgres::Connect>> {
+) -> Result<Arc<dyn Dial>> {
     // Never weaker than any place that names a mode: DATABASE_URL, PGSSLMODE, and the
     // config's own mode when it was set (Disable or Require; Prefer is tokio-postgres'
     // default, so it says nothing).
@@ -355,10 +405,8 @@ fn connector_from_settings(
     };
     config.ssl_mode(tls.mode().to_tokio_postgres());
     Ok(match tls.connector()? {
-        Some(tls) => Arc::new(deadpool_postgres::ConfigConnectImpl { tls }),
-        None => Arc::new(deadpool_postgres::ConfigConnectImpl {
-            tls: tokio_postgres::NoTls,
-        }),
+        Some(tls) => Arc::new(Dialer::tls(tls)),
+        None => Arc::new(Dialer::plaintext()),
     })
 }
 
@@ -371,7 +419,7 @@ fn connector_from_settings(
 fn plaintext_connector(
     config: &tokio_postgres::Config,
     env: impl Fn(&str) -> Option<String>,
-) -> Result<Arc<dyn deadpool_postgres::Connect>> {
+) -> Result<Arc<dyn Dial>> {
     use crate::libpq::SslMode;
     let asks_for_tls = |m: SslMode| m >= SslMode::Require;
     let asked = env("PGSSLMODE")
@@ -396,7 +444,5 @@ fn plaintext_connector(
             ),
         ));
     }
-    Ok(Arc::new(deadpool_postgres::ConfigConnectImpl {
-        tls: tokio_postgres::NoTls,
-    }))
+    Ok(Arc::new(Dialer::plaintext()))
 }

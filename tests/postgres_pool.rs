@@ -953,3 +953,30 @@ async fn terminated_sessions_fail_at_most_their_own_query() {
     pool.close().await;
     assert_leases_gone(&role).await;
 }
+
+/// `cancel_token()` on a pooled plaintext connection cancels its running query with
+/// `NoTls`, as on a plain tokio-postgres client (the pool opens plaintext connections
+/// through a connector of its own, and its cancel token picks that connector).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_query_is_cancelled_through_the_cancel_token() {
+    use vaultpool::postgres::tokio_postgres::{NoTls, error::SqlState};
+    let role = create_role("5m", "1h").await;
+    let pool = pool_for(&role, 2).await;
+    let client = pool.get().await.unwrap();
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(NoTls).await
+    });
+    let started = Instant::now();
+    let err = client.query("SELECT pg_sleep(30)", &[]).await.unwrap_err();
+    let took = started.elapsed();
+    canceller.await.unwrap().unwrap();
+    println!("pg_sleep(30) cancelled after {took:?}: {err}");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    assert!(took < Duration::from_secs(25), "not cancelled: {took:?}");
+    // The connection serves on.
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    drop(client);
+    pool.close().await;
+}

@@ -49,7 +49,7 @@ use crate::pool;
 pub use crate::pool::PoolStatus;
 use crate::pool::diagnosis;
 pub use conninfo::pg_config_from_lookup;
-use watch::{Dial, Dialer, Fatal};
+use watch::{Dial, Dialed, Dialer, Fatal};
 
 /// How vaultpool opens PostgreSQL connections: the target (host, port, database,
 /// options), TLS, and the check made before an idle connection is reused.
@@ -70,13 +70,57 @@ pub struct PgConnect {
 pub struct WatchedClient {
     client: ClientWrapper,
     fatal: Fatal,
+    plain: bool,
 }
 
 impl WatchedClient {
+    /// A token to cancel the query running on this connection, as
+    /// [`tokio_postgres::Client::cancel_token`] — which it replaces: a plaintext
+    /// connection of the pool is opened in a way (see [`WatchedClient`]) whose cancel
+    /// request needs vaultpool's own connector, and [`CancelToken::cancel_query`] picks it.
+    pub fn cancel_token(&self) -> CancelToken {
+        CancelToken {
+            inner: self.client.cancel_token(),
+            plain: self.plain,
+        }
+    }
+
     /// Whether the server ended the session with a fatal error (the connection is
     /// closed when it is returned).
     pub fn ended_by_server(&self) -> bool {
         self.fatal.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Cancels the query running on a pooled connection ([`WatchedClient::cancel_token`]).
+#[derive(Clone)]
+pub struct CancelToken {
+    inner: tokio_postgres::CancelToken,
+    plain: bool,
+}
+
+impl fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CancelToken").finish_non_exhaustive()
+    }
+}
+
+impl CancelToken {
+    /// Ask the server to cancel the connection's running query, over a new connection
+    /// made with `tls` (pass the pool's kind: `NoTls` for plaintext; for a plaintext
+    /// pool connection, vaultpool's own connector is used whatever `tls` is).
+    ///
+    /// # Errors
+    /// tokio-postgres' error when the cancel request cannot be sent.
+    pub async fn cancel_query<T>(&self, tls: T) -> Result<(), tokio_postgres::Error>
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    {
+        if self.plain {
+            self.inner.cancel_query(watch::plain_for_cancel()).await
+        } else {
+            self.inner.cancel_query(tls).await
+        }
     }
 }
 
@@ -139,8 +183,12 @@ impl pool::Connect for PgConnect {
                 .user(&creds.username)
                 .password(creds.password.expose_secret());
             let fatal = Fatal::default();
-            let client = self.connect.dial(&config, fatal.clone()).await?;
-            Ok(WatchedClient { client, fatal })
+            let Dialed { client, plain } = self.connect.dial(&config, fatal.clone()).await?;
+            Ok(WatchedClient {
+                client,
+                fatal,
+                plain,
+            })
         })
     }
 

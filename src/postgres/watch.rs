@@ -38,7 +38,23 @@ pub(super) trait Dial: Send + Sync + 'static {
         &'a self,
         config: &'a tokio_postgres::Config,
         fatal: Fatal,
-    ) -> BoxFuture<'a, Result<deadpool_postgres::ClientWrapper, tokio_postgres::Error>>;
+    ) -> BoxFuture<'a, Result<Dialed, tokio_postgres::Error>>;
+}
+
+/// A connection as dialed.
+pub(super) struct Dialed {
+    /// The client, its connection driven by a task of its own.
+    pub(super) client: deadpool_postgres::ClientWrapper,
+    /// Plaintext through [`Plain`]: a cancel request must go the same way.
+    pub(super) plain: bool,
+}
+
+/// The connector a cancel request of a [`Plain`] connection needs (its cancel token
+/// asks for `sslnegotiation=direct`, which only [`Plain`] answers without TLS).
+pub(super) fn plain_for_cancel() -> Plain {
+    Plain {
+        fatal: Fatal::default(),
+    }
 }
 
 /// A [`Dial`] over a TLS connector of any kind, or over none ([`NoTls`]).
@@ -71,7 +87,7 @@ where
         &'a self,
         config: &'a tokio_postgres::Config,
         fatal: Fatal,
-    ) -> BoxFuture<'a, Result<deadpool_postgres::ClientWrapper, tokio_postgres::Error>> {
+    ) -> BoxFuture<'a, Result<Dialed, tokio_postgres::Error>> {
         Box::pin(async move {
             let mode = config.get_ssl_mode();
             let to_names = !config.get_hosts().is_empty()
@@ -82,7 +98,10 @@ where
                     .ssl_mode(SslMode::Require)
                     .ssl_negotiation(SslNegotiation::Direct);
                 let (client, connection) = config.connect(Plain { fatal }).await?;
-                return Ok(wrap(client, connection));
+                return Ok(Dialed {
+                    client: wrap(client, connection),
+                    plain: true,
+                });
             }
             match &self.tls {
                 Some(tls) if mode != SslMode::Disable => {
@@ -91,11 +110,17 @@ where
                         fatal,
                     };
                     let (client, connection) = config.connect(watch).await?;
-                    Ok(wrap(client, connection))
+                    Ok(Dialed {
+                        client: wrap(client, connection),
+                        plain: false,
+                    })
                 }
                 _ => {
                     let (client, connection) = config.connect(NoTls).await?;
-                    Ok(wrap(client, connection))
+                    Ok(Dialed {
+                        client: wrap(client, connection),
+                        plain: false,
+                    })
                 }
             }
         })
@@ -177,7 +202,7 @@ where
 
 /// The plaintext "connector": no encryption, only the watch (see the module's docs).
 #[derive(Clone)]
-struct Plain {
+pub(super) struct Plain {
     fatal: Fatal,
 }
 

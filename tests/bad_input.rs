@@ -660,6 +660,22 @@ async fn database_tls_rows() -> Vec<Row> {
             result: PgTls::from_lookup(lookup(&[("PGSSLCERT", "/etc/client.crt")]), &[])
                 .map(|_| String::new()),
         },
+        // The backend's own reason in the message (before: "backend failed" only).
+        Row {
+            input: "PostgreSQL: a database that does not exist",
+            expect: ErrorKind::Backend,
+            words: &["database \"vaultpool_no_such_db\" does not exist"],
+            result: vaultpool::postgres::VaultPgPool::builder(&role)
+                .vault(common::approle_client("IMMUNE_SYSTEM"))
+                .pg_config({
+                    let mut c = common::pg_target();
+                    c.dbname("vaultpool_no_such_db");
+                    c
+                })
+                .build()
+                .await
+                .map(|p| format!("{:?}", p.status())),
+        },
     ];
     common::assert_leases_gone(&role).await;
     rows

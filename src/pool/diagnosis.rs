@@ -22,6 +22,18 @@ pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// What the backend (or the network) said, for a message: the innermost cause's text —
+/// `FATAL: too many connections for role "v-app-…"`, `database "x" does not exist`,
+/// `Connection refused (os error 111)` — which a driver's own Display often hides
+/// ("db error").
+pub(crate) fn reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut root = e;
+    while let Some(c) = root.source() {
+        root = c;
+    }
+    root.to_string()
+}
+
 /// A TLS failure as an error's text shows it (rustls' words, the alerts a server sends,
 /// the drivers' own), and what the backend's user should fix for it.
 pub(crate) struct TlsSymptom {
@@ -143,7 +155,8 @@ where
     } else {
         ErrorKind::Backend
     };
-    Error::new(kind, what).with_source(e)
+    let why = reason(&e);
+    Error::new(kind, format!("{what}: {why}")).with_source(e)
 }
 
 #[cfg(all(test, any(feature = "postgres", feature = "sqlx")))]

@@ -266,7 +266,10 @@ impl<C: Connect> RotatingManager<C> {
             Some(fix) => Error::new(ErrorKind::Tls, format!("{what}: {fix}"))
                 .with_source(e)
                 .fix_given(),
-            None => Error::new(ErrorKind::Backend, what).with_source(e),
+            None => {
+                let why = super::diagnosis::reason(&e);
+                Error::new(ErrorKind::Backend, format!("{what}: {why}")).with_source(e)
+            }
         }
     }
 }

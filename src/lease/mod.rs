@@ -542,7 +542,9 @@ impl Engine {
 
     /// Rotate now: issue new credentials, verify, swap. Returns the new generation once
     /// it is serving (for a KV source whose secret has no newer version: the current
-    /// one — there is nothing new to swap in).
+    /// one — there is nothing new to swap in). Calls made at once share one rotation:
+    /// those waiting when it starts get its generation (one new user, not one per call);
+    /// a call made while it runs gets the next one.
     ///
     /// # Errors
     /// Whatever issuing or verifying failed with (the current credentials stay);
@@ -670,9 +672,13 @@ impl Engine {
     pub async fn close(&self) {
         self.state.closed.store(true, Ordering::Release);
         self.state.cancel.cancel();
-        let handle = self.state.worker.lock().await.take();
-        if let Some(handle) = handle {
+        // The lock is held until the worker has finished: a second close() waits for the
+        // first one's revocations instead of returning before them; and if the caller
+        // that awaits the worker is dropped, the handle stays for the next close().
+        let mut worker = self.state.worker.lock().await;
+        if let Some(handle) = worker.as_mut() {
             let _ = handle.await;
+            *worker = None;
         }
     }
 }

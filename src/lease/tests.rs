@@ -27,6 +27,8 @@ struct Fake {
     lookups: AtomicUsize,
     /// The next this many revocations fail (Vault briefly unreachable).
     revoke_failures: AtomicUsize,
+    /// Each revocation takes this long (Vault slow to drop the user).
+    revoke_delay: Duration,
     /// Issue hands back the last lease issued (a cache in front of Vault).
     hand_back: std::sync::atomic::AtomicBool,
     /// The auth token leases are issued under now (none: no token).
@@ -94,6 +96,7 @@ impl Source for Arc<Fake> {
     }
     fn revoke<'a>(&'a self, lease: &'a Lease) -> super::BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            tokio::time::sleep(self.revoke_delay).await;
             self.unavailable()?;
             if self
                 .revoke_failures
@@ -414,6 +417,56 @@ async fn close_revokes_a_retired_lease_inside_its_retry_backoff() {
     let mut revoked = fake.revoked.lock().unwrap().clone();
     revoked.sort();
     assert_eq!(revoked, ["fake/1", "fake/2"], "close() skipped a lease");
+}
+
+/// Five rotate() calls at once (say, five instances of an admin endpoint hit together):
+/// the calls waiting while a rotation starts share it — one new user, every call answered
+/// with the generation it made. Before, each call made a user of its own (5).
+#[tokio::test(start_paused = true)]
+async fn concurrent_rotate_calls_share_one_rotation() {
+    let fake = fake(600, 3600);
+    let engine = engine(&fake).await;
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.rotate().await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap().unwrap());
+    }
+    let issued = fake.issued.lock().unwrap().len() - 1;
+    assert_eq!(issued, 1, "{issued} new users for 5 concurrent calls");
+    assert!(answers.iter().all(|g| *g == Generation(2)), "{answers:?}");
+    // A call after them rotates again.
+    assert_eq!(engine.rotate().await.unwrap(), Generation(3));
+    engine.close().await;
+}
+
+/// Two close() calls at once (a shutdown hook and a drop guard): the second returns only
+/// once the leases are revoked, like the first. Before, it returned at once.
+#[tokio::test(start_paused = true)]
+async fn a_second_concurrent_close_waits_for_the_revocations() {
+    let fake = Arc::new(Fake {
+        ttl: Duration::from_secs(600),
+        max_ttl: Duration::from_secs(3600),
+        revoke_delay: Duration::from_secs(2),
+        ..Fake::default()
+    });
+    let engine = engine(&fake).await;
+    let first = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.close().await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    engine.close().await;
+    assert_eq!(
+        *fake.revoked.lock().unwrap(),
+        ["fake/1"],
+        "the second close() returned before the revocation"
+    );
+    first.await.unwrap();
 }
 
 /// A retired lease whose revoke fails for an hour (Vault sealed after a forced
@@ -852,6 +905,31 @@ async fn a_careless_custom_provider_cannot_make_the_engine_spin() {
     assert!(engine.generation().0 >= 4, "{:?}", engine.generation());
     assert_ne!(engine.status().health, super::Health::Expired);
     engine.close().await;
+}
+
+/// A provider that never answers: the error names the provider and says what to check —
+/// not "could not reach Vault; check VAULT_ADDR", as it did (no Vault is involved).
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_hangs_is_reported_as_the_providers_timeout() {
+    struct Hangs;
+    impl super::CredentialProvider for Hangs {
+        fn issue(&self) -> super::BoxFuture<'_, Result<Leased<Credentials>>> {
+            Box::pin(std::future::pending())
+        }
+    }
+    let source = super::CredentialSource::custom("hangs", Hangs)
+        .into_source(None)
+        .unwrap();
+    let err = start(setup("hangs", "hangs", source, steady_settings()))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.kind(), ErrorKind::Transport);
+    assert!(
+        text.contains("credential provider did not answer within 30s") && text.contains("hangs"),
+        "{text}"
+    );
+    assert!(!text.contains("VAULT_ADDR"), "{text}");
 }
 
 /// A provider's lease out of range is refused (and retried), never a panic.

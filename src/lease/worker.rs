@@ -319,7 +319,14 @@ pub(crate) async fn run(
     // learns it has no worker any more.
     let _alive = AliveGuard(weak.clone());
     async move {
+        // A command taken from the queue while gathering forced rotations, obeyed next.
+        let mut held: Option<Command> = None;
         loop {
+            if let Some(cmd) = held.take() {
+                let Some(shared) = weak.upgrade() else { return };
+                held = obey(&shared, &mut state, &cancel, cmd, &mut commands).await;
+                continue;
+            }
             let Some(shared) = weak.upgrade() else {
                 tracing::debug!("all handles dropped; lease worker stops (leases expire by TTL)");
                 return;
@@ -346,7 +353,7 @@ pub(crate) async fn run(
                 }
                 cmd = commands.recv() => {
                     let (Some(cmd), Some(shared)) = (cmd, weak.upgrade()) else { return };
-                    obey(&shared, &mut state, &cancel, cmd).await;
+                    held = obey(&shared, &mut state, &cancel, cmd, &mut commands).await;
                 }
                 _ = sleep => {
                     let Some(shared) = weak.upgrade() else { return };
@@ -473,17 +480,32 @@ fn next_wake(
     (wake, poll_at)
 }
 
-/// Carry out a handle's command, cut at `close()` or at the step limit.
+/// Carry out a handle's command, cut at `close()` or at the step limit. Forced rotations
+/// already waiting in `queue` share this one (N concurrent `rotate()` calls, one new
+/// user); a command of another kind met while gathering them is returned, to be obeyed
+/// next.
 async fn obey(
     shared: &EngineState,
     state: &mut WorkerState,
     cancel: &CancellationToken,
     cmd: Command,
-) {
+    queue: &mut mpsc::UnboundedReceiver<Command>,
+) -> Option<Command> {
     let limit = step_limit(shared);
     state.step_ends = Some(now() + limit);
+    let mut next = None;
     match cmd {
         Command::Rotate(reply) => {
+            let mut also = Vec::new();
+            while let Ok(cmd) = queue.try_recv() {
+                match cmd {
+                    Command::Rotate(reply) => also.push(reply),
+                    other => {
+                        next = Some(other);
+                        break;
+                    }
+                }
+            }
             // Right after another rotation: let the previous generation
             // finish draining first (briefly), so at most two generations'
             // users exist at once.
@@ -501,6 +523,20 @@ async fn obey(
                     Err(e)
                 }
             };
+            for other in also {
+                let shared_result = match &result {
+                    Ok(generation) => Ok(*generation),
+                    Err(e) => Err(Error::new(
+                        e.kind(),
+                        format!(
+                            "rotating credentials of {} (this call shared a rotation already \
+                             asked for): {e}",
+                            shared.source_name
+                        ),
+                    )),
+                };
+                let _ = other.send(shared_result);
+            }
             let _ = reply.send(result);
         }
         Command::AuthFailure(generation) => {
@@ -527,6 +563,7 @@ async fn obey(
             let _ = reply.send(result);
         }
     }
+    next
 }
 
 /// What is due when the worker wakes: token refresh, revocations, a re-lease retry, a

@@ -388,7 +388,13 @@ impl Builder {
             ));
         }
         let connect = match target.connect {
-            Some(connect) => connect,
+            Some(connect) => {
+                // The connector is used as it is, but never with a weaker mode than the
+                // environment names: PGSSLMODE=require must not fall back to plaintext
+                // because a pg_config was given in code.
+                at_least_the_environments_mode(&mut config, env)?;
+                connect
+            }
             #[cfg(feature = "tls")]
             None => connector_from_settings(&mut config, target.ssl, env)?,
             #[cfg(not(feature = "tls"))]
@@ -413,6 +419,37 @@ impl Builder {
         let vault = lease.vault()?;
         Self::build_with(lease, deadpool, vault, verify, connect).await
     }
+}
+
+/// Raise `config`'s mode to the strongest that `PGSSLMODE` or `DATABASE_URL`'s `sslmode`
+/// names, if stronger (`require` and above are tokio-postgres' `require`; verifying the
+/// certificate is the connector's part).
+///
+/// # Errors
+/// [`ErrorKind::Config`] for an unknown mode in either.
+fn at_least_the_environments_mode(
+    config: &mut tokio_postgres::Config,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<()> {
+    use crate::libpq::SslMode;
+    let from_url: Vec<String> = env("DATABASE_URL")
+        .map(|u| conninfo::ssl_params(&u))
+        .transpose()?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k == "sslmode")
+        .map(|(_, v)| v)
+        .collect();
+    let from_env = env("PGSSLMODE").filter(|m| !m.trim().is_empty());
+    let named = SslMode::strongest(from_env.as_deref(), "PGSSLMODE")?.max(SslMode::strongest(
+        from_url.iter().map(String::as_str),
+        "DATABASE_URL's sslmode",
+    )?);
+    let own = SslMode::named_by_tokio_postgres(config.get_ssl_mode()).unwrap_or(SslMode::Prefer);
+    if let Some(mode) = named.filter(|m| *m > own) {
+        config.ssl_mode(mode.to_tokio_postgres());
+    }
+    Ok(())
 }
 
 /// The connector made from TLS settings with libpq's meaning: `ssl` (the builder's, if
@@ -493,4 +530,49 @@ fn plaintext_connector(
         ));
     }
     Ok(Arc::new(Dialer::plaintext()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_postgres::config::SslMode as T;
+
+    /// `.tls(connector)` with `.pg_config(..)`: the config's mode is raised to what the
+    /// environment names, never lowered. Before, PGSSLMODE and DATABASE_URL were ignored
+    /// there, and a `prefer` config fell back to plaintext under `PGSSLMODE=require`.
+    #[test]
+    fn a_connector_given_in_code_keeps_the_environments_mode() {
+        let raised = |mode: T, vars: &'static [(&'static str, &'static str)]| {
+            let mut config = tokio_postgres::Config::new();
+            config.ssl_mode(mode);
+            let lookup = |k: &str| {
+                vars.iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| (*v).to_owned())
+            };
+            at_least_the_environments_mode(&mut config, lookup).map(|()| config.get_ssl_mode())
+        };
+        const URL: &str = "postgres://db.example/app?sslmode=verify-full";
+        assert_eq!(
+            raised(T::Prefer, &[("PGSSLMODE", "require")]).unwrap(),
+            T::Require
+        );
+        assert_eq!(
+            raised(T::Disable, &[("DATABASE_URL", URL)]).unwrap(),
+            T::Require
+        );
+        assert_eq!(
+            raised(T::Prefer, &[("PGSSLMODE", "disable")]).unwrap(),
+            T::Prefer,
+            "lowered"
+        );
+        assert_eq!(
+            raised(T::Require, &[("PGSSLMODE", "prefer")]).unwrap(),
+            T::Require
+        );
+        assert_eq!(raised(T::Prefer, &[]).unwrap(), T::Prefer);
+        let err = raised(T::Prefer, &[("PGSSLMODE", "verify_full")]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("PGSSLMODE"), "{err}");
+    }
 }

@@ -379,7 +379,7 @@ impl Builder {
             ));
         }
         let base = match target.connect {
-            Some(o) => o,
+            Some(o) => options::at_least_the_environments_mode(o, |k| std::env::var(k).ok())?,
             None => options::from_env()?,
         };
         options::refuse_weak_tls(&base)?;

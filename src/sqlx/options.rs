@@ -14,9 +14,9 @@ use crate::libpq::{SslMode, read_database_url};
 /// quietly weaker than libpq's — for the options given as for the environment's.
 pub(super) fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
     use ::sqlx::postgres::PgSslMode;
-    // sqlx has no getter for the root certificate; its Debug shows it (the text, which
-    // holds the password too, is only searched, never shown).
-    let shown = format!("{options:?}");
+    // sqlx has no getter for the root certificate; its Debug shows it. The password
+    // (PGPASSWORD, if sqlx read it) is blanked first: the text never holds a secret.
+    let shown = format!("{:?}", options.clone().password(""));
     let root_given = !shown.contains("ssl_root_cert: None");
     let system_root = shown.contains("ssl_root_cert: Some(File(\"system\"))");
     if matches!(options.get_ssl_mode(), PgSslMode::VerifyCa) {
@@ -59,6 +59,33 @@ pub(super) fn refuse_weak_tls(options: &PgConnectOptions) -> Result<()> {
     Ok(())
 }
 
+/// `options` given in code, never with a weaker mode than `PGSSLMODE` or
+/// `DATABASE_URL`'s `sslmode` names (a `require` there must not fall back to plaintext
+/// because options were given in code).
+///
+/// # Errors
+/// [`ErrorKind::Config`] for an unknown mode in either.
+pub(super) fn at_least_the_environments_mode(
+    options: PgConnectOptions,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<PgConnectOptions> {
+    let mut named = None;
+    if let Some(mode) = env("PGSSLMODE").filter(|m| !m.trim().is_empty()) {
+        named = named.max(Some(SslMode::parse_from(&mode, "PGSSLMODE")?));
+    }
+    if let Some(url) = env("DATABASE_URL").and_then(|u| url::Url::parse(u.trim()).ok()) {
+        for (_, mode) in url.query_pairs().filter(|(k, _)| k == "sslmode") {
+            named = named.max(Some(SslMode::parse_from(&mode, "DATABASE_URL's sslmode")?));
+        }
+    }
+    Ok(match named {
+        Some(mode) if mode > SslMode::from_sqlx(options.get_ssl_mode()) => {
+            options.ssl_mode(mode.to_sqlx())
+        }
+        _ => options,
+    })
+}
+
 /// sqlx connect options from `DATABASE_URL` (without password) or the libpq variables.
 pub(super) fn from_env() -> Result<PgConnectOptions> {
     if let Ok(mode) = std::env::var("PGSSLMODE")
@@ -95,4 +122,55 @@ pub(super) fn from_env() -> Result<PgConnectOptions> {
     }
     // PGHOST, PGPORT, PGDATABASE, PGSSLMODE … as libpq reads them (no .pgpass).
     Ok(PgConnectOptions::new_without_pgpass())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::sqlx::postgres::PgSslMode;
+
+    /// Options given in code keep the environment's mode at least. Before, `PGSSLMODE`
+    /// was ignored once `.connect_options(..)` was given.
+    #[test]
+    fn options_given_in_code_keep_the_environments_mode() {
+        let raised = |mode: PgSslMode, vars: &'static [(&'static str, &'static str)]| {
+            let lookup = |k: &str| {
+                vars.iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| (*v).to_owned())
+            };
+            at_least_the_environments_mode(
+                PgConnectOptions::new_without_pgpass().ssl_mode(mode),
+                lookup,
+            )
+            .map(|o| o.get_ssl_mode())
+        };
+        const URL: &str = "postgres://db.example/app?sslmode=verify-full";
+        assert!(matches!(
+            raised(PgSslMode::Prefer, &[("PGSSLMODE", "require")]).unwrap(),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            raised(PgSslMode::Disable, &[("DATABASE_URL", URL)]).unwrap(),
+            PgSslMode::VerifyFull
+        ));
+        assert!(matches!(
+            raised(PgSslMode::Require, &[("PGSSLMODE", "disable")]).unwrap(),
+            PgSslMode::Require
+        ));
+        assert!(raised(PgSslMode::Prefer, &[("PGSSLMODE", "verify_full")]).is_err());
+    }
+
+    /// The weak-TLS check never formats a password: a password in the options is
+    /// blanked before sqlx's Debug text is searched (checked by the text searched).
+    #[test]
+    fn the_weak_tls_check_sees_no_password() {
+        let options = PgConnectOptions::new_without_pgpass()
+            .password("hunter2-secret")
+            .ssl_mode(PgSslMode::Require)
+            .ssl_root_cert("/tmp/ca.pem");
+        let err = refuse_weak_tls(&options).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("hunter2"));
+        assert!(!format!("{:?}", options.clone().password("")).contains("hunter2"));
+    }
 }

@@ -881,6 +881,27 @@ async fn a_caching_vault_proxy_never_makes_the_pool_retire_or_revoke_its_serving
     .await;
 }
 
+/// The same through a Vault Agent with `cache {}` (api_proxy with the auto-auth token):
+/// the revoke on close() clears the Agent's cache (`agent/v1/cache-clear`, after the
+/// Proxy's endpoint answered 404), so the next pool gets a new lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caching_vault_agent_never_makes_the_pool_retire_or_revoke_its_serving_lease() {
+    scenarios::a_caching_bao_hands_back_the_serving_lease(
+        "agent",
+        "deadpool",
+        |client, role| async move {
+            VaultPgPool::builder(&role)
+                .vault(client)
+                .pg_config(pg_target())
+                .max_size(4)
+                .policy(fast_policy())
+                .build()
+                .await
+        },
+    )
+    .await;
+}
+
 /// Every session of the pool terminated under load (`pg_terminate_backend`, as a revoke
 /// that ends sessions does), 20 times: each terminated session fails at most the one
 /// query it was running (or the one that took it just then), never a second one —

@@ -181,6 +181,20 @@ where
     F: Fn(vaultpool::vault::Client, String) -> Fut,
     Fut: std::future::Future<Output = vaultpool::Result<P>>,
 {
+    a_caching_bao_hands_back_the_serving_lease("proxy", flavour, build).await;
+}
+
+/// [`a_caching_vault_proxy_hands_back_the_serving_lease`] through `bao {mode}` (`proxy`
+/// or `agent`, each with `cache {}`; their cache-clear endpoints differ).
+pub async fn a_caching_bao_hands_back_the_serving_lease<P, F, Fut>(
+    mode: &str,
+    flavour: &str,
+    build: F,
+) where
+    P: TestPool,
+    F: Fn(vaultpool::vault::Client, String) -> Fut,
+    Fut: std::future::Future<Output = vaultpool::Result<P>>,
+{
     let role = create_role("1m", "10m").await;
     let port = free_port();
     let config = format!(
@@ -189,7 +203,7 @@ where
         var("VAULT_ADDR"),
         AUTO_AUTH.replace("SINK", "")
     );
-    let proxy = BaoHelper::prepare("proxy", &config);
+    let proxy = BaoHelper::prepare(mode, &config);
     approle_files(&proxy.dir, ("10m", "1h")).await;
     let proxy = proxy.spawn();
     eventually(Duration::from_secs(10), "the Proxy listening", || {
@@ -222,7 +236,7 @@ where
     for i in 1..=3 {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let e = pool.rotate().await.unwrap_err();
-        println!("{flavour}, caching Proxy, forced rotation {i}: {e}");
+        println!("{flavour}, caching {mode}, forced rotation {i}: {e}");
         assert_eq!(
             e.kind(),
             vaultpool::ErrorKind::CredentialsUnavailable,
@@ -235,7 +249,7 @@ where
     let report = load.await.unwrap();
     let now = pool.engine().current();
     println!(
-        "{flavour}, caching Proxy: {} queries, {} failed, generation {} (lease {})",
+        "{flavour}, caching {mode}: {} queries, {} failed, generation {} (lease {})",
         report.ok, report.failed, now.generation, now.lease.id
     );
     assert_eq!(report.failed, 0, "{:?}", report.errors);
@@ -270,7 +284,7 @@ where
         }
         Err(e) => e,
     };
-    println!("{flavour}, caching Proxy, a revoked lease in the cache: {e}");
+    println!("{flavour}, caching {mode}, a revoked lease in the cache: {e}");
     assert!(e.to_string().contains("no longer knows"), "{e}");
     second.close().await;
     drop(proxy);

@@ -60,6 +60,9 @@ pub enum ErrorKind {
     Query,
     /// The component was shut down.
     Shutdown,
+    /// A service other than Vault that vaultpool waits on (a credential provider of
+    /// your own) did not answer in time. Retried like a transport failure.
+    Timeout,
 }
 
 impl ErrorKind {
@@ -67,7 +70,7 @@ impl ErrorKind {
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            Self::Transport | Self::Sealed | Self::RateLimited | Self::Server
+            Self::Transport | Self::Sealed | Self::RateLimited | Self::Server | Self::Timeout
         )
     }
 
@@ -92,6 +95,7 @@ impl ErrorKind {
             Self::PoolTimeout => "pool timeout",
             Self::Query => "query failed",
             Self::Shutdown => "shut down",
+            Self::Timeout => "no answer in time",
         }
     }
 
@@ -281,6 +285,24 @@ impl Error {
     /// Whether retrying later may succeed (transport failures, sealed, 429, 5xx).
     pub fn is_transient(&self) -> bool {
         self.inner.kind.is_transient()
+    }
+
+    /// The same failure for another caller of the call that failed (a coalesced
+    /// `rotate()`), with `context` in front: kind, Vault's status and errors, retry hint
+    /// and fix kept; the source (not clonable) stays with the first caller's error.
+    pub(crate) fn for_another_caller(&self, context: impl Into<String>) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Box::new(Inner {
+                kind: inner.kind,
+                context: format!("{}: {}", context.into(), inner.context),
+                status: inner.status,
+                vault_errors: inner.vault_errors.clone(),
+                retry_after: inner.retry_after,
+                source: None,
+                fix_given: inner.fix_given,
+            }),
+        }
     }
 }
 

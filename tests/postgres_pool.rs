@@ -906,15 +906,44 @@ async fn a_caching_vault_agent_never_makes_the_pool_retire_or_revoke_its_serving
 /// that ends sessions does), 20 times: each terminated session fails at most the one
 /// query it was running (or the one that took it just then), never a second one —
 /// a connection whose server sent FATAL is never handed out again, even before
-/// tokio-postgres has read the end of its stream. Before, in 2 of 8 runs more queries
-/// failed than sessions were killed (18 and 23 for 16).
+/// tokio-postgres has read the end of its stream. Plaintext (`sslmode=disable`, through
+/// the pool's plaintext connector) and TLS (`require` against the stack's TLS-capable
+/// server: rustls, wrapped). Before, in 2 of 8 runs more queries failed than sessions
+/// were killed (18 and 23 for 16).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_sessions_fail_at_most_their_own_query() {
+    use vaultpool::postgres::tokio_postgres::config::SslMode;
+    terminate_every_session_20_times(SslMode::Disable).await;
+    terminate_every_session_20_times(SslMode::Require).await;
+}
+
+async fn terminate_every_session_20_times(
+    mode: vaultpool::postgres::tokio_postgres::config::SslMode,
+) {
     use std::sync::atomic::AtomicUsize;
     let role = create_role("5m", "1h").await;
-    let pool = pool_for(&role, 16).await;
+    let mut target = pg_target();
+    target.ssl_mode(mode);
+    let pool = VaultPgPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(target)
+        .max_size(16)
+        .policy(fast_policy())
+        .build()
+        .await
+        .unwrap();
     let user = pool.engine().current().credentials.username.clone();
     let admin = pg_admin("adaptive_immunity").await;
+    let encrypted: bool = {
+        let c = pool.get().await.unwrap();
+        c.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let workers: Vec<_> = (0..32)
@@ -962,9 +991,18 @@ async fn terminated_sessions_fail_at_most_their_own_query() {
     let (killed, lost): (usize, usize) =
         rounds.iter().fold((0, 0), |(k, l), (a, b)| (k + a, l + b));
     println!(
-        "20 rounds of terminating every session under 32 workers (pool of 16): {killed} \
-         sessions killed, {lost} queries failed, {} served; per round (killed, failed): {rounds:?}",
+        "{mode:?} (encrypted: {encrypted}): 20 rounds of terminating every session under 32 \
+         workers (pool of 16): {killed} sessions killed, {lost} queries failed, {} served; per \
+         round (killed, failed): {rounds:?}",
         ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        encrypted,
+        matches!(
+            mode,
+            vaultpool::postgres::tokio_postgres::config::SslMode::Require
+        ),
+        "TLS used (or not) against the mode asked for"
     );
     assert!(
         rounds.iter().all(|(k, f)| f <= k),
@@ -999,5 +1037,37 @@ async fn a_running_query_is_cancelled_through_the_cancel_token() {
     // The connection serves on.
     client.query_one("SELECT 1", &[]).await.unwrap();
     drop(client);
+    pool.close().await;
+}
+
+/// `.tls(NoTls)` with tokio-postgres' default `prefer`, against a server that offers TLS
+/// (the stack's): plaintext, as with deadpool-postgres — the pool must not try TLS with
+/// a connector that has none ("no TLS implementation configured").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notls_connector_with_prefer_connects_in_plaintext() {
+    use vaultpool::postgres::tokio_postgres::{NoTls, config::SslMode};
+    let role = create_role("5m", "1h").await;
+    let mut target = pg_target();
+    target.ssl_mode(SslMode::Prefer);
+    let pool = VaultPgPool::builder(&role)
+        .vault(approle_client("IMMUNE_SYSTEM"))
+        .pg_config(target)
+        .tls(NoTls)
+        .max_size(2)
+        .build()
+        .await
+        .unwrap();
+    let encrypted: bool = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!encrypted);
     pool.close().await;
 }

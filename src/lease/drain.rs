@@ -101,21 +101,19 @@ impl Retiring {
 
     /// Revoking its lease failed (not refused): retried later with backoff (1 s doubling
     /// to 5 minutes), warned about at the 1st, 2nd, 4th, 8th… failure. Returns whether
-    /// it is given up: the lease has ended anyway (Vault revoked it itself), or the
-    /// failure lasts (Vault says the request is malformed).
+    /// it is given up: the lease has ended anyway (Vault revoked it itself). A 400 is
+    /// retried too: Vault answers 400 "failed to revoke entry" when the database could
+    /// not drop the user (unreachable, `tuple concurrently updated`).
     fn revoke_failed(&mut self, shared: &EngineState, e: &Error, now: Instant) -> bool {
         self.attempts = self.attempts.saturating_add(1);
         self.next_attempt = now + REVOKE_RETRY.delay_jittered(self.attempts, fastrand::f64());
         let ended = self.lease.expires_at().is_some_and(|end| now >= end);
-        let lasting = e.kind() == ErrorKind::InvalidRequest;
         let then = if ended {
             "; its lease has ended, so Vault has revoked it itself"
-        } else if lasting {
-            "; not retried (the same request fails the same way), the lease expires by its TTL"
         } else {
             "; retrying with backoff (up to 5 minutes apart)"
         };
-        if noteworthy(self.attempts) || ended || lasting {
+        if noteworthy(self.attempts) || ended {
             tracing::warn!(
                 generation = self.generation.0,
                 lease_id = %self.lease.id,
@@ -131,7 +129,7 @@ impl Retiring {
             );
         }
         shared.stats().last_error = Some(e.to_string());
-        ended || lasting
+        ended
     }
 }
 
@@ -208,27 +206,31 @@ pub(super) async fn retire(shared: &EngineState, drain: &mut Drain, all: bool) {
                     .increment(1);
                 drain.forget(shared, i, |stats| stats.revocations += 1);
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                // Vault no longer knows the lease (revoked from outside, or expired
-                // between two looks): nothing left to revoke.
-                tracing::info!(
-                    generation = r.generation.0,
-                    lease_id = %r.lease.id,
-                    "retired lease already gone in Vault: {e}"
-                );
-                drain.forget(shared, i, |_| {});
-            }
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                // The token's policy has no revoke: lasting, so not retried. The lease is
-                // left to expire by its TTL; the operator is told once, and in status().
-                let why = format!(
-                    "revoking the lease of generation {} was refused by Vault (HTTP {}): the \
-                     token's policy does not allow it; retired leases are left to expire by \
-                     their TTL. Grant the token `update` on sys/leases/revoke/<mount>/creds/\
-                     <role>/* (see the README's policy)",
-                    r.generation.0,
-                    e.vault_status().unwrap_or(403)
-                );
+            Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::NotFound) => {
+                // The token's policy has no revoke (403), or the revoke path is not there
+                // (404: Vault answers 204 for a lease it no longer knows, so this is a
+                // namespace, a path prefix or something in front of Vault): lasting, so not
+                // retried. The lease is left to expire by its TTL; the operator is told
+                // once, and in status().
+                let why = if e.kind() == ErrorKind::NotFound {
+                    format!(
+                        "revoking the lease of generation {} failed: the revoke path is not \
+                         there (HTTP {}; Vault answers a revoke of a lease it no longer knows \
+                         with 204) — check the namespace and what is in front of Vault; retired \
+                         leases are left to expire by their TTL",
+                        r.generation.0,
+                        e.vault_status().unwrap_or(404)
+                    )
+                } else {
+                    format!(
+                        "revoking the lease of generation {} was refused by Vault (HTTP {}): \
+                         the token's policy does not allow it; retired leases are left to \
+                         expire by their TTL. Grant the token `update` on sys/leases/revoke/\
+                         <mount>/creds/<role>/* (see the README's policy)",
+                        r.generation.0,
+                        e.vault_status().unwrap_or(403)
+                    )
+                };
                 if drain.revoke_refusal_logged {
                     tracing::debug!(lease_id = %r.lease.id, "{why}");
                 } else {

@@ -54,6 +54,8 @@ const UNREACHABLE: Backoff = Backoff::new(Duration::from_secs(5), Duration::from
 /// until someone fixes it): 5 s, doubling up to 5 minutes. The serving credentials still
 /// work meanwhile, and the last try before their lease's end is kept.
 const REFUSED: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+/// How long replacing a lost lease waits after a refused new user, at most.
+const LOST_AFTER_REFUSAL: Duration = Duration::from_secs(5);
 /// After this long without another such failure, the backoff starts again from the
 /// beginning.
 const UNREACHABLE_FORGET: Duration = Duration::from_secs(300);
@@ -66,12 +68,22 @@ pub(super) struct Unreachable {
     pub(super) in_a_row: u32,
     /// No new user is issued before this (except the last try before the lease's end).
     pub(super) until: Option<Instant>,
+    /// The last failure was a refusal of the new user (not the database unreachable),
+    /// at this time.
+    refused_at: Option<Instant>,
 }
 
 impl Unreachable {
-    /// Whether issuing waits for the database now.
+    /// Whether replacing a lost lease waits for the database now. After a refused new
+    /// user it waits at most [`LOST_AFTER_REFUSAL`]: the serving credentials are gone,
+    /// and the refusal (a replica behind) may be over — the long backoff is for
+    /// scheduled rotations, whose credentials still work.
     pub(super) fn waiting(&self) -> bool {
-        self.until.is_some_and(|t| now() < t)
+        let until = match self.refused_at {
+            Some(at) => self.until.map(|t| t.min(at + LOST_AFTER_REFUSAL)),
+            None => self.until,
+        };
+        until.is_some_and(|t| now() < t)
     }
 
     /// One more rotation could not verify its new credentials: back off issuing (5 s
@@ -83,6 +95,7 @@ impl Unreachable {
         }
         self.in_a_row = self.in_a_row.saturating_add(1);
         let backoff = if refused { REFUSED } else { UNREACHABLE };
+        self.refused_at = refused.then(now);
         let wait = backoff.delay(self.in_a_row);
         self.until = Some(now() + wait);
     }

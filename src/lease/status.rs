@@ -98,11 +98,12 @@ pub struct Status {
     pub failures: u64,
     /// Leases revoked so far.
     pub revocations: u64,
-    /// Revocations Vault refused (HTTP 403: the token's policy has no revoke), so far.
-    /// Refused leases are left to expire by their TTL.
+    /// Revocations Vault refused (HTTP 403: the token's policy has no revoke; HTTP 404:
+    /// the revoke path is not there), so far. Refused leases are left to expire by their
+    /// TTL.
     pub revocations_refused: u64,
-    /// Why the last revocation was refused, and what to add to the policy. It stays:
-    /// a policy without revoke is a lasting condition, not a passing failure.
+    /// Why the last revocation was refused, and what to fix (the policy, the namespace).
+    /// It stays: a policy without revoke is a lasting condition, not a passing failure.
     pub revoke_refused: Option<String>,
     /// How long the last rotation took, by phase.
     pub last_rotation: Option<RotationTiming>,

@@ -526,13 +526,8 @@ async fn obey(
             for other in also {
                 let shared_result = match &result {
                     Ok(generation) => Ok(*generation),
-                    Err(e) => Err(Error::new(
-                        e.kind(),
-                        format!(
-                            "rotating credentials of {} (this call shared a rotation already \
-                             asked for): {e}",
-                            shared.source_name
-                        ),
+                    Err(e) => Err(e.for_another_caller(
+                        "this rotate() call shared a rotation already asked for",
                     )),
                 };
                 let _ = other.send(shared_result);

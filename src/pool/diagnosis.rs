@@ -22,7 +22,8 @@ pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// What the backend (or the network) said, for a message: the innermost cause's text —
+/// What the backend (or the network) said, for a message, from the drivers this crate
+/// knows (their errors never hold a password): the innermost cause's text —
 /// `FATAL: too many connections for role "v-app-…"`, `database "x" does not exist`,
 /// `Connection refused (os error 111)` — which a driver's own Display often hides
 /// ("db error").
@@ -139,6 +140,7 @@ pub(crate) fn postgres_tls_diagnosis(sqlstate: Option<&str>, text: &str) -> Opti
 pub(crate) fn verify_connect_error<E>(
     what: String,
     e: E,
+    reason: Option<String>,
     tls_problem: impl FnOnce(&E) -> Option<&'static str>,
     is_auth_failure: impl FnOnce(&E) -> bool,
 ) -> Error
@@ -155,8 +157,11 @@ where
     } else {
         ErrorKind::Backend
     };
-    let why = reason(&e);
-    Error::new(kind, format!("{what}: {why}")).with_source(e)
+    let what = match reason {
+        Some(why) => format!("{what}: {why}"),
+        None => what,
+    };
+    Error::new(kind, what).with_source(e)
 }
 
 #[cfg(all(test, any(feature = "postgres", feature = "sqlx")))]

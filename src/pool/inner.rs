@@ -38,6 +38,14 @@ pub trait Connect: Send + Sync + 'static {
         None
     }
 
+    /// What the backend said, for messages (`FATAL: too many connections for role …`),
+    /// when the driver's own text hides it ("db error"). Default `None`: a driver of
+    /// your own may echo its connection string (with a password) in its errors, and
+    /// its error stays reachable through `source()` only.
+    fn reason(&self, _e: &Self::Error) -> Option<String> {
+        None
+    }
+
     /// A check before an idle connection is reused; `Err` closes it.
     fn check<'a>(&'a self, conn: &'a mut Self::Conn) -> BoxFuture<'a, Result<(), String>>;
 
@@ -267,8 +275,11 @@ impl<C: Connect> RotatingManager<C> {
                 .with_source(e)
                 .fix_given(),
             None => {
-                let why = super::diagnosis::reason(&e);
-                Error::new(ErrorKind::Backend, format!("{what}: {why}")).with_source(e)
+                let what = match self.connect.reason(&e) {
+                    Some(why) => format!("{what}: {why}"),
+                    None => what,
+                };
+                Error::new(ErrorKind::Backend, what).with_source(e)
             }
         }
     }
@@ -407,9 +418,11 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
         Box::pin(async move {
             let what = || format!("verifying new credentials against {}", connect.target());
             let mut conn = connect.open(&creds).await.map_err(|e| {
+                let why = connect.reason(&e);
                 super::diagnosis::verify_connect_error(
                     format!("{} as {}", what(), creds.username),
                     e,
+                    why,
                     |e| connect.tls_problem(e),
                     |e| connect.is_auth_failure(e),
                 )

@@ -66,7 +66,14 @@ pub struct PgConnect {
 /// restart), it is never handed out again — even before tokio-postgres has seen the
 /// connection close, which is when a plain deadpool-postgres pool would still hand it
 /// to the next caller. Watched: TLS connections, and plaintext ones to a host name
-/// (`sslmode=disable`); not: `prefer` falling back to plaintext, Unix sockets.
+/// (`sslmode=disable`, or no TLS connector); not: `prefer` falling back to plaintext when
+/// the server has no TLS, Unix sockets.
+///
+/// Cancelling: call [`cancel_token`](Self::cancel_token) on it (or on the pooled
+/// handle, which reaches it first). A plaintext connection is opened through a connector
+/// of the pool's own, and a token taken from the inner [`tokio_postgres::Client`] — by an
+/// explicit deref, or in code that takes `&Client` — cannot cancel on it
+/// ("no TLS implementation configured").
 pub struct WatchedClient {
     client: ClientWrapper,
     fatal: Fatal,
@@ -182,8 +189,11 @@ impl pool::Connect for PgConnect {
             config
                 .user(&creds.username)
                 .password(creds.password.expose_secret());
-            let fatal = Fatal::default();
-            let Dialed { client, plain } = self.connect.dial(&config, fatal.clone()).await?;
+            let Dialed {
+                client,
+                fatal,
+                plain,
+            } = self.connect.dial(&config).await?;
             Ok(WatchedClient {
                 client,
                 fatal,
@@ -198,6 +208,10 @@ impl pool::Connect for PgConnect {
         e.code()
             .is_some_and(|c| diagnosis::PG_AUTH_FAILURE.contains(&c.code()))
             && self.tls_problem(e).is_none()
+    }
+
+    fn reason(&self, e: &tokio_postgres::Error) -> Option<String> {
+        Some(diagnosis::reason(e))
     }
 
     fn tls_problem(&self, e: &tokio_postgres::Error) -> Option<&'static str> {
@@ -354,7 +368,15 @@ impl Builder {
         T::TlsConnect: Sync + Send,
         <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
     {
-        self.target.backend.connect = Some(Arc::new(Dialer::tls(tls)));
+        // `NoTls` cannot do TLS (tokio-postgres asks it, through a private method that a
+        // wrapper cannot answer): it is plaintext, so that `prefer` falls back to it.
+        let dial: Arc<dyn Dial> =
+            if std::any::TypeId::of::<T>() == std::any::TypeId::of::<tokio_postgres::NoTls>() {
+                Arc::new(Dialer::plaintext())
+            } else {
+                Arc::new(Dialer::tls(tls))
+            };
+        self.target.backend.connect = Some(dial);
         self
     }
 

@@ -6,8 +6,8 @@
 //! still false then, and a plain deadpool-postgres pool hands the dead connection to the
 //! next caller, whose query fails too).
 //!
-//! Over TLS, the TLS stream (whatever connector) is wrapped. Plaintext (`sslmode=disable`
-//! to a host name) goes through [`Plain`], a connector that encrypts nothing: with
+//! Over TLS, the TLS stream (whatever connector) is wrapped. Plaintext (`sslmode=disable`,
+//! or `prefer` without a TLS connector, to a host name) goes through [`Plain`], a connector that encrypts nothing: with
 //! `sslnegotiation=direct`, tokio-postgres hands it the socket without asking the server
 //! for TLS, and speaks the protocol through it unchanged — the only way to see the
 //! plaintext stream with tokio-postgres' own connect (host lookup, timeouts, keepalives,
@@ -17,8 +17,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -31,13 +31,24 @@ use crate::lease::BoxFuture;
 /// Set once the server sent a fatal error on the connection.
 pub(super) type Fatal = Arc<AtomicBool>;
 
+/// The flag of the latest attempt of one connect: tokio-postgres tries hosts (and each
+/// host's addresses) one after another, and a refused attempt (a FATAL at login) must not
+/// mark the connection a later attempt makes.
+type Latest = Arc<Mutex<Fatal>>;
+
+/// A fresh flag for a new attempt, made the latest.
+fn new_attempt(latest: &Latest) -> Fatal {
+    let fatal = Fatal::default();
+    *latest.lock().unwrap_or_else(|p| p.into_inner()) = fatal.clone();
+    fatal
+}
+
 /// Opens tokio-postgres connections whose server stream is watched for fatal errors.
 pub(super) trait Dial: Send + Sync + 'static {
-    /// Connect with `config`; `fatal` is set when the server sends a fatal error.
+    /// Connect with `config`.
     fn dial<'a>(
         &'a self,
         config: &'a tokio_postgres::Config,
-        fatal: Fatal,
     ) -> BoxFuture<'a, Result<Dialed, tokio_postgres::Error>>;
 }
 
@@ -45,6 +56,9 @@ pub(super) trait Dial: Send + Sync + 'static {
 pub(super) struct Dialed {
     /// The client, its connection driven by a task of its own.
     pub(super) client: deadpool_postgres::ClientWrapper,
+    /// Set when the server sends a fatal error on it (never set for a connection that
+    /// is not watched).
+    pub(super) fatal: Fatal,
     /// Plaintext through [`Plain`]: a cancel request must go the same way.
     pub(super) plain: bool,
 }
@@ -53,7 +67,7 @@ pub(super) struct Dialed {
 /// asks for `sslnegotiation=direct`, which only [`Plain`] answers without TLS).
 pub(super) fn plain_for_cancel() -> Plain {
     Plain {
-        fatal: Fatal::default(),
+        latest: Latest::default(),
     }
 }
 
@@ -86,41 +100,44 @@ where
     fn dial<'a>(
         &'a self,
         config: &'a tokio_postgres::Config,
-        fatal: Fatal,
     ) -> BoxFuture<'a, Result<Dialed, tokio_postgres::Error>> {
         Box::pin(async move {
+            let latest = Latest::default();
+            let dialed = |client, plain| Dialed {
+                client,
+                fatal: latest.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                plain,
+            };
             let mode = config.get_ssl_mode();
             let to_names = !config.get_hosts().is_empty()
                 && config.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
-            if mode == SslMode::Disable && to_names {
+            // Plaintext for sure: `disable`, or no TLS connector (`prefer` means
+            // plaintext then). `require` without a connector fails as tokio-postgres says.
+            let plaintext =
+                mode == SslMode::Disable || (self.tls.is_none() && mode == SslMode::Prefer);
+            if plaintext && to_names {
                 let mut config = config.clone();
                 config
                     .ssl_mode(SslMode::Require)
                     .ssl_negotiation(SslNegotiation::Direct);
-                let (client, connection) = config.connect(Plain { fatal }).await?;
-                return Ok(Dialed {
-                    client: wrap(client, connection),
-                    plain: true,
-                });
+                let plain = Plain {
+                    latest: latest.clone(),
+                };
+                let (client, connection) = config.connect(plain).await?;
+                return Ok(dialed(wrap(client, connection), true));
             }
             match &self.tls {
                 Some(tls) if mode != SslMode::Disable => {
                     let watch = Watch {
                         inner: tls.clone(),
-                        fatal,
+                        latest: latest.clone(),
                     };
                     let (client, connection) = config.connect(watch).await?;
-                    Ok(Dialed {
-                        client: wrap(client, connection),
-                        plain: false,
-                    })
+                    Ok(dialed(wrap(client, connection), false))
                 }
                 _ => {
                     let (client, connection) = config.connect(NoTls).await?;
-                    Ok(Dialed {
-                        client: wrap(client, connection),
-                        plain: false,
-                    })
+                    Ok(dialed(wrap(client, connection), false))
                 }
             }
         })
@@ -144,7 +161,7 @@ where
 #[derive(Clone)]
 struct Watch<T> {
     inner: T,
-    fatal: Fatal,
+    latest: Latest,
 }
 
 impl<T> MakeTlsConnect<Socket> for Watch<T>
@@ -158,7 +175,7 @@ where
     fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
         Ok(Watch {
             inner: self.inner.make_tls_connect(domain)?,
-            fatal: self.fatal.clone(),
+            latest: self.latest.clone(),
         })
     }
 }
@@ -174,7 +191,7 @@ where
     fn connect(self, stream: Socket) -> Self::Future {
         Handshake {
             inner: Box::pin(self.inner.connect(stream)),
-            fatal: self.fatal,
+            fatal: new_attempt(&self.latest),
         }
     }
 }
@@ -203,7 +220,7 @@ where
 /// The plaintext "connector": no encryption, only the watch (see the module's docs).
 #[derive(Clone)]
 pub(super) struct Plain {
-    fatal: Fatal,
+    latest: Latest,
 }
 
 impl MakeTlsConnect<Socket> for Plain {
@@ -222,27 +239,33 @@ impl TlsConnect<Socket> for Plain {
     type Future = std::future::Ready<io::Result<Watched<PlainSocket>>>;
 
     fn connect(self, stream: Socket) -> Self::Future {
-        std::future::ready(Ok(Watched::new(PlainSocket(stream), self.fatal)))
+        std::future::ready(Ok(Watched::new(
+            PlainSocket(stream),
+            new_attempt(&self.latest),
+        )))
     }
 }
 
 /// Whether an `ErrorResponse` body (its fields) has severity `FATAL` or `PANIC`.
 fn is_fatal(body: &[u8]) -> bool {
+    // `V` (never localized, since 9.6) decides when present; `S` (localized, FATAL/PANIC
+    // in the default English) only without it.
+    let (mut v, mut s) = (None, None);
     let mut fields = body;
     while let Some((&code, rest)) = fields.split_first() {
         if code == 0 {
             break;
         }
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-        let value = &rest[..end];
-        // `V` (never localized, since 9.6) or `S` (localized, but FATAL/PANIC in the
-        // default English).
-        if (code == b'V' || code == b'S') && (value == b"FATAL" || value == b"PANIC") {
-            return true;
+        match code {
+            b'V' => v = Some(&rest[..end]),
+            b'S' => s = Some(&rest[..end]),
+            _ => {}
         }
         fields = rest.get(end + 1..).unwrap_or_default();
     }
-    false
+    v.or(s)
+        .is_some_and(|sev| sev == b"FATAL" || sev == b"PANIC")
 }
 
 /// The longest `ErrorResponse` read in full; a longer one is judged by its beginning
@@ -446,6 +469,37 @@ mod tests {
             watched.observe(chunk);
         }
         fatal.load(Ordering::Acquire)
+    }
+
+    /// tokio-postgres tries hosts one after another: an attempt refused with a FATAL
+    /// (a user not yet on a replica, `57P03` starting up) must not mark the connection
+    /// the next attempt makes.
+    #[test]
+    fn a_refused_attempt_does_not_mark_the_next_one() {
+        let latest = Latest::default();
+        new_attempt(&latest).store(true, Ordering::Release);
+        let second = new_attempt(&latest);
+        let kept = latest.lock().unwrap().clone();
+        assert!(Arc::ptr_eq(&kept, &second));
+        assert!(!kept.load(Ordering::Acquire));
+    }
+
+    /// `V` decides when present (a localized `S` says nothing then).
+    #[test]
+    fn the_unlocalized_severity_decides() {
+        let body = |fields: &[(u8, &str)]| {
+            let mut b = Vec::new();
+            for (code, value) in fields {
+                b.push(*code);
+                b.extend_from_slice(value.as_bytes());
+                b.push(0);
+            }
+            b.push(0);
+            b
+        };
+        assert!(is_fatal(&body(&[(b'S', "FATAL")])));
+        assert!(!is_fatal(&body(&[(b'S', "FATAL"), (b'V', "ERROR")])));
+        assert!(is_fatal(&body(&[(b'S', "SCHWERWIEGEND"), (b'V', "FATAL")])));
     }
 
     #[test]

@@ -184,6 +184,10 @@ impl pool::Connect for RedisConnect {
             || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
     }
 
+    fn reason(&self, e: &::redis::RedisError) -> Option<String> {
+        Some(diagnosis::reason(e))
+    }
+
     fn tls_problem(&self, e: &::redis::RedisError) -> Option<&'static str> {
         // Only a failed connection or handshake: an answer from the server (NOPERM,
         // WRONGPASS) carries the user's name, which may contain any word.

@@ -15,7 +15,9 @@ use crate::lease::{self, ConnectionGuard, Current, Engine};
 
 /// How often a draining generation is checked: every 100 ms at first (most drain within
 /// a second), doubling up to every 30 s (a `PgListener` or a long transaction holds a
-/// session of the old user for as long as the lease lasts, up to hours).
+/// session of the old user for as long as the lease lasts, up to hours). The cost: the
+/// end of a long-held session is seen up to 30 s late, and its lease revoked that much
+/// later (a forced rotation within that time has three users alive for a while).
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 /// The longest wait between two checks of a draining generation.
 const DRAIN_POLL_MAX: Duration = Duration::from_secs(30);

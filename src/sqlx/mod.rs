@@ -453,7 +453,8 @@ fn verifier(base: PgConnectOptions, role: String) -> lease::Verifier {
             let mut conn = ::sqlx::PgConnection::connect_with(&options)
                 .await
                 .map_err(|e| {
-                    diagnosis::verify_connect_error(what(), e, tls_problem, is_auth_failure)
+                    let why = Some(diagnosis::reason(&e));
+                    diagnosis::verify_connect_error(what(), e, why, tls_problem, is_auth_failure)
                 })?;
             let pinged = conn.ping().await;
             let _ = conn.close().await;

@@ -136,10 +136,10 @@ const PROVIDER_REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
 impl CheckedProvider {
     /// The error for a call of the provider that did not answer within `after`.
     fn timed_out(&self, what: &str, after: Duration) -> Error {
-        // Transport (transient: retried), with a hint of its own: the kind's speaks of
-        // VAULT_ADDR, and no Vault is involved here.
+        // Timeout (transient: retried), not Transport: that one speaks of Vault, and no
+        // Vault is involved here.
         Error::new(
-            ErrorKind::Transport,
+            ErrorKind::Timeout,
             format!(
                 "{what} of {}: the credential provider did not answer within {after:?}; check \
                  the service it asks for credentials (the call is retried)",

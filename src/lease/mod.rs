@@ -41,6 +41,7 @@
 
 mod drain;
 mod issue;
+mod journal;
 mod policy;
 mod source;
 mod status;
@@ -254,6 +255,8 @@ struct Settings {
     verify_timeout: Duration,
     /// Prepares for new credentials before they are swapped in.
     prewarm: Option<Prewarm>,
+    /// Where the lease journal is kept; `None`: `VAULTPOOL_LEASE_JOURNAL`, else none.
+    journal: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -264,6 +267,7 @@ impl Default for Settings {
             verify: None,
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
             prewarm: None,
+            journal: None,
         }
     }
 }
@@ -320,6 +324,20 @@ impl Builder {
         self
     }
 
+    /// Keep a lease journal in `dir`: the ids and ends of the leases this engine holds
+    /// (never a secret), written as they change (0600, fsync, atomic rename), so that a
+    /// process killed without [`close`](Engine::close) — SIGKILL, the OOM killer, a crash
+    /// loop — leaves nothing behind for long: the next engine on the same source and
+    /// directory revokes what the dead one held before it issues its own. Each engine
+    /// holds an OS lock on its journal while it lives, so engines beside it (other
+    /// processes on a shared volume) never touch each other's leases. Use a directory
+    /// that survives a container restart (a Kubernetes `emptyDir`). Default: the
+    /// directory in `VAULTPOOL_LEASE_JOURNAL`, else no journal (a path must be chosen).
+    pub fn lease_journal(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.settings.journal = Some(dir.into());
+        self
+    }
+
     /// Issue (and verify) the first credentials, then start the background worker.
     ///
     /// # Errors
@@ -357,9 +375,24 @@ async fn start(setup: Setup) -> Result<Engine> {
     let Setup {
         source_name,
         label,
-        source,
+        mut source,
         settings,
     } = setup;
+    let journal_dir = settings.journal.clone().or_else(|| {
+        std::env::var_os(journal::JOURNAL_ENV)
+            .filter(|d| !d.is_empty())
+            .map(Into::into)
+    });
+    if let Some(dir) = journal_dir {
+        // What a killed earlier run left behind is revoked before anything is issued.
+        let journal = journal::Journal::open(&dir, &label, source.as_ref())
+            .await
+            .map_err(|e| e.context(format!("opening the lease journal of {source_name}")))?;
+        source = Arc::new(journal::Journaled {
+            inner: source,
+            journal,
+        });
+    }
     // Before the issue, as for every rotation (see `issue::rotate`).
     let issuing_token = source.issuing_token();
     let first = issue::issue_verified(

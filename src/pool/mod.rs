@@ -94,6 +94,8 @@ pub(crate) struct LeaseOptions {
     pub(crate) auth_failure_wait: Duration,
     /// Default `None`: the engine's (10 s).
     pub(crate) verify_timeout: Option<Duration>,
+    /// Default `None`: `VAULTPOOL_LEASE_JOURNAL`, else none.
+    pub(crate) journal: Option<std::path::PathBuf>,
 }
 
 impl LeaseOptions {
@@ -127,6 +129,9 @@ impl LeaseOptions {
         if let Some(timeout) = self.verify_timeout {
             engine = engine.verify_timeout(timeout);
         }
+        if let Some(dir) = self.journal {
+            engine = engine.lease_journal(dir);
+        }
         engine.build().await
     }
 }
@@ -141,6 +146,7 @@ impl<T> Builder<T> {
                 drain_timeout: None,
                 auth_failure_wait: Duration::from_secs(5),
                 verify_timeout: None,
+                journal: None,
             },
             target,
         }
@@ -179,6 +185,14 @@ impl<T> Builder<T> {
     /// It also bounds each login of the sqlx flavour's login probe.
     pub fn verify_timeout(mut self, timeout: Duration) -> Self {
         self.lease.verify_timeout = Some(timeout);
+        self
+    }
+
+    /// Keep a lease journal in `dir`, so that leases a killed process held are revoked by
+    /// the next one; see [`lease::Builder::lease_journal`](crate::lease::Builder::lease_journal).
+    /// Default: `VAULTPOOL_LEASE_JOURNAL`, else none.
+    pub fn lease_journal(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.lease.journal = Some(dir.into());
         self
     }
 

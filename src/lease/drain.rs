@@ -204,6 +204,10 @@ pub(super) async fn retire(shared: &EngineState, drain: &mut Drain, all: bool) {
                 );
                 metrics::counter!("vaultpool_revocations_total", "role" => shared.label.clone())
                     .increment(1);
+                shared.emit(super::LeaseEvent::Revoked {
+                    generation: r.generation,
+                    drained,
+                });
                 drain.forget(shared, i, |stats| stats.revocations += 1);
             }
             Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::NotFound) => {

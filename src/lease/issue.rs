@@ -17,9 +17,10 @@ use crate::backoff::Backoff;
 use crate::credentials::{Credentials, Generation, Lease, Leased};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Why a rotation happened.
+/// Why a rotation happened (the reason of a [`LeaseEvent::Rotated`](super::LeaseEvent)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Reason {
+#[non_exhaustive]
+pub enum Reason {
     /// The schedule's: the lease cannot be renewed further (or has ended).
     Schedule,
     /// [`Engine::rotate`](super::Engine::rotate).
@@ -394,6 +395,12 @@ pub(super) async fn rotate(
         stats.last_rotation = Some(timing);
     }
     metrics::counter!("vaultpool_rotations_total", "role" => shared.label.clone()).increment(1);
+    shared.emit(super::LeaseEvent::Rotated {
+        from: old.generation,
+        to: generation,
+        reason,
+        ttl: new_full_ttl,
+    });
     tracing::info!(
         reason = %reason,
         old_generation = old.generation.0,

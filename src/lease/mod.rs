@@ -40,6 +40,7 @@
 //! [`subscribe`]: Engine::subscribe
 
 mod drain;
+mod events;
 mod issue;
 mod journal;
 mod policy;
@@ -58,6 +59,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use events::{LeaseEvent, RotationReason};
 pub use policy::Policy;
 pub use source::{CredentialProvider, CredentialSource, DatabaseRole, KvCredentials, StaticRole};
 pub use status::{GenerationStatus, Health, RotationTiming, Status};
@@ -205,12 +207,19 @@ pub(crate) struct EngineState {
     worker_alive: AtomicBool,
     cancel: CancellationToken,
     worker: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Where lease events go ([`Engine::events`]).
+    events: tokio::sync::broadcast::Sender<LeaseEvent>,
 }
 
 impl EngineState {
     /// The counters, locked (a panic elsewhere does not poison them for good).
     fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tell whoever listens ([`Engine::events`]); nobody listening is fine.
+    fn emit(&self, event: LeaseEvent) {
+        let _ = self.events.send(event);
     }
 }
 
@@ -438,6 +447,7 @@ async fn start(setup: Setup) -> Result<Engine> {
         worker_alive: AtomicBool::new(true),
         cancel: cancel.clone(),
         worker: tokio::sync::Mutex::new(None),
+        events: tokio::sync::broadcast::channel(events::EVENTS_KEPT).0,
     });
     let handle = tokio::spawn(worker::run(
         Arc::downgrade(&state),
@@ -571,6 +581,27 @@ impl Engine {
     /// A receiver that sees every new generation.
     pub fn subscribe(&self) -> watch::Receiver<Generation> {
         self.state.generation_tx.subscribe()
+    }
+
+    /// What happens to the leases from now on, as [`LeaseEvent`]s: rotations (with their
+    /// reason), renewals, revocations, failures, an expiry. Each call gets a receiver of
+    /// its own; one that falls more than 256 events behind misses the oldest and is told
+    /// (`RecvError::Lagged`). The first credentials (issued at build) come before any
+    /// receiver, so they have no event.
+    ///
+    /// ```no_run
+    /// # async fn run(engine: vaultpool::lease::Engine) {
+    /// use vaultpool::lease::LeaseEvent;
+    /// let mut events = engine.events();
+    /// while let Ok(event) = events.recv().await {
+    ///     if let LeaseEvent::Rotated { to, reason, .. } = &event {
+    ///         println!("now serving {to} ({reason})"); // reload what holds the old login
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<LeaseEvent> {
+        self.state.events.subscribe()
     }
 
     /// Rotate now: issue new credentials, verify, swap. Returns the new generation once

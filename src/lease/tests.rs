@@ -419,6 +419,87 @@ async fn close_revokes_a_retired_lease_inside_its_retry_backoff() {
     assert_eq!(revoked, ["fake/1", "fake/2"], "close() skipped a lease");
 }
 
+/// The events an application sees: renewals, a scheduled rotation, the old lease's
+/// revocation, a forced rotation, failures while Vault is down, and the expiry.
+#[tokio::test(start_paused = true)]
+async fn lease_events_tell_what_happened() {
+    use super::{LeaseEvent, RotationReason};
+    let fake = fake(60, 300);
+    let engine = engine(&fake).await;
+    let mut events = engine.events();
+    tokio::time::sleep(Duration::from_secs(330)).await;
+    assert_eq!(engine.rotate().await.unwrap(), Generation(3));
+    fake.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(400)).await;
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    let renewed = seen
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                LeaseEvent::Renewed {
+                    generation: Generation(1),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(renewed >= 3, "{renewed} renewals in {seen:?}");
+    let rotations: Vec<_> = seen
+        .iter()
+        .filter_map(|e| match e {
+            LeaseEvent::Rotated {
+                from, to, reason, ..
+            } => Some((*from, *to, *reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rotations,
+        [
+            (Generation(1), Generation(2), RotationReason::Schedule),
+            (Generation(2), Generation(3), RotationReason::Forced)
+        ]
+    );
+    assert!(
+        seen.iter().any(|e| matches!(
+            e,
+            LeaseEvent::Revoked {
+                generation: Generation(1),
+                drained: true
+            }
+        )),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|e| matches!(
+            e,
+            LeaseEvent::Failed {
+                kind: ErrorKind::Transport,
+                ..
+            }
+        )),
+        "{seen:?}"
+    );
+    let expired = seen
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                LeaseEvent::Expired {
+                    generation: Generation(3)
+                }
+            )
+        })
+        .count();
+    assert_eq!(expired, 1, "{seen:?}");
+    fake.down.store(false, Ordering::SeqCst);
+    engine.close().await;
+}
+
 /// Five rotate() calls at once (say, five instances of an admin endpoint hit together):
 /// the calls waiting while a rotation starts share it — one new user, every call answered
 /// with the generation it made. Before, each call made a user of its own (5).

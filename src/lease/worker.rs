@@ -128,6 +128,8 @@ pub(crate) struct WorkerState {
     /// When the step under way is cut (set as each step starts): work late in a step
     /// (a rotation's pre-warm) bounds itself by what is left of it.
     pub(super) step_ends: Option<Instant>,
+    /// The generation whose expiry was last reported as an event (once each).
+    expired_reported: Option<Generation>,
     pub(super) drain: Drain,
 }
 
@@ -193,6 +195,7 @@ impl WorkerState {
             unreachable: Unreachable::default(),
             next_poll: None,
             step_ends: None,
+            expired_reported: None,
             drain: Drain::default(),
         }
     }
@@ -231,6 +234,12 @@ impl WorkerState {
         drop(stats);
         metrics::counter!("vaultpool_lease_failures_total", "role" => shared.label.clone())
             .increment(1);
+        shared.emit(super::LeaseEvent::Failed {
+            what: what.to_owned(),
+            kind: e.kind(),
+            message: e.to_string(),
+            failures: self.failures.in_a_row,
+        });
         if noteworthy(self.failures.in_a_row) {
             tracing::warn!(
                 source = %shared.label,
@@ -591,6 +600,13 @@ async fn due_work(
     // The schedule first. When it renewed or rotated, the poll waits: that proved (or
     // replaced) the lease, and the loop plans again before anything else is issued.
     if let Some(plan) = plan.filter(|p| now >= p.at) {
+        if plan.action == Action::Expired {
+            let generation = shared.current.load().generation;
+            if state.expired_reported != Some(generation) {
+                state.expired_reported = Some(generation);
+                shared.emit(super::LeaseEvent::Expired { generation });
+            }
+        }
         match plan.action {
             Action::Renew => renew(shared, state).await,
             // The token refresh just started above may bring the token the new lease
@@ -737,6 +753,10 @@ async fn renew(shared: &EngineState, state: &mut WorkerState) {
             let capped = serving.capped;
             state.succeeded(shared);
             shared.stats().renewals += 1;
+            shared.emit(super::LeaseEvent::Renewed {
+                generation: current.generation,
+                ttl: lease.duration,
+            });
             metrics::counter!("vaultpool_renewals_total", "role" => shared.label.clone())
                 .increment(1);
             tracing::debug!(

@@ -395,6 +395,15 @@ pub(super) async fn rotate(
         stats.last_rotation = Some(timing);
     }
     metrics::counter!("vaultpool_rotations_total", "role" => shared.label.clone()).increment(1);
+    for (phase, took) in [
+        ("issue", timing.issue),
+        ("verify", timing.verify),
+        ("warm", timing.warm),
+        ("swap", timing.swap),
+    ] {
+        metrics::histogram!("vaultpool_rotation_phase_seconds", "role" => shared.label.clone(), "phase" => phase)
+            .record(took.as_secs_f64());
+    }
     shared.emit(super::LeaseEvent::Rotated {
         from: old.generation,
         to: generation,

@@ -14,6 +14,7 @@ use secrecy::ExposeSecret;
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 
+use super::metrics::{Closed, PoolMetrics};
 use crate::credentials::{Credentials, Generation};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{BoxFuture, ConnectionGuard, Current, Engine};
@@ -69,6 +70,7 @@ pub struct RotatingManager<C: Connect> {
     connect: C,
     auth_failure_wait: Duration,
     warm: Arc<Warm<C>>,
+    metrics: PoolMetrics,
 }
 
 /// Connections opened with new credentials before they were swapped in (a pre-warm),
@@ -223,11 +225,13 @@ impl<C: Connect> RotatingManager<C> {
         auth_failure_wait: Duration,
         warm: Arc<Warm<C>>,
     ) -> Self {
+        let metrics = PoolMetrics::new(engine.label());
         Self {
             engine,
             connect,
             auth_failure_wait,
             warm,
+            metrics,
         }
     }
 
@@ -261,6 +265,15 @@ impl<C: Connect> RotatingManager<C> {
             retire_after: self.retire_after(),
             _guard: guard,
         })
+    }
+
+    /// [`open`](Self::open), counted in the metrics when it opened.
+    async fn open_counted(&self, current: &Current) -> Result<Tagged<C>, C::Error> {
+        let opened = self.open(current).await;
+        if opened.is_ok() {
+            self.metrics.opened();
+        }
+        opened
     }
 
     fn connect_error(&self, generation: Generation, e: C::Error) -> Error {
@@ -299,6 +312,7 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
             && self.connect.check(&mut conn).await.is_ok()
             && self.engine.generation() == current.generation
         {
+            self.metrics.opened(); // opened by the pre-warm, in the pool from now on
             return Ok(Tagged {
                 conn,
                 generation: current.generation,
@@ -308,7 +322,8 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
             });
         }
         drop(guard);
-        match self.open(&current).await {
+        let opened = self.open_counted(&current).await;
+        match opened {
             Ok(conn) => Ok(conn),
             Err(e) if self.connect.is_auth_failure(&e) => {
                 // Refused although the lease should be valid (revoked from outside?):
@@ -333,7 +348,7 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
                     .with_source(e));
                 }
                 let current = self.engine.usable()?;
-                self.open(&current)
+                self.open_counted(&current)
                     .await
                     .map_err(|e| self.connect_error(current.generation, e))
             }
@@ -343,15 +358,17 @@ impl<C: Connect> managed::Manager for RotatingManager<C> {
 
     async fn recycle(&self, conn: &mut Tagged<C>, _: &Metrics) -> RecycleResult<Error> {
         if !self.engine.generation_may_serve(conn.generation)? {
+            self.metrics.closed(Closed::Rotated, 1);
             return Err(RecycleError::message("credentials rotated"));
         }
         if conn.retire_after.is_some_and(|at| Instant::now() >= at) {
+            self.metrics.closed(Closed::MaxLifetime, 1);
             return Err(RecycleError::message("max lifetime reached"));
         }
-        self.connect
-            .check(&mut conn.conn)
-            .await
-            .map_err(RecycleError::message)
+        self.connect.check(&mut conn.conn).await.map_err(|e| {
+            self.metrics.closed(Closed::Broken, 1);
+            RecycleError::message(e)
+        })
     }
 }
 
@@ -397,6 +414,9 @@ impl<C: Connect> Drop for Pooled<C> {
             && obj.generation != obj.engine.generation()
         {
             // Retired while checked out: close it instead of returning it.
+            if let Some(pool) = Object::pool(&obj) {
+                pool.manager().metrics.closed(Closed::Rotated, 1);
+            }
             drop(Object::take(obj));
         }
     }
@@ -444,11 +464,27 @@ pub(crate) struct PoolState<C: Connect> {
     pub(crate) pool: Pool<C>,
     pub(crate) engine: Engine,
     retire_task: tokio::task::JoinHandle<()>,
+    sample_task: tokio::task::JoinHandle<()>,
 }
 
 impl<C: Connect> Drop for PoolState<C> {
     fn drop(&mut self) {
         self.retire_task.abort();
+        self.sample_task.abort();
+    }
+}
+
+/// How often the pool's sizes are sampled into its gauges.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Sample the pool's sizes into its gauges, once a second, while it exists.
+async fn sample_sizes<C: Connect>(pool: managed::WeakPool<RotatingManager<C>>) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.manager().metrics.sample(&pool.status());
     }
 }
 
@@ -476,7 +512,9 @@ impl<C: Connect> PoolState<C> {
             })?;
         let _ = warm.pool.set(pool.weak());
         let retire_task = tokio::spawn(retire_idle(engine.subscribe(), pool.weak()));
+        let sample_task = tokio::spawn(sample_sizes(pool.weak()));
         Ok(Self {
+            sample_task,
             pool,
             engine,
             retire_task,
@@ -484,7 +522,14 @@ impl<C: Connect> PoolState<C> {
     }
 
     pub(crate) async fn get(&self) -> Result<Pooled<C>> {
-        self.pool.get().await.map_err(|e| self.pool_error(e))
+        let started = Instant::now();
+        let got = self.pool.get().await;
+        let timed_out = matches!(got, Err(PoolError::Timeout(_)));
+        self.pool
+            .manager()
+            .metrics
+            .checkout(started.elapsed(), timed_out);
+        got.map_err(|e| self.pool_error(e))
     }
 
     pub(crate) fn status(&self) -> super::PoolStatus {
@@ -571,6 +616,9 @@ async fn retire_idle<C: Connect>(
         pool.manager().warm.close_except_for(serving.as_deref());
         purge_at = Some(tokio::time::Instant::now() + PREPARED_FOR);
         let retired = pool.retain(|conn, _| conn.generation >= current);
+        pool.manager()
+            .metrics
+            .closed(Closed::Rotated, retired.removed.len() as u64);
         if !retired.removed.is_empty() {
             tracing::debug!(
                 generation = current.0,

@@ -23,6 +23,7 @@ pub(crate) mod diagnosis;
 mod handle;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod inner;
+mod metrics;
 
 use std::fmt;
 use std::time::Duration;

@@ -551,7 +551,7 @@ impl TokenManager {
         let (env, received) = client
             .call::<serde_json::Value>(Call::put(&path, &body).unauthenticated().login())
             .await
-            .map_err(|e| login_error(&self.method, &path, e))?;
+            .map_err(|e| login_error(&self.method, &path, e, client.tls_files()))?;
         let auth = env.auth.ok_or_else(|| {
             Error::new(
                 ErrorKind::Decode,

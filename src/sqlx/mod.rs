@@ -453,7 +453,12 @@ fn verifier(base: PgConnectOptions, role: String) -> lease::Verifier {
             let mut conn = ::sqlx::PgConnection::connect_with(&options)
                 .await
                 .map_err(|e| {
-                    diagnosis::verify_connect_error(what(), e, tls_problem, is_auth_failure)
+                    diagnosis::verify_connect_error(
+                        what(),
+                        e,
+                        |e| tls_problem(e).map(str::to_owned),
+                        is_auth_failure,
+                    )
                 })?;
             let pinged = conn.ping().await;
             let _ = conn.close().await;

@@ -114,6 +114,8 @@ struct Shared<T> {
 /// The value in use and what it was built from.
 struct Loaded<T> {
     value: Arc<T>,
+    /// How many times the value was built again (0: as first built).
+    version: u64,
     stamps: Vec<Option<Stamp>>,
     read_at: SystemTime,
     /// The validity of the client certificate, if one of the files is one.
@@ -201,6 +203,7 @@ impl<T: Send + Sync + 'static> Watched<T> {
                 build: Box::new(build),
                 loaded: ArcSwap::from_pointee(Loaded {
                     value: Arc::new(value),
+                    version: 0,
                     stamps,
                     read_at: SystemTime::now(),
                     validity,
@@ -270,6 +273,7 @@ impl<T: Send + Sync + 'static> Watched<T> {
                 );
                 s.loaded.store(Arc::new(Loaded {
                     value: Arc::new(value),
+                    version: loaded.version + 1,
                     stamps,
                     read_at: SystemTime::now(),
                     validity,
@@ -328,6 +332,12 @@ impl<T: Send + Sync + 'static> Watched<T> {
     fn files_text(&self) -> String {
         let names: Vec<String> = self.shared.files.iter().map(ToString::to_string).collect();
         names.join(", ")
+    }
+
+    /// How many times the value was built again since the first build: a new number
+    /// means new files are in use (a client certificate with another identity).
+    pub(crate) fn version(&self) -> u64 {
+        self.shared.loaded.load().version
     }
 
     /// Whether any file is watched (none: the value never changes).
@@ -648,6 +658,7 @@ Hf2Ap+DYg/W2cgIgT0QI33k5PMBOOAKs0nTFWgzA9JbCAbLwghAnFHugFEA=
         pair.write("key", "pair 3");
         assert_eq!(*w.get(), "pair 3");
         assert_eq!(pair.builds.load(Ordering::Relaxed), 3);
+        assert_eq!(w.version(), 2, "two rebuilds");
     }
 
     #[test]
@@ -658,6 +669,7 @@ Hf2Ap+DYg/W2cgIgT0QI33k5PMBOOAKs0nTFWgzA9JbCAbLwghAnFHugFEA=
         pair.write("cert", "pair 2");
         assert_eq!(w.look(), Looked::Failed);
         assert_eq!(*w.get(), "pair 1", "the old value stays");
+        assert_eq!(w.version(), 0, "a failed rebuild is no new version");
         let said = w.describe();
         assert!(
             said.contains("cannot be used") && said.contains("does not fit"),

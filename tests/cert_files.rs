@@ -320,18 +320,21 @@ async fn a_client_certificate_copied_over_on_disk_keeps_the_redis_pool_serving()
 
 /// Vault's cert auth: the login authenticates by the TLS connection's client
 /// certificate. The cert role first trusts the old CA, then both, then (after the old
-/// certificate's end) only the new one; tokens live 3 s (6 s at most), so the client
-/// logs in every few seconds. A login after the old certificate's end must succeed —
+/// certificate's end) only the new one; tokens live 9 s (18 s at most), so the client
+/// logs in every 12 s or so (shorter tokens leave the engine less time than it takes to
+/// move off a lease before its token ends and Vault revokes it: #24, item 6). A login after the old certificate's end must succeed —
 /// on a new connection, since a kept-alive one still presents the old certificate —
 /// and the pool on the server's database engine keeps serving and rotating.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_renewed_on_disk_keeps_vault_cert_logins_working() {
+    const TOKEN_TTL: &str = "9s";
+    const TOKEN_MAX_TTL: &str = "18s";
     let certs = Certificates::new("certs-vault");
     let mut mount = SecretMount::new(&certs.dir.0.join("secret"), &certs.first.0, &certs.first.1);
     let tls = TlsDev::start().await;
     let role = format!("cert-{}", unique());
     configure_database_engine(&tls.1, "root", &role, "1h", "1h").await;
-    cert_mount_trusting(&tls, &certs.old_ca.pem(), "3s", "6s").await;
+    cert_mount_trusting(&tls, &certs.old_ca.pem(), TOKEN_TTL, TOKEN_MAX_TTL).await;
     let client = Client::builder()
         .address(&tls.1)
         .ca_cert(tls.2.join("vault-ca.pem"))
@@ -351,17 +354,17 @@ async fn a_client_certificate_renewed_on_disk_keeps_vault_cert_logins_working() 
     let stop = Arc::new(AtomicBool::new(false));
     let load = spawn_load(&pool, 8, stop.clone());
     tokio::time::sleep(Duration::from_secs(4)).await;
-    cert_role_trusting(&tls, &certs.both_cas(), "3s", "6s").await;
+    cert_role_trusting(&tls, &certs.both_cas(), TOKEN_TTL, TOKEN_MAX_TTL).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (cert, key) = certs.renewed();
     mount.swap(&cert, &key);
     sleep_until(certs.old_end + Duration::from_secs(1)).await;
-    cert_role_trusting(&tls, &certs.new_ca.pem(), "3s", "6s").await;
-    // A login after the switch (the token in hand ends within 6 s).
+    cert_role_trusting(&tls, &certs.new_ca.pem(), TOKEN_TTL, TOKEN_MAX_TTL).await;
+    // A login after the switch (the token in hand ends within 18 s).
     let logins = || client.token_info().map_or(0, |t| t.logins);
     let before = logins();
     let waited = Instant::now();
-    while logins() == before && waited.elapsed() < Duration::from_secs(20) {
+    while logins() == before && waited.elapsed() < Duration::from_secs(25) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let logged_in_after_expiry = logins() > before;

@@ -288,9 +288,16 @@ impl Client {
     /// and the future would otherwise contain itself.
     pub(super) async fn client_token(&self) -> Result<Option<secrecy::SecretString>> {
         match self.inner.auth.cached(Instant::now()) {
-            Some(token) => Ok(token),
-            None => self.refresh_token().await,
+            Some(token) if !self.inner.auth.identity_changed(self) => Ok(token),
+            _ => self.refresh_token().await,
         }
+    }
+
+    /// Which client certificate the HTTP client presents: a new number each time the
+    /// certificate files were read again (looked at first, at most once a second).
+    pub(crate) fn tls_identity(&self) -> u64 {
+        self.inner.http.look();
+        self.inner.http.version()
     }
 
     fn refresh_token(&self) -> BoxFuture<'_, Result<Option<secrecy::SecretString>>> {

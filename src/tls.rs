@@ -69,7 +69,8 @@ impl PgTls {
         }
     }
 
-    /// The root certificate(s), a PEM file (libpq's `sslrootcert`).
+    /// The root certificate(s), a PEM file (libpq's `sslrootcert`), read again when it
+    /// changes ([`PgConnector`]).
     #[must_use]
     pub fn root_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.roots = Some(Roots::File(path.into()));
@@ -83,7 +84,8 @@ impl PgTls {
         self
     }
 
-    /// A client certificate and its key, PEM files (libpq's `sslcert`, `sslkey`).
+    /// A client certificate and its key, PEM files (libpq's `sslcert`, `sslkey`), read
+    /// again when they change ([`PgConnector`]).
     #[must_use]
     pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.client = Some((cert.into(), key.into()));

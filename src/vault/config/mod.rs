@@ -127,7 +127,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Trust only the CA certificate(s) in this PEM file (like `VAULT_CACERT`).
+    /// Trust only the CA certificate(s) in this PEM file (like `VAULT_CACERT`), read
+    /// again when it changes (looked at no more than once a second, as requests go out).
     /// Default: the platform's roots.
     pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.ca_cert = Some(path.into());
@@ -138,6 +139,12 @@ impl ClientBuilder {
     /// `VAULT_CLIENT_KEY`), presented on every connection to Vault: the credential of
     /// [`AuthMethod::Cert`], and what a listener with `tls_require_and_verify_client_cert`
     /// asks of every client. Default: none.
+    ///
+    /// The files are read again when they change (cert-manager renews them on disk):
+    /// looked at no more than once a second as requests go out; the HTTP client is then
+    /// made again, so new connections (and the next login) present the new certificate.
+    /// A pair that does not fit (a copy under way) keeps the previous one in use and is
+    /// tried again a second later.
     pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.client_cert = Some((cert.into(), key.into()));
         self

@@ -108,6 +108,7 @@ pub mod sqlx;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod vault;
+mod watched;
 
 pub use credentials::{Credentials, Generation, Lease, Leased};
 

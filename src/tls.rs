@@ -22,7 +22,8 @@
 //! libpq 16, makes `verify-full` the default and refuses anything weaker); `verify-ca`
 //! and `verify-full` need one (libpq's default `~/.postgresql/root.crt` and
 //! `postgresql.crt`/`.key` are not read). Certificate files are read when the pool is
-//! built.
+//! built, and again when they change (cert-manager renews them on disk): see
+//! [`PgConnector`] and [`RedisTls`].
 //!
 //! The sqlx flavour uses sqlx's own TLS, which differs: its `verify-ca` and `verify-full`
 //! trust the public CAs as well as the root certificate given, so `verify-ca` (any
@@ -41,6 +42,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::error::{Error, ErrorKind, Result};
 pub use crate::libpq::SslMode;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+use crate::watched::{FileKind, Watched, WatchedFile};
 
 /// Where the certificates that sign the server's come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +69,8 @@ impl PgTls {
         }
     }
 
-    /// The root certificate(s), a PEM file (libpq's `sslrootcert`).
+    /// The root certificate(s), a PEM file (libpq's `sslrootcert`), read again when it
+    /// changes ([`PgConnector`]).
     #[must_use]
     pub fn root_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.roots = Some(Roots::File(path.into()));
@@ -80,7 +84,8 @@ impl PgTls {
         self
     }
 
-    /// A client certificate and its key, PEM files (libpq's `sslcert`, `sslkey`).
+    /// A client certificate and its key, PEM files (libpq's `sslcert`, `sslkey`), read
+    /// again when they change ([`PgConnector`]).
     #[must_use]
     pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.client = Some((cert.into(), key.into()));
@@ -187,6 +192,11 @@ impl PgTls {
         if self.mode == SslMode::Disable {
             return Ok(None);
         }
+        self.enabled_config().map(Some)
+    }
+
+    /// [`rustls_config`](Self::rustls_config) for any mode but `disable`.
+    fn enabled_config(&self) -> Result<rustls::ClientConfig> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = client_config_builder(provider.clone(), "PostgreSQL")?;
         let verifier: Arc<dyn ServerCertVerifier> = match (&self.roots, self.mode) {
@@ -242,7 +252,7 @@ impl PgTls {
         let builder = builder
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        Ok(Some(match &self.client {
+        Ok(match &self.client {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => with_client_cert(
                 builder,
@@ -250,18 +260,99 @@ impl PgTls {
                 (PG_CERT_VARS, "PGSSLKEY"),
                 "PostgreSQL",
             )?,
-        }))
+        })
     }
 
-    /// The connector for tokio-postgres, `None` for `disable`.
+    /// The files these settings name (the root certificate unless `system`, the client
+    /// certificate and key), for watching.
+    #[cfg(feature = "postgres")]
+    fn files(&self) -> Vec<WatchedFile> {
+        let mut files = Vec::new();
+        if let Some(Roots::File(path)) = &self.roots {
+            files.push(WatchedFile::new(path, "PGSSLROOTCERT", FileKind::Ca));
+        }
+        if let Some((cert, key)) = &self.client {
+            files.push(WatchedFile::new(cert, "PGSSLCERT", FileKind::Certificate));
+            files.push(WatchedFile::new(key, "PGSSLKEY", FileKind::Key));
+        }
+        files
+    }
+
+    /// The connector for tokio-postgres, `None` for `disable`: it reads the certificate
+    /// files again when they change ([`PgConnector`]).
     ///
     /// # Errors
     /// As [`rustls_config`](Self::rustls_config).
     #[cfg(feature = "postgres")]
-    pub fn connector(&self) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>> {
-        Ok(self
-            .rustls_config()?
-            .map(tokio_postgres_rustls::MakeRustlsConnect::new))
+    pub fn connector(&self) -> Result<Option<PgConnector>> {
+        if self.mode == SslMode::Disable {
+            return Ok(None);
+        }
+        let settings = self.clone();
+        let what = if self.client.is_some() {
+            "the PostgreSQL client certificate"
+        } else {
+            "the PostgreSQL root certificate"
+        };
+        let config = Watched::new(what, self.files(), move || {
+            settings
+                .enabled_config()
+                .map(tokio_postgres_rustls::MakeRustlsConnect::new)
+        })?;
+        Ok(Some(PgConnector { config }))
+    }
+}
+
+/// The TLS connector for tokio-postgres made by [`PgTls::connector`]: rustls with
+/// libpq's meaning of the settings, whose certificate files (`PGSSLROOTCERT`,
+/// `PGSSLCERT`, `PGSSLKEY`) are read again when they change — looked at no more than
+/// once a second, as a connection is opened. New connections use the new files; open
+/// ones keep the session they have. Files that changed but cannot be used (a new
+/// certificate beside the old key while a copy is under way) leave the previous ones in
+/// use, with a warning naming them, and are tried again at the next look.
+#[cfg(feature = "postgres")]
+#[derive(Clone)]
+pub struct PgConnector {
+    config: Watched<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+#[cfg(feature = "postgres")]
+impl fmt::Debug for PgConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConnector")
+            .field("files", &self.config)
+            .finish()
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl PgConnector {
+    /// What the certificate files held when last read (and why changed ones cannot be
+    /// used), for the message of a connection the server refused for its certificate;
+    /// `None` without files.
+    pub(crate) fn describe(&self) -> Option<String> {
+        self.config.watches_files().then(|| self.config.describe())
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for PgConnector
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::TlsConnect;
+    type Error =
+        <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(
+        &mut self,
+        domain: &str,
+    ) -> std::result::Result<Self::TlsConnect, Self::Error> {
+        tokio_postgres::tls::MakeTlsConnect::<S>::make_tls_connect(
+            &mut (*self.config.get()).clone(),
+            domain,
+        )
     }
 }
 
@@ -272,7 +363,11 @@ impl PgTls {
 ///
 /// Read from `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE` and `REDIS_TLS_KEY_FILE` when none
 /// is set on the builder ([`redis::Builder::tls`](crate::redis::Builder::tls)); files
-/// are read when the pool is built.
+/// are read when the pool is built, and again when they change (looked at no more than
+/// once a second, as a connection is opened): new connections use what is on disk. Files
+/// that changed but cannot be used (a new certificate beside the old key while a copy is
+/// under way) leave the previous ones in use, with a warning naming them, and are tried
+/// again at the next look.
 ///
 /// **Process-wide side effect:** redis builds its TLS configuration with rustls'
 /// process-default crypto provider. When the application has installed none by the
@@ -339,9 +434,32 @@ impl RedisTls {
         }))
     }
 
+    /// The files read and checked, in the form redis takes them, and read again when
+    /// they change (see [`Watched`]): each new connection takes the current ones.
+    pub(crate) fn watched_certificates(&self) -> Result<Watched<::redis::TlsCertificates>> {
+        let mut files = Vec::new();
+        if let Some(path) = &self.root_cert {
+            files.push(WatchedFile::new(path, "REDIS_TLS_CA_FILE", FileKind::Ca));
+        }
+        let what = match &self.client {
+            Some((cert, key)) => {
+                files.push(WatchedFile::new(
+                    cert,
+                    "REDIS_TLS_CERT_FILE",
+                    FileKind::Certificate,
+                ));
+                files.push(WatchedFile::new(key, "REDIS_TLS_KEY_FILE", FileKind::Key));
+                "the Redis client certificate"
+            }
+            None => "the Redis CA certificate",
+        };
+        let settings = self.clone();
+        Watched::new(what, files, move || settings.certificates())
+    }
+
     /// The files read and checked (a CA that parses, a key that fits its certificate), in
     /// the form redis takes them.
-    pub(crate) fn certificates(&self) -> Result<::redis::TlsCertificates> {
+    fn certificates(&self) -> Result<::redis::TlsCertificates> {
         const VARS: &str = "REDIS_TLS_CA_FILE / REDIS_TLS_CERT_FILE";
         let read = |path: &Path| {
             std::fs::read(path).map_err(|e| {

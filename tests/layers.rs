@@ -2,7 +2,7 @@
 //!
 //! Every `crate::<module>` named in code under `src/` (comments aside) must belong to a
 //! lower layer than the file that names it, or to the file's own module. The shared
-//! layers (1: error, credentials, backoff; 4: pool, tls, libpq) may use each other;
+//! layers (1: error, credentials, backoff, watched; 4: pool, tls, libpq) may use each other;
 //! adapters (5) do not reach into each other, nor do the integrations (6). No server is
 //! needed: this reads the source files.
 
@@ -15,7 +15,7 @@ const SHARED_LAYERS: [u8; 2] = [1, 4];
 fn layer(module: &str) -> Option<u8> {
     Some(match module {
         // 1: the pieces everything shares.
-        "error" | "credentials" | "backoff" | "test_util" | "secrecy" => 1,
+        "error" | "credentials" | "backoff" | "test_util" | "secrecy" | "watched" => 1,
         // 2: the Vault/OpenBao client.
         "vault" => 2,
         // 3: the lease engine.

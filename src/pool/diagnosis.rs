@@ -66,6 +66,11 @@ pub(crate) fn client_certificate_expired(t: &str) -> bool {
     t.contains("alert") && t.contains("certificateexpired")
 }
 
+/// The server refused the client certificate for its CA or as unusable (its alert).
+pub(crate) fn client_certificate_refused(t: &str) -> bool {
+    t.contains("alert") && (t.contains("unknownca") || t.contains("badcertificate"))
+}
+
 /// A certificate is expired or not yet valid (checked after the client's alert).
 pub(crate) fn certificate_expired(t: &str) -> bool {
     t.contains("certificate")
@@ -79,7 +84,7 @@ pub(crate) const SERVER_CERTIFICATE_EXPIRED: &str =
 /// The TLS failures of a PostgreSQL connection (both flavours), in the order they are
 /// looked for.
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
-const POSTGRES_TLS: [TlsSymptom; 6] = [
+const POSTGRES_TLS: [TlsSymptom; 7] = [
     TlsSymptom {
         seen: names_another_host,
         fix: "the server's certificate does not name the host connected to: connect by a name \
@@ -101,8 +106,14 @@ const POSTGRES_TLS: [TlsSymptom; 6] = [
     },
     TlsSymptom {
         seen: client_certificate_expired,
-        fix: "the server refused the client certificate as expired: renew it (PGSSLCERT / \
-              PGSSLKEY)",
+        fix: "the server refused the client certificate as expired: PGSSLCERT / PGSSLKEY are \
+              read again when they change, and no newer usable pair was found there; check \
+              that whatever renews them (cert-manager) writes it to these paths",
+    },
+    TlsSymptom {
+        seen: client_certificate_refused,
+        fix: "the server refused the client certificate: use one signed by a CA the server \
+              trusts (its ssl_ca_file); PGSSLCERT / PGSSLKEY are read again when they change",
     },
     TlsSymptom {
         seen: |t| certificate_expired(t) && !t.contains("revocation"),
@@ -121,6 +132,10 @@ pub(crate) fn postgres_tls_diagnosis(sqlstate: Option<&str>, text: &str) -> Opti
     if let Some(code) = sqlstate {
         let t = text.to_ascii_lowercase();
         return match code {
+            "28000" if t.contains("requires a valid client certificate") => Some(
+                "the server requires a client certificate here (pg_hba clientcert): set \
+                 PGSSLCERT and PGSSLKEY (or sslcert and sslkey)",
+            ),
             "28000" if t.contains("no encryption") || t.contains("ssl off") => Some(
                 "no pg_hba.conf entry accepts this plaintext connection: if the server \
                  accepts only TLS connections here (pg_hba hostssl), set PGSSLMODE to require \
@@ -141,7 +156,7 @@ pub(crate) fn verify_connect_error<E>(
     what: String,
     e: E,
     reason: Option<String>,
-    tls_problem: impl FnOnce(&E) -> Option<&'static str>,
+    tls_problem: impl FnOnce(&E) -> Option<String>,
     is_auth_failure: impl FnOnce(&E) -> bool,
 ) -> Error
 where
@@ -178,10 +193,24 @@ mod tests {
                        database \"d\", SSL encryption";
         assert!(diagnose(Some("28000"), hba_tls).is_none());
         // A client certificate the server refused as expired is the client's to renew.
+        let expired = diagnose(None, "received fatal alert: CertificateExpired").unwrap();
         assert!(
-            diagnose(None, "received fatal alert: CertificateExpired")
+            expired.contains("client certificate") && expired.contains("read again"),
+            "{expired}"
+        );
+        assert!(!expired.contains("renew it"), "{expired}");
+        assert!(
+            diagnose(None, "received fatal alert: UnknownCA")
                 .unwrap()
-                .contains("client certificate")
+                .contains("ssl_ca_file")
+        );
+        assert!(
+            diagnose(
+                Some("28000"),
+                "FATAL: connection requires a valid client certificate"
+            )
+            .unwrap()
+            .contains("PGSSLCERT")
         );
         // A real login refusal is never taken for TLS, whatever the user's name says.
         assert!(

@@ -47,6 +47,13 @@ pub trait Connect: Send + Sync + 'static {
         None
     }
 
+    /// More about a TLS problem, added to its message: e.g. what the certificate files
+    /// held when last read, when the server refused the client certificate. Default:
+    /// nothing.
+    fn tls_detail(&self, _e: &Self::Error) -> Option<String> {
+        None
+    }
+
     /// A check before an idle connection is reused; `Err` closes it.
     fn check<'a>(&'a self, conn: &'a mut Self::Conn) -> BoxFuture<'a, Result<(), String>>;
 
@@ -283,7 +290,7 @@ impl<C: Connect> RotatingManager<C> {
             self.engine.source(),
             generation.0
         );
-        match self.connect.tls_problem(&e) {
+        match tls_fix(&self.connect, &e) {
             Some(fix) => Error::new(ErrorKind::Tls, format!("{what}: {fix}"))
                 .with_source(e)
                 .fix_given(),
@@ -443,7 +450,7 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
                     format!("{} as {}", what(), creds.username),
                     e,
                     why,
-                    |e| connect.tls_problem(e),
+                    |e| tls_fix(&connect, e),
                     |e| connect.is_auth_failure(e),
                 )
             })?;
@@ -452,6 +459,16 @@ pub(crate) fn verifier<C: Connect + Clone>(connect: C) -> crate::lease::Verifier
                 .await
                 .map_err(|e| Error::new(ErrorKind::Backend, format!("{}: {e}", what())))
         }) as BoxFuture<'static, Result<()>>
+    })
+}
+
+/// What to fix for a TLS problem `e`, with the backend's detail (what the certificate
+/// files held) after it.
+fn tls_fix<C: Connect>(connect: &C, e: &C::Error) -> Option<String> {
+    let fix = connect.tls_problem(e)?;
+    Some(match connect.tls_detail(e) {
+        Some(detail) => format!("{fix}; {detail}"),
+        None => fix.to_owned(),
     })
 }
 

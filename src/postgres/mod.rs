@@ -58,6 +58,10 @@ pub struct PgConnect {
     config: tokio_postgres::Config,
     connect: Arc<dyn Dial>,
     recycling: RecyclingMethod,
+    /// The connector made from TLS settings (its files are read again when they
+    /// change), to say what they held when the server refuses the certificate.
+    #[cfg(feature = "tls")]
+    tls_files: Option<crate::tls::PgConnector>,
 }
 
 /// A pooled PostgreSQL connection: a [`ClientWrapper`] (derefs to it, and on to
@@ -216,6 +220,14 @@ impl pool::Connect for PgConnect {
 
     fn tls_problem(&self, e: &tokio_postgres::Error) -> Option<&'static str> {
         diagnosis::postgres_tls_diagnosis(e.code().map(|c| c.code()), &diagnosis::chain_text(e))
+    }
+
+    #[cfg(feature = "tls")]
+    fn tls_detail(&self, e: &tokio_postgres::Error) -> Option<String> {
+        let text = diagnosis::chain_text(e).to_ascii_lowercase();
+        crate::watched::peer_refused_our_certificate(&text)
+            .then(|| self.tls_files.as_ref()?.describe())
+            .flatten()
     }
 
     fn check<'a>(&'a self, conn: &'a mut WatchedClient) -> BoxFuture<'a, Result<(), String>> {
@@ -409,17 +421,23 @@ impl Builder {
                  and the connector would silently win; give one of them",
             ));
         }
+        // A connector given in code is used as it is, but never with a weaker mode than
+        // the environment names: PGSSLMODE=require must not fall back to plaintext
+        // because a pg_config was given in code.
+        #[cfg(feature = "tls")]
+        let (connect, tls_files) = match target.connect {
+            Some(connect) => {
+                at_least_the_environments_mode(&mut config, env)?;
+                (connect, None)
+            }
+            None => connector_from_settings(&mut config, target.ssl, env)?,
+        };
+        #[cfg(not(feature = "tls"))]
         let connect = match target.connect {
             Some(connect) => {
-                // The connector is used as it is, but never with a weaker mode than the
-                // environment names: PGSSLMODE=require must not fall back to plaintext
-                // because a pg_config was given in code.
                 at_least_the_environments_mode(&mut config, env)?;
                 connect
             }
-            #[cfg(feature = "tls")]
-            None => connector_from_settings(&mut config, target.ssl, env)?,
-            #[cfg(not(feature = "tls"))]
             None => plaintext_connector(&config, env)?,
         };
         if config.get_application_name().is_none() {
@@ -433,6 +451,8 @@ impl Builder {
             connect,
             // Verification always asks the server, whatever the recycling method.
             recycling: RecyclingMethod::Verified,
+            #[cfg(feature = "tls")]
+            tls_files,
         };
         let connect = PgConnect {
             recycling: target.recycling,
@@ -477,7 +497,8 @@ fn at_least_the_environments_mode(
 /// The connector made from TLS settings with libpq's meaning: `ssl` (the builder's, if
 /// given) merged with the environment's (`PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`,
 /// `PGSSLKEY`, `DATABASE_URL`'s parameters) and `config`'s own mode; `config`'s mode is
-/// set to match.
+/// set to match. With TLS, the [`PgConnector`](crate::tls::PgConnector) inside too (its
+/// files are read again when they change).
 ///
 /// # Errors
 /// [`ErrorKind::Config`] for an unknown mode, a certificate without its key, or
@@ -487,7 +508,7 @@ fn connector_from_settings(
     config: &mut tokio_postgres::Config,
     ssl: Option<crate::tls::PgTls>,
     env: impl Fn(&str) -> Option<String>,
-) -> Result<Arc<dyn Dial>> {
+) -> Result<(Arc<dyn Dial>, Option<crate::tls::PgConnector>)> {
     // Never weaker than any place that names a mode: DATABASE_URL, PGSSLMODE, and the
     // config's own mode when it was set (Disable or Require; Prefer is tokio-postgres'
     // default, so it says nothing).
@@ -512,8 +533,8 @@ fn connector_from_settings(
     };
     config.ssl_mode(tls.mode().to_tokio_postgres());
     Ok(match tls.connector()? {
-        Some(tls) => Arc::new(Dialer::tls(tls)),
-        None => Arc::new(Dialer::plaintext()),
+        Some(tls) => (Arc::new(Dialer::tls(tls.clone())), Some(tls)),
+        None => (Arc::new(Dialer::plaintext()), None),
     })
 }
 

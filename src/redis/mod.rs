@@ -103,9 +103,10 @@ pub struct RedisConnect {
     /// set on the builder).
     address_from_kv: bool,
     config: ::redis::AsyncConnectionConfig,
-    /// The certificates for `rediss://` addresses (read at build).
+    /// The certificates for `rediss://` addresses (read at build, and again when their
+    /// files change).
     #[cfg(feature = "tls")]
-    tls: Option<::redis::TlsCertificates>,
+    tls: Option<crate::watched::Watched<::redis::TlsCertificates>>,
     /// A KV secret's address uses TLS unless it says `tls: false` (refused then): TLS
     /// settings were given, or the first version's address used TLS. A pool never moves
     /// to plaintext.
@@ -130,10 +131,13 @@ impl RedisConnect {
         #[cfg(feature = "tls")]
         if matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. }) {
             crate::tls::ensure_default_provider();
-            let certificates = self.tls.clone().unwrap_or(::redis::TlsCertificates {
-                client_tls: None,
-                root_cert: None,
-            });
+            let certificates = match &self.tls {
+                Some(tls) => (*tls.get()).clone(),
+                None => ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: None,
+                },
+            };
             return ::redis::Client::build_with_tls(info, certificates);
         }
         ::redis::Client::open(info)
@@ -195,6 +199,14 @@ impl pool::Connect for RedisConnect {
             return None;
         }
         diagnosis::tls_diagnosis(&REDIS_TLS, &diagnosis::chain_text(e))
+    }
+
+    #[cfg(feature = "tls")]
+    fn tls_detail(&self, e: &::redis::RedisError) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        let text = diagnosis::chain_text(e).to_ascii_lowercase();
+        (crate::watched::peer_refused_our_certificate(&text) && tls.watches_files())
+            .then(|| tls.describe())
     }
 
     fn check<'a>(&'a self, conn: &'a mut RedisConnection) -> BoxFuture<'a, Result<(), String>> {
@@ -324,13 +336,16 @@ const REDIS_TLS: [TlsSymptom; 7] = [
     },
     TlsSymptom {
         seen: diagnosis::client_certificate_expired,
-        fix: "the server refused the client certificate as expired: renew it \
-              (REDIS_TLS_CERT_FILE / REDIS_TLS_KEY_FILE)",
+        fix: "the server refused the client certificate as expired: REDIS_TLS_CERT_FILE / \
+              REDIS_TLS_KEY_FILE are read again when they change, and no newer usable pair was \
+              found there; check that whatever renews them (cert-manager) writes it to these \
+              paths",
     },
     TlsSymptom {
-        seen: |t| t.contains("alert") && (t.contains("unknownca") || t.contains("badcertificate")),
+        seen: diagnosis::client_certificate_refused,
         fix: "the server refused the client certificate: use one signed by a CA the server \
-              trusts (its tls-ca-cert-file)",
+              trusts (its tls-ca-cert-file); REDIS_TLS_CERT_FILE / REDIS_TLS_KEY_FILE are read \
+              again when they change",
     },
     TlsSymptom {
         seen: |t| t.contains("invalidcontenttype") || t.contains("corrupt message"),
@@ -498,7 +513,7 @@ impl Builder {
             None => crate::tls::RedisTls::from_lookup(|k| std::env::var(k).ok())?,
         };
         #[cfg(feature = "tls")]
-        let certificates = tls.as_ref().map(|t| t.certificates()).transpose()?;
+        let certificates = tls.as_ref().map(|t| t.watched_certificates()).transpose()?;
         #[cfg(feature = "tls")]
         let tls_given = certificates.is_some();
         #[cfg(not(feature = "tls"))]

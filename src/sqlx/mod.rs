@@ -454,7 +454,13 @@ fn verifier(base: PgConnectOptions, role: String) -> lease::Verifier {
                 .await
                 .map_err(|e| {
                     let why = Some(diagnosis::reason(&e));
-                    diagnosis::verify_connect_error(what(), e, why, tls_problem, is_auth_failure)
+                    diagnosis::verify_connect_error(
+                        what(),
+                        e,
+                        why,
+                        |e| tls_problem(e).map(str::to_owned),
+                        is_auth_failure,
+                    )
                 })?;
             let pinged = conn.ping().await;
             let _ = conn.close().await;

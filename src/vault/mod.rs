@@ -59,7 +59,8 @@ pub struct Client {
 /// What every clone of a [`Client`] shares: the HTTP client, the addresses and which one
 /// is in use, the settings, the circuit breaker, the token manager and the KV cache.
 struct ClientState {
-    http: reqwest::Client,
+    /// The HTTP client, made again when the TLS files it was made from change.
+    http: crate::watched::Watched<reqwest::Client>,
     /// Every node's address (one for a single server); `current` indexes the one in use.
     addrs: Vec<url::Url>,
     current: std::sync::atomic::AtomicUsize,

@@ -288,9 +288,16 @@ impl Client {
     /// and the future would otherwise contain itself.
     pub(super) async fn client_token(&self) -> Result<Option<secrecy::SecretString>> {
         match self.inner.auth.cached(Instant::now()) {
-            Some(token) => Ok(token),
-            None => self.refresh_token().await,
+            Some(token) if !self.inner.auth.identity_changed(self) => Ok(token),
+            _ => self.refresh_token().await,
         }
+    }
+
+    /// Which client certificate the HTTP client presents: a new number each time the
+    /// certificate files were read again (looked at first, at most once a second).
+    pub(crate) fn tls_identity(&self) -> u64 {
+        self.inner.http.look();
+        self.inner.http.version()
     }
 
     fn refresh_token(&self) -> BoxFuture<'_, Result<Option<secrecy::SecretString>>> {
@@ -319,6 +326,7 @@ impl Client {
             })?;
         let mut req = inner
             .http
+            .get()
             .request(call.method.clone(), url)
             .header("X-Vault-Request", "true");
         if let Some(ns) = &inner.namespace {
@@ -341,7 +349,7 @@ impl Client {
         let mut resp = req
             .send()
             .await
-            .map_err(|e| transport_error(self.what(call), e))?;
+            .map_err(|e| transport_error(self.what(call), e, || self.tls_files()))?;
         let status = resp.status();
         // Vault's rate limiter says when to come back (seconds).
         let retry_after = resp
@@ -365,7 +373,7 @@ impl Client {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| transport_error(self.what(call), e))?
+            .map_err(|e| transport_error(self.what(call), e, || self.tls_files()))?
         {
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(Error::new(
@@ -405,6 +413,14 @@ impl Client {
         Err(err)
     }
 
+    /// What the TLS files given by path (the client certificate and key, `VAULT_CACERT`)
+    /// held when last read, and why new ones could not be used; `None` when none is
+    /// watched. For the messages of a login or handshake refused for the certificate.
+    pub(crate) fn tls_files(&self) -> Option<String> {
+        let http = &self.inner.http;
+        http.watches_files().then(|| http.describe())
+    }
+
     /// Whether `sys/init` says the server was never initialized (one quick, unauthenticated
     /// request, only after a "sealed" answer).
     async fn uninitialized(&self) -> bool {
@@ -418,6 +434,7 @@ impl Client {
         let answer = self
             .inner
             .http
+            .get()
             .get(url)
             .timeout(Duration::from_secs(2))
             .send()
@@ -473,7 +490,11 @@ fn timed_out(e: &Error) -> bool {
         .is_some_and(|r| r.is_timeout() && !r.is_connect())
 }
 
-fn transport_error(what: String, e: reqwest::Error) -> Error {
+fn transport_error(
+    what: String,
+    e: reqwest::Error,
+    files: impl FnOnce() -> Option<String>,
+) -> Error {
     // A TLS failure says why (rustls: "invalid peer certificate: UnknownIssuer") and
     // what to check; the chain of sources holds no secret.
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
@@ -486,6 +507,14 @@ fn transport_error(what: String, e: reqwest::Error) -> Error {
         cause = c.source();
     }
     let (kind, detail) = match (tls, e.is_timeout(), e.is_connect()) {
+        // Vault refused the client certificate at the handshake (a listener with
+        // `tls_require_and_verify_client_cert`): say what the files held.
+        (Some(why), _, _)
+            if crate::watched::peer_refused_our_certificate(&why.to_ascii_lowercase()) =>
+        {
+            let files = files().map(|f| format!("; {f}")).unwrap_or_default();
+            (ErrorKind::Tls, format!("TLS handshake: {why}{files}"))
+        }
         (Some(why), _, _) => (ErrorKind::Tls, format!("TLS handshake: {why}")),
         (None, true, _) => (ErrorKind::Transport, "timed out".into()),
         (None, false, true) => (ErrorKind::Transport, "connection failed".into()),

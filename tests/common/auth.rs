@@ -478,6 +478,12 @@ pub fn service_account_token(key: &std::path::Path, n: u64) -> String {
 /// stack's CA (which signed the stack's client certificate), tokens of `token_ttl`
 /// renewable to `token_max_ttl`, policy [`IMMUNE_POLICY`] for roles named `cert-*`.
 pub async fn cert_mount(tls: &TlsDev, token_ttl: &str, token_max_ttl: &str) {
+    let ca = std::fs::read_to_string(var("VAULTPOOL_PG_CA")).unwrap();
+    cert_mount_trusting(tls, &ca, token_ttl, token_max_ttl).await;
+}
+
+/// [`cert_mount`] with a cert role `app` trusting the CA certificate(s) in `ca_pem`.
+pub async fn cert_mount_trusting(tls: &TlsDev, ca_pem: &str, token_ttl: &str, token_max_ttl: &str) {
     let write = async |method, path: &str, body| {
         vault_write(&tls.1, "root", method, path, body).await;
     };
@@ -493,11 +499,18 @@ pub async fn cert_mount(tls: &TlsDev, token_ttl: &str, token_max_ttl: &str) {
         serde_json::json!({ "policy": IMMUNE_POLICY.replace("test-*", "cert-*") }),
     )
     .await;
-    write(
+    cert_role_trusting(tls, ca_pem, token_ttl, token_max_ttl).await;
+}
+
+/// The cert role `app` of [`cert_mount_trusting`] (re)written to trust `ca_pem`.
+pub async fn cert_role_trusting(tls: &TlsDev, ca_pem: &str, token_ttl: &str, token_max_ttl: &str) {
+    vault_write(
+        &tls.1,
+        "root",
         reqwest::Method::POST,
         "auth/cert/certs/app",
         serde_json::json!({
-            "certificate": std::fs::read_to_string(var("VAULTPOOL_PG_CA")).unwrap(),
+            "certificate": ca_pem,
             "token_policies": ["app"],
             "token_ttl": token_ttl,
             "token_max_ttl": token_max_ttl,

@@ -1,10 +1,12 @@
 //! Test harness, one module per concern: the local stack (`stack`), OpenBao servers of a
-//! test's own (`vault_servers`), PostgreSQL, Redis, Kafka, fault servers (`faults`), the
+//! test's own (`vault_servers`), PostgreSQL, Redis, Kafka, certificates and servers of a
+//! test's own that check them (`certs`), fault servers (`faults`), the
 //! one query-load harness (`load`) and the scenarios every pool flavour must pass
 //! (`scenarios`). `use common::*;` brings all of it.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod auth;
+pub mod certs;
 pub mod faults;
 pub mod kafka;
 pub mod load;
@@ -17,7 +19,8 @@ pub mod vault_servers;
 // Each test binary uses a part of the harness; the rest is unused there.
 #[allow(unused_imports)]
 pub use {
-    auth::*, faults::*, kafka::*, load::*, postgres::*, redis::*, stack::*, vault_servers::*,
+    auth::*, certs::*, faults::*, kafka::*, load::*, postgres::*, redis::*, stack::*,
+    vault_servers::*,
 };
 
 use std::collections::HashMap;

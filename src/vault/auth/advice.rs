@@ -5,8 +5,14 @@ use super::{AuthMethod, JwtSource};
 use crate::error::{Error, ErrorKind};
 
 /// A login refused or failed: say which method, path and role, and what to fix when
-/// Vault's words say it.
-pub(super) fn login_error(method: &AuthMethod, path: &str, e: Error) -> Error {
+/// Vault's words say it; for a refused client certificate, `tls_files` (what the
+/// certificate files held when last read) too.
+pub(super) fn login_error(
+    method: &AuthMethod,
+    path: &str,
+    e: Error,
+    tls_files: Option<String>,
+) -> Error {
     // Only Vault's own words count: a TLS or transport failure says "certificate" or
     // "expired" about something else (the server's certificate).
     let text = if e.vault_status().is_some() {
@@ -69,10 +75,12 @@ pub(super) fn login_error(method: &AuthMethod, path: &str, e: Error) -> Error {
                     .unwrap_or_default()
             ),
             (text.contains("certificate") || text.contains("permission denied")).then(|| {
-                "Vault did not accept the client certificate (VAULT_CLIENT_CERT): check that a \
-                 cert role at this mount trusts the CA that signed it, and that the certificate \
-                 and key match"
-                    .to_owned()
+                let files = tls_files.map(|f| format!("; {f}")).unwrap_or_default();
+                format!(
+                    "Vault did not accept the client certificate (VAULT_CLIENT_CERT): check \
+                     that a cert role at this mount trusts the CA that signed it, and that the \
+                     certificate and key match{files}"
+                )
             }),
         ),
         other => (
@@ -105,12 +113,12 @@ mod tests {
             ErrorKind::Tls,
             "TLS handshake: invalid peer certificate: Expired",
         );
-        let e = login_error(&jwt, "auth/jwt/login", tls);
+        let e = login_error(&jwt, "auth/jwt/login", tls, None);
         assert_eq!(e.kind(), ErrorKind::Tls);
         assert!(!e.to_string().contains("the JWT has expired"), "{e}");
         let answered = Error::new(ErrorKind::InvalidRequest, "PUT auth/jwt/login")
             .with_vault(400, vec!["error validating token: token is expired".into()]);
-        let e = login_error(&jwt, "auth/jwt/login", answered);
+        let e = login_error(&jwt, "auth/jwt/login", answered, None);
         assert_eq!(e.kind(), ErrorKind::PermissionDenied);
         assert!(e.to_string().contains("the JWT has expired"), "{e}");
     }

@@ -122,6 +122,9 @@ pub(crate) struct TokenManager {
     pub(super) waited_for_file: std::sync::atomic::AtomicBool,
     /// Names for tokens whose accessor Vault does not give (batch tokens).
     unnamed: std::sync::atomic::AtomicU64,
+    /// The client certificate ([`Client::tls_identity`]) of the last login: a cert-auth
+    /// token can only be renewed with the certificate it logged in with.
+    login_identity: std::sync::atomic::AtomicU64,
 }
 
 /// The wait after a failed token refresh: 1 s, doubling up to 30 s between two refreshes
@@ -148,7 +151,22 @@ impl TokenManager {
             last_error: std::sync::Mutex::new(None),
             waited_for_file: std::sync::atomic::AtomicBool::new(false),
             unnamed: std::sync::atomic::AtomicU64::new(0),
+            login_identity: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Whether the client certificate changed since the last login, for cert auth: Vault
+    /// binds a cert-auth token's renewals to the certificate it logged in with ("client
+    /// identity during renewal not matching"), so once cert-manager renewed the files the
+    /// token is replaced by a login with the new certificate, while it is still valid
+    /// (its leases then rotate before it ends), instead of failing to renew until it
+    /// runs out.
+    pub(crate) fn identity_changed(&self, client: &Client) -> bool {
+        matches!(self.method, AuthMethod::Cert { .. })
+            && client.tls_identity()
+                != self
+                    .login_identity
+                    .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The auth method's name, for logs and errors.
@@ -313,7 +331,9 @@ impl TokenManager {
     /// current token is returned at once; without one, the caller waits for the refresh.
     pub(crate) async fn token(&self, client: &Client) -> Result<Option<SecretString>> {
         let now = Instant::now();
-        if let Some(token) = self.cached(now) {
+        if let Some(token) = self.cached(now)
+            && !self.identity_changed(client)
+        {
             return Ok(token);
         }
         let old = self.current.load_full();
@@ -370,6 +390,7 @@ impl TokenManager {
         let now = Instant::now();
         if let Some(s) = &old
             && Self::usable(s, now)
+            && !self.identity_changed(client)
         {
             return Ok(s.token.clone());
         }
@@ -507,6 +528,14 @@ impl TokenManager {
                 Ok(renewed) => Ok(renewed),
                 Err(e) => keep_until_retry(s, e),
             },
+            // Renewed with another certificate than it logged in with, Vault would refuse
+            // it: log in with the new one (cert-manager renewed the files).
+            (AuthMethod::Cert { .. }, Some(_)) if self.identity_changed(client) => {
+                tracing::info!(
+                    "the client certificate was renewed on disk; logging in with the new one"
+                );
+                self.login(client, old).await
+            }
             (_, Some(s)) if s.info.renewable => match renew_self(client, s).await {
                 Ok(renewed) if renewed.info.ttl >= s.increment => Ok(renewed),
                 Ok(renewed) => {
@@ -546,12 +575,34 @@ impl TokenManager {
     }
 
     async fn login(&self, client: &Client, old: Option<&TokenState>) -> Result<TokenState> {
-        let LoginRequest { path, body } = self.method.login_request().await?;
+        // The certificate this login presents (the files looked at first); if they
+        // change while it runs, the next call logs in again. A login that fails leaves
+        // the change pending, so the next refresh (after its backoff) is a login again.
+        let identity = client.tls_identity();
+        let previous = self
+            .login_identity
+            .swap(identity, std::sync::atomic::Ordering::AcqRel);
+        let pending = || {
+            let _ = self.login_identity.compare_exchange(
+                identity,
+                previous,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            );
+        };
+        let LoginRequest { path, body } = self
+            .method
+            .login_request()
+            .await
+            .inspect_err(|_| pending())?;
         let name = self.method.name();
         let (env, received) = client
             .call::<serde_json::Value>(Call::put(&path, &body).unauthenticated().login())
             .await
-            .map_err(|e| login_error(&self.method, &path, e))?;
+            .map_err(|e| {
+                pending();
+                login_error(&self.method, &path, e, client.tls_files())
+            })?;
         let auth = env.auth.ok_or_else(|| {
             Error::new(
                 ErrorKind::Decode,

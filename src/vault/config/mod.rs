@@ -12,6 +12,7 @@ use super::auth::{AuthMethod, TokenManager};
 use super::breaker::{Breaker, BreakerConfig};
 use super::{Client, ClientState, kv};
 use crate::error::{Error, ErrorKind, Result};
+use crate::watched::{FileKind, Watched, WatchedFile};
 
 /// Retry settings for transient failures (connect errors, timeouts, HTTP 5xx and 429).
 /// 4xx answers are never retried.
@@ -126,7 +127,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Trust only the CA certificate(s) in this PEM file (like `VAULT_CACERT`).
+    /// Trust only the CA certificate(s) in this PEM file (like `VAULT_CACERT`), read
+    /// again when it changes (looked at no more than once a second, as requests go out).
     /// Default: the platform's roots.
     pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.ca_cert = Some(path.into());
@@ -137,6 +139,12 @@ impl ClientBuilder {
     /// `VAULT_CLIENT_KEY`), presented on every connection to Vault: the credential of
     /// [`AuthMethod::Cert`], and what a listener with `tls_require_and_verify_client_cert`
     /// asks of every client. Default: none.
+    ///
+    /// The files are read again when they change (cert-manager renews them on disk):
+    /// looked at no more than once a second as requests go out; the HTTP client is then
+    /// made again, so new connections (and the next login) present the new certificate.
+    /// A pair that does not fit (a copy under way) keeps the previous one in use and is
+    /// tried again a second later.
     pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.client_cert = Some((cert.into(), key.into()));
         self
@@ -224,6 +232,88 @@ impl ClientBuilder {
                  VAULT_ROLE_ID and VAULT_SECRET_ID, or call .auth(…)",
             )
         })?;
+        if self.client_cert.is_none() && matches!(auth, AuthMethod::Cert { .. }) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "building the Vault client: TLS-certificate login needs a client \
+                 certificate; set VAULT_CLIENT_CERT and VAULT_CLIENT_KEY, or call \
+                 .client_cert(…)",
+            ));
+        }
+        if self.skip_verify {
+            tracing::warn!("TLS verification of Vault is disabled (VAULT_SKIP_VERIFY)");
+        }
+        let tls = HttpSettings {
+            ca_pem: self.ca_pem,
+            ca_cert: self.ca_cert,
+            client_cert: self.client_cert,
+            skip_verify: self.skip_verify,
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+        };
+        // The files given by path are read again when they change (cert-manager renews
+        // them on disk); a new HTTP client then replaces the old one, and with it the
+        // kept-alive connections that present the old certificate.
+        let http = Watched::new(tls.what(), tls.files(), move || tls.http_client())?;
+        let cache_ttl = (!self.kv_cache_ttl.is_zero()).then_some(self.kv_cache_ttl);
+        Ok(Client {
+            inner: Arc::new(ClientState {
+                http,
+                addrs,
+                current: std::sync::atomic::AtomicUsize::new(0),
+                namespace: self.namespace,
+                retry: self.retry,
+                breaker: Breaker::new(self.breaker),
+                auth: TokenManager::new(auth),
+                kv_cache: kv::Cache::new(cache_ttl),
+                behind_cache: std::sync::atomic::AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+/// What the HTTP client to Vault is made of: the TLS files and settings, and the timeouts.
+struct HttpSettings {
+    ca_pem: Option<Vec<u8>>,
+    ca_cert: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+    skip_verify: bool,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl HttpSettings {
+    /// What the files are, for messages.
+    fn what(&self) -> &'static str {
+        if self.client_cert.is_some() {
+            "the Vault client certificate"
+        } else {
+            "the Vault CA certificate"
+        }
+    }
+
+    /// The files given by path, watched for changes (PEM given as bytes is not a file).
+    fn files(&self) -> Vec<WatchedFile> {
+        let mut files = Vec::new();
+        if let (None, Some(ca)) = (&self.ca_pem, &self.ca_cert) {
+            files.push(WatchedFile::new(ca, "VAULT_CACERT", FileKind::Ca));
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            files.push(WatchedFile::new(
+                cert,
+                "VAULT_CLIENT_CERT",
+                FileKind::Certificate,
+            ));
+            files.push(WatchedFile::new(key, "VAULT_CLIENT_KEY", FileKind::Key));
+        }
+        files
+    }
+
+    /// The HTTP client, the files read now.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] naming the file that cannot be read or used.
+    fn http_client(&self) -> Result<reqwest::Client> {
         let mut http = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
@@ -261,23 +351,13 @@ impl ClientBuilder {
                 })?;
             http = http.tls_certs_only(certs);
         }
-        match (&self.client_cert, &auth) {
-            (Some((cert, key)), _) => http = http.identity(client_identity(cert, key)?),
-            (None, AuthMethod::Cert { .. }) => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    "building the Vault client: TLS-certificate login needs a client \
-                     certificate; set VAULT_CLIENT_CERT and VAULT_CLIENT_KEY, or call \
-                     .client_cert(…)",
-                ));
-            }
-            (None, _) => {}
+        if let Some((cert, key)) = &self.client_cert {
+            http = http.identity(client_identity(cert, key)?);
         }
         if self.skip_verify {
-            tracing::warn!("TLS verification of Vault is disabled (VAULT_SKIP_VERIFY)");
             http = http.tls_danger_accept_invalid_certs(true);
         }
-        let http = http.build().map_err(|e| {
+        http.build().map_err(|e| {
             let what = match &self.client_cert {
                 // reqwest checks the pair only here: name the files.
                 Some((cert, key)) => format!(
@@ -290,20 +370,6 @@ impl ClientBuilder {
                 None => "building the HTTP client for Vault".to_owned(),
             };
             Error::new(ErrorKind::Config, what).with_source(e)
-        })?;
-        let cache_ttl = (!self.kv_cache_ttl.is_zero()).then_some(self.kv_cache_ttl);
-        Ok(Client {
-            inner: Arc::new(ClientState {
-                http,
-                addrs,
-                current: std::sync::atomic::AtomicUsize::new(0),
-                namespace: self.namespace,
-                retry: self.retry,
-                breaker: Breaker::new(self.breaker),
-                auth: TokenManager::new(auth),
-                kv_cache: kv::Cache::new(cache_ttl),
-                behind_cache: std::sync::atomic::AtomicBool::new(false),
-            }),
         })
     }
 }

@@ -13,8 +13,9 @@ pub use super::issue::Reason as RotationReason;
 /// `RecvError::Lagged(n)`).
 pub(super) const EVENTS_KEPT: usize = 256;
 
-/// Something that happened to an engine's leases. Never holds a secret: lease ids, user
-/// names are not in it either (a lease id is not a secret, but it is enough to revoke).
+/// Something that happened to an engine's leases. Never holds a secret (no password, no
+/// token); a [`Failed`](Self::Failed) message may name a lease id or a user name, as the
+/// logs do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LeaseEvent {

@@ -47,15 +47,23 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    /// Revoke through `source` what dead runs on `label` left in `dir`, then claim a
-    /// journal there. A lease whose revoke fails is kept in the new journal (the next
-    /// run tries again).
+    /// Claim a journal in `dir` for the source named `name`, and revoke through `source`
+    /// what dead runs on the same source left there. Their leases are first written to
+    /// the new journal (a kill during the recovery loses none), then their journals are
+    /// emptied, then the leases revoked side by side within [`RECOVERY_REVOKE_WAIT`];
+    /// one whose revoke fails (or that Vault's revoke path does not know: a 404) stays
+    /// in the journal for the next run.
     ///
     /// # Errors
     /// [`ErrorKind::Config`] when the directory cannot be created, written or locked.
-    pub(crate) async fn open(dir: &Path, label: &str, source: &dyn Source) -> Result<Arc<Self>> {
-        let (dir, stem) = (dir.to_owned(), file_stem(label));
-        let (lock, data, left) = blocking(move || claim(&dir, &stem)).await?;
+    pub(crate) async fn open(dir: &Path, name: &str, source: &dyn Source) -> Result<Arc<Self>> {
+        let (dir, stem) = (dir.to_owned(), file_stem(name));
+        let Claimed {
+            lock,
+            data,
+            left,
+            dead,
+        } = blocking(move || claim(&dir, &stem)).await?;
         let journal = Arc::new(Self {
             data,
             _lock: lock,
@@ -63,32 +71,41 @@ impl Journal {
             writing: tokio::sync::Mutex::new(()),
         });
         let now = unix_now();
-        let (mut revoked, mut kept) = (0, 0);
-        for (id, end) in left.into_iter().filter(|(_, end)| *end > now) {
+        let left: Vec<(String, u64)> = left.into_iter().filter(|(_, end)| *end > now).collect();
+        journal.lock().extend(left.iter().cloned());
+        journal.write().await?;
+        blocking(move || dead.iter().try_for_each(|d| write_atomically(d, b""))).await?;
+        let revokes = left.iter().map(|(id, end)| async move {
             let lease = Lease::new(id.clone(), Duration::from_secs(end - now), false);
-            match tokio::time::timeout(RECOVERY_REVOKE_WAIT, source.revoke(&lease)).await {
-                Ok(Ok(())) => revoked += 1,
-                Ok(Err(e)) if e.kind() == ErrorKind::NotFound => revoked += 1,
+            let result = tokio::time::timeout(RECOVERY_REVOKE_WAIT, source.revoke(&lease)).await;
+            (id, result)
+        });
+        let (mut revoked, mut kept) = (0, 0);
+        for (id, result) in futures_util::future::join_all(revokes).await {
+            match result {
+                Ok(Ok(())) => {
+                    journal.lock().remove(id);
+                    revoked += 1;
+                }
                 failed => {
                     let why = match failed {
                         Ok(Err(e)) => e.to_string(),
                         _ => format!("no answer within {RECOVERY_REVOKE_WAIT:?}"),
                     };
                     tracing::warn!(lease_id = %id, "revoking a lease a killed run left behind failed (kept in the journal for the next run): {why}");
-                    journal.lock().insert(id, end);
                     kept += 1;
                 }
             }
         }
         if revoked + kept > 0 {
             tracing::info!(
-                source = label,
+                source = name,
                 revoked,
                 kept,
                 "revoked the leases an earlier run left behind (it ended without close())"
             );
+            journal.write().await?;
         }
-        journal.write().await?;
         Ok(journal)
     }
 
@@ -96,21 +113,41 @@ impl Journal {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Record `lease` (or its new end).
-    async fn record(&self, lease: &Lease) -> Result<()> {
+    /// Record `lease` (or its new end); written in the background.
+    fn record(self: &Arc<Self>, lease: &Lease) {
         let Some(end) = end_of(lease) else {
-            return Ok(()); // nothing to revoke: no lease, or no end known
+            return; // nothing to revoke: no lease, or no end known
         };
         self.lock().insert(lease.id.clone(), end);
-        self.write().await
+        self.write_soon();
     }
 
-    /// Forget `lease_id` (revoked, or gone in Vault).
-    async fn forget(&self, lease_id: &str) -> Result<()> {
-        if self.lock().remove(lease_id).is_none() {
-            return Ok(());
+    /// Forget `lease_id` (revoked, or gone in Vault); written in the background.
+    fn forget(self: &Arc<Self>, lease_id: &str) {
+        if self.lock().remove(lease_id).is_some() {
+            self.write_soon();
         }
-        self.write().await
+    }
+
+    /// Forget every lease (the journal cannot be trusted with them); written in the
+    /// background.
+    fn clear(self: &Arc<Self>) {
+        self.lock().clear();
+        self.write_soon();
+    }
+
+    /// Write in a task of its own: the engine's path never waits on the disk (a stalled
+    /// volume must not hold renewals or `close()`). Writes are one at a time, each of the
+    /// state when it starts, so the last one written is the latest.
+    fn write_soon(self: &Arc<Self>) {
+        let journal = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = journal.write().await {
+                tracing::warn!(
+                    "the lease journal could not be written (a crash now leaves the leases it misses until their TTL): {e}"
+                );
+            }
+        });
     }
 
     /// Write the journal as it is now (ended leases dropped): a temporary file, fsync,
@@ -192,8 +229,14 @@ fn open_private(path: &Path, write: bool) -> std::io::Result<File> {
     options.open(path)
 }
 
-/// A claimed slot: its lock (held), its data file, and the leases dead runs left.
-type Claimed = (File, PathBuf, Vec<(String, u64)>);
+/// A claimed slot: its lock (held), its data file, the leases dead runs left, and their
+/// journals (emptied once those leases are in ours).
+struct Claimed {
+    lock: File,
+    data: PathBuf,
+    left: Vec<(String, u64)>,
+    dead: Vec<PathBuf>,
+}
 
 /// Take over every unlocked journal of `stem` in `dir` (a dead run's) and claim the
 /// first free slot: its lock (held) and data path, and the leases the dead runs left.
@@ -205,7 +248,7 @@ fn claim(dir: &Path, stem: &str) -> Result<Claimed> {
         )
     })?;
     let mut mine: Option<(File, PathBuf)> = None;
-    let mut left = Vec::new();
+    let (mut left, mut dead) = (Vec::new(), Vec::new());
     for n in 0..MAX_SLOTS {
         let lock_path = dir.join(format!("{stem}.{n}.lock"));
         let data = dir.join(format!("{stem}.{n}.leases"));
@@ -225,7 +268,7 @@ fn claim(dir: &Path, stem: &str) -> Result<Claimed> {
                 if mine.is_none() {
                     mine = Some((lock, data));
                 } else {
-                    write_atomically(&data, b"")?;
+                    dead.push(data);
                 }
             }
             Err(TryLockError::WouldBlock) => {} // a live engine's
@@ -246,7 +289,12 @@ fn claim(dir: &Path, stem: &str) -> Result<Claimed> {
             ),
         )
     })?;
-    Ok((lock, data, left))
+    Ok(Claimed {
+        lock,
+        data,
+        left,
+        dead,
+    })
 }
 
 /// The leases in a journal file; malformed lines are skipped.
@@ -285,15 +333,29 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 pub(crate) struct Journaled {
     pub(crate) inner: Arc<dyn Source>,
     pub(crate) journal: Arc<Journal>,
+    /// Set once a cache was seen in front of Vault: nothing is recorded from then on.
+    pub(crate) off: std::sync::atomic::AtomicBool,
 }
 
 impl Journaled {
-    /// A journal write failed: the lease lives on (the engine goes on), but a crash now
-    /// would leave it behind.
-    fn unwritten(e: &Error) {
-        tracing::warn!(
-            "the lease journal could not be written (a crash now leaves this lease until its TTL): {e}"
-        );
+    /// Whether leases may be recorded: not behind a cache, which hands one lease to
+    /// several processes — a crashed one's successor would revoke the others' credentials.
+    fn recording(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.off.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.inner.behind_cache() {
+            self.off.store(true, Ordering::Relaxed);
+            self.journal.clear();
+            tracing::warn!(
+                "the lease journal is off: Vault answers through a cache (a Vault Proxy or Agent \
+                 with `cache {{}}`), which hands the same lease to several processes, and a \
+                 crashed one's successor would revoke the credentials the others use"
+            );
+            return false;
+        }
+        true
     }
 }
 
@@ -301,8 +363,8 @@ impl Source for Journaled {
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
         Box::pin(async move {
             let leased = self.inner.issue().await?;
-            if let Err(e) = self.journal.record(&leased.lease).await {
-                Self::unwritten(&e);
+            if self.recording() {
+                self.journal.record(&leased.lease);
             }
             Ok(leased)
         })
@@ -312,19 +374,17 @@ impl Source for Journaled {
         Box::pin(async move {
             let renewed = self.inner.renew(lease, increment).await;
             match &renewed {
-                Ok(new) => {
+                Ok(new) if self.recording() => {
                     let recorded = Lease {
                         id: lease.id.clone(),
                         ..new.clone()
                     };
-                    if let Err(e) = self.journal.record(&recorded).await {
-                        Self::unwritten(&e);
-                    }
+                    self.journal.record(&recorded);
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::LeaseExpired) => {
-                    let _ = self.journal.forget(&lease.id).await;
+                    self.journal.forget(&lease.id);
                 }
-                Err(_) => {}
+                _ => {}
             }
             renewed
         })
@@ -333,13 +393,15 @@ impl Source for Journaled {
     fn revoke<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let revoked = self.inner.revoke(lease).await;
-            if revoked.is_ok()
-                && let Err(e) = self.journal.forget(&lease.id).await
-            {
-                tracing::debug!("the lease journal could not be written: {e}");
+            if revoked.is_ok() {
+                self.journal.forget(&lease.id);
             }
             revoked
         })
+    }
+
+    fn behind_cache(&self) -> bool {
+        self.inner.behind_cache()
     }
 
     fn issuing_token(&self) -> Option<String> {
@@ -420,19 +482,27 @@ mod tests {
     #[test]
     fn only_unlocked_journals_are_taken_over() {
         let dir = std::env::temp_dir().join(format!("vaultpool-journal-{}", fastrand::u64(..)));
-        let (live_lock, live_data, left) = claim(&dir, "app").unwrap();
-        assert!(left.is_empty());
-        write_atomically(&live_data, b"live/lease\t4102444800\n").unwrap();
+        let live = claim(&dir, "app").unwrap();
+        assert!(live.left.is_empty());
+        write_atomically(&live.data, b"live/lease\t4102444800\n").unwrap();
         // A second engine beside it: another slot, nothing to take over.
-        let (second_lock, second_data, left) = claim(&dir, "app").unwrap();
-        assert_ne!(second_data, live_data);
-        assert!(left.is_empty(), "took a live engine's leases: {left:?}");
-        write_atomically(&second_data, b"dead/lease\t4102444800\n").unwrap();
-        drop(second_lock); // that engine dies
-        let (_third, third_data, left) = claim(&dir, "app").unwrap();
-        assert_eq!(third_data, second_data);
-        assert_eq!(left, [("dead/lease".to_owned(), 4_102_444_800)]);
-        drop(live_lock);
+        let second = claim(&dir, "app").unwrap();
+        assert_ne!(second.data, live.data);
+        assert!(
+            second.left.is_empty(),
+            "took a live engine's leases: {:?}",
+            second.left
+        );
+        write_atomically(&second.data, b"dead/lease\t4102444800\n").unwrap();
+        let second_data = second.data.clone();
+        drop(second); // that engine dies
+        let third = claim(&dir, "app").unwrap();
+        assert_eq!(third.data, second_data);
+        assert_eq!(third.left, [("dead/lease".to_owned(), 4_102_444_800)]);
+        // Another source's journals are not this one's.
+        let other = claim(&dir, "other").unwrap();
+        assert!(other.left.is_empty());
+        drop((live, third, other));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

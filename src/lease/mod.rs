@@ -392,14 +392,18 @@ async fn start(setup: Setup) -> Result<Engine> {
             .filter(|d| !d.is_empty())
             .map(Into::into)
     });
-    if let Some(dir) = journal_dir {
+    // Only for sources whose every issue is a lease of its own to revoke (a database
+    // role): a static role or a KV secret has nothing to revoke, and a custom provider's
+    // leases are its own to clean up.
+    if let Some(dir) = journal_dir.filter(|_| source.issues_unique_leases()) {
         // What a killed earlier run left behind is revoked before anything is issued.
-        let journal = journal::Journal::open(&dir, &label, source.as_ref())
+        let journal = journal::Journal::open(&dir, &source_name, source.as_ref())
             .await
             .map_err(|e| e.context(format!("opening the lease journal of {source_name}")))?;
         source = Arc::new(journal::Journaled {
             inner: source,
             journal,
+            off: std::sync::atomic::AtomicBool::new(false),
         });
     }
     // Before the issue, as for every rotation (see `issue::rotate`).
@@ -592,10 +596,15 @@ impl Engine {
     /// ```no_run
     /// # async fn run(engine: vaultpool::lease::Engine) {
     /// use vaultpool::lease::LeaseEvent;
+    /// use tokio::sync::broadcast::error::RecvError;
     /// let mut events = engine.events();
-    /// while let Ok(event) = events.recv().await {
-    ///     if let LeaseEvent::Rotated { to, reason, .. } = &event {
-    ///         println!("now serving {to} ({reason})"); // reload what holds the old login
+    /// loop {
+    ///     match events.recv().await {
+    ///         Ok(LeaseEvent::Rotated { to, reason, .. }) => {
+    ///             println!("now serving {to} ({reason})"); // reload what holds the old login
+    ///         }
+    ///         Ok(_) | Err(RecvError::Lagged(_)) => {} // fell behind: go on
+    ///         Err(RecvError::Closed) => break,         // the engine is gone
     ///     }
     /// }
     /// # }

@@ -23,6 +23,7 @@ pub(crate) mod diagnosis;
 mod handle;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod inner;
+#[cfg(any(feature = "postgres", feature = "redis"))]
 mod metrics;
 
 use std::fmt;

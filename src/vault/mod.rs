@@ -113,6 +113,14 @@ impl Client {
 
     /// When the token with this accessor ends for good, if known (it was replaced by a
     /// fresh login, or its renewal was capped by its max TTL).
+    /// Whether Vault's answers come through a cache (a Vault Proxy or Agent with
+    /// `cache {}`, seen by its `X-Cache` header).
+    pub(crate) fn behind_cache(&self) -> bool {
+        self.inner
+            .behind_cache
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn token_end(&self, accessor: &str) -> Option<Instant> {
         self.inner.auth.end_of(accessor)
     }

@@ -109,6 +109,10 @@ impl VaultDatabase {
 const LOOKUP_DENIED_PAUSE: Duration = Duration::from_secs(3600);
 
 impl Source for VaultDatabase {
+    fn behind_cache(&self) -> bool {
+        self.client.behind_cache()
+    }
+
     fn issue(&self) -> BoxFuture<'_, Result<Leased<Credentials>>> {
         Box::pin(
             self.client

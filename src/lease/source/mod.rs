@@ -252,6 +252,11 @@ pub(crate) trait Source: Send + Sync {
     fn token_failure(&self) -> Option<(u32, Error)> {
         None
     }
+    /// Whether answers come through a cache in front of Vault (which hands one lease to
+    /// several processes).
+    fn behind_cache(&self) -> bool {
+        false
+    }
     /// How often to ask [`changed`](Source::changed): a KV source's poll, or a database
     /// role's lease check.
     fn poll_interval(&self) -> Option<Duration> {

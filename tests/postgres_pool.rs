@@ -864,21 +864,24 @@ async fn a_driver_of_your_own_behind_vault_pool_custom_rotates_under_load() {
     assert_leases_gone(&role).await;
 }
 
+/// A pool of 4 on `role` through `client`, on the fast policy.
+async fn small_fast_pool(
+    client: vaultpool::vault::Client,
+    role: String,
+) -> vaultpool::Result<VaultPgPool> {
+    VaultPgPool::builder(&role)
+        .vault(client)
+        .pg_config(pg_target())
+        .max_size(4)
+        .policy(fast_policy())
+        .build()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caching_vault_proxy_never_makes_the_pool_retire_or_revoke_its_serving_lease() {
-    scenarios::a_caching_vault_proxy_hands_back_the_serving_lease(
-        "deadpool",
-        |client, role| async move {
-            VaultPgPool::builder(&role)
-                .vault(client)
-                .pg_config(pg_target())
-                .max_size(4)
-                .policy(fast_policy())
-                .build()
-                .await
-        },
-    )
-    .await;
+    scenarios::a_caching_vault_proxy_hands_back_the_serving_lease("deadpool", small_fast_pool)
+        .await;
 }
 
 /// The same through a Vault Agent with `cache {}` (api_proxy with the auto-auth token):
@@ -886,20 +889,8 @@ async fn a_caching_vault_proxy_never_makes_the_pool_retire_or_revoke_its_serving
 /// Proxy's endpoint answered 404), so the next pool gets a new lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caching_vault_agent_never_makes_the_pool_retire_or_revoke_its_serving_lease() {
-    scenarios::a_caching_bao_hands_back_the_serving_lease(
-        "agent",
-        "deadpool",
-        |client, role| async move {
-            VaultPgPool::builder(&role)
-                .vault(client)
-                .pg_config(pg_target())
-                .max_size(4)
-                .policy(fast_policy())
-                .build()
-                .await
-        },
-    )
-    .await;
+    scenarios::a_caching_bao_hands_back_the_serving_lease("agent", "deadpool", small_fast_pool)
+        .await;
 }
 
 /// Every session of the pool terminated under load (`pg_terminate_backend`, as a revoke
@@ -934,16 +925,7 @@ async fn terminate_every_session_20_times(
         .unwrap();
     let user = pool.engine().current().credentials.username.clone();
     let admin = pg_admin("adaptive_immunity").await;
-    let encrypted: bool = {
-        let c = pool.get().await.unwrap();
-        c.query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-    };
+    let encrypted = encrypted(&pool).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let workers: Vec<_> = (0..32)
@@ -1057,17 +1039,6 @@ async fn a_notls_connector_with_prefer_connects_in_plaintext() {
         .build()
         .await
         .unwrap();
-    let encrypted: bool = pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!encrypted);
+    assert!(!encrypted(&pool).await);
     pool.close().await;
 }

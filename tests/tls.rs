@@ -26,20 +26,6 @@ fn sqlx_tls_target(mode: PgSslMode, ca: &str) -> PgConnectOptions {
         .ssl_root_cert(ca)
 }
 
-/// Whether a session of `pool` is encrypted, as PostgreSQL sees it.
-async fn encrypted(pool: &VaultPgPool) -> bool {
-    pool.get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// 8 workers on `pool` across `rotations` forced rotations a second apart: none fails.
 async fn under_load_across_rotations<P: TestPool>(pool: &P, rotations: usize, flavour: &str) {
     let stop = Arc::new(AtomicBool::new(false));

@@ -198,3 +198,18 @@ pub fn pg_target_via(proxy: &Proxy) -> vaultpool::postgres::tokio_postgres::Conf
 pub async fn pg_proxy() -> Proxy {
     Proxy::start(&format!("{}:{}", var("PGHOST"), var("PGPORT")), "").await
 }
+
+/// Whether a session of `pool` is encrypted, as PostgreSQL sees it.
+#[cfg(feature = "postgres")]
+pub async fn encrypted(pool: &vaultpool::postgres::VaultPgPool) -> bool {
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

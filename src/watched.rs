@@ -120,6 +120,8 @@ struct Loaded<T> {
     read_at: SystemTime,
     /// The validity of the client certificate, if one of the files is one.
     validity: Option<Validity>,
+    /// A hash of the files' bytes when they were read (`None`: one could not be read).
+    contents: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -140,6 +142,17 @@ struct Warnings {
 pub(crate) struct Validity {
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
+}
+
+/// A hash of the bytes of `files` (change detection only, not a secret digest: it is
+/// kept in memory, never shown); `None` when one cannot be read.
+fn contents_hash(files: &[WatchedFile]) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        std::fs::read(&f.path).ok()?.hash(&mut hasher);
+    }
+    Some(hasher.finish())
 }
 
 /// A file's identity and version, as `stat` gives them: a rename over it (kubelet's
@@ -194,6 +207,7 @@ impl<T: Send + Sync + 'static> Watched<T> {
         build: impl Fn() -> Result<T> + Send + Sync + 'static,
     ) -> Result<Self> {
         let stamps = files.iter().map(|f| stamp(&f.path)).collect();
+        let contents = contents_hash(&files);
         let value = build()?;
         let validity = certificate_validity(&files);
         Ok(Self {
@@ -207,6 +221,7 @@ impl<T: Send + Sync + 'static> Watched<T> {
                     stamps,
                     read_at: SystemTime::now(),
                     validity,
+                    contents,
                 }),
                 epoch: Instant::now(),
                 next_look_ms: AtomicU64::new(0),
@@ -244,8 +259,11 @@ impl<T: Send + Sync + 'static> Watched<T> {
         if now_ms < s.next_look_ms.load(Ordering::Acquire) {
             return Looked::NotDue;
         }
-        let Ok(mut warnings) = s.look.try_lock() else {
-            return Looked::NotDue;
+        // A panic in a build poisons the lock: looking must go on regardless.
+        let mut warnings = match s.look.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Looked::NotDue,
         };
         if now_ms < s.next_look_ms.load(Ordering::Acquire) {
             return Looked::NotDue; // looked at by another caller just now
@@ -255,8 +273,21 @@ impl<T: Send + Sync + 'static> Watched<T> {
             .store(now_ms.saturating_add(every_ms), Ordering::Release);
         let stamps: Vec<_> = s.files.iter().map(|f| stamp(&f.path)).collect();
         let loaded = s.loaded.load_full();
-        if stamps == loaded.stamps {
-            // Unchanged (or changed back): nothing new to report.
+        // The same stamps, or other stamps over the same bytes (a chmod, kubelet writing
+        // the same secret again): nothing new — no rebuild, no new version (a new version
+        // means a new certificate to log in with).
+        let contents = contents_hash(&s.files);
+        if stamps == loaded.stamps || contents.is_some_and(|c| Some(c) == loaded.contents) {
+            if stamps != loaded.stamps {
+                s.loaded.store(Arc::new(Loaded {
+                    value: loaded.value.clone(),
+                    version: loaded.version,
+                    stamps,
+                    read_at: loaded.read_at,
+                    validity: loaded.validity,
+                    contents: loaded.contents,
+                }));
+            }
             *s.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
             warnings.failed = None;
             self.warn_if_expired(&loaded, &mut warnings);
@@ -277,6 +308,7 @@ impl<T: Send + Sync + 'static> Watched<T> {
                     stamps,
                     read_at: SystemTime::now(),
                     validity,
+                    contents,
                 }));
                 *s.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 *warnings = Warnings::default();
@@ -636,6 +668,28 @@ Hf2Ap+DYg/W2cgIgT0QI33k5PMBOOAKs0nTFWgzA9JbCAbLwghAnFHugFEA=
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+
+    /// The same bytes written again (kubelet refreshing a projected volume, a chmod):
+    /// new stamps, no rebuild and no new version — a new version is a new certificate
+    /// to log in with.
+    #[test]
+    fn the_same_bytes_written_again_are_no_new_version() {
+        let pair = Pair::new("same");
+        let w = pair.watched().unwrap().with_interval(Duration::ZERO);
+        pair.rename_in("cert", "pair 1");
+        pair.rename_in("key", "pair 1");
+        assert_eq!(w.look(), Looked::Unchanged);
+        assert_eq!(w.version(), 0);
+        assert_eq!(
+            pair.builds.load(Ordering::Relaxed),
+            1,
+            "rebuilt for the same bytes"
+        );
+        pair.rename_in("cert", "pair 2");
+        pair.rename_in("key", "pair 2");
+        assert_eq!(w.look(), Looked::Rebuilt);
+        assert_eq!(w.version(), 1);
     }
 
     #[test]

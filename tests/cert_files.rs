@@ -27,8 +27,9 @@ use vaultpool::sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode
 use vaultpool::tls::{PgTls, RedisTls, SslMode};
 use vaultpool::vault::{AuthMethod, Client};
 
-/// How long the first client certificate lives (cert-manager's 24 h, shortened).
-const FIRST_CERTIFICATE_FOR: Duration = Duration::from_secs(30);
+/// How long the first client certificate lives (cert-manager's 24 h, shortened; counted
+/// from before the test's servers start, so it leaves room for a slow start).
+const FIRST_CERTIFICATE_FOR: Duration = Duration::from_secs(40);
 
 /// Sleep until the wall-clock moment `t`.
 async fn sleep_until(t: SystemTime) {

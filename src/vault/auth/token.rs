@@ -575,34 +575,18 @@ impl TokenManager {
     }
 
     async fn login(&self, client: &Client, old: Option<&TokenState>) -> Result<TokenState> {
-        // The certificate this login presents (the files looked at first); if they
-        // change while it runs, the next call logs in again. A login that fails leaves
-        // the change pending, so the next refresh (after its backoff) is a login again.
+        // The certificate this login presents (the files looked at first), recorded only
+        // once the login succeeded: a login that fails, is cut, or gets an answer it
+        // cannot use leaves the change pending, so the next refresh is a login again
+        // (never a renewal over the new certificate, which Vault refuses). If the files
+        // change while it runs, the next call logs in again.
         let identity = client.tls_identity();
-        let previous = self
-            .login_identity
-            .swap(identity, std::sync::atomic::Ordering::AcqRel);
-        let pending = || {
-            let _ = self.login_identity.compare_exchange(
-                identity,
-                previous,
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-            );
-        };
-        let LoginRequest { path, body } = self
-            .method
-            .login_request()
-            .await
-            .inspect_err(|_| pending())?;
+        let LoginRequest { path, body } = self.method.login_request().await?;
         let name = self.method.name();
         let (env, received) = client
             .call::<serde_json::Value>(Call::put(&path, &body).unauthenticated().login())
             .await
-            .map_err(|e| {
-                pending();
-                login_error(&self.method, &path, e, client.tls_files())
-            })?;
+            .map_err(|e| login_error(&self.method, &path, e, client.tls_files()))?;
         let auth = env.auth.ok_or_else(|| {
             Error::new(
                 ErrorKind::Decode,
@@ -612,6 +596,8 @@ impl TokenManager {
         let logins = old.map_or(0, |s| s.info.logins) + 1;
         let mut info = token_info(&auth, received, logins, 0, &path)?;
         self.name_unnamed(&mut info);
+        self.login_identity
+            .store(identity, std::sync::atomic::Ordering::Release);
         tracing::info!(
             method = %name,
             accessor = %info.accessor,

@@ -275,6 +275,14 @@ mod tests {
             .await
             .expect("handed over without waiting for a query");
         assert_eq!(ending.unwrap(), Ending::HandOver);
+        // Even a watch that has seen the rotation already (no change to wait for): the
+        // relay looks at the generation as it starts.
+        let mut e = ends(1024);
+        let mut seen = rotate.subscribe();
+        let ending = tokio::time::timeout(Duration::from_secs(2), e.relay(Some(&mut seen)))
+            .await
+            .expect("handed over without waiting for a query or a change");
+        assert_eq!(ending.unwrap(), Ending::HandOver);
     }
 
     #[tokio::test]
@@ -315,12 +323,10 @@ mod tests {
         let mut e = ends(1024);
         let (rotate, _) = watch::channel(Generation(1));
         rotate.send_replace(Generation(2));
-        let bytes = [query(), msg(b'X', b"")].concat();
         e.client.write_all(&query()).await.unwrap();
-        e.server.write_all(&answer()).await.unwrap();
         let mut client = e.client;
         let mut server = e.server;
-        let (ending, ()) = tokio::join!(
+        let (ending, (), ()) = tokio::join!(
             async {
                 let closing = CancellationToken::new();
                 relay(
@@ -333,9 +339,12 @@ mod tests {
                 .await
             },
             async {
-                assert_eq!(read_exactly(&mut client, answer().len()).await, answer());
-                client.write_all(&bytes[query().len()..]).await.unwrap();
                 assert_eq!(read_exactly(&mut server, query().len()).await, query());
+                server.write_all(&answer()).await.unwrap();
+            },
+            async {
+                assert_eq!(read_exactly(&mut client, answer().len()).await, answer());
+                client.write_all(&msg(b'X', b"")).await.unwrap();
             }
         );
         assert_eq!(ending.unwrap(), Ending::Idle);
@@ -371,6 +380,7 @@ mod tests {
         let (mut client_read, mut client_write) = tokio::io::split(e.client);
         let mut server = e.server;
         let closing = CancellationToken::new();
+        let all_read = tokio::sync::Notify::new();
         let run = async {
             tokio::join!(
                 relay(
@@ -382,12 +392,15 @@ mod tests {
                 ),
                 async {
                     client_write.write_all(&queries).await.unwrap();
+                    // Goodbye once every reply is in.
+                    all_read.notified().await;
                     client_write.write_all(&msg(b'X', b"")).await.unwrap();
                 },
                 async {
                     let mut got = vec![0; replies.len()];
                     client_read.read_exact(&mut got).await.unwrap();
                     assert!(got == replies);
+                    all_read.notify_one();
                 },
                 async {
                     server.write_all(&replies).await.unwrap();

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -96,107 +96,92 @@ fn health(shared: &ProxyState) -> (&'static str, String) {
     )
 }
 
+/// One metric family: its name after `vaultpool_proxy_` (a counter if it ends in
+/// `_total`, else a gauge), its help, and its value for a route.
+type Family = (&'static str, &'static str, fn(&Route) -> f64);
+
+fn load(counter: &AtomicU64) -> f64 {
+    counter.load(Ordering::Relaxed) as f64
+}
+
+/// What `/metrics` shows, one line per database each.
+const FAMILIES: [Family; 13] = [
+    ("sessions_active", "Client sessions open.", |r| {
+        load(&r.stats.sessions_active)
+    }),
+    ("sessions_total", "Client sessions started.", |r| {
+        load(&r.stats.sessions_total)
+    }),
+    (
+        "server_idle",
+        "Idle server connections kept for reuse.",
+        |r| r.idle_count() as f64,
+    ),
+    ("server_logins_total", "Server logins.", |r| {
+        load(&r.stats.server_logins)
+    }),
+    (
+        "server_login_failures_total",
+        "Server logins that failed.",
+        |r| load(&r.stats.server_login_failures),
+    ),
+    (
+        "server_reused_total",
+        "Sessions served by a reused server connection.",
+        |r| load(&r.stats.server_reused),
+    ),
+    (
+        "wait_seconds_total",
+        "Time sessions waited for a free connection.",
+        |r| load(&r.stats.wait_ns) / 1e9,
+    ),
+    ("waits_total", "Sessions that had to wait.", |r| {
+        load(&r.stats.waits)
+    }),
+    (
+        "wait_timeouts_total",
+        "Sessions refused after waiting.",
+        |r| load(&r.stats.wait_timeouts),
+    ),
+    (
+        "handovers_total",
+        "Sessions moved to the serving generation between transactions.",
+        |r| load(&r.stats.handovers),
+    ),
+    (
+        "handovers_refused_total",
+        "Sessions left on a retired generation (state that cannot move).",
+        |r| load(&r.stats.handovers_refused),
+    ),
+    ("generation", "The credentials generation serving.", |r| {
+        r.engine.generation().0 as f64
+    }),
+    ("rotations_total", "Rotations.", |r| {
+        r.engine.status().rotations as f64
+    }),
+];
+
 /// Prometheus text format.
 fn metrics(shared: &ProxyState) -> String {
     let mut out = String::new();
-    type Metric = (&'static str, &'static str, &'static str, fn(&Route) -> f64);
-    let metrics: [Metric; 12] = [
-        (
-            "vaultpool_proxy_sessions_active",
-            "gauge",
-            "Client sessions open.",
-            |r| r.stats.sessions_active.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_sessions_total",
-            "counter",
-            "Client sessions started.",
-            |r| r.stats.sessions_total.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_server_idle",
-            "gauge",
-            "Idle server connections kept for reuse.",
-            |r| r.idle_count() as f64,
-        ),
-        (
-            "vaultpool_proxy_server_logins_total",
-            "counter",
-            "Server logins.",
-            |r| r.stats.server_logins.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_server_login_failures_total",
-            "counter",
-            "Server logins that failed.",
-            |r| r.stats.server_login_failures.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_server_reused_total",
-            "counter",
-            "Sessions served by a reused server connection.",
-            |r| r.stats.server_reused.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_wait_seconds_total",
-            "counter",
-            "Time sessions waited for a free connection.",
-            |r| r.stats.wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
-        ),
-        (
-            "vaultpool_proxy_waits_total",
-            "counter",
-            "Sessions that had to wait.",
-            |r| r.stats.waits.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_wait_timeouts_total",
-            "counter",
-            "Sessions refused after waiting.",
-            |r| r.stats.wait_timeouts.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_handovers_total",
-            "counter",
-            "Sessions moved to the serving generation between transactions.",
-            |r| r.stats.handovers.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_handovers_refused_total",
-            "counter",
-            "Sessions left on a retired generation (state that cannot move).",
-            |r| r.stats.handovers_refused.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_generation",
-            "gauge",
-            "The credentials generation serving.",
-            |r| r.engine.generation().0 as f64,
-        ),
-    ];
-    for (name, kind, help, value) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (name, help, value) in FAMILIES {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(
+            out,
+            "# HELP vaultpool_proxy_{name} {help}\n# TYPE vaultpool_proxy_{name} {kind}"
+        );
         for r in &shared.routes {
+            let database = r.name.replace(['"', '\\', '\n'], "_");
             let _ = writeln!(
                 out,
-                "{name}{{database=\"{}\"}} {}",
-                r.name.replace(['"', '\\', '\n'], "_"),
+                "vaultpool_proxy_{name}{{database=\"{database}\"}} {}",
                 value(r)
             );
         }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP vaultpool_proxy_rotations_total Rotations.\n# TYPE vaultpool_proxy_rotations_total counter"
-    );
-    for r in &shared.routes {
-        let s = r.engine.status();
-        let _ = writeln!(
-            out,
-            "vaultpool_proxy_rotations_total{{database=\"{}\"}} {}",
-            r.name.replace(['"', '\\', '\n'], "_"),
-            s.rotations
-        );
     }
     out
 }

@@ -217,42 +217,40 @@ mod tests {
         [msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")].concat()
     }
 
-    /// The client's and the server's ends of a relay, with a session on generation 1.
-    struct Ends {
+    /// The proxy's side of a relay: its ends of both streams, a session on generation 1.
+    struct Proxy {
         client: DuplexStream,
-        server: DuplexStream,
-        proxy_client: DuplexStream,
-        proxy_server: Server,
+        server: Server,
         tracker: Tracker,
     }
 
-    fn ends(buffer: usize) -> Ends {
-        let (client, proxy_client) = duplex(buffer);
-        let (server, proxy_server) = duplex(buffer);
-        Ends {
-            client,
-            server,
-            proxy_client,
-            proxy_server: Server::for_tests(Box::pin(proxy_server), Generation(1)),
-            tracker: Tracker::new(),
-        }
-    }
-
-    impl Ends {
+    impl Proxy {
         async fn relay(
             &mut self,
             rotations: Option<&mut watch::Receiver<Generation>>,
         ) -> io::Result<Ending> {
             let closing = CancellationToken::new();
             relay(
-                &mut self.proxy_client,
-                &mut self.proxy_server,
+                &mut self.client,
+                &mut self.server,
                 &mut self.tracker,
                 rotations,
                 &closing,
             )
             .await
         }
+    }
+
+    /// The proxy's side, the client's end and the server's end, over `buffer`-byte pipes.
+    fn ends(buffer: usize) -> (Proxy, DuplexStream, DuplexStream) {
+        let (client, proxy_client) = duplex(buffer);
+        let (server, proxy_server) = duplex(buffer);
+        let proxy = Proxy {
+            client: proxy_client,
+            server: Server::for_tests(Box::pin(proxy_server), Generation(1)),
+            tracker: Tracker::new(),
+        };
+        (proxy, client, server)
     }
 
     async fn read_exactly(s: &mut DuplexStream, n: usize) -> Vec<u8> {
@@ -268,18 +266,19 @@ mod tests {
     async fn a_rotation_before_the_relay_starts_moves_an_idle_session_at_once() {
         // Subscribed at checkout; the rotation comes before the relay runs (the old relay
         // subscribed only then, and the session waited for its next query).
-        let mut e = ends(1024);
+        let (mut proxy, _client, _server) = ends(1024);
         let (rotate, mut rotations) = watch::channel(Generation(1));
         rotate.send_replace(Generation(2));
-        let ending = tokio::time::timeout(Duration::from_secs(2), e.relay(Some(&mut rotations)))
-            .await
-            .expect("handed over without waiting for a query");
+        let ending =
+            tokio::time::timeout(Duration::from_secs(2), proxy.relay(Some(&mut rotations)))
+                .await
+                .expect("handed over without waiting for a query");
         assert_eq!(ending.unwrap(), Ending::HandOver);
         // Even a watch that has seen the rotation already (no change to wait for): the
         // relay looks at the generation as it starts.
-        let mut e = ends(1024);
+        let (mut proxy, _client, _server) = ends(1024);
         let mut seen = rotate.subscribe();
-        let ending = tokio::time::timeout(Duration::from_secs(2), e.relay(Some(&mut seen)))
+        let ending = tokio::time::timeout(Duration::from_secs(2), proxy.relay(Some(&mut seen)))
             .await
             .expect("handed over without waiting for a query or a change");
         assert_eq!(ending.unwrap(), Ending::HandOver);
@@ -287,57 +286,30 @@ mod tests {
 
     #[tokio::test]
     async fn a_rotation_during_a_query_moves_the_session_once_the_reply_is_through() {
-        let mut e = ends(1024);
+        let (mut proxy, mut client, mut server) = ends(1024);
         let (rotate, mut rotations) = watch::channel(Generation(1));
-        e.client.write_all(&query()).await.unwrap();
-        let mut server = e.server;
-        let mut client = e.client;
-        let (ending, ()) = tokio::join!(
-            async {
-                let closing = CancellationToken::new();
-                relay(
-                    &mut e.proxy_client,
-                    &mut e.proxy_server,
-                    &mut e.tracker,
-                    Some(&mut rotations),
-                    &closing,
-                )
-                .await
-            },
-            async {
-                assert_eq!(read_exactly(&mut server, query().len()).await, query());
-                // Half the reply, the rotation, a pause: the session must not move now.
-                let reply = answer();
-                server.write_all(&reply[..7]).await.unwrap();
-                rotate.send_replace(Generation(2));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                server.write_all(&reply[7..]).await.unwrap();
-                assert_eq!(read_exactly(&mut client, reply.len()).await, reply);
-            }
-        );
+        client.write_all(&query()).await.unwrap();
+        let (ending, ()) = tokio::join!(proxy.relay(Some(&mut rotations)), async {
+            assert_eq!(read_exactly(&mut server, query().len()).await, query());
+            // Half the reply, the rotation, a pause: the session must not move now.
+            let reply = answer();
+            server.write_all(&reply[..7]).await.unwrap();
+            rotate.send_replace(Generation(2));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            server.write_all(&reply[7..]).await.unwrap();
+            assert_eq!(read_exactly(&mut client, reply.len()).await, reply);
+        });
         assert_eq!(ending.unwrap(), Ending::HandOver);
     }
 
     #[tokio::test]
     async fn a_session_that_stays_is_not_moved_and_its_terminate_is_not_forwarded() {
-        let mut e = ends(1024);
+        let (mut proxy, mut client, mut server) = ends(1024);
         let (rotate, _) = watch::channel(Generation(1));
         rotate.send_replace(Generation(2));
-        e.client.write_all(&query()).await.unwrap();
-        let mut client = e.client;
-        let mut server = e.server;
+        client.write_all(&query()).await.unwrap();
         let (ending, (), ()) = tokio::join!(
-            async {
-                let closing = CancellationToken::new();
-                relay(
-                    &mut e.proxy_client,
-                    &mut e.proxy_server,
-                    &mut e.tracker,
-                    None,
-                    &closing,
-                )
-                .await
-            },
+            proxy.relay(None),
             async {
                 assert_eq!(read_exactly(&mut server, query().len()).await, query());
                 server.write_all(&answer()).await.unwrap();
@@ -350,21 +322,18 @@ mod tests {
         assert_eq!(ending.unwrap(), Ending::Idle);
         // Nothing more reached the server: no Terminate.
         let mut rest = [0u8; 1];
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), server.read(&mut rest))
-                .await
-                .is_err()
-        );
+        let more = tokio::time::timeout(Duration::from_millis(100), server.read(&mut rest)).await;
+        assert!(more.is_err(), "{more:?}");
     }
 
     #[tokio::test]
     async fn pipelined_queries_then_terminate_are_forwarded_and_the_session_is_busy() {
-        let mut e = ends(1024);
+        let (mut proxy, mut client, mut server) = ends(1024);
         let bytes = [query(), query(), msg(b'X', b"")].concat();
-        e.client.write_all(&bytes).await.unwrap();
-        let ending = e.relay(None).await.unwrap();
+        client.write_all(&bytes).await.unwrap();
+        let ending = proxy.relay(None).await.unwrap();
         assert_eq!(ending, Ending::Busy, "two replies outstanding");
-        let forwarded = read_exactly(&mut e.server, 2 * query().len()).await;
+        let forwarded = read_exactly(&mut server, 2 * query().len()).await;
         assert_eq!(forwarded, [query(), query()].concat());
     }
 
@@ -373,23 +342,15 @@ mod tests {
         // Small buffers: the server writes all its replies before it reads a byte (as
         // PostgreSQL blocked on a full socket does); the client reads as it writes. A
         // relay that waited on one direction before serving the other would stall.
-        let mut e = ends(256);
+        let (mut proxy, client, mut server) = ends(256);
         let notice = msg(b'N', &[b'x'; 100]);
         let queries = query().repeat(2000);
         let replies = notice.repeat(2000);
-        let (mut client_read, mut client_write) = tokio::io::split(e.client);
-        let mut server = e.server;
-        let closing = CancellationToken::new();
+        let (mut client_read, mut client_write) = tokio::io::split(client);
         let all_read = tokio::sync::Notify::new();
         let run = async {
             tokio::join!(
-                relay(
-                    &mut e.proxy_client,
-                    &mut e.proxy_server,
-                    &mut e.tracker,
-                    None,
-                    &closing,
-                ),
+                proxy.relay(None),
                 async {
                     client_write.write_all(&queries).await.unwrap();
                     // Goodbye once every reply is in.
@@ -418,12 +379,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_closes_or_speaks_garbage_ends_the_relay() {
-        let mut e = ends(1024);
-        e.server.shutdown().await.unwrap();
-        assert_eq!(e.relay(None).await.unwrap(), Ending::ServerGone);
-        let mut e = ends(1024);
-        e.server.write_all(&[b'Z', 0, 0, 0, 1]).await.unwrap();
-        let err = e.relay(None).await.unwrap_err();
+        let (mut proxy, _client, mut server) = ends(1024);
+        server.shutdown().await.unwrap();
+        assert_eq!(proxy.relay(None).await.unwrap(), Ending::ServerGone);
+        let (mut proxy, _client, mut server) = ends(1024);
+        server.write_all(&[b'Z', 0, 0, 0, 1]).await.unwrap();
+        let err = proxy.relay(None).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 }

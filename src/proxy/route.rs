@@ -3,7 +3,7 @@
 //! its credentials — idle ones kept for the next session, retired generations closed —
 //! and the limit on how many there are.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use crate::vault::Client;
 /// Counters of one route, for `/metrics` and `/health`.
 #[derive(Debug, Default)]
 pub(crate) struct RouteStats {
-    pub(crate) sessions_active: AtomicUsize,
+    pub(crate) sessions_active: AtomicU64,
     pub(crate) sessions_total: AtomicU64,
     pub(crate) server_logins: AtomicU64,
     pub(crate) server_login_failures: AtomicU64,

@@ -209,15 +209,7 @@ pub(crate) async fn login(
     let addr = format!("{}:{}", target.host, target.port);
     let tcp = tokio::time::timeout(target.connect_timeout, TcpStream::connect(&addr))
         .await
-        .map_err(|_| {
-            LoginError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "connecting to {addr}: no answer within {:?}",
-                    target.connect_timeout
-                ),
-            ))
-        })??;
+        .map_err(|_| timed_out(format!("connecting to {addr}: no answer"), target))??;
     tcp.set_nodelay(true)?;
     let peer = tcp.peer_addr()?;
     tokio::time::timeout(target.connect_timeout, async move {
@@ -237,15 +229,15 @@ pub(crate) async fn login(
         })
     })
     .await
-    .map_err(|_| {
-        LoginError::Io(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "logging in to {addr}: not done within {:?}",
-                target.connect_timeout
-            ),
-        ))
-    })?
+    .map_err(|_| timed_out(format!("logging in to {addr}: not done"), target))?
+}
+
+/// `what` did not happen within the target's connect timeout.
+fn timed_out(what: String, target: &Target) -> LoginError {
+    LoginError::Io(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{what} within {:?}", target.connect_timeout),
+    ))
 }
 
 #[cfg(feature = "tls")]

@@ -25,7 +25,44 @@ fn cat(parts: &[Vec<u8>]) -> Vec<u8> {
     parts.concat()
 }
 
-// Client messages.
+/// A message whose body never changes: its tag and body.
+type Fixed = (u8, &'static [u8]);
+
+fn m((tag, body): Fixed) -> Vec<u8> {
+    msg(tag, body)
+}
+
+// Client messages with a fixed body.
+const BIND: Fixed = (b'B', b"\0\0\0\0\0\0\0\0");
+const DESCRIBE: Fixed = (b'D', b"P\0");
+const EXECUTE: Fixed = (b'E', b"\0\0\0\0\0");
+const SYNC: Fixed = (b'S', b"");
+const FLUSH: Fixed = (b'H', b"");
+const COPY_DONE: Fixed = (b'c', b"");
+const COPY_FAIL: Fixed = (b'f', b"stop\0");
+const FUNCTION_CALL: Fixed = (b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0]);
+
+// Server messages with a fixed body.
+const PARSE_COMPLETE: Fixed = (b'1', b"");
+const BIND_COMPLETE: Fixed = (b'2', b"");
+const CLOSE_COMPLETE: Fixed = (b'3', b"");
+const ROW_DESCRIPTION: Fixed = (b'T', &[0, 0]);
+const NO_DATA: Fixed = (b'n', b"");
+const PARAMETER_DESCRIPTION: Fixed = (b't', &[0, 0]);
+const DATA_ROW: Fixed = (b'D', &[0, 1, 0, 0, 0, 1, b'1']);
+const ERROR: Fixed = (b'E', b"SERROR\0C42601\0Msyntax error\0\0");
+const NOTICE: Fixed = (b'N', b"SNOTICE\0C00000\0Mhello\0\0");
+const PARAMETER_STATUS: Fixed = (b'S', b"TimeZone\0UTC\0");
+const NOTIFICATION: Fixed = (b'A', b"\0\0\0\x07news\0hi\0");
+const COPY_IN_RESPONSE: Fixed = (b'G', &[0, 0, 0]);
+const COPY_OUT_RESPONSE: Fixed = (b'H', &[0, 0, 0]);
+const SERVER_COPY_DATA: Fixed = (b'd', b"1\n");
+const SERVER_COPY_DONE: Fixed = (b'c', b"");
+const FUNCTION_RESULT: Fixed = (b'V', &[0, 0, 0, 1, b'1']);
+const PORTAL_SUSPENDED: Fixed = (b's', b"");
+const EMPTY_QUERY: Fixed = (b'I', b"");
+
+// Client messages of the test's making.
 fn query(sql: &str) -> Vec<u8> {
     msg(b'Q', &[sql.as_bytes(), b"\0"].concat())
 }
@@ -35,109 +72,31 @@ fn parse_body(name: &str, sql: &str) -> Vec<u8> {
 fn parse(name: &str, sql: &str) -> Vec<u8> {
     msg(b'P', &parse_body(name, sql))
 }
-fn bind() -> Vec<u8> {
-    msg(b'B', b"\0\0\0\0\0\0\0\0")
-}
-fn describe() -> Vec<u8> {
-    msg(b'D', b"P\0")
-}
-fn execute() -> Vec<u8> {
-    msg(b'E', b"\0\0\0\0\0")
-}
-fn sync() -> Vec<u8> {
-    msg(b'S', b"")
-}
-fn flush() -> Vec<u8> {
-    msg(b'H', b"")
-}
 fn close_statement(name: &str) -> Vec<u8> {
     msg(b'C', &[b"S", name.as_bytes(), b"\0"].concat())
 }
 fn copy_data(data: &str) -> Vec<u8> {
     msg(b'd', data.as_bytes())
 }
-fn copy_done() -> Vec<u8> {
-    msg(b'c', b"")
-}
-fn copy_fail() -> Vec<u8> {
-    msg(b'f', b"stop\0")
-}
-fn function_call() -> Vec<u8> {
-    msg(b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0])
-}
 /// Parse, Bind, Describe, Execute, Sync of `sql` (the unnamed statement).
 fn extended(sql: &str) -> Vec<u8> {
-    cat(&[parse("", sql), bind(), describe(), execute(), sync()])
+    cat(&[parse("", sql), m(BIND), m(DESCRIBE), m(EXECUTE), m(SYNC)])
 }
 
-// Server messages.
+// Server messages of the test's making.
 fn ready(status: u8) -> Vec<u8> {
     msg(b'Z', &[status])
-}
-fn parse_complete() -> Vec<u8> {
-    msg(b'1', b"")
-}
-fn bind_complete() -> Vec<u8> {
-    msg(b'2', b"")
-}
-fn close_complete() -> Vec<u8> {
-    msg(b'3', b"")
-}
-fn row_description() -> Vec<u8> {
-    msg(b'T', &[0, 0])
-}
-fn no_data() -> Vec<u8> {
-    msg(b'n', b"")
-}
-fn parameter_description() -> Vec<u8> {
-    msg(b't', &[0, 0])
-}
-fn data_row() -> Vec<u8> {
-    msg(b'D', &[0, 1, 0, 0, 0, 1, b'1'])
 }
 fn complete(tag: &str) -> Vec<u8> {
     msg(b'C', &[tag.as_bytes(), b"\0"].concat())
 }
-fn error() -> Vec<u8> {
-    msg(b'E', b"SERROR\0C42601\0Msyntax error\0\0")
-}
-fn notice() -> Vec<u8> {
-    msg(b'N', b"SNOTICE\0C00000\0Mhello\0\0")
-}
-fn parameter_status() -> Vec<u8> {
-    msg(b'S', b"TimeZone\0UTC\0")
-}
-fn notification() -> Vec<u8> {
-    msg(b'A', b"\0\0\0\x07news\0hi\0")
-}
-fn copy_in_response() -> Vec<u8> {
-    msg(b'G', &[0, 0, 0])
-}
-fn copy_out_response() -> Vec<u8> {
-    msg(b'H', &[0, 0, 0])
-}
-fn server_copy_data() -> Vec<u8> {
-    msg(b'd', b"1\n")
-}
-fn server_copy_done() -> Vec<u8> {
-    msg(b'c', b"")
-}
-fn function_result() -> Vec<u8> {
-    msg(b'V', &[0, 0, 0, 1, b'1'])
-}
-fn portal_suspended() -> Vec<u8> {
-    msg(b's', b"")
-}
-fn empty_query() -> Vec<u8> {
-    msg(b'I', b"")
-}
 /// The replies to `extended(...)` of a statement returning one row.
 fn extended_answered(status: u8) -> Vec<u8> {
     cat(&[
-        parse_complete(),
-        bind_complete(),
-        row_description(),
-        data_row(),
+        m(PARSE_COMPLETE),
+        m(BIND_COMPLETE),
+        m(ROW_DESCRIPTION),
+        m(DATA_ROW),
         complete("SELECT 1"),
         ready(status),
     ])
@@ -145,8 +104,8 @@ fn extended_answered(status: u8) -> Vec<u8> {
 /// The replies to `query(...)` of a statement returning one row.
 fn query_answered(status: u8) -> Vec<u8> {
     cat(&[
-        row_description(),
-        data_row(),
+        m(ROW_DESCRIPTION),
+        m(DATA_ROW),
         complete("SELECT 1"),
         ready(status),
     ])
@@ -174,36 +133,105 @@ fn row(name: &'static str, steps: Vec<Step>, idle: bool, can_move: Result<(), Wh
     }
 }
 
+impl Row {
+    /// The unnamed statement is the one `sql` made.
+    fn unnamed(mut self, sql: &str) -> Self {
+        self.unnamed = Some(parse_body("", sql));
+        self
+    }
+}
+
+/// `first`, then `more`.
+fn then(first: Vec<Step>, more: Vec<Step>) -> Vec<Step> {
+    [first, more].concat()
+}
+
+const COPY_IN: &str = "COPY t FROM STDIN";
+
+/// COPY FROM STDIN through the extended protocol up to CopyInResponse (Parse, Bind,
+/// Execute and Sync sent at once, as tokio-postgres does).
+fn extended_copy_started() -> Vec<Step> {
+    vec![
+        C(cat(&[parse("", COPY_IN), m(BIND), m(EXECUTE), m(SYNC)])),
+        S(cat(&[
+            m(PARSE_COMPLETE),
+            m(BIND_COMPLETE),
+            m(COPY_IN_RESPONSE),
+        ])),
+    ]
+}
+
+/// COPY FROM STDIN by a simple query up to CopyInResponse.
+fn simple_copy_started() -> Vec<Step> {
+    vec![C(query(COPY_IN)), S(m(COPY_IN_RESPONSE))]
+}
+
+/// The unnamed statement `sql` parsed (and synced).
+fn unnamed_parsed(sql: &str) -> Vec<Step> {
+    vec![
+        C(cat(&[parse("", sql), m(SYNC)])),
+        S(cat(&[m(PARSE_COMPLETE), ready(b'I')])),
+    ]
+}
+
+/// BEGIN, then a query that fails.
+fn failed_transaction() -> Vec<Step> {
+    vec![
+        C(query("BEGIN")),
+        S(cat(&[complete("BEGIN"), ready(b'T')])),
+        C(query("SELEC 1")),
+        S(cat(&[m(ERROR), ready(b'E')])),
+    ]
+}
+
+/// A named statement parsed and described with a Flush, answered, no Sync yet.
+fn described_without_sync() -> Vec<Step> {
+    vec![
+        C(cat(&[
+            parse("s1", "SELECT $1"),
+            msg(b'D', b"Ss1\0"),
+            m(FLUSH),
+        ])),
+        S(cat(&[
+            m(PARSE_COMPLETE),
+            m(PARAMETER_DESCRIPTION),
+            m(ROW_DESCRIPTION),
+        ])),
+    ]
+}
+
+/// A query ending with `answer` from the server.
+fn answered(sql: &str, answer: Vec<u8>) -> Vec<Step> {
+    vec![C(query(sql)), S(answer)]
+}
+
 fn rows() -> Vec<Row> {
     let big_sql = "x".repeat(MAX_UNNAMED_PARSE);
+    let select = || query("SELECT 1");
     vec![
         row("a fresh session", vec![], true, Ok(())),
         row(
             "a simple query sent",
-            vec![C(query("SELECT 1"))],
+            vec![C(select())],
             false,
             Err(Why::Replies(1)),
         ),
         row(
             "a simple query answered",
-            vec![C(query("SELECT 1")), S(query_answered(b'I'))],
+            answered("SELECT 1", query_answered(b'I')),
             true,
             Ok(()),
         ),
         row(
             "notices, parameter changes and notifications between queries",
-            vec![S(cat(&[notice(), parameter_status(), notification()]))],
+            vec![S(cat(&[m(NOTICE), m(PARAMETER_STATUS), m(NOTIFICATION)]))],
             true,
             Ok(()),
         ),
         row(
             "three pipelined queries, two answered",
             vec![
-                C(cat(&[
-                    query("SELECT 1"),
-                    query("SELECT 2"),
-                    query("SELECT 3"),
-                ])),
+                C(cat(&[select(), select(), select()])),
                 S(query_answered(b'I')),
                 S(query_answered(b'I')),
             ],
@@ -213,16 +241,8 @@ fn rows() -> Vec<Row> {
         row(
             "three pipelined queries answered",
             vec![
-                C(cat(&[
-                    query("SELECT 1"),
-                    query("SELECT 2"),
-                    query("SELECT 3"),
-                ])),
-                S(cat(&[
-                    query_answered(b'I'),
-                    query_answered(b'I'),
-                    query_answered(b'I'),
-                ])),
+                C(cat(&[select(), select(), select()])),
+                S(query_answered(b'I').repeat(3)),
             ],
             true,
             Ok(()),
@@ -231,45 +251,44 @@ fn rows() -> Vec<Row> {
             "a multi-statement query answered statement by statement",
             vec![
                 C(query("SELECT 1; SELECT 2")),
-                S(cat(&[row_description(), data_row(), complete("SELECT 1")])),
-                S(cat(&[row_description(), data_row(), complete("SELECT 1")])),
+                S(cat(&[
+                    m(ROW_DESCRIPTION),
+                    m(DATA_ROW),
+                    complete("SELECT 1"),
+                ])),
+                S(cat(&[
+                    m(ROW_DESCRIPTION),
+                    m(DATA_ROW),
+                    complete("SELECT 1"),
+                ])),
             ],
             false,
             Err(Why::Replies(1)),
         ),
         row(
             "BEGIN answered",
-            vec![C(query("BEGIN")), S(cat(&[complete("BEGIN"), ready(b'T')]))],
+            answered("BEGIN", cat(&[complete("BEGIN"), ready(b'T')])),
             false,
             Err(Why::InTransaction),
         ),
         row(
             "an error inside a transaction",
-            vec![
-                C(query("BEGIN")),
-                S(cat(&[complete("BEGIN"), ready(b'T')])),
-                C(query("SELEC 1")),
-                S(cat(&[error(), ready(b'E')])),
-            ],
+            failed_transaction(),
             false,
             Err(Why::FailedTransaction),
         ),
         row(
             "an aborted transaction rolled back",
-            vec![
-                C(query("BEGIN")),
-                S(cat(&[complete("BEGIN"), ready(b'T')])),
-                C(query("SELEC 1")),
-                S(cat(&[error(), ready(b'E')])),
-                C(query("ROLLBACK")),
-                S(cat(&[complete("ROLLBACK"), ready(b'I')])),
-            ],
+            then(
+                failed_transaction(),
+                answered("ROLLBACK", cat(&[complete("ROLLBACK"), ready(b'I')])),
+            ),
             true,
             Ok(()),
         ),
         row(
             "a failed simple query outside a transaction",
-            vec![C(query("SELEC 1")), S(cat(&[error(), ready(b'I')]))],
+            answered("SELEC 1", cat(&[m(ERROR), ready(b'I')])),
             true,
             Ok(()),
         ),
@@ -279,7 +298,7 @@ fn rows() -> Vec<Row> {
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "SELECT 1")),
+        .unnamed("SELECT 1"),
         row(
             "extended: sent, not answered",
             vec![C(extended("SELECT 1"))],
@@ -291,93 +310,69 @@ fn rows() -> Vec<Row> {
             vec![
                 C(extended("SELECT 1")),
                 S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    row_description(),
-                    data_row(),
+                    m(PARSE_COMPLETE),
+                    m(BIND_COMPLETE),
+                    m(ROW_DESCRIPTION),
+                    m(DATA_ROW),
                     complete("SELECT 1"),
                 ])),
             ],
             false,
             Err(Why::Replies(1)),
         )
-        .unnamed(parse_body("", "SELECT 1")),
+        .unnamed("SELECT 1"),
         row(
             "extended without a Sync: Parse, Describe, Flush answered",
-            vec![
-                C(cat(&[
-                    parse("s1", "SELECT $1"),
-                    msg(b'D', b"Ss1\0"),
-                    flush(),
-                ])),
-                S(cat(&[
-                    parse_complete(),
-                    parameter_description(),
-                    row_description(),
-                ])),
-            ],
+            described_without_sync(),
             false,
             Err(Why::Unsynced),
         ),
         row(
             "extended without a Sync, then its Sync answered",
-            vec![
-                C(cat(&[
-                    parse("s1", "SELECT $1"),
-                    msg(b'D', b"Ss1\0"),
-                    flush(),
-                ])),
-                S(cat(&[
-                    parse_complete(),
-                    parameter_description(),
-                    row_description(),
-                ])),
-                C(sync()),
-                S(ready(b'I')),
-            ],
+            then(described_without_sync(), vec![C(m(SYNC)), S(ready(b'I'))]),
             true,
             Ok(()),
         ),
         row(
             "a Flush alone waits for a Sync",
-            vec![C(flush())],
+            vec![C(m(FLUSH))],
             false,
             Err(Why::Unsynced),
         ),
         row(
             "extended: a row limit suspends the portal",
             vec![
-                C(cat(&[parse("", "SELECT 1"), bind(), execute(), sync()])),
+                C(cat(&[parse("", "SELECT 1"), m(BIND), m(EXECUTE), m(SYNC)])),
                 S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    data_row(),
-                    portal_suspended(),
+                    m(PARSE_COMPLETE),
+                    m(BIND_COMPLETE),
+                    m(DATA_ROW),
+                    m(PORTAL_SUSPENDED),
                     ready(b'I'),
                 ])),
             ],
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "SELECT 1")),
+        .unnamed("SELECT 1"),
         row(
             "extended: an empty query",
             vec![
-                C(cat(&[parse("", ""), bind(), execute(), sync()])),
+                C(cat(&[parse("", ""), m(BIND), m(EXECUTE), m(SYNC)])),
                 S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    empty_query(),
+                    m(PARSE_COMPLETE),
+                    m(BIND_COMPLETE),
+                    m(EMPTY_QUERY),
                     ready(b'I'),
                 ])),
             ],
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "")),
+        .unnamed(""),
         row(
             "extended: an error skips to the Sync",
-            vec![C(extended("SELEC 1")), S(cat(&[error(), ready(b'I')]))],
+            vec![C(extended("SELEC 1")), S(cat(&[m(ERROR), ready(b'I')]))],
             true,
             Ok(()),
         ),
@@ -386,29 +381,29 @@ fn rows() -> Vec<Row> {
             vec![
                 C(cat(&[
                     parse("", "SELEC 1"),
-                    bind(),
-                    execute(),
+                    m(BIND),
+                    m(EXECUTE),
                     query("SELECT 2"),
-                    sync(),
+                    m(SYNC),
                 ])),
-                S(cat(&[error(), ready(b'I')])),
+                S(cat(&[m(ERROR), ready(b'I')])),
             ],
             true,
             Ok(()),
         ),
         row(
             "extended: an error before the client's Sync",
-            vec![C(cat(&[parse("", "SELEC 1"), flush()])), S(error())],
+            vec![C(cat(&[parse("", "SELEC 1"), m(FLUSH)])), S(m(ERROR))],
             false,
             Err(Why::Unsynced),
         ),
         row(
             "extended: a Query sent after the error came is skipped too",
             vec![
-                C(cat(&[parse("", "SELEC 1"), flush()])),
-                S(error()),
+                C(cat(&[parse("", "SELEC 1"), m(FLUSH)])),
+                S(m(ERROR)),
                 C(query("SELECT 2")),
-                C(sync()),
+                C(m(SYNC)),
                 S(ready(b'I')),
             ],
             true,
@@ -419,9 +414,9 @@ fn rows() -> Vec<Row> {
             vec![
                 C(cat(&[extended("BEGIN"), extended("SELECT 1")])),
                 S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    no_data(),
+                    m(PARSE_COMPLETE),
+                    m(BIND_COMPLETE),
+                    m(NO_DATA),
                     complete("BEGIN"),
                     ready(b'T'),
                 ])),
@@ -430,271 +425,207 @@ fn rows() -> Vec<Row> {
             false,
             Err(Why::InTransaction),
         )
-        .unnamed(parse_body("", "SELECT 1")),
+        .unnamed("SELECT 1"),
         row(
             "extended: a failed commit at the Sync",
             vec![
                 C(extended("INSERT INTO deferred VALUES (1)")),
                 S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    no_data(),
+                    m(PARSE_COMPLETE),
+                    m(BIND_COMPLETE),
+                    m(NO_DATA),
                     complete("INSERT 0 1"),
-                    error(),
+                    m(ERROR),
                     ready(b'I'),
                 ])),
             ],
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "INSERT INTO deferred VALUES (1)")),
+        .unnamed("INSERT INTO deferred VALUES (1)"),
         row(
             "COPY FROM STDIN by a simple query, in progress",
-            vec![
-                C(query("COPY t FROM STDIN")),
-                S(copy_in_response()),
-                C(copy_data("1\n")),
-            ],
+            then(simple_copy_started(), vec![C(copy_data("1\n"))]),
             false,
             Err(Why::CopyIn),
         ),
         row(
             "COPY FROM STDIN by a simple query, done",
-            vec![
-                C(query("COPY t FROM STDIN")),
-                S(copy_in_response()),
-                C(cat(&[copy_data("1\n"), copy_done()])),
-                S(cat(&[complete("COPY 1"), ready(b'I')])),
-            ],
+            then(
+                simple_copy_started(),
+                vec![
+                    C(cat(&[copy_data("1\n"), m(COPY_DONE)])),
+                    S(cat(&[complete("COPY 1"), ready(b'I')])),
+                ],
+            ),
             true,
             Ok(()),
         ),
         row(
             "COPY FROM STDIN by a simple query, CopyFail",
-            vec![
-                C(query("COPY t FROM STDIN")),
-                S(copy_in_response()),
-                C(copy_fail()),
-                S(cat(&[error(), ready(b'I')])),
-            ],
+            then(
+                simple_copy_started(),
+                vec![C(m(COPY_FAIL)), S(cat(&[m(ERROR), ready(b'I')]))],
+            ),
             true,
             Ok(()),
         ),
         row(
             "COPY FROM STDIN through the extended protocol, in progress",
-            vec![
-                C(cat(&[
-                    parse("", "COPY t FROM STDIN"),
-                    bind(),
-                    execute(),
-                    sync(),
-                ])),
-                S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    copy_in_response(),
-                ])),
-                C(copy_data("1\n")),
-            ],
+            then(extended_copy_started(), vec![C(copy_data("1\n"))]),
             false,
             Err(Why::CopyIn),
         )
-        .unnamed(parse_body("", "COPY t FROM STDIN")),
+        .unnamed(COPY_IN),
         row(
             "COPY FROM STDIN through the extended protocol: CopyDone, its Sync to come",
-            vec![
-                C(cat(&[
-                    parse("", "COPY t FROM STDIN"),
-                    bind(),
-                    execute(),
-                    sync(),
-                ])),
-                S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    copy_in_response(),
-                ])),
-                C(cat(&[copy_data("1\n"), copy_done()])),
-                S(complete("COPY 1")),
-            ],
+            then(
+                extended_copy_started(),
+                vec![
+                    C(cat(&[copy_data("1\n"), m(COPY_DONE)])),
+                    S(complete("COPY 1")),
+                ],
+            ),
             false,
             Err(Why::Unsynced),
         )
-        .unnamed(parse_body("", "COPY t FROM STDIN")),
+        .unnamed(COPY_IN),
         row(
             "COPY FROM STDIN through the extended protocol, done (tokio-postgres)",
-            vec![
-                C(cat(&[
-                    parse("", "COPY t FROM STDIN"),
-                    bind(),
-                    execute(),
-                    sync(),
-                ])),
-                S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    copy_in_response(),
-                ])),
-                C(cat(&[
-                    copy_data("1\n"),
-                    copy_data("2\n"),
-                    copy_done(),
-                    sync(),
-                ])),
-                S(cat(&[complete("COPY 2"), ready(b'I')])),
-            ],
+            then(
+                extended_copy_started(),
+                vec![
+                    C(cat(&[
+                        copy_data("1\n"),
+                        copy_data("2\n"),
+                        m(COPY_DONE),
+                        m(SYNC),
+                    ])),
+                    S(cat(&[complete("COPY 2"), ready(b'I')])),
+                ],
+            ),
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "COPY t FROM STDIN")),
+        .unnamed(COPY_IN),
         row(
             "COPY FROM STDIN through the extended protocol: a Sync during the copy is ignored",
-            vec![
-                C(cat(&[
-                    parse("", "COPY t FROM STDIN"),
-                    bind(),
-                    execute(),
-                    sync(),
-                ])),
-                S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    copy_in_response(),
-                ])),
-                C(cat(&[copy_data("1\n"), sync(), flush(), copy_done()])),
-                S(complete("COPY 1")),
-            ],
+            then(
+                extended_copy_started(),
+                vec![
+                    C(cat(&[copy_data("1\n"), m(SYNC), m(FLUSH), m(COPY_DONE)])),
+                    S(complete("COPY 1")),
+                ],
+            ),
             false,
             Err(Why::Unsynced),
         )
-        .unnamed(parse_body("", "COPY t FROM STDIN")),
+        .unnamed(COPY_IN),
         row(
             "COPY FROM STDIN through the extended protocol, sent before CopyInResponse came",
             vec![
                 C(cat(&[
-                    parse("", "COPY t FROM STDIN"),
-                    bind(),
-                    execute(),
-                    sync(),
+                    parse("", COPY_IN),
+                    m(BIND),
+                    m(EXECUTE),
+                    m(SYNC),
                     copy_data("1\n"),
-                    copy_done(),
-                    sync(),
+                    m(COPY_DONE),
+                    m(SYNC),
                 ])),
                 S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    copy_in_response(),
+                    m(PARSE_COMPLETE),
+                    m(BIND_COMPLETE),
+                    m(COPY_IN_RESPONSE),
                 ])),
                 S(cat(&[complete("COPY 1"), ready(b'I')])),
             ],
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "COPY t FROM STDIN")),
+        .unnamed(COPY_IN),
         row(
             "COPY FROM STDIN through the extended protocol, a bad row",
-            vec![
-                C(cat(&[
-                    parse("", "COPY t FROM STDIN"),
-                    bind(),
-                    execute(),
-                    sync(),
-                ])),
-                S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    copy_in_response(),
-                ])),
-                C(copy_data("x\n")),
-                S(error()),
-            ],
+            then(
+                extended_copy_started(),
+                vec![C(copy_data("x\n")), S(m(ERROR))],
+            ),
             false,
             Err(Why::Unsynced),
         )
-        .unnamed(parse_body("", "COPY t FROM STDIN")),
+        .unnamed(COPY_IN),
         row(
             "COPY FROM STDIN through the extended protocol, a bad row, then the Sync",
-            vec![
-                C(cat(&[
-                    parse("", "COPY t FROM STDIN"),
-                    bind(),
-                    execute(),
-                    sync(),
-                ])),
-                S(cat(&[
-                    parse_complete(),
-                    bind_complete(),
-                    copy_in_response(),
-                ])),
-                C(copy_data("x\n")),
-                S(error()),
-                C(cat(&[copy_done(), sync()])),
-                S(ready(b'I')),
-            ],
+            then(
+                extended_copy_started(),
+                vec![
+                    C(copy_data("x\n")),
+                    S(m(ERROR)),
+                    C(cat(&[m(COPY_DONE), m(SYNC)])),
+                    S(ready(b'I')),
+                ],
+            ),
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "COPY t FROM STDIN")),
+        .unnamed(COPY_IN),
         row(
             "COPY TO STDOUT in progress",
-            vec![
-                C(query("COPY t TO STDOUT")),
-                S(cat(&[copy_out_response(), server_copy_data()])),
-            ],
+            answered(
+                "COPY t TO STDOUT",
+                cat(&[m(COPY_OUT_RESPONSE), m(SERVER_COPY_DATA)]),
+            ),
             false,
             Err(Why::CopyOut),
         ),
         row(
             "COPY TO STDOUT done",
-            vec![
-                C(query("COPY t TO STDOUT")),
-                S(cat(&[
-                    copy_out_response(),
-                    server_copy_data(),
-                    server_copy_done(),
+            answered(
+                "COPY t TO STDOUT",
+                cat(&[
+                    m(COPY_OUT_RESPONSE),
+                    m(SERVER_COPY_DATA),
+                    m(SERVER_COPY_DONE),
                     complete("COPY 1"),
                     ready(b'I'),
-                ])),
-            ],
+                ]),
+            ),
             true,
             Ok(()),
         ),
         row(
             "half a query sent",
-            vec![C(query("SELECT 1")[..7].to_vec())],
+            vec![C(select()[..7].to_vec())],
             false,
             Err(Why::MidMessage),
         ),
         row(
             "half a reply received",
-            vec![C(query("SELECT 1")), S(query_answered(b'I')[..20].to_vec())],
+            vec![C(select()), S(query_answered(b'I')[..20].to_vec())],
             false,
             Err(Why::MidMessage),
         ),
         row(
             "a FunctionCall answered",
             vec![
-                C(function_call()),
-                S(cat(&[function_result(), ready(b'I')])),
+                C(m(FUNCTION_CALL)),
+                S(cat(&[m(FUNCTION_RESULT), ready(b'I')])),
             ],
             true,
             Err(Why::Opaque(Opaque::FunctionCall)),
         ),
         row(
             "a custom setting",
-            vec![
-                C(query("SET app.tenant_id = 'acme'")),
-                S(cat(&[complete("SET"), ready(b'I')])),
-            ],
+            answered(
+                "SET app.tenant_id = 'acme'",
+                cat(&[complete("SET"), ready(b'I')]),
+            ),
             true,
             Err(Why::Opaque(Opaque::CustomSetting)),
         ),
         row(
             "LISTEN",
-            vec![
-                C(query("LISTEN news")),
-                S(cat(&[complete("LISTEN"), ready(b'I')])),
-            ],
+            answered("LISTEN news", cat(&[complete("LISTEN"), ready(b'I')])),
             true,
             Err(Why::Opaque(Opaque::Listen)),
         ),
@@ -707,99 +638,91 @@ fn rows() -> Vec<Row> {
             true,
             Err(Why::Opaque(Opaque::SetConfig)),
         )
-        .unnamed(parse_body("", "SELECT set_config('app.x', '1', false)")),
+        .unnamed("SELECT set_config('app.x', '1', false)"),
         row(
             "an ordinary setting",
-            vec![
-                C(query("SET search_path = public")),
-                S(cat(&[complete("SET"), ready(b'I')])),
-            ],
+            answered(
+                "SET search_path = public",
+                cat(&[complete("SET"), ready(b'I')]),
+            ),
             true,
             Ok(()),
         ),
         row(
             "a named Parse leaves no unnamed statement",
             vec![
-                C(cat(&[parse("s1", "SELECT 1"), sync()])),
-                S(cat(&[parse_complete(), ready(b'I')])),
+                C(cat(&[parse("s1", "SELECT 1"), m(SYNC)])),
+                S(cat(&[m(PARSE_COMPLETE), ready(b'I')])),
             ],
             true,
             Ok(()),
         ),
         row(
             "an unnamed Parse over 64 KiB",
-            vec![
-                C(cat(&[parse("", &big_sql), sync()])),
-                S(cat(&[parse_complete(), ready(b'I')])),
-            ],
+            unnamed_parsed(&big_sql),
             true,
             Err(Why::UnnamedStatement),
         ),
         row(
             "an unnamed Parse over 64 KiB, then a simple query ends it",
-            vec![
-                C(cat(&[parse("", &big_sql), sync()])),
-                S(cat(&[parse_complete(), ready(b'I')])),
-                C(query("SELECT 1")),
-                S(query_answered(b'I')),
-            ],
+            then(
+                unnamed_parsed(&big_sql),
+                answered("SELECT 1", query_answered(b'I')),
+            ),
             true,
             Ok(()),
         ),
         row(
             "a failed unnamed Parse leaves no unnamed statement",
-            vec![
-                C(cat(&[parse("", "SELECT 1"), sync()])),
-                S(cat(&[parse_complete(), ready(b'I')])),
-                C(cat(&[parse("", "SELEC 1"), sync()])),
-                S(cat(&[error(), ready(b'I')])),
-            ],
+            then(
+                unnamed_parsed("SELECT 1"),
+                vec![
+                    C(cat(&[parse("", "SELEC 1"), m(SYNC)])),
+                    S(cat(&[m(ERROR), ready(b'I')])),
+                ],
+            ),
             true,
             Ok(()),
         ),
         row(
             "an unnamed Parse skipped after an error leaves the one before",
-            vec![
-                C(cat(&[parse("", "SELECT 1"), sync()])),
-                S(cat(&[parse_complete(), ready(b'I')])),
-                C(cat(&[bind(), parse("", "SELECT 2"), sync()])),
-                S(cat(&[error(), ready(b'I')])),
-            ],
+            then(
+                unnamed_parsed("SELECT 1"),
+                vec![
+                    C(cat(&[m(BIND), parse("", "SELECT 2"), m(SYNC)])),
+                    S(cat(&[m(ERROR), ready(b'I')])),
+                ],
+            ),
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "SELECT 1")),
+        .unnamed("SELECT 1"),
         row(
             "a Close of the unnamed statement",
-            vec![
-                C(cat(&[parse("", "SELECT 1"), sync()])),
-                S(cat(&[parse_complete(), ready(b'I')])),
-                C(cat(&[close_statement(""), sync()])),
-                S(cat(&[close_complete(), ready(b'I')])),
-            ],
+            then(
+                unnamed_parsed("SELECT 1"),
+                vec![
+                    C(cat(&[close_statement(""), m(SYNC)])),
+                    S(cat(&[m(CLOSE_COMPLETE), ready(b'I')])),
+                ],
+            ),
             true,
             Ok(()),
         ),
         row(
             "a Close of a named statement keeps the unnamed one",
-            vec![
-                C(cat(&[parse("", "SELECT 1"), sync()])),
-                S(cat(&[parse_complete(), ready(b'I')])),
-                C(cat(&[close_statement("s1"), sync()])),
-                S(cat(&[close_complete(), ready(b'I')])),
-            ],
+            then(
+                unnamed_parsed("SELECT 1"),
+                vec![
+                    C(cat(&[close_statement("s1"), m(SYNC)])),
+                    S(cat(&[m(CLOSE_COMPLETE), ready(b'I')])),
+                ],
+            ),
             true,
             Ok(()),
         )
-        .unnamed(parse_body("", "SELECT 1")),
+        .unnamed("SELECT 1"),
     ]
-}
-
-impl Row {
-    fn unnamed(mut self, body: Vec<u8>) -> Self {
-        self.unnamed = Some(body);
-        self
-    }
 }
 
 /// Feed `steps`, each cut where `cut(step index, length)` says (offsets within it).

@@ -67,6 +67,7 @@ pub(crate) fn fuzz_tracker(mut data: &[u8]) {
             return;
         }
         assert_eq!(whole, bytewise, "fed whole and byte by byte");
+        whole.check();
         assert!(whole.can_move().is_err() || whole.is_idle());
         if let Err(why) = whole.can_move() {
             assert!(why.to_string().len() < 200);

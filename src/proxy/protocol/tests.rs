@@ -742,6 +742,7 @@ fn feed(steps: &[Step], cut: impl Fn(usize, usize) -> Vec<usize>) -> Tracker {
                 C(_) => assert_eq!(t.client_sent(chunk), Ok(Forward::All)),
                 S(_) => t.server_sent(chunk).unwrap(),
             }
+            t.check();
         }
     }
     t

@@ -181,6 +181,8 @@ pub(crate) struct Tracker {
     ready_status: Option<u8>,
     /// Client messages not yet answered in full, oldest first.
     waiting: VecDeque<Sent>,
+    /// How many of them a ReadyForQuery answers (Syncs, Queries, FunctionCalls).
+    owed: usize,
     /// Bodies of the unnamed Parses in `waiting`, in order (`None`: not kept).
     unnamed_in_flight: VecDeque<Option<Vec<u8>>>,
     /// Bytes kept in `unnamed_in_flight`.
@@ -218,6 +220,7 @@ impl Tracker {
             parse_too_large: false,
             ready_status: None,
             waiting: VecDeque::new(),
+            owed: 0,
             unnamed_in_flight: VecDeque::new(),
             kept_in_flight: 0,
             unsynced: false,
@@ -317,6 +320,31 @@ impl Tracker {
         }
     }
 
+    /// What the fields must agree on (checked by the tests and the fuzz target).
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn check(&self) {
+        let owed = self.waiting.iter().filter(|s| s.ends_with_ready()).count();
+        assert_eq!(self.owed, owed, "ReadyForQuery owed");
+        let unnamed = self
+            .waiting
+            .iter()
+            .filter(|s| **s == Sent::Parse { unnamed: true })
+            .count();
+        assert_eq!(
+            self.unnamed_in_flight.len(),
+            unnamed,
+            "unnamed Parses in flight"
+        );
+        let kept: usize = self.unnamed_in_flight.iter().flatten().map(Vec::len).sum();
+        assert_eq!(self.kept_in_flight, kept, "bytes kept in flight");
+        assert!(kept <= MAX_UNNAMED_PARSE);
+        assert_ne!(
+            self.waiting.front(),
+            Some(&Sent::CopyEnd),
+            "a CopyEnd with no copy"
+        );
+    }
+
     fn busy(&self) -> Option<Why> {
         if !self.client.at_boundary() || !self.server.at_boundary() {
             return Some(Why::MidMessage);
@@ -327,7 +355,7 @@ impl Tracker {
         if self.copy_out {
             return Some(Why::CopyOut);
         }
-        match self.waiting.iter().filter(|s| s.ends_with_ready()).count() {
+        match self.owed {
             0 if self.unsynced || self.skipping || !self.waiting.is_empty() => Some(Why::Unsynced),
             0 => match self.status {
                 b'I' => None,
@@ -414,6 +442,7 @@ impl Tracker {
             // server ends the session).
             _ => return,
         };
+        self.owed += usize::from(sent.ends_with_ready());
         self.waiting.push_back(sent);
     }
 
@@ -485,6 +514,7 @@ impl Tracker {
             match next {
                 Sent::Sync => {
                     self.waiting.remove(1);
+                    self.owed -= 1;
                 }
                 Sent::CopyEnd => {
                     self.waiting.remove(1);
@@ -512,6 +542,7 @@ impl Tracker {
         let Some(sent) = self.waiting.pop_front() else {
             return;
         };
+        self.owed -= usize::from(sent.ends_with_ready());
         match (sent, outcome) {
             (Sent::Parse { unnamed: true }, outcome) => {
                 let body = self.unnamed_in_flight.pop_front().flatten();

@@ -142,7 +142,7 @@ impl Route {
                 }
             }
         };
-        self.connection().await.map(|up| (permit, up))
+        self.connection().await.map(|server| (permit, server))
     }
 
     /// A server connection of the serving generation, outside the limit (the caller holds
@@ -150,19 +150,19 @@ impl Route {
     pub(crate) async fn connection(&self) -> std::result::Result<Server, CheckoutError> {
         loop {
             let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let Some(mut up) = candidate else { break };
-            if up.generation != self.engine.generation() {
-                tokio::spawn(up.terminate());
+            let Some(mut server) = candidate else { break };
+            if server.generation != self.engine.generation() {
+                tokio::spawn(server.terminate());
                 continue;
             }
-            if up.idle_since.elapsed() > CHECK_IDLE_AFTER {
-                let alive = tokio::time::timeout(Duration::from_secs(5), up.simple("")).await;
+            if server.idle_since.elapsed() > CHECK_IDLE_AFTER {
+                let alive = tokio::time::timeout(Duration::from_secs(5), server.simple("")).await;
                 if !matches!(alive, Ok(Ok(_))) {
                     continue;
                 }
             }
             self.stats.server_reused.fetch_add(1, Ordering::Relaxed);
-            return Ok(up);
+            return Ok(server);
         }
         self.open().await
     }
@@ -180,7 +180,7 @@ impl Route {
         )
         .await
         {
-            Ok(up) => Ok(up),
+            Ok(server) => Ok(server),
             Err(e) if e.is_auth_failure() => {
                 self.engine.report_auth_failure(current.generation);
                 let now = self
@@ -219,13 +219,16 @@ impl Route {
 
     /// A session ended cleanly with this connection: keep it for the next one if it is
     /// of the serving generation, else close it (its lease drains).
-    pub(crate) fn checkin(&self, mut up: Server) {
-        if up.generation != self.engine.generation() || !up.pending.is_empty() {
-            tokio::spawn(up.terminate());
+    pub(crate) fn checkin(&self, mut server: Server) {
+        if server.generation != self.engine.generation() || !server.pending.is_empty() {
+            tokio::spawn(server.terminate());
             return;
         }
-        up.idle_since = Instant::now();
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(up);
+        server.idle_since = Instant::now();
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(server);
     }
 
     /// Close idle connections of retired generations (at every rotation), or all.
@@ -239,8 +242,8 @@ impl Route {
             *idle = keep;
             close
         };
-        for up in closing {
-            tokio::spawn(up.terminate());
+        for server in closing {
+            tokio::spawn(server.terminate());
         }
     }
 
@@ -257,8 +260,8 @@ fn verifier(target: Arc<Target>) -> crate::lease::Verifier {
         Box::pin(async move {
             // Not counted in any generation: it closes before the swap.
             match login(&target, &creds, Generation(0), None).await {
-                Ok(up) => {
-                    up.terminate().await;
+                Ok(server) => {
+                    server.terminate().await;
                     Ok(())
                 }
                 Err(e) => {

@@ -3,8 +3,9 @@
 # missing), checks the dependency tree (licences, bans, sources), builds the docs
 # (warnings are errors), runs a short smoke of the load benchmark (it fails if vaultpool
 # loses a query), then every test — unit, integration against the real servers, examples,
-# criterion benches once each in test mode — the doc tests, and the fuzz target for a
-# fixed time (VAULTPOOL_FUZZ_SECONDS, default 60).
+# criterion benches once each in test mode — the doc tests, and the fuzz targets for a
+# fixed time (VAULTPOOL_FUZZ_SECONDS, default 60, for Vault's answers;
+# VAULTPOOL_PROXY_FUZZ_SECONDS, default 30, for the proxy's protocol tracker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.94 or newer)" >&2; exit 1; }
@@ -27,10 +28,15 @@ RUSTDOCFLAGS="-D warnings" cargo doc --quiet --all-features --no-deps
 )
 cargo test --all-features --all-targets --no-fail-fast "$@" -- --show-output
 cargo test --all-features --doc
-# Fuzz every Vault answer decoder (cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP lets
-# the stable toolchain take them). Crashes fail the run and are kept in fuzz/artifacts.
+# Fuzz every Vault answer decoder, then the proxy's session tracker and startup parser
+# (cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP lets the stable toolchain take them).
+# Crashes fail the run and are kept in fuzz/artifacts.
 CARGO_FUZZ="$(scripts/tool.sh cargo-fuzz 0.13.2)"
-mkdir -p target/fuzz-corpus
+mkdir -p target/fuzz-corpus target/fuzz-corpus-proxy
 cp -n fuzz/corpus/envelope/* target/fuzz-corpus/
 RUSTC_BOOTSTRAP=1 "$CARGO_FUZZ" fuzz run envelope target/fuzz-corpus fuzz/corpus/envelope -- \
   -max_total_time="${VAULTPOOL_FUZZ_SECONDS:-60}" -max_len=65536
+cp -n fuzz/corpus/proxy_protocol/* target/fuzz-corpus-proxy/
+RUSTC_BOOTSTRAP=1 "$CARGO_FUZZ" fuzz run proxy_protocol target/fuzz-corpus-proxy \
+  fuzz/corpus/proxy_protocol -- \
+  -max_total_time="${VAULTPOOL_PROXY_FUZZ_SECONDS:-30}" -max_len=4096

@@ -975,3 +975,101 @@ async fn a_copy_across_a_rotation_completes_and_the_session_moves_after_it() {
     proxy.stop().await;
     assert_leases_gone(&role).await;
 }
+
+/// A raw protocol session on the proxy's Unix socket (a trusted uid: no password),
+/// logged in and ready.
+async fn raw_session(proxy: &Running) -> tokio::net::UnixStream {
+    let path = proxy.dir.join(format!(".s.PGSQL.{}", proxy.port));
+    let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+    s.write_all(&startup(&[("user", "app"), ("database", "app")]))
+        .await
+        .unwrap();
+    until_ready(&mut s).await;
+    s
+}
+
+/// The messages (tag, body) up to and including the next ReadyForQuery.
+async fn until_ready(s: &mut tokio::net::UnixStream) -> Vec<(u8, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let read = async {
+            let tag = s.read_u8().await?;
+            let len = s.read_i32().await?;
+            let mut body = vec![0; len as usize - 4];
+            s.read_exact(&mut body).await?;
+            Ok::<_, std::io::Error>((tag, body))
+        };
+        let (tag, body) = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the proxy answers")
+            .unwrap();
+        got.push((tag, body));
+        if tag == b'Z' {
+            return got;
+        }
+    }
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_stays_after_a_rotation_can_still_bind_its_unnamed_statement() {
+    let role = create_role("1h", "2h").await;
+    let proxy = start(&role, "", "").await;
+    let mut s = raw_session(&proxy).await;
+    // A session-level advisory lock: the session cannot move.
+    s.write_all(&message(b'Q', b"SELECT pg_advisory_lock(42)\0"))
+        .await
+        .unwrap();
+    until_ready(&mut s).await;
+    // The unnamed statement, parsed now and bound after the rotation.
+    let parse = message(b'P', b"\0SELECT $1::int4 * 2\0\0\x01\0\0\0\x17");
+    s.write_all(&[parse, message(b'S', b"")].concat())
+        .await
+        .unwrap();
+    let parsed = until_ready(&mut s).await;
+    assert_eq!(parsed[0].0, b'1', "ParseComplete: {parsed:?}");
+
+    proxy.engine.rotate().await.unwrap();
+    // Idle at the rotation: the proxy reads its state (simple queries, which end the
+    // unnamed statement on that connection), finds the lock, and leaves it there.
+    let mut m = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m = proxy.metrics().await;
+        if metric(&m, "vaultpool_proxy_handovers_refused_total") >= 1.0 {
+            break;
+        }
+    }
+    assert_eq!(
+        metric(&m, "vaultpool_proxy_handovers_refused_total"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "vaultpool_proxy_handovers_total"), 0.0, "{m}");
+
+    // Bind the unnamed statement with 21 (text), execute it.
+    let bind = message(b'B', b"\0\0\0\x01\0\0\0\x01\0\0\0\x0221\0\x01\0\0");
+    let execute = message(b'E', b"\0\0\0\0\0");
+    s.write_all(&[bind, execute, message(b'S', b"")].concat())
+        .await
+        .unwrap();
+    let answer = until_ready(&mut s).await;
+    let error = answer.iter().find(|(t, _)| *t == b'E');
+    assert!(
+        error.is_none(),
+        "the unnamed statement is gone: {:?}",
+        error.map(|(_, b)| String::from_utf8_lossy(b))
+    );
+    let row = answer.iter().find(|(t, _)| *t == b'D').expect("a row");
+    assert!(row.1.ends_with(b"42"), "{row:?}");
+    s.write_all(&message(b'X', b"")).await.unwrap();
+    drop(s);
+    proxy.stop().await;
+    assert_leases_gone(&role).await;
+}

@@ -5,50 +5,66 @@
 //!   TCP or a Unix socket. On the socket, peers whose uid is allowed log in without a
 //!   password (`SO_PEERCRED`); everyone else proves the proxy's local secret with
 //!   SCRAM-SHA-256. No client ever sees a database password.
-//! - Each configured database is a *route* (`upstream.rs`): a lease engine on its
-//!   Vault role, and the server connections logged in with the lease's credentials.
-//!   **Session pooling:** a client session owns one server connection from startup to
-//!   the end; the connection is then reset (`DISCARD ALL`) and kept for the next session.
-//!   Transaction pooling is not offered.
-//! - **Rotation:** new sessions get the new generation at once; sessions already open go
-//!   on untouched on the old one; the old lease is revoked when its last session ends
-//!   (or at its lease's end). A session's connection of a retired generation is closed,
-//!   not reused.
+//! - Each configured database is a *route*: a lease engine on its Vault role, and the
+//!   server connections logged in with the lease's credentials. **Session pooling:** a
+//!   client session owns one server connection from startup to the end; the connection
+//!   is then reset (`DISCARD ALL`) and kept for the next session. Transaction pooling is
+//!   not offered.
+//! - **Rotation:** new sessions get the new generation at once; a session already open
+//!   is moved to it between transactions (its settings and prepared statements with it),
+//!   or — holding what cannot move — goes on untouched on the old one; the old lease is
+//!   revoked when its last session ends (or at its lease's end).
 //! - Cancel requests reach the server backend of the session they name; the client knows
 //!   only a key of the proxy's.
 //!
-//! Layout: `wire.rs` (the protocol as far as the proxy reads it), `scram.rs` (the server
-//! side of SCRAM), `upstream.rs` (server logins and routes), `session.rs` (one client
-//! session and the relay), `config.rs` (TOML and environment), this file (listeners,
-//! cancel keys, `/health` and `/metrics`, shutdown).
+//! The files, from the outside in:
+//!
+//! | file | what it is |
+//! |---|---|
+//! | `mod.rs` | [`Proxy`]: start (routes, listeners), run, shutdown |
+//! | `config.rs` | [`Config`]: TOML and environment |
+//! | `listen.rs` | binding the listeners; the one accept loop they all run |
+//! | `http.rs` | `/health` and `/metrics` |
+//! | `session.rs` | one client session's life: handshake, relay and hand-overs, the end |
+//! | `handshake.rs` | a client's startup, authentication, checkout and welcome |
+//! | `scram.rs` | the server side of SCRAM-SHA-256 (the local secret) |
+//! | `relay.rs` | bytes both ways, shown to the session's tracker |
+//! | `handover.rs` | moving an idle session to the serving generation |
+//! | `cancel.rs` | the proxy's cancel keys and the backends they stand for |
+//! | `route.rs` | one database: its lease engine and its pool of server connections |
+//! | `server.rs` | one server connection: login, the proxy's own queries, cancel |
+//! | `protocol/` | the wire protocol; `protocol/tracker.rs` is the pure session tracker |
 
 pub mod config;
-mod scram;
-mod session;
-mod upstream;
-mod wire;
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
+mod cancel;
+mod handover;
+mod handshake;
+mod http;
+mod listen;
+mod protocol;
+mod relay;
+mod route;
+mod scram;
+mod server;
+mod session;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{DatabaseRole, Engine, StaticRole};
+use crate::lease::Engine;
 use crate::vault::Client;
-use upstream::{Route, Target, Upstream};
-
-/// A cancel key the proxy gave a client: (process id, secret).
-pub(crate) type CancelKey = (i32, i32);
+use cancel::Cancels;
+use listen::Listeners;
+use route::Route;
+use server::Target;
 
 /// What every session of the proxy shares: routes, who may log in, cancel keys.
 pub(crate) struct ProxyState {
@@ -58,61 +74,24 @@ pub(crate) struct ProxyState {
     startup_timeout: Duration,
     /// Cancelled when the shutdown timeout has passed: sessions still open end.
     closing: CancellationToken,
-    /// The proxy's keys → the server backend they stand for.
-    cancels: Mutex<HashMap<CancelKey, (SocketAddr, i32, i32)>>,
-}
-
-impl ProxyState {
-    /// A fresh key for a session on `up`.
-    fn register_cancel(&self, up: &Upstream) -> CancelKey {
-        let mut map = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            // From the operating system's CSPRNG: a key lets whoever knows it cancel the
-            // session's queries, without logging in.
-            let key = ((random_i32() & i32::MAX).max(1), random_i32());
-            if let std::collections::hash_map::Entry::Vacant(e) = map.entry(key) {
-                e.insert((up.addr, up.pid, up.secret));
-                return key;
-            }
-        }
-    }
-
-    /// Forward a client's cancel request to the backend its key stands for; an unknown
-    /// key is ignored (as PostgreSQL does).
-    async fn cancel(&self, key: CancelKey) {
-        let target = self
-            .cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .copied();
-        match target {
-            Some((addr, pid, secret)) => {
-                if let Err(e) = upstream::cancel(addr, pid, secret).await {
-                    tracing::warn!(%addr, error = %e, "forwarding a cancel request failed");
-                }
-            }
-            None => tracing::debug!("cancel request with an unknown key ignored"),
-        }
-    }
+    cancels: Cancels,
 }
 
 /// A running proxy's handle: its addresses, and a way to stop it.
 pub struct Proxy {
     shared: Arc<ProxyState>,
     config: Config,
-    tcp: Option<TcpListener>,
-    /// The listener, its path, and the socket file's inode (removed at the end only if
-    /// it is still ours).
-    unix: Option<(UnixListener, PathBuf, u64)>,
-    http: Option<TcpListener>,
+    listeners: Listeners,
 }
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("tcp", &self.tcp_addr())
-            .field("unix", &self.unix.as_ref().map(|u| &u.1))
+            .field(
+                "unix",
+                &self.listeners.socket_file.as_ref().map(|s| &s.path),
+            )
             .field(
                 "routes",
                 &self
@@ -144,108 +123,21 @@ impl Proxy {
         let targets = config
             .databases
             .iter()
-            .map(|db| target_for(db).map(Arc::new))
+            .map(Target::from_config)
             .collect::<Result<Vec<_>>>()?;
-        let bind_err = |what: &str, e: std::io::Error| {
-            Error::new(
-                ErrorKind::Config,
-                format!("vaultpool-proxy: binding {what}"),
-            )
-            .with_source(e)
-        };
-        let tcp = match config.listen.tcp.as_str() {
-            "" => None,
-            addr => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| bind_err(addr, e))?,
-            ),
-        };
-        let unix = match &config.listen.unix_dir {
-            Some(dir) => {
-                let port = config
-                    .listen
-                    .unix_port
-                    .or_else(|| {
-                        tcp.as_ref()
-                            .and_then(|l| l.local_addr().ok())
-                            .map(|a| a.port())
-                    })
-                    .unwrap_or(6432);
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                // A socket left by a proxy that died: remove it — never a socket someone
-                // still listens on, never another kind of file.
-                if std::fs::symlink_metadata(&path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
-                    // Only a refused connection says nobody listens (a full backlog or a
-                    // permission error says nothing).
-                    let stale = matches!(
-                        std::os::unix::net::UnixStream::connect(&path),
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    );
-                    if !stale {
-                        return Err(Error::new(
-                            ErrorKind::Config,
-                            format!(
-                                "vaultpool-proxy: another process listens on {}; stop it or use \
-                                 another unix_dir or port",
-                                path.display()
-                            ),
-                        ));
-                    }
-                    let _ = std::fs::remove_file(&path);
-                }
-                let l = UnixListener::bind(&path)
-                    .map_err(|e| bind_err(&path.display().to_string(), e))?;
-                let inode = std::fs::symlink_metadata(&path)
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                    .unwrap_or(0);
-                Some((l, path, inode))
-            }
-            None => None,
-        };
-        let http = match &config.listen.http {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| bind_err(addr, e))?,
-            ),
-            None => None,
-        };
+        let listeners = listen::bind(&config.listen).await?;
         // Then lease, database by database; a failure gives back what was leased.
         let mut routes: Vec<Arc<Route>> = Vec::new();
         for (db, target) in config.databases.iter().zip(targets) {
-            let source: crate::lease::CredentialSource = if db.static_role {
-                StaticRole::new(&db.role).mount(&db.mount).into()
-            } else {
-                DatabaseRole::new(&db.role).mount(&db.mount).into()
-            };
-            let built = Engine::builder(vault.clone(), source)
-                .verify_with(upstream::verifier(target.clone()))
-                .build()
-                .await;
-            let engine = match built {
-                Ok(engine) => engine,
+            match Route::start(db, target, vault.clone()).await {
+                Ok(route) => routes.push(Arc::new(route)),
                 Err(e) => {
                     for r in &routes {
                         r.engine.close().await;
                     }
-                    return Err(Error::new(
-                        e.kind(),
-                        format!("starting database \"{}\" of the proxy", db.name),
-                    )
-                    .with_source(e));
+                    return Err(e);
                 }
-            };
-            routes.push(Arc::new(Route::new(
-                db.name.clone(),
-                db.users.clone(),
-                engine,
-                target,
-                db.max_connections,
-                Duration::from_secs(db.wait_timeout_secs.clamp(0, 3600)),
-            )));
+            }
         }
         let allowed_uids = config
             .listen
@@ -259,23 +151,27 @@ impl Proxy {
                 scram,
                 startup_timeout: config.startup_timeout(),
                 closing: CancellationToken::new(),
-                cancels: Mutex::new(HashMap::new()),
+                cancels: Cancels::default(),
             }),
             config,
-            tcp,
-            unix,
-            http,
+            listeners,
         })
     }
 
     /// The TCP address clients connect to.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+        self.listeners
+            .tcp
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The HTTP address of `/health` and `/metrics`.
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().and_then(|l| l.local_addr().ok())
+        self.listeners
+            .http
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The lease engine of database `name` (its status, or a forced rotation).
@@ -293,104 +189,23 @@ impl Proxy {
         let Self {
             shared,
             config,
-            tcp,
-            unix,
-            http,
+            listeners,
         } = self;
         let sessions = tokio_util::task::TaskTracker::new();
         let accept = CancellationToken::new();
-        // Idle connections of retired generations close at once, so old leases drain.
         for route in &shared.routes {
-            let (route, accept) = (route.clone(), accept.clone());
-            tokio::spawn(async move {
-                let mut generations = route.engine.subscribe();
-                loop {
-                    tokio::select! {
-                        () = accept.cancelled() => return,
-                        changed = generations.changed() => {
-                            if changed.is_err() {
-                                return;
-                            }
-                            route.close_idle(false);
-                        }
-                    }
-                }
-            });
+            route.clone().follow_rotations(accept.clone());
         }
-        if let Some(l) = tcp {
-            let (shared, sessions, accept) = (shared.clone(), sessions.clone(), accept.clone());
-            tokio::spawn(async move {
-                loop {
-                    let conn = tokio::select! {
-                        () = accept.cancelled() => return,
-                        c = l.accept() => c,
-                    };
-                    match conn {
-                        Ok((s, _)) => {
-                            let _ = s.set_nodelay(true);
-                            sessions.spawn(session::serve(shared.clone(), s, session::Peer::Tcp));
-                        }
-                        Err(e) => {
-                            // Out of file descriptors, say: back off instead of spinning.
-                            tracing::warn!(error = %e, "accepting a TCP client failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            });
+        if let Some(l) = listeners.tcp {
+            let serve = session::on_connection(shared.clone(), sessions.clone());
+            listen::spawn(l, accept.clone(), serve);
         }
-        let socket_path = unix.as_ref().map(|u| (u.1.clone(), u.2));
-        if let Some((l, _, _)) = unix {
-            let (shared, sessions, accept) = (shared.clone(), sessions.clone(), accept.clone());
-            tokio::spawn(async move {
-                loop {
-                    let conn = tokio::select! {
-                        () = accept.cancelled() => return,
-                        c = l.accept() => c,
-                    };
-                    match conn {
-                        Ok((s, _)) => {
-                            let uid = s.peer_cred().ok().map(|c| c.uid());
-                            sessions.spawn(session::serve(
-                                shared.clone(),
-                                s,
-                                session::Peer::Unix(uid),
-                            ));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accepting a Unix-socket client failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            });
+        if let Some(l) = listeners.unix {
+            let serve = session::on_connection(shared.clone(), sessions.clone());
+            listen::spawn(l, accept.clone(), serve);
         }
-        if let Some(l) = http {
-            let (shared, accept) = (shared.clone(), accept.clone());
-            let http_slots = Arc::new(tokio::sync::Semaphore::new(16));
-            tokio::spawn(async move {
-                loop {
-                    let conn = tokio::select! {
-                        () = accept.cancelled() => return,
-                        c = l.accept() => c,
-                    };
-                    if let Ok((s, _)) = conn {
-                        // At most 16 requests at a time; beyond that, closed at once (the
-                        // accept loop never waits on a slow client).
-                        let Ok(permit) = http_slots.clone().try_acquire_owned() else {
-                            drop(s);
-                            continue;
-                        };
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
-                            http_request(shared, s).await;
-                            drop(permit);
-                        });
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            });
+        if let Some(l) = listeners.http {
+            listen::spawn(l, accept.clone(), http::on_connection(shared.clone()));
         }
         stop.cancelled().await;
         tracing::info!("vaultpool-proxy stopping: no new sessions; waiting for open ones");
@@ -414,21 +229,11 @@ impl Proxy {
         for route in &shared.routes {
             route.engine.close().await;
         }
-        if let Some((p, inode)) = socket_path
-            && std::fs::symlink_metadata(&p)
-                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode)
-        {
-            let _ = std::fs::remove_file(p);
+        if let Some(file) = listeners.socket_file {
+            file.remove();
         }
         tracing::info!("vaultpool-proxy stopped; every lease revoked");
     }
-}
-
-/// A random `i32` from the operating system's CSPRNG.
-pub(crate) fn random_i32() -> i32 {
-    let mut b = [0u8; 4];
-    random_bytes(&mut b);
-    i32::from_be_bytes(b)
 }
 
 /// Fill `buf` from the operating system's CSPRNG (salts, nonces, cancel keys).
@@ -446,7 +251,7 @@ fn current_uid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-fn read_secret(path: &std::path::Path) -> Result<String> {
+fn read_secret(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Error::new(
             ErrorKind::Config,
@@ -464,207 +269,16 @@ fn read_secret(path: &std::path::Path) -> Result<String> {
     Ok(secret)
 }
 
-fn target_for(db: &config::Database) -> Result<Target> {
-    #[cfg(feature = "tls")]
-    let (tls, tls_optional) = {
-        use crate::tls::{PgTls, SslMode};
-        let mode: SslMode = db.sslmode.as_deref().unwrap_or("disable").parse()?;
-        let mut settings = PgTls::new(mode);
-        if let Some(ca) = &db.sslrootcert {
-            settings = settings.root_cert(ca);
-        }
-        let config = settings.rustls_config()?.map(Arc::new);
-        (config, matches!(mode, SslMode::Allow | SslMode::Prefer))
-    };
-    #[cfg(not(feature = "tls"))]
-    if db
-        .sslmode
-        .as_deref()
-        .is_some_and(|m| m != "disable" && m != "prefer" && m != "allow")
+/// The session tracker and the startup parser over arbitrary bytes, for the fuzz target
+/// in `fuzz/` (`cargo fuzz run proxy_protocol`): none may panic; the tracker must end
+/// the same however the bytes are cut, and never say a busy session can move.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_protocol(data: &[u8]) {
+    if let Ok(protocol::startup::Startup::Session(params)) = protocol::startup::parse_startup(data)
+        && let Ok(settings) = protocol::startup::settings(&params)
     {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "[[database]] \"{}\": sslmode {} needs vaultpool built with its `tls` feature",
-                db.name,
-                db.sslmode.as_deref().unwrap_or_default()
-            ),
-        ));
+        assert!(settings.pairs.len() <= params.len() + data.len());
     }
-    Ok(Target {
-        host: db.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
-        port: db.port.unwrap_or(5432),
-        dbname: db.dbname.clone().unwrap_or_else(|| db.name.clone()),
-        #[cfg(feature = "tls")]
-        tls,
-        #[cfg(feature = "tls")]
-        tls_optional,
-        connect_timeout: Duration::from_secs(10),
-    })
-}
-
-/// One HTTP request on the health/metrics listener: `GET /health` or `GET /metrics`.
-async fn http_request(shared: Arc<ProxyState>, mut s: tokio::net::TcpStream) {
-    let mut buf = Vec::with_capacity(1024);
-    let read = tokio::time::timeout(Duration::from_secs(1), async {
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-            let n = s.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if !matches!(read, Ok(Ok(()))) {
-        return;
-    }
-    let line =
-        String::from_utf8_lossy(buf.split(|&b| b == b'\n').next().unwrap_or_default()).into_owned();
-    let path = line.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = match path {
-        "/health" => health(&shared),
-        "/metrics" => ("200 OK", metrics(&shared)),
-        _ => (
-            "404 Not Found",
-            "not found: GET /health or /metrics\n".to_owned(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.write_all(response.as_bytes())).await;
-}
-
-/// 200 when every database has usable credentials, else 503; one line per database.
-fn health(shared: &ProxyState) -> (&'static str, String) {
-    let mut ok = true;
-    let mut body = String::new();
-    for r in &shared.routes {
-        match r.engine.usable() {
-            Ok(c) => {
-                let _ = writeln!(body, "{}: serving, generation {}", r.name, c.generation.0);
-            }
-            Err(e) => {
-                ok = false;
-                let _ = writeln!(body, "{}: unavailable: {e}", r.name);
-            }
-        }
-    }
-    (
-        if ok {
-            "200 OK"
-        } else {
-            "503 Service Unavailable"
-        },
-        body,
-    )
-}
-
-/// Prometheus text format.
-fn metrics(shared: &ProxyState) -> String {
-    let mut out = String::new();
-    type Metric = (&'static str, &'static str, &'static str, fn(&Route) -> f64);
-    let metrics: [Metric; 12] = [
-        (
-            "vaultpool_proxy_sessions_active",
-            "gauge",
-            "Client sessions open.",
-            |r| r.stats.sessions_active.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_sessions_total",
-            "counter",
-            "Client sessions started.",
-            |r| r.stats.sessions_total.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_server_idle",
-            "gauge",
-            "Idle server connections kept for reuse.",
-            |r| r.idle_count() as f64,
-        ),
-        (
-            "vaultpool_proxy_server_logins_total",
-            "counter",
-            "Server logins.",
-            |r| r.stats.server_logins.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_server_login_failures_total",
-            "counter",
-            "Server logins that failed.",
-            |r| r.stats.server_login_failures.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_server_reused_total",
-            "counter",
-            "Sessions served by a reused server connection.",
-            |r| r.stats.server_reused.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_wait_seconds_total",
-            "counter",
-            "Time sessions waited for a free connection.",
-            |r| r.stats.wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
-        ),
-        (
-            "vaultpool_proxy_waits_total",
-            "counter",
-            "Sessions that had to wait.",
-            |r| r.stats.waits.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_wait_timeouts_total",
-            "counter",
-            "Sessions refused after waiting.",
-            |r| r.stats.wait_timeouts.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_handovers_total",
-            "counter",
-            "Sessions moved to the serving generation between transactions.",
-            |r| r.stats.handovers.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_handovers_refused_total",
-            "counter",
-            "Sessions left on a retired generation (state that cannot move).",
-            |r| r.stats.handovers_refused.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "vaultpool_proxy_generation",
-            "gauge",
-            "The credentials generation serving.",
-            |r| r.engine.generation().0 as f64,
-        ),
-    ];
-    for (name, kind, help, value) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for r in &shared.routes {
-            let _ = writeln!(
-                out,
-                "{name}{{database=\"{}\"}} {}",
-                r.name.replace(['"', '\\', '\n'], "_"),
-                value(r)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP vaultpool_proxy_rotations_total Rotations.\n# TYPE vaultpool_proxy_rotations_total counter"
-    );
-    for r in &shared.routes {
-        let s = r.engine.status();
-        let _ = writeln!(
-            out,
-            "vaultpool_proxy_rotations_total{{database=\"{}\"}} {}",
-            r.name.replace(['"', '\\', '\n'], "_"),
-            s.rotations
-        );
-    }
-    out
+    protocol::fuzz_tracker(data);
 }

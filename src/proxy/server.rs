@@ -1,13 +1,13 @@
-//! Server connections: logging in to PostgreSQL with a lease's credentials (plaintext or
-//! TLS, cleartext/MD5/SCRAM), the simple queries the proxy runs itself (`SET`,
-//! `DISCARD ALL`), and one [`Route`] per configured database — its lease engine, its
-//! idle connections and its limit.
+//! One server connection: where it goes ([`Target`]), logging in to PostgreSQL with a
+//! lease's credentials (plaintext or TLS, cleartext/MD5/SCRAM), the queries the proxy
+//! runs on it itself (settings, `DISCARD ALL`, a hand-over's reads and replays), and the
+//! CancelRequest that reaches its backend.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+#[cfg(feature = "tls")]
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -16,11 +16,13 @@ use postgres_protocol::message::{backend, frontend};
 use secrecy::ExposeSecret;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::config;
 use crate::credentials::{Credentials, Generation};
-use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{ConnectionGuard, Engine};
+use crate::error::Result;
+#[cfg(not(feature = "tls"))]
+use crate::error::{Error, ErrorKind};
+use crate::lease::ConnectionGuard;
 
 /// A byte stream both ways (plaintext or TLS).
 pub(crate) trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -43,6 +45,50 @@ pub(crate) struct Target {
 }
 
 impl Target {
+    /// Where `db`'s server connections go, and how (its sslmode).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config): an sslmode or CA file that
+    /// cannot be used.
+    pub(crate) fn from_config(db: &config::Database) -> Result<Self> {
+        #[cfg(feature = "tls")]
+        let (tls, tls_optional) = {
+            use crate::tls::{PgTls, SslMode};
+            let mode: SslMode = db.sslmode.as_deref().unwrap_or("disable").parse()?;
+            let mut settings = PgTls::new(mode);
+            if let Some(ca) = &db.sslrootcert {
+                settings = settings.root_cert(ca);
+            }
+            let config = settings.rustls_config()?.map(Arc::new);
+            (config, matches!(mode, SslMode::Allow | SslMode::Prefer))
+        };
+        #[cfg(not(feature = "tls"))]
+        if db
+            .sslmode
+            .as_deref()
+            .is_some_and(|m| m != "disable" && m != "prefer" && m != "allow")
+        {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "[[database]] \"{}\": sslmode {} needs vaultpool built with its `tls` feature",
+                    db.name,
+                    db.sslmode.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(Self {
+            host: db.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            port: db.port.unwrap_or(5432),
+            dbname: db.dbname.clone().unwrap_or_else(|| db.name.clone()),
+            #[cfg(feature = "tls")]
+            tls,
+            #[cfg(feature = "tls")]
+            tls_optional,
+            connect_timeout: Duration::from_secs(10),
+        })
+    }
+
     /// `host:port/dbname`, for messages.
     pub(crate) fn describe(&self) -> String {
         format!("{}:{}/{}", self.host, self.port, self.dbname)
@@ -97,7 +143,7 @@ impl LoginError {
 }
 
 /// A logged-in server connection.
-pub(crate) struct Upstream {
+pub(crate) struct Server {
     pub(crate) io: Io,
     /// Bytes read past the last message the proxy handled itself.
     pub(crate) pending: BytesMut,
@@ -159,25 +205,17 @@ pub(crate) async fn login(
     creds: &Credentials,
     generation: Generation,
     guard: Option<ConnectionGuard>,
-) -> std::result::Result<Upstream, LoginError> {
+) -> std::result::Result<Server, LoginError> {
     let addr = format!("{}:{}", target.host, target.port);
     let tcp = tokio::time::timeout(target.connect_timeout, TcpStream::connect(&addr))
         .await
-        .map_err(|_| {
-            LoginError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "connecting to {addr}: no answer within {:?}",
-                    target.connect_timeout
-                ),
-            ))
-        })??;
+        .map_err(|_| timed_out(format!("connecting to {addr}: no answer"), target))??;
     tcp.set_nodelay(true)?;
     let peer = tcp.peer_addr()?;
     tokio::time::timeout(target.connect_timeout, async move {
         let mut io = negotiate_tls(target, tcp).await?;
         let (params, pid, secret, pending) = startup(&mut io, target, creds).await?;
-        Ok(Upstream {
+        Ok(Server {
             io,
             pending,
             params,
@@ -191,15 +229,15 @@ pub(crate) async fn login(
         })
     })
     .await
-    .map_err(|_| {
-        LoginError::Io(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "logging in to {addr}: not done within {:?}",
-                target.connect_timeout
-            ),
-        ))
-    })?
+    .map_err(|_| timed_out(format!("logging in to {addr}: not done"), target))?
+}
+
+/// `what` did not happen within the target's connect timeout.
+fn timed_out(what: String, target: &Target) -> LoginError {
+    LoginError::Io(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{what} within {:?}", target.connect_timeout),
+    ))
 }
 
 #[cfg(feature = "tls")]
@@ -345,7 +383,7 @@ async fn startup(
     }
 }
 
-impl Upstream {
+impl Server {
     /// Send `out`, then read up to ReadyForQuery: `each` sees every message but the
     /// first ErrorResponse (returned, raw for forwarding, once the server is ready
     /// again) and ReadyForQuery (its status is returned). What the proxy's own queries
@@ -463,6 +501,17 @@ impl Upstream {
         self.exchange(&out, |_| {}).await.map(|_| ())
     }
 
+    /// Set `pairs` for the session, as its startup packet would (see [`set_config_sql`]).
+    pub(crate) async fn set_config(
+        &mut self,
+        pairs: &[(String, String)],
+    ) -> std::result::Result<(), LoginError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        self.simple(&set_config_sql(pairs)).await.map(|_| ())
+    }
+
     /// Send `Terminate` and close (best effort).
     pub(crate) async fn terminate(mut self) {
         let mut out = BytesMut::new();
@@ -490,228 +539,61 @@ pub(crate) async fn cancel(addr: SocketAddr, pid: i32, secret: i32) -> io::Resul
     Ok(())
 }
 
-/// Counters of one route, for `/metrics` and `/health`.
-#[derive(Debug, Default)]
-pub(crate) struct RouteStats {
-    pub(crate) sessions_active: AtomicUsize,
-    pub(crate) sessions_total: AtomicU64,
-    pub(crate) server_logins: AtomicU64,
-    pub(crate) server_login_failures: AtomicU64,
-    pub(crate) server_reused: AtomicU64,
-    pub(crate) waits: AtomicU64,
-    pub(crate) wait_ns: AtomicU64,
-    pub(crate) wait_timeouts: AtomicU64,
-    pub(crate) handovers: AtomicU64,
-    pub(crate) handovers_refused: AtomicU64,
+/// One query that sets `pairs` for the session as the startup packet would: with
+/// `set_config`, which reads each value in its setting's own syntax (a list such as
+/// `search_path` stays a list; `SET x = '...'` would make it one quoted name).
+pub(crate) fn set_config_sql(pairs: &[(String, String)]) -> String {
+    let calls: Vec<String> = pairs
+        .iter()
+        .map(|(n, v)| {
+            format!(
+                "set_config({}, {}, false)",
+                quote_literal(n),
+                quote_literal(v)
+            )
+        })
+        .collect();
+    format!("SELECT {}", calls.join(", "))
 }
 
-/// One configured database: what clients ask for, the lease behind it, the server
-/// connections it keeps.
-pub(crate) struct Route {
-    pub(crate) name: String,
-    pub(crate) users: Vec<String>,
-    pub(crate) engine: Engine,
-    pub(crate) target: Arc<Target>,
-    idle: Mutex<Vec<Upstream>>,
-    permits: Arc<Semaphore>,
-    pub(crate) max_connections: usize,
-    pub(crate) wait_timeout: Duration,
-    pub(crate) stats: RouteStats,
+/// A SQL string literal.
+pub(crate) fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
-/// An idle server connection unused for longer than this is checked before reuse.
-const CHECK_IDLE_AFTER: Duration = Duration::from_secs(30);
-
-/// Why no server connection could be had.
-pub(crate) enum CheckoutError {
-    /// All `max_connections` in use for the whole wait.
-    Timeout,
-    /// The credentials are unusable (lease expired, engine closed).
-    Credentials(Error),
-    /// The server refused or could not be reached.
-    Login(LoginError),
-}
-
-impl Route {
-    pub(crate) fn new(
-        name: String,
-        users: Vec<String>,
-        engine: Engine,
-        target: Arc<Target>,
-        max_connections: usize,
-        wait_timeout: Duration,
-    ) -> Self {
+#[cfg(test)]
+impl Server {
+    /// A server connection over `io` that is logged in already (for the relay's tests).
+    pub(crate) fn for_tests(io: Io, generation: Generation) -> Self {
         Self {
-            name,
-            users,
-            engine,
-            target,
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
-            wait_timeout,
-            stats: RouteStats::default(),
+            io,
+            pending: BytesMut::new(),
+            params: Vec::new(),
+            pid: 1,
+            secret: 2,
+            addr: SocketAddr::from(([127, 0, 0, 1], 5432)),
+            user: "test".into(),
+            generation,
+            idle_since: Instant::now(),
+            _guard: None,
         }
-    }
-
-    /// A server connection for one client session, with its slot.
-    pub(crate) async fn checkout(
-        &self,
-    ) -> std::result::Result<(OwnedSemaphorePermit, Upstream), CheckoutError> {
-        let started = Instant::now();
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                self.stats.waits.fetch_add(1, Ordering::Relaxed);
-                let got =
-                    tokio::time::timeout(self.wait_timeout, self.permits.clone().acquire_owned())
-                        .await;
-                self.stats
-                    .wait_ns
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                match got {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) | Err(_) => {
-                        self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                        return Err(CheckoutError::Timeout);
-                    }
-                }
-            }
-        };
-        self.connection().await.map(|up| (permit, up))
-    }
-
-    /// A server connection of the serving generation, outside the limit (the caller holds
-    /// a slot already: a checkout, or a session handed over to a new generation).
-    pub(crate) async fn connection(&self) -> std::result::Result<Upstream, CheckoutError> {
-        loop {
-            let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let Some(mut up) = candidate else { break };
-            if up.generation != self.engine.generation() {
-                tokio::spawn(up.terminate());
-                continue;
-            }
-            if up.idle_since.elapsed() > CHECK_IDLE_AFTER {
-                let alive = tokio::time::timeout(Duration::from_secs(5), up.simple("")).await;
-                if !matches!(alive, Ok(Ok(_))) {
-                    continue;
-                }
-            }
-            self.stats.server_reused.fetch_add(1, Ordering::Relaxed);
-            return Ok(up);
-        }
-        self.open().await
-    }
-
-    /// Log in with the current credentials; after a refusal (revoked behind our back),
-    /// once more with new ones.
-    async fn open(&self) -> std::result::Result<Upstream, CheckoutError> {
-        let current = self.engine.usable().map_err(CheckoutError::Credentials)?;
-        self.stats.server_logins.fetch_add(1, Ordering::Relaxed);
-        match login(
-            &self.target,
-            &current.credentials,
-            current.generation,
-            Some(current.track()),
-        )
-        .await
-        {
-            Ok(up) => Ok(up),
-            Err(e) if e.is_auth_failure() => {
-                self.engine.report_auth_failure(current.generation);
-                let now = self
-                    .engine
-                    .wait_newer(current.generation, Duration::from_secs(5))
-                    .await;
-                if now == current.generation {
-                    self.stats
-                        .server_login_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Err(CheckoutError::Login(e));
-                }
-                let current = self.engine.usable().map_err(CheckoutError::Credentials)?;
-                login(
-                    &self.target,
-                    &current.credentials,
-                    current.generation,
-                    Some(current.track()),
-                )
-                .await
-                .map_err(|e| {
-                    self.stats
-                        .server_login_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    CheckoutError::Login(e)
-                })
-            }
-            Err(e) => {
-                self.stats
-                    .server_login_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                Err(CheckoutError::Login(e))
-            }
-        }
-    }
-
-    /// A session ended cleanly with this connection: keep it for the next one if it is
-    /// of the serving generation, else close it (its lease drains).
-    pub(crate) fn checkin(&self, mut up: Upstream) {
-        if up.generation != self.engine.generation() || !up.pending.is_empty() {
-            tokio::spawn(up.terminate());
-            return;
-        }
-        up.idle_since = Instant::now();
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(up);
-    }
-
-    /// Close idle connections of retired generations (at every rotation), or all.
-    pub(crate) fn close_idle(&self, all: bool) {
-        let current = self.engine.generation();
-        let closing: Vec<Upstream> = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let (keep, close) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|u| !all && u.generation == current);
-            *idle = keep;
-            close
-        };
-        for up in closing {
-            tokio::spawn(up.terminate());
-        }
-    }
-
-    /// Idle server connections.
-    pub(crate) fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
-/// A verifier for the route's engine: log in with the new credentials and leave.
-pub(crate) fn verifier(target: Arc<Target>) -> crate::lease::Verifier {
-    Arc::new(move |creds: Credentials| {
-        let target = target.clone();
-        Box::pin(async move {
-            // Not counted in any generation: it closes before the swap.
-            match login(&target, &creds, Generation(0), None).await {
-                Ok(up) => {
-                    up.terminate().await;
-                    Ok(())
-                }
-                Err(e) => {
-                    let kind = match &e {
-                        e if e.is_auth_failure() => ErrorKind::AuthenticationFailed,
-                        LoginError::Tls(_) => ErrorKind::Tls,
-                        _ => ErrorKind::Backend,
-                    };
-                    Err(Error::new(
-                        kind,
-                        format!(
-                            "verifying new credentials against PostgreSQL at {}: {e}",
-                            target.describe()
-                        ),
-                    ))
-                }
-            }
-        }) as crate::lease::BoxFuture<'static, Result<()>>
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_become_one_quoted_set_config_batch() {
+        let pairs = [
+            ("application_name".to_owned(), "it's".to_owned()),
+            ("search_path".to_owned(), "x, y".to_owned()),
+        ];
+        assert_eq!(
+            set_config_sql(&pairs),
+            "SELECT set_config('application_name', 'it''s', false), \
+             set_config('search_path', 'x, y', false)"
+        );
+    }
 }

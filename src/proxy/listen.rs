@@ -1,0 +1,186 @@
+//! The listeners: binding them (a stale Unix socket of a proxy that died is replaced,
+//! never one someone listens on), and the one accept loop each of them runs.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use super::config::Listen;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Peer {
+    /// A TCP client (password only).
+    Tcp,
+    /// A Unix-socket client with this uid (if the kernel told).
+    Unix(Option<u32>),
+}
+
+/// The Unix socket's file: removed at the end only if it is still the one bound (its
+/// inode).
+#[derive(Debug)]
+pub(crate) struct SocketFile {
+    pub(crate) path: PathBuf,
+    inode: u64,
+}
+
+impl SocketFile {
+    /// Remove the socket file if it is the one this proxy bound.
+    pub(crate) fn remove(self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Every listener of the proxy.
+#[derive(Debug)]
+pub(crate) struct Listeners {
+    pub(crate) tcp: Option<TcpListener>,
+    pub(crate) unix: Option<UnixListener>,
+    pub(crate) socket_file: Option<SocketFile>,
+    /// `/health` and `/metrics`.
+    pub(crate) http: Option<TcpListener>,
+}
+
+/// Bind what `listen` asks for.
+///
+/// # Errors
+/// [`ErrorKind::Config`]: an address that cannot be bound, a Unix socket another process
+/// listens on.
+pub(crate) async fn bind(listen: &Listen) -> Result<Listeners> {
+    let bind_err = |what: &str, e: io::Error| {
+        Error::new(
+            ErrorKind::Config,
+            format!("vaultpool-proxy: binding {what}"),
+        )
+        .with_source(e)
+    };
+    let tcp = match listen.tcp.as_str() {
+        "" => None,
+        addr => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| bind_err(addr, e))?,
+        ),
+    };
+    let (unix, socket_file) = match &listen.unix_dir {
+        Some(dir) => {
+            let port = listen
+                .unix_port
+                .or_else(|| {
+                    tcp.as_ref()
+                        .and_then(|l| l.local_addr().ok())
+                        .map(|a| a.port())
+                })
+                .unwrap_or(6432);
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            // A socket left by a proxy that died: remove it — never a socket someone
+            // still listens on, never another kind of file.
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                // Only a refused connection says nobody listens (a full backlog or a
+                // permission error says nothing).
+                let stale = matches!(
+                    std::os::unix::net::UnixStream::connect(&path),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
+                );
+                if !stale {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "vaultpool-proxy: another process listens on {}; stop it or use \
+                             another unix_dir or port",
+                            path.display()
+                        ),
+                    ));
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            let listener =
+                UnixListener::bind(&path).map_err(|e| bind_err(&path.display().to_string(), e))?;
+            let inode = std::fs::symlink_metadata(&path)
+                .map(|m| m.ino())
+                .unwrap_or(0);
+            (Some(listener), Some(SocketFile { path, inode }))
+        }
+        None => (None, None),
+    };
+    let http = match &listen.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| bind_err(addr, e))?,
+        ),
+        None => None,
+    };
+    Ok(Listeners {
+        tcp,
+        unix,
+        socket_file,
+        http,
+    })
+}
+
+/// A listener the accept loop serves.
+pub(crate) trait Accept: Send + Sync + 'static {
+    /// A connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// What it is, for messages.
+    const WHAT: &'static str;
+    /// The next connection, and who is on its other end.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Peer)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    const WHAT: &'static str = "TCP";
+
+    async fn accept(&self) -> io::Result<(TcpStream, Peer)> {
+        let (s, _) = TcpListener::accept(self).await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, Peer::Tcp))
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    const WHAT: &'static str = "Unix-socket";
+
+    async fn accept(&self) -> io::Result<(UnixStream, Peer)> {
+        let (s, _) = UnixListener::accept(self).await?;
+        let uid = s.peer_cred().ok().map(|c| c.uid());
+        Ok((s, Peer::Unix(uid)))
+    }
+}
+
+/// Accept connections on `listener` until `stop`, handing each to `serve` (which must
+/// not wait: it spawns).
+pub(crate) fn spawn<L: Accept>(
+    listener: L,
+    stop: CancellationToken,
+    mut serve: impl FnMut(L::Stream, Peer) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                () = stop.cancelled() => return,
+                c = listener.accept() => c,
+            };
+            match conn {
+                Ok((s, peer)) => serve(s, peer),
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!(listener = L::WHAT, error = %e, "accepting a client failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+}

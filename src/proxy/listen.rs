@@ -168,16 +168,27 @@ pub(crate) fn spawn<L: Accept>(
     mut serve: impl FnMut(L::Stream, Peer) + Send + 'static,
 ) {
     tokio::spawn(async move {
+        // Failures in a row, and when the last warning was given: out of file
+        // descriptors lasts, and a warning every 100 ms for hours helps nobody.
+        let (mut failing, mut warned) = (0_u64, None::<tokio::time::Instant>);
         loop {
             let conn = tokio::select! {
                 () = stop.cancelled() => return,
                 c = listener.accept() => c,
             };
             match conn {
-                Ok((s, peer)) => serve(s, peer),
+                Ok((s, peer)) => {
+                    failing = 0;
+                    warned = None;
+                    serve(s, peer);
+                }
                 Err(e) => {
-                    // Out of file descriptors, say: back off instead of spinning.
-                    tracing::warn!(listener = L::WHAT, error = %e, "accepting a client failed");
+                    failing += 1;
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(listener = L::WHAT, error = %e, failing, "accepting a client failed (warned at most once a minute while it lasts)");
+                        warned = Some(tokio::time::Instant::now());
+                    }
+                    // Back off instead of spinning.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -843,3 +843,30 @@ fn every_why_says_what_keeps_the_session() {
         assert!(!text.ends_with('.'), "{text}");
     }
 }
+
+/// A driver's batch (pgjdbc): three unnamed 30 KB Parses, each bound and executed, then
+/// one Sync. Each is under the 64 KiB cap, so the last one is kept and the session can
+/// move once answered (the cap applied to all in flight together: it never could).
+#[test]
+fn a_batch_of_large_unnamed_parses_can_still_move() {
+    let sql = |i: u8| format!("SELECT {} -- {}", i, "y".repeat(30 * 1024));
+    let batch: Vec<u8> = cat(&(1..=3)
+        .flat_map(|i| [parse("", &sql(i)), m(BIND), m(EXECUTE)])
+        .chain([m(SYNC)])
+        .collect::<Vec<_>>());
+    let answers: Vec<u8> = cat(&(1..=3)
+        .flat_map(|_| {
+            [
+                m(PARSE_COMPLETE),
+                m(BIND_COMPLETE),
+                m(DATA_ROW),
+                complete("SELECT 1"),
+            ]
+        })
+        .chain([ready(b'I')])
+        .collect::<Vec<_>>());
+    let t = feed(&[C(batch), S(answers)], |_, _| vec![]);
+    assert!(t.is_idle());
+    assert_eq!(t.can_move(), Ok(()));
+    assert_eq!(t.unnamed_statement(), Some(&parse_body("", &sql(3))[..]));
+}

@@ -22,8 +22,11 @@ use std::fmt;
 use super::frames::{BadLength, Frames, Piece};
 use super::scan::Scanner;
 
-/// The largest unnamed Parse kept for a hand-over (in flight together, and once parsed).
+/// The largest unnamed Parse kept for a hand-over (each, and once parsed).
 pub(crate) const MAX_UNNAMED_PARSE: usize = 64 * 1024;
+/// The most bytes of unnamed Parses kept while they are in flight together (a driver's
+/// batch: several unnamed Parses before one Sync).
+pub(crate) const MAX_UNNAMED_IN_FLIGHT: usize = 1024 * 1024;
 
 /// What the session did that no hand-over can read back from the server: it is never
 /// moved.
@@ -282,6 +285,11 @@ impl Tracker {
                 Piece::End => self.server_message(self.server.tag()),
             }
         }
+        // A client that pipelined a great deal once does not keep that memory for the
+        // rest of its session.
+        if self.waiting.is_empty() && self.waiting.capacity() > 1024 {
+            self.waiting.shrink_to(64);
+        }
         Ok(())
     }
 
@@ -337,7 +345,7 @@ impl Tracker {
         );
         let kept: usize = self.unnamed_in_flight.iter().flatten().map(Vec::len).sum();
         assert_eq!(self.kept_in_flight, kept, "bytes kept in flight");
-        assert!(kept <= MAX_UNNAMED_PARSE);
+        assert!(kept <= MAX_UNNAMED_IN_FLIGHT);
         assert_ne!(
             self.waiting.front(),
             Some(&Sent::CopyEnd),
@@ -375,7 +383,9 @@ impl Tracker {
         self.head[self.head_len..self.head_len + n].copy_from_slice(&body[..n]);
         self.head_len += n;
         if let Some(kept) = &mut self.parse_body {
-            if self.kept_in_flight + kept.len() + body.len() <= MAX_UNNAMED_PARSE {
+            if kept.len() + body.len() <= MAX_UNNAMED_PARSE
+                && self.kept_in_flight + kept.len() + body.len() <= MAX_UNNAMED_IN_FLIGHT
+            {
                 kept.extend_from_slice(body);
             } else {
                 self.parse_body = None;

@@ -1073,3 +1073,48 @@ async fn a_session_that_stays_after_a_rotation_can_still_bind_its_unnamed_statem
     proxy.stop().await;
     assert_leases_gone(&role).await;
 }
+
+/// Every connection of the route in use: a second client waits the route's
+/// `wait_timeout` and is told 53300 (as documented), counted in `wait_timeouts_total` —
+/// not cut by the startup timeout with 08P01 "did not start within" (before: 08P01 at
+/// exactly the startup timeout, 0 wait timeouts counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_route_answers_53300_after_its_wait_timeout() {
+    let role = create_role("5m", "1h").await;
+    let proxy = start(
+        &role,
+        "startup_timeout_secs = 3",
+        "max_connections = 1\nwait_timeout_secs = 5",
+    )
+    .await;
+    let held = tokio_client(proxy.port).await;
+    held.simple_query("SELECT 1").await.unwrap();
+    let started = Instant::now();
+    let refused = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(proxy.port)
+        .user("app")
+        .dbname("app")
+        .password(SECRET)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let took = started.elapsed();
+    println!("second client on a full route: {refused:?} after {took:?}");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{refused:?}"
+    );
+    assert!(took >= Duration::from_secs(5), "{took:?}");
+    assert_eq!(
+        metric(
+            &proxy.metrics().await,
+            "vaultpool_proxy_wait_timeouts_total"
+        ),
+        1.0
+    );
+    drop(held);
+    proxy.stop().await;
+}

@@ -35,16 +35,24 @@ pub(crate) struct Started {
     pub(crate) custom_settings: bool,
 }
 
-/// Take a client from its first byte to ReadyForQuery. `Ok(None)`: it was told why not
-/// (or asked only to cancel), and the connection ends.
+/// A client that said who it is and where it goes (steps 1–3 of [`start`]).
+pub(crate) struct Identified {
+    route: Arc<Route>,
+    database: String,
+    settings: startup::Settings,
+}
+
+/// Take a client from its first byte to its route: startup packet, authentication,
+/// route (steps 1–3; the part the startup timeout bounds). `Ok(None)`: it was told why
+/// not (or asked only to cancel), and the connection ends.
 ///
 /// # Errors
 /// The client's connection failed.
-pub(crate) async fn start<S>(
+pub(crate) async fn identify<S>(
     shared: &Arc<ProxyState>,
     client: &mut S,
     peer: Peer,
-) -> io::Result<Option<Started>>
+) -> io::Result<Option<Identified>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -147,6 +155,36 @@ where
         return Ok(None);
     }
 
+    Ok(Some(Identified {
+        route,
+        database: database.to_owned(),
+        settings,
+    }))
+}
+
+impl Identified {
+    /// How long its checkout may wait for a slot.
+    pub(crate) fn wait_timeout(&self) -> std::time::Duration {
+        self.route.wait_timeout
+    }
+}
+
+/// Take an identified client to ReadyForQuery (steps 4–5): a server connection of the
+/// route's serving generation — waiting up to the route's `wait_timeout` for a slot, then
+/// told 53300 — with its settings, and the welcome. `Ok(None)`: it was told why not.
+pub(crate) async fn start<S>(
+    shared: &Arc<ProxyState>,
+    client: &mut S,
+    who: Identified,
+) -> io::Result<Option<Started>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Identified {
+        route,
+        database,
+        settings,
+    } = who;
     // 4. A server connection of the current generation, with the client's settings.
     // Rotations are watched from here on: one during the checkout is seen by the relay.
     let rotations = route.engine.subscribe();

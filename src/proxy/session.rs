@@ -125,33 +125,49 @@ const SAY_GOODBYE_WITHIN: Duration = Duration::from_secs(1);
 /// How long the reset for the next session may take.
 const RESET_WITHIN: Duration = Duration::from_secs(5);
 
-/// The handshake within the startup timeout; `None`: the session does not start (the
-/// client was told why, if it is still there).
+/// The handshake: who the client is and where it goes within the startup timeout, then
+/// a server connection within the route's own bounds (its `wait_timeout` for a slot,
+/// answered 53300 as documented; the login and settings within another startup
+/// timeout). `None`: the session does not start (the client was told why, if it is
+/// still there).
 async fn start<S>(shared: &Arc<ProxyState>, client: &mut S, peer: Peer) -> Option<Started>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    match tokio::time::timeout(
+    let ended = |e: io::Error| {
+        tracing::debug!(error = %e, "client session ended during startup");
+        None
+    };
+    let who = match tokio::time::timeout(
         shared.startup_timeout,
-        handshake::start(shared, client, peer),
+        handshake::identify(shared, client, peer),
     )
     .await
     {
+        Ok(Ok(Some(who))) => who,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => return ended(e),
+        Err(_) => return too_slow(shared, client).await,
+    };
+    let bound = who.wait_timeout().saturating_add(shared.startup_timeout);
+    match tokio::time::timeout(bound, handshake::start(shared, client, who)).await {
         Ok(Ok(started)) => started,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "client session ended during startup");
-            None
-        }
-        Err(_) => {
-            // Never finished its startup: tell it (it may be a slow client) and close.
-            let msg = format!(
-                "vaultpool-proxy: the session did not start within {:?}",
-                shared.startup_timeout
-            );
-            let _ = tokio::time::timeout(SAY_GOODBYE_WITHIN, fatal(client, "08P01", &msg)).await;
-            None
-        }
+        Ok(Err(e)) => ended(e),
+        Err(_) => too_slow(shared, client).await,
     }
+}
+
+/// The session did not start in time: tell the client (it may be a slow one) and close.
+async fn too_slow<S>(shared: &Arc<ProxyState>, client: &mut S) -> Option<Started>
+where
+    S: AsyncWrite + Unpin,
+{
+    let msg = format!(
+        "vaultpool-proxy: the session did not start within {:?}",
+        shared.startup_timeout
+    );
+    let _ = tokio::time::timeout(SAY_GOODBYE_WITHIN, fatal(client, "08P01", &msg)).await;
+    None
 }
 
 /// The session is over: its server connection goes back to the route, reset, or is

@@ -226,9 +226,9 @@ impl Proxy {
             route.close_idle(true);
         }
         // Sessions still running hold connections; closing the engine revokes regardless.
-        for route in &shared.routes {
-            route.engine.close().await;
-        }
+        // Every route at once: one after another, the last ones' revocations could land
+        // after the grace period's SIGKILL.
+        futures_util::future::join_all(shared.routes.iter().map(|r| r.engine.close())).await;
         if let Some(file) = listeners.socket_file {
             file.remove();
         }

@@ -1118,3 +1118,46 @@ async fn a_full_route_answers_53300_after_its_wait_timeout() {
     drop(held);
     proxy.stop().await;
 }
+
+/// The usual sidecar layout: the proxy runs as one uid, the service as another, listed
+/// in `allowed_uids`. psql as `nobody` (uid 65534) logs in on the socket without a
+/// password: the socket is 0777 (as PostgreSQL's default) whatever the umask; who may
+/// log in is still the uid list's (and the secret's) to decide. Before, the socket had
+/// the umask's 0755 and the allowed uid got "Permission denied".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_uid_other_than_the_proxys_connects_on_the_socket() {
+    let me = output({
+        let mut c = Command::new("id");
+        c.arg("-u");
+        c
+    });
+    assert_eq!(
+        me.1.trim(),
+        "0",
+        "this test runs as root (it runs psql as nobody)"
+    );
+    let role = create_role("5m", "1h").await;
+    let proxy = start(&role, "allowed_uids = [0, 65534]", "").await;
+    let socket = proxy.dir.join(format!(".s.PGSQL.{}", proxy.port));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o777, "socket mode {mode:o}");
+    }
+    let mut psql = Command::new("runuser");
+    psql.args(["-u", "nobody", "--", "psql", "-X", "-tA"])
+        .arg("-h")
+        .arg(&proxy.dir)
+        .args(["-p", &proxy.port.to_string(), "-U", "app", "-d", "app"])
+        .args(["-c", "SELECT current_user"]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PG") {
+            psql.env_remove(k);
+        }
+    }
+    let (ok, out, err) = output(psql);
+    println!("psql as nobody on the socket: ok={ok} out={out:?} err={err:?}");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), proxy.engine.current().credentials.username);
+    proxy.stop().await;
+}

@@ -58,6 +58,14 @@ pub struct Listen {
     pub unix_dir: Option<PathBuf>,
     /// The port in the socket's name. Default: the TCP port, else 6432.
     pub unix_port: Option<u16>,
+    /// The Unix socket's permissions, in octal (`"0770"`). Default `"0777"`, as
+    /// PostgreSQL's `unix_socket_permissions`: who may log in is decided by
+    /// `allowed_uids` and the local secret, and a client with another uid than the
+    /// proxy's (the usual sidecar layout) must be able to connect at all.
+    pub unix_socket_mode: Option<String>,
+    /// The group that owns the Unix socket (a name from /etc/group, or a gid), for a
+    /// mode such as `"0770"`. Default: the proxy's.
+    pub unix_socket_group: Option<String>,
     /// Peers on the Unix socket with these uids log in without a password
     /// (`SO_PEERCRED`). Default: the proxy's own uid.
     pub allowed_uids: Option<Vec<u32>>,
@@ -97,12 +105,38 @@ fn default_mount() -> String {
     "database".into()
 }
 
+impl Listen {
+    /// The Unix socket's permissions (`unix_socket_mode`, default 0o777).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for a mode that is not octal up to 0777.
+    pub fn socket_mode(&self) -> Result<u32> {
+        let Some(text) = &self.unix_socket_mode else {
+            return Ok(0o777);
+        };
+        u32::from_str_radix(text.trim(), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "listen.unix_socket_mode {text:?} is not a mode: give it in octal, \
+                         e.g. \"0770\" (owner and group) or \"0777\" (everyone)"
+                    ),
+                )
+            })
+    }
+}
+
 impl Default for Listen {
     fn default() -> Self {
         Self {
             tcp: default_tcp(),
             unix_dir: None,
             unix_port: None,
+            unix_socket_mode: None,
+            unix_socket_group: None,
             allowed_uids: None,
             scram_secret_file: None,
             http: None,
@@ -233,6 +267,7 @@ impl Config {
         if self.listen.tcp.is_empty() && self.listen.unix_dir.is_none() {
             return bad("the proxy listens nowhere: set listen.tcp or listen.unix_dir".into());
         }
+        self.listen.socket_mode()?;
         if !self.listen.tcp.is_empty() {
             match self.listen.tcp.parse::<SocketAddr>() {
                 Err(e) => {

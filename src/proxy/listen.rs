@@ -55,6 +55,50 @@ pub(crate) struct Listeners {
 /// # Errors
 /// [`ErrorKind::Config`]: an address that cannot be bound, a Unix socket another process
 /// listens on.
+/// Give the Unix socket its mode (`unix_socket_mode`, default 0777: a client with
+/// another uid must be able to connect; `allowed_uids` and the secret decide who logs in)
+/// and group (`unix_socket_group`).
+fn socket_access(path: &std::path::Path, listen: &Listen) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |what: String, e: io::Error| {
+        Error::new(
+            ErrorKind::Config,
+            format!("vaultpool-proxy: {what} of the socket {}", path.display()),
+        )
+        .with_source(e)
+    };
+    let mode = listen.socket_mode()?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| fail(format!("setting the mode {mode:o}"), e))?;
+    if let Some(group) = &listen.unix_socket_group {
+        let gid = group_id(group).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "listen.unix_socket_group {group:?} is neither a gid nor a group in /etc/group"
+                ),
+            )
+        })?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| fail(format!("giving the group {group}"), e))?;
+    }
+    Ok(())
+}
+
+/// A group's id: a number as it is, a name from /etc/group.
+fn group_id(group: &str) -> Option<u32> {
+    if let Ok(gid) = group.trim().parse() {
+        return Some(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == group.trim())
+            .then(|| fields.nth(1)?.parse().ok())
+            .flatten()
+    })
+}
+
 pub(crate) async fn bind(listen: &Listen) -> Result<Listeners> {
     let bind_err = |what: &str, e: io::Error| {
         Error::new(
@@ -105,6 +149,7 @@ pub(crate) async fn bind(listen: &Listen) -> Result<Listeners> {
             }
             let listener =
                 UnixListener::bind(&path).map_err(|e| bind_err(&path.display().to_string(), e))?;
+            socket_access(&path, listen)?;
             let inode = std::fs::symlink_metadata(&path)
                 .map(|m| m.ino())
                 .unwrap_or(0);
@@ -194,4 +239,26 @@ pub(crate) fn spawn<L: Accept>(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    #[test]
+    fn socket_modes_and_groups_are_read_or_refused() {
+        let with = |mode: Option<&str>| Listen {
+            unix_socket_mode: mode.map(str::to_owned),
+            ..Listen::default()
+        };
+        assert_eq!(with(None).socket_mode().unwrap(), 0o777);
+        assert_eq!(with(Some("0770")).socket_mode().unwrap(), 0o770);
+        for bad in ["rw-rw----", "1777", "0778", ""] {
+            let e = with(Some(bad)).socket_mode().unwrap_err();
+            assert!(e.to_string().contains("octal"), "{bad}: {e}");
+        }
+        assert_eq!(group_id("0"), Some(0));
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("no-such-group-vaultpool"), None);
+    }
 }

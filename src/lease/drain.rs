@@ -24,6 +24,9 @@ const DRAIN_FAST_FOR: Duration = Duration::from_secs(5);
 /// so that the revocations after it fit in Kubernetes' default grace period (30 s from
 /// SIGTERM to SIGKILL).
 const CLOSE_WAIT: Duration = Duration::from_secs(20);
+/// How long `close()` tries again a revoke that failed, and how often.
+const CLOSE_REVOKE_RETRY: Duration = Duration::from_secs(5);
+const CLOSE_REVOKE_PAUSE: Duration = Duration::from_millis(250);
 /// The wait before retrying a retired lease's revoke that failed (Vault down, sealed,
 /// failing): 1 s, doubling up to 5 minutes (jittered), for as long as the lease lasts —
 /// a lease without an end is retried at that pace until it is revoked or the pool closes.
@@ -247,8 +250,9 @@ pub(super) async fn retire(shared: &EngineState, drain: &mut Drain, all: bool) {
                 });
             }
             Err(e) => {
-                let gone = r.revoke_failed(shared, &e, now);
-                if gone || all {
+                // Kept (even by close(), which tries again for a while; see `shutdown`)
+                // unless the lease has ended anyway.
+                if r.revoke_failed(shared, &e, now) {
                     drain.forget(shared, i, |_| {});
                 } else {
                     i += 1;
@@ -289,14 +293,33 @@ pub(super) async fn shutdown(shared: &EngineState, drain: &mut Drain) {
     {
         tokio::time::sleep(DRAIN_POLL).await;
     }
-    if tokio::time::timeout(STEP_MAX, retire(shared, drain, true))
-        .await
-        .is_err()
-    {
+    // A revoke that fails right at close is tried again for a while: Vault answers 400
+    // when the database cannot drop the user yet — a session that just ended still
+    // cleaning up its temporary objects, say — and a moment later it can.
+    let revoke_all = async {
+        let until = now() + CLOSE_REVOKE_RETRY;
+        loop {
+            retire(shared, drain, true).await;
+            if drain.retiring.is_empty() || now() >= until {
+                return;
+            }
+            tokio::time::sleep(CLOSE_REVOKE_PAUSE).await;
+        }
+    };
+    let finished = tokio::time::timeout(STEP_MAX, revoke_all).await.is_ok();
+    if !drain.retiring.is_empty() {
         tracing::warn!(
             left = drain.retiring.len(),
-            "closing: revoking the leases did not finish within {STEP_MAX:?}; the rest expire by TTL"
+            "closing: {} the leases left expire by their TTL",
+            if finished {
+                format!("revoking failed for {CLOSE_REVOKE_RETRY:?};")
+            } else {
+                format!("revoking did not finish within {STEP_MAX:?};")
+            }
         );
+        while !drain.retiring.is_empty() {
+            drain.forget(shared, 0, |_| {});
+        }
         return;
     }
     tracing::info!("lease worker closed; leases revoked");

@@ -596,6 +596,22 @@ async fn a_revoke_that_fails_for_an_hour_backs_off_to_minutes() {
     engine.close().await;
 }
 
+/// A revoke that fails right at close() (Vault's 400 while the database still cleans up a
+/// session that just ended) is tried again for a while: both leases revoked. Before, a
+/// failure at close left the lease until its TTL.
+#[tokio::test(start_paused = true)]
+async fn close_tries_a_failing_revoke_again_for_a_while() {
+    let fake = fake(600, 3600);
+    let engine = engine(&fake).await;
+    assert_eq!(engine.rotate().await.unwrap(), Generation(2));
+    tokio::time::sleep(Duration::from_millis(200)).await; // the retired one revoked
+    fake.revoke_failures.store(3, Ordering::SeqCst);
+    engine.close().await;
+    let mut revoked = fake.revoked.lock().unwrap().clone();
+    revoked.sort();
+    assert_eq!(revoked, ["fake/1", "fake/2"], "close() gave up on a lease");
+}
+
 #[tokio::test(start_paused = true)]
 async fn keeps_serving_while_vault_is_down_and_heals_after_expiry() {
     let fake = fake(60, 3600);

@@ -50,14 +50,11 @@ pub(crate) struct Listeners {
     pub(crate) http: Option<TcpListener>,
 }
 
-/// Bind what `listen` asks for.
-///
-/// # Errors
-/// [`ErrorKind::Config`]: an address that cannot be bound, a Unix socket another process
-/// listens on.
-/// Give the Unix socket its mode (`unix_socket_mode`, default 0777: a client with
-/// another uid must be able to connect; `allowed_uids` and the secret decide who logs in)
-/// and group (`unix_socket_group`).
+/// Give the Unix socket at `path` its mode (`unix_socket_mode`, default 0777: a client
+/// with another uid must be able to connect; `allowed_uids` and the secret decide who
+/// logs in) and group (`unix_socket_group`). `path` is in a directory of the proxy's
+/// own (0700, see [`bind_socket`]): nobody can swap a symlink in for the socket, so
+/// following links here cannot reach another file.
 fn socket_access(path: &std::path::Path, listen: &Listen) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let fail = |what: String, e: io::Error| {
@@ -99,6 +96,44 @@ fn group_id(group: &str) -> Option<u32> {
     })
 }
 
+/// Bind the Unix socket at `path` with its mode and group: bound and given them in a
+/// private directory beside it (0700), then renamed into place — in a shared directory
+/// (a Kubernetes `emptyDir`, 0777) another container could otherwise swap a symlink in
+/// between the bind and the chmod and have the proxy change the mode of a file it owns.
+fn bind_socket(path: &std::path::Path, listen: &Listen) -> Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let fail = |what: &str, e: io::Error| {
+        Error::new(
+            ErrorKind::Config,
+            format!("vaultpool-proxy: {what} for the socket {}", path.display()),
+        )
+        .with_source(e)
+    };
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let private = dir.join(format!(".vaultpool-proxy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| fail("creating a private directory", e))?;
+    let staged = private.join("socket");
+    let bound = UnixListener::bind(&staged)
+        .map_err(|e| fail("binding", e))
+        .and_then(|l| socket_access(&staged, listen).map(|()| l))
+        .and_then(|l| {
+            std::fs::rename(&staged, path)
+                .map(|()| l)
+                .map_err(|e| fail("moving it into place", e))
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
+}
+
+/// Bind what `listen` asks for.
+///
+/// # Errors
+/// [`ErrorKind::Config`]: an address that cannot be bound, a Unix socket another process
+/// listens on.
 pub(crate) async fn bind(listen: &Listen) -> Result<Listeners> {
     let bind_err = |what: &str, e: io::Error| {
         Error::new(
@@ -147,9 +182,7 @@ pub(crate) async fn bind(listen: &Listen) -> Result<Listeners> {
                 }
                 let _ = std::fs::remove_file(&path);
             }
-            let listener =
-                UnixListener::bind(&path).map_err(|e| bind_err(&path.display().to_string(), e))?;
-            socket_access(&path, listen)?;
+            let listener = bind_socket(&path, listen)?;
             let inode = std::fs::symlink_metadata(&path)
                 .map(|m| m.ino())
                 .unwrap_or(0);
@@ -223,8 +256,14 @@ pub(crate) fn spawn<L: Accept>(
             };
             match conn {
                 Ok((s, peer)) => {
+                    if failing > 0 && warned.is_some() {
+                        tracing::info!(
+                            listener = L::WHAT,
+                            after = failing,
+                            "accepting clients again"
+                        );
+                    }
                     failing = 0;
-                    warned = None;
                     serve(s, peer);
                 }
                 Err(e) => {

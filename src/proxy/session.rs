@@ -147,25 +147,23 @@ where
         Ok(Ok(Some(who))) => who,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => return ended(e),
-        Err(_) => return too_slow(shared, client).await,
+        Err(_) => return too_slow(shared.startup_timeout, client).await,
     };
     let bound = who.wait_timeout().saturating_add(shared.startup_timeout);
     match tokio::time::timeout(bound, handshake::start(shared, client, who)).await {
         Ok(Ok(started)) => started,
         Ok(Err(e)) => ended(e),
-        Err(_) => too_slow(shared, client).await,
+        Err(_) => too_slow(bound, client).await,
     }
 }
 
-/// The session did not start in time: tell the client (it may be a slow one) and close.
-async fn too_slow<S>(shared: &Arc<ProxyState>, client: &mut S) -> Option<Started>
+/// The session did not start within `bound`: tell the client (it may be a slow one) and
+/// close.
+async fn too_slow<S>(bound: Duration, client: &mut S) -> Option<Started>
 where
     S: AsyncWrite + Unpin,
 {
-    let msg = format!(
-        "vaultpool-proxy: the session did not start within {:?}",
-        shared.startup_timeout
-    );
+    let msg = format!("vaultpool-proxy: the session did not start within {bound:?}");
     let _ = tokio::time::timeout(SAY_GOODBYE_WITHIN, fatal(client, "08P01", &msg)).await;
     None
 }

@@ -104,8 +104,10 @@ impl fmt::Display for Why {
             Self::Opaque(o) => o.fmt(f),
             Self::UnnamedStatement => write!(
                 f,
-                "its unnamed statement was not kept (a Parse over {} KiB)",
-                MAX_UNNAMED_PARSE / 1024
+                "its unnamed statement was not kept (a Parse over {} KiB, or over {} KiB of \
+                 unnamed Parses in flight together)",
+                MAX_UNNAMED_PARSE / 1024,
+                MAX_UNNAMED_IN_FLIGHT / 1024
             ),
         }
     }
@@ -289,6 +291,9 @@ impl Tracker {
         // rest of its session.
         if self.waiting.is_empty() && self.waiting.capacity() > 1024 {
             self.waiting.shrink_to(64);
+        }
+        if self.unnamed_in_flight.is_empty() && self.unnamed_in_flight.capacity() > 1024 {
+            self.unnamed_in_flight.shrink_to(64);
         }
         Ok(())
     }

@@ -1122,6 +1122,23 @@ async fn a_full_route_answers_53300_after_its_wait_timeout() {
     proxy.stop().await;
 }
 
+/// `SELECT current_user` by psql run as `nobody` on the proxy's socket, never asking
+/// for a password; (success, stdout, stderr).
+fn psql_as_nobody(proxy: &Running) -> (bool, String, String) {
+    let mut psql = Command::new("runuser");
+    psql.args(["-u", "nobody", "--", "psql", "-X", "-tA", "-w"])
+        .arg("-h")
+        .arg(&proxy.dir)
+        .args(["-p", &proxy.port.to_string(), "-U", "app", "-d", "app"])
+        .args(["-c", "SELECT current_user"]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PG") {
+            psql.env_remove(k);
+        }
+    }
+    output(psql)
+}
+
 /// The usual sidecar layout: the proxy runs as one uid, the service as another, listed
 /// in `allowed_uids`. psql as `nobody` (uid 65534) logs in on the socket without a
 /// password: the socket is 0777 (as PostgreSQL's default) whatever the umask; who may
@@ -1147,18 +1164,7 @@ async fn an_allowed_uid_other_than_the_proxys_connects_on_the_socket() {
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o777, "socket mode {mode:o}");
     }
-    let mut psql = Command::new("runuser");
-    psql.args(["-u", "nobody", "--", "psql", "-X", "-tA"])
-        .arg("-h")
-        .arg(&proxy.dir)
-        .args(["-p", &proxy.port.to_string(), "-U", "app", "-d", "app"])
-        .args(["-c", "SELECT current_user"]);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PG") {
-            psql.env_remove(k);
-        }
-    }
-    let (ok, out, err) = output(psql);
+    let (ok, out, err) = psql_as_nobody(&proxy);
     println!("psql as nobody on the socket: ok={ok} out={out:?} err={err:?}");
     assert!(ok, "{err}");
     assert_eq!(out.trim(), proxy.engine.current().credentials.username);
@@ -1166,18 +1172,7 @@ async fn an_allowed_uid_other_than_the_proxys_connects_on_the_socket() {
     // The 0777 socket lets anyone connect, not log in: a uid not in the list is refused
     // (no password given; the secret would be asked over SCRAM).
     let proxy = start(&role, "allowed_uids = [0]", "").await;
-    let mut psql = Command::new("runuser");
-    psql.args(["-u", "nobody", "--", "psql", "-X", "-tA", "-w"])
-        .arg("-h")
-        .arg(&proxy.dir)
-        .args(["-p", &proxy.port.to_string(), "-U", "app", "-d", "app"])
-        .args(["-c", "SELECT current_user"]);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PG") {
-            psql.env_remove(k);
-        }
-    }
-    let (ok, out, err) = output(psql);
+    let (ok, out, err) = psql_as_nobody(&proxy);
     println!("psql as nobody, not allowed: ok={ok} out={out:?} err={err:?}");
     assert!(!ok && out.is_empty(), "a uid not listed logged in: {out}");
     proxy.stop().await;
